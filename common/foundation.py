@@ -49,7 +49,7 @@ def embedded_dir() -> Path:
     candidates = [Path(__file__).resolve().parent / "embedded"]
     candidates += [Path(p) / "common" / "embedded" for p in sys.path if p]
     for c in candidates:
-        if (c / "clip" / "config.json").is_file():
+        if (c / "clip" / "model.safetensors").is_file():
             return c
     raise FileNotFoundError(
         "The embedded foundation stack (common/embedded/) was not found in any of: "

@@ -1,0 +1,1 @@
+"""ClientApp: the work done on each SuperNode."""

@@ -1,0 +1,323 @@
+"""LoRA adapters on a diffusers ``UNet2DConditionModel`` via peft (Flower-free).
+
+The adapter lives inside the UNet through diffusers' PEFT integration
+(``unet.add_adapter``, which calls ``peft.inject_adapter_in_model``); it is moved
+between client and server as a peft state dict (``<prefix>.lora_A.weight`` /
+``<prefix>.lora_B.weight``, no adapter name), the format ``common.lora_merge``
+merges. LoRA: Hu et al. 2021, ``W x + (alpha / r)·B A x``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+# A diffusers model with PeftAdapterMixin (UNet2DConditionModel). Typed Any: mypy
+# does not see diffusers' ModelMixin as an nn.Module, as in common/foundation.py.
+UNet = Any
+
+ADAPTER = "default"
+
+
+def _unmatched_targets(unet: UNet, targets: Sequence[str]) -> list[str]:
+    # peft's rule for a list of targets: a module matches a target when its
+    # name equals it or ends with "." + target.
+    names = [n for n, _ in unet.named_modules()]
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def _has_lora(unet: UNet) -> bool:
+    return bool(getattr(unet, "_hf_peft_config_loaded", False)) and bool(
+        getattr(unet, "peft_config", None)
+    )
+
+
+def attach_lora(unet: UNet, rank: int, alpha: float, targets: Sequence[str]) -> UNet:
+    """Add a trainable LoRA adapter to ``unet``; the base weights are frozen.
+
+    An adapter already attached is removed first (``unload_lora``), so this is
+    also how an adapter is re-created with another rank. ``B`` starts at zero and
+    ``A`` Gaussian (peft ``init_lora_weights="gaussian"``), so the adapted UNet
+    starts equal to the base.
+
+    Parameters
+    ----------
+    unet : UNet2DConditionModel
+        Any diffusers model with ``PeftAdapterMixin``.
+    rank : int
+        LoRA rank ``r``.
+    alpha : float
+        ``lora_alpha``; the update is scaled by ``alpha / rank``.
+    targets : sequence of str
+        Module names (or name suffixes), e.g. ``["to_q", "to_k", "to_v", "to_out.0"]``.
+
+    Returns
+    -------
+    UNet2DConditionModel
+        The same object, adapted in place.
+    """
+    from peft import LoraConfig
+
+    # 1. Check inputs before touching the model: a failed add_adapter leaves
+    # diffusers' peft bookkeeping half set.
+    if rank < 1:
+        raise ValueError(f"lora-rank={rank} must be >= 1")
+    if not alpha > 0:
+        raise ValueError(f"lora-alpha={alpha} must be > 0")
+    targets = list(targets)
+    if not targets:
+        raise ValueError("lora-targets is empty; name modules such as to_q,to_k,to_v")
+    missing = _unmatched_targets(unet, targets)
+    if missing:
+        raise ValueError(
+            f"lora-targets {missing} match no module of {type(unet).__name__}; "
+            "use module names such as to_q,to_k,to_v,to_out.0"
+        )
+
+    # 2. Replace any adapter already there
+    if _has_lora(unet):
+        unet.unload_lora()
+
+    # 3. Inject (peft freezes every non-LoRA parameter)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft says int; it only divides it
+        target_modules=targets,
+        init_lora_weights="gaussian",
+    )
+    unet.add_adapter(config, adapter_name=ADAPTER)
+    return unet
+
+
+def lora_parameters(unet: UNet) -> list[nn.Parameter]:
+    """The LoRA parameters of ``unet`` (what ``train_lora`` optimises)."""
+    return [p for n, p in unet.named_parameters() if ".lora_" in n]
+
+
+def get_lora_state(unet: UNet) -> dict[str, Tensor]:
+    """The adapter's state dict: peft keys without the adapter name, float32 on CPU.
+
+    The tensors are clones, so later training does not change them.
+    """
+    from peft import get_peft_model_state_dict
+
+    if not _has_lora(unet):
+        raise ValueError("the UNet has no LoRA adapter; call attach_lora first")
+    state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+
+
+def set_lora_state(
+    unet: UNet,
+    state: dict[str, Tensor],
+    rank: int,
+    alpha: float,
+    targets: Sequence[str],
+) -> UNet:
+    """(Re)create a LoRA adapter of ``rank`` / ``alpha`` and load ``state`` into it.
+
+    Strict: every key the new adapter expects must be in ``state`` with the right
+    shape, and ``state`` may hold no other key. For a merged adapter take ``rank``
+    and ``alpha`` from the info dict of ``common.lora_merge.merge_adapters``.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    attach_lora(unet, rank, alpha, targets)
+    expected = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"LoRA state does not fit lora-targets={list(targets)}: "
+            f"missing keys {missing[:3]}{'...' if len(missing) > 3 else ''} "
+            f"({len(missing)}), unexpected keys {unexpected[:3]}"
+            f"{'...' if len(unexpected) > 3 else ''} ({len(unexpected)})"
+        )
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(
+                f"LoRA state key {k!r} has shape {tuple(state[k].shape)} but an "
+                f"adapter of rank {rank} needs {tuple(v.shape)}; pass the rank the "
+                "state was built with"
+            )
+        if not torch.isfinite(state[k]).all():
+            raise ValueError(f"LoRA state key {k!r} contains NaN or Inf")
+    # peft annotates the result as a bare ``namedtuple``; it has the fields of
+    # torch's load_state_dict result.
+    result: Any = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER)
+    # missing_keys lists the base weights too; only LoRA keys would be a problem.
+    if result.unexpected_keys or any(".lora_" in k for k in result.missing_keys):
+        raise ValueError(
+            f"peft did not load the LoRA state: unexpected {result.unexpected_keys}"
+        )
+    return unet
+
+
+def _check_training_inputs(
+    images: Tensor,
+    cond: Tensor,
+    uncond: Tensor | None,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    cond_dropout: float,
+) -> None:
+    if images.dim() != 4 or len(images) == 0:
+        raise ValueError(
+            f"images has shape {tuple(images.shape)}; expected [N, C, H, W]"
+        )
+    if cond.dim() != 3 or len(cond) != len(images):
+        raise ValueError(
+            f"cond has shape {tuple(cond.shape)}; expected [N={len(images)}, L, D] "
+            "(one conditioning sequence per image)"
+        )
+    if steps < 1 or batch_size < 1 or not lr > 0:
+        raise ValueError(
+            f"steps={steps}, batch_size={batch_size}, lr={lr}: all must be > 0"
+        )
+    if not 0.0 <= cond_dropout < 1.0:
+        raise ValueError(f"cond_dropout={cond_dropout} must be in [0, 1)")
+    if cond_dropout > 0:
+        if uncond is None:
+            raise ValueError(
+                f"cond_dropout={cond_dropout} needs uncond (the [1, L, D] "
+                "conditioning of the empty prompt); pass it or set cond_dropout=0"
+            )
+        if tuple(uncond.shape) != (1, *cond.shape[1:]):
+            raise ValueError(
+                f"uncond has shape {tuple(uncond.shape)}; expected "
+                f"{(1, *cond.shape[1:])} to match cond"
+            )
+    if not torch.isfinite(images).all() or not torch.isfinite(cond).all():
+        raise ValueError("images or cond contain NaN or Inf")
+
+
+def train_lora(
+    unet: UNet,
+    noise_scheduler: Any,
+    images: Tensor,
+    cond: Tensor,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int = 64,
+    seed: int = 0,
+    uncond: Tensor | None = None,
+    cond_dropout: float = 0.1,
+    progress: bool = False,
+) -> list[float]:
+    """Fine-tune only the LoRA parameters with the DDPM denoising loss.
+
+    Ho et al. 2020: ``x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 - ᾱ_t)·ε`` with
+    ``t ~ U{0, …, T-1}``, loss ``‖ε - ε_θ(x_t, t, c)‖²`` (or the velocity target
+    when the scheduler's ``prediction_type`` is ``v_prediction``). With
+    probability ``cond_dropout`` a sample's ``c`` is replaced by ``uncond`` so the
+    adapter keeps working under classifier-free guidance (Ho & Salimans 2022).
+
+    Parameters
+    ----------
+    unet : UNet2DConditionModel
+        With an adapter from ``attach_lora``; the base weights are not updated.
+    noise_scheduler : diffusers scheduler
+        E.g. ``DDPMScheduler``; provides ``add_noise`` and ``num_train_timesteps``.
+    images : Tensor
+        [N, C, H, W] what the UNet denoises: pixels in [-1, 1], or VAE latents
+        already multiplied by the VAE's scaling factor (the caller encodes them).
+    cond : Tensor
+        [N, L, D] conditioning (``encoder_hidden_states``) per image.
+    steps, lr, batch_size : int, float, int
+        Optimiser steps, AdamW learning rate, batch size (capped at N).
+    seed : int
+        Seeds batches, timesteps, noise and dropout (drawn on the CPU, so one
+        seed gives the same draws on every device).
+    uncond : Tensor, optional
+        [1, L, D] unconditional embedding; required when ``cond_dropout > 0``.
+    cond_dropout : float
+        Probability of training a sample unconditionally.
+    progress : bool
+        Show a tqdm bar.
+
+    Returns
+    -------
+    list of float
+        The loss of every step.
+    """
+    # 1. Check inputs
+    _check_training_inputs(images, cond, uncond, steps, lr, batch_size, cond_dropout)
+    params = lora_parameters(unet)
+    if not params:
+        raise ValueError("the UNet has no LoRA parameters; call attach_lora first")
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(
+            f"scheduler prediction_type={prediction_type!r} is not supported; "
+            "use 'epsilon' or 'v_prediction'"
+        )
+
+    # 2. Set up: only LoRA parameters are optimised
+    device = params[0].device
+    dtype = next(unet.parameters()).dtype
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    n = len(images)
+    bs = min(batch_size, n)
+    num_t = int(noise_scheduler.config.num_train_timesteps)
+    order = torch.randperm(n, generator=g)
+    cursor = 0
+    was_training = unet.training
+    unet.train()
+
+    # 3. Training loop
+    losses: list[float] = []
+    try:
+        for _ in tqdm(range(steps), desc="train lora", disable=not progress):
+            # Walk through a permutation; a new one each epoch.
+            if cursor + bs > n:
+                order, cursor = torch.randperm(n, generator=g), 0
+            idx = order[cursor : cursor + bs]
+            cursor += bs
+            x0 = images[idx]
+            c = cond[idx]
+            noise = torch.randn(x0.shape, generator=g)
+            t = torch.randint(0, num_t, (bs,), generator=g)
+            drop = torch.rand(bs, generator=g) < cond_dropout
+            x0, noise, c = (v.to(device, dtype) for v in (x0, noise, c))
+            t = t.to(device)
+            if uncond is not None and drop.any():
+                u = uncond.to(device, dtype).expand_as(c)
+                c = torch.where(drop.to(device)[:, None, None], u, c)
+
+            # q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 - ᾱ_t) I)
+            noisy = noise_scheduler.add_noise(x0, noise, t)
+            if prediction_type == "epsilon":
+                target = noise
+            else:
+                target = noise_scheduler.get_velocity(x0, noise, t)
+            pred = unet(noisy, t, encoder_hidden_states=c).sample
+            loss = F.mse_loss(pred.float(), target.float())
+
+            losses.append(float(loss.detach()))
+            # Stop before a non-finite loss reaches the adapter's weights.
+            if not torch.isfinite(loss):
+                raise ValueError(
+                    f"LoRA training diverged at step {len(losses)} (loss {losses[-1]}); "
+                    f"lower lora-learning-rate (now {lr})"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        unet.train(was_training)
+    return losses
+
+
+def adapter_nbytes(state: dict[str, Tensor]) -> int:
+    """Size of an adapter state dict in bytes (what a client uploads)."""
+    return sum(t.numel() * t.element_size() for t in state.values())

@@ -1,0 +1,147 @@
+"""Pure maths of the one-shot round: no Flower, no I/O.
+
+Per-class averaging (OSCAR uploads), weighted averaging of model weights
+(one-shot FedAvg), the Gaussian mechanism for the privacy guard, and the
+Fréchet distance behind the FID-proxy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def per_class_mean(
+    embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Average embeddings ``[N, ...]`` per class.
+
+    Returns ``(class_ids [K], means [K, ...], counts [K])`` for the K classes
+    present (OSCAR, Zaland et al. 2025, arXiv 2502.08488: one vector per class).
+    """
+    if len(embeddings) != len(labels):
+        raise ValueError(f"{len(embeddings)} embeddings but {len(labels)} labels")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}); got {labels.unique().tolist()}")
+    counts = torch.bincount(labels, minlength=num_classes)
+    flat = embeddings.reshape(len(embeddings), -1).double()
+    sums = torch.zeros(num_classes, flat.shape[1], dtype=torch.float64)
+    sums.index_add_(0, labels, flat)
+    present = torch.nonzero(counts > 0).flatten()
+    means = (sums[present] / counts[present, None]).to(embeddings.dtype)
+    return present, means.reshape(len(present), *embeddings.shape[1:]), counts[present]
+
+
+def weighted_average(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """``sum_i w_i x_i / sum_i w_i`` in float64, returned as float32."""
+    if not tensors:
+        raise ValueError("weighted_average: no tensors")
+    if len(tensors) != len(weights):
+        raise ValueError(f"{len(tensors)} tensors but {len(weights)} weights")
+    total = float(sum(weights))
+    if total <= 0 or any(w < 0 for w in weights):
+        raise ValueError(f"weights must be >= 0 with a positive sum; got {weights}")
+    acc = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for t, w in zip(tensors, weights, strict=True):
+        if t.shape != tensors[0].shape:
+            raise ValueError(f"shape mismatch: {tuple(t.shape)} vs {tuple(tensors[0].shape)}")
+        acc += t.double() * (w / total)
+    return acc.float()
+
+
+def fedavg_state_dicts(
+    states: list[dict[str, torch.Tensor]], weights: list[float]
+) -> dict[str, torch.Tensor]:
+    """One-shot FedAvg (McMahan et al. 2017): example-weighted mean of each tensor.
+
+    Integer buffers (BatchNorm's ``num_batches_tracked``) take the first client's value.
+    """
+    if not states:
+        raise ValueError("fedavg_state_dicts: no states")
+    keys = list(states[0])
+    for i, s in enumerate(states[1:], 1):
+        if list(s) != keys:
+            missing = sorted(set(keys) ^ set(s))
+            raise ValueError(f"state {i} has different keys: {missing[:5]}")
+    out: dict[str, torch.Tensor] = {}
+    for k in keys:
+        if states[0][k].is_floating_point():
+            out[k] = weighted_average([s[k] for s in states], weights)
+        else:
+            out[k] = states[0][k].clone()
+    return out
+
+
+def clip_rows(x: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Scale each row (flattened) to L2 norm at most ``max_norm``."""
+    flat = x.reshape(len(x), -1)
+    norms = flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return (flat * torch.clamp(max_norm / norms, max=1.0)).reshape(x.shape)
+
+
+def gaussian_sigma(epsilon: float, delta: float, sensitivity: float) -> float:
+    """Noise std of the Gaussian mechanism (Dwork & Roth 2014, Thm A.1).
+
+    ``sigma = sensitivity * sqrt(2 ln(1.25 / delta)) / epsilon`` gives
+    (epsilon, delta)-DP for epsilon < 1; beyond that it is a common heuristic.
+    """
+    if epsilon <= 0 or not 0 < delta < 1 or sensitivity < 0:
+        raise ValueError(f"need epsilon > 0, 0 < delta < 1; got {epsilon}, {delta}")
+    return sensitivity * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
+
+
+def private_class_means(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    epsilon: float,
+    delta: float,
+    clip: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Per-class means of clipped embeddings plus Gaussian noise.
+
+    Each example lies in one class, so the class means compose in parallel: the
+    whole upload is (epsilon, delta)-DP under replace-one adjacency (counts are
+    treated as public). Replacing one example moves a mean by at most
+    ``2 * clip / n_c``. Returns ``(class_ids, noisy means, counts, max sigma)``.
+    """
+    ids, means, counts = per_class_mean(clip_rows(embeddings, clip), labels, num_classes)
+    max_sigma = 0.0
+    noisy = means.clone()
+    for i, n in enumerate(counts.tolist()):
+        sigma = gaussian_sigma(epsilon, delta, 2.0 * clip / n)
+        max_sigma = max(max_sigma, sigma)
+        noisy[i] += sigma * torch.randn(means[i].shape, generator=generator, dtype=means.dtype)
+    return ids, noisy, counts, max_sigma
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
+    """``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})`` (Heusel et al. 2017)."""
+    from scipy import linalg
+
+    diff = mu1 - mu2
+    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise
+        eps = np.eye(len(sigma1)) * 1e-6
+        covmean = linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
+    covmean = np.real(covmean)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def feature_stats(feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of features ``[N, F]`` (N >= 2)."""
+    x = feats.double().numpy()
+    if len(x) < 2:
+        raise ValueError(f"need at least 2 feature vectors, got {len(x)}")
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+def fid_proxy(real_feats: torch.Tensor, fake_feats: torch.Tensor) -> float:
+    """Fréchet distance between two feature sets (the FID-proxy)."""
+    return frechet_distance(*feature_stats(real_feats), *feature_stats(fake_feats))

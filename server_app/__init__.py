@@ -1,0 +1,1 @@
+"""ServerApp of the one-shot round."""

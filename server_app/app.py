@@ -1,0 +1,26 @@
+"""ServerApp: validates the config once, then runs the one-shot round."""
+
+from __future__ import annotations
+
+from logging import ERROR
+
+from flwr.app import Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import ConfigError, build_config
+
+from .round import run_one_shot
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        cfg = build_config(context.run_config)
+    except ConfigError as e:
+        # Stop before any client does any work.
+        log(ERROR, "%s", e)
+        raise
+    run_one_shot(grid, cfg, context.run_id)
