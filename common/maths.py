@@ -126,10 +126,10 @@ def frechet_distance(
     from scipy import linalg
 
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    covmean = np.asarray(linalg.sqrtm(sigma1 @ sigma2))
     if not np.isfinite(covmean).all():  # near-singular product: regularise
         eps = np.eye(len(sigma1)) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
+        covmean = np.asarray(linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps)))
     covmean = np.real(covmean)
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 

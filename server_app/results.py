@@ -19,7 +19,7 @@ def write_results(run_dir: Path, results: dict[str, Any]) -> Path:
 def format_table(clients: list[dict[str, Any]]) -> str:
     head = f"{'partition':>9} {'node':>20} {'domain':>9} {'examples':>8} {'upload B':>9} {'accuracy':>8}  status"
     rows = [head, "-" * len(head)]
-    for c in sorted(clients, key=lambda c: c.get("partition_id", -1)):
+    for c in sorted(clients, key=lambda c: (c.get("partition_id") is None, c.get("partition_id") or 0)):
         acc = c.get("accuracy")
         acc_s = f"{acc:8.4f}" if isinstance(acc, float) else f"{'-':>8}"
         rows.append(
@@ -36,7 +36,8 @@ def plot_accuracy(run_dir: Path, clients: list[dict[str, Any]], title: str) -> P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [c for c in clients if isinstance(c.get("accuracy"), float)]
+    rows = [c for c in clients if isinstance(c.get("accuracy"), float)
+            and isinstance(c.get("partition_id"), int)]  # fmt: skip
     if not rows:
         return None
     rows.sort(key=lambda c: c["partition_id"])

@@ -179,7 +179,7 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
     timings.update(out.timings)
 
     # 7. Push the global model to every node and collect their evaluations
-    evals: dict[int, dict[str, float]] = {}
+    evals: dict[int, dict[str, Any]] = {}  # by node id
     if method.evaluate_type is not None:
         t0 = time.perf_counter()
         content = method.push_content(out, ctx)
@@ -197,7 +197,10 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
             except PayloadError as e:
                 log(WARNING, "Bad evaluation reply: %s", e)
                 continue
-            evals[r.partition_id] = r.metrics | {"domain": r.meta.get("domain")}  # type: ignore[dict-item]
+            evals[r.node_id] = r.metrics | {
+                "domain": r.meta.get("domain"),
+                "partition_id": r.partition_id,
+            }
         timings["evaluate"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
@@ -216,7 +219,7 @@ def report(
 ) -> dict[str, Any]:
     clients: list[dict[str, Any]] = []
     for r in got.replies:
-        ev = evals.get(r.partition_id, r.metrics if method.evaluate_type is None else {})
+        ev = evals.get(r.node_id, r.metrics if method.evaluate_type is None else {})
         acc = ev.get("accuracy")
         clients.append(
             {
@@ -231,8 +234,8 @@ def report(
             }
         )
     for bad in got.rejected + got.missing:
-        pid = bad.get("partition_id")
-        ev = evals.get(pid, {}) if isinstance(pid, int) else {}
+        ev = evals.get(bad["node_id"], {})
+        pid = bad.get("partition_id", ev.get("partition_id"))
         clients.append(
             {
                 "partition_id": pid,

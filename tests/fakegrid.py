@@ -19,7 +19,7 @@ class FakeGrid(Grid):
         client_app,
         num_nodes: int,
         run_config: dict,
-        tamper: dict[int, Callable[[Message], Message | None]] | None = None,
+        tamper: dict[int, Callable[[Message, Message], Message | None]] | None = None,
     ) -> None:
         self.client_app = client_app
         self.nodes = list(range(101, 101 + num_nodes))
@@ -69,11 +69,12 @@ class FakeGrid(Grid):
                 run_config=dict(self.run_config),
             )
             reply = self.client_app(msg, ctx)
-            reply.metadata.__dict__["_src_node_id"] = node  # the SuperLink sets it
             hook = self.tamper.get(pid)
-            if hook is not None:
-                reply = hook(reply)
+            # Uploads are tampered with; evaluation replies go through untouched.
+            if hook is not None and not msg.metadata.message_type.startswith("evaluate"):
+                reply = hook(reply, msg)
                 if reply is None:  # the node never answers
                     continue
+            reply.metadata.__dict__["_src_node_id"] = node  # the SuperLink sets it
             replies.append(reply)
         return replies

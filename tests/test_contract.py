@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord
+
+from common import contract as C
+from common.contract import PayloadError
+
+
+def _reply(mean, ids, counts, meta=None, nbytes=None):
+    content = C.pack_reply(
+        {"partition-id": 0, "embedding": "pooled", **(meta or {})},
+        {"num-examples": 10},
+        {C.KEY_EMBEDDINGS: {"mean": mean, "class_ids": ids, "counts": counts}},
+    )
+    r = C.unpack_reply(5, content, C.KEY_EMBEDDINGS)
+    if nbytes is not None:
+        r.upload_bytes = nbytes
+    return r
+
+
+def test_array_record_round_trip_keeps_shapes_and_sends_bf16_as_fp16():
+    t = {"scalar": torch.tensor(3), "w": torch.randn(2, 3), "b": torch.ones(2, dtype=torch.bfloat16)}
+    rec = C.to_array_record(t)
+    assert isinstance(rec, ArrayRecord)
+    back = C.from_array_record(rec)
+    assert back["scalar"].shape == () and int(back["scalar"]) == 3
+    assert torch.equal(back["w"], t["w"])
+    assert back["b"].dtype == torch.float16
+    half = C.from_array_record(C.to_array_record({"w": t["w"]}, half=True))
+    assert half["w"].dtype == torch.float16
+
+
+def test_valid_embeddings_pass_and_bytes_are_counted():
+    mean = torch.randn(3, 1, 8, dtype=torch.float16)
+    r = _reply(mean, torch.tensor([0, 4, 9]), torch.tensor([5, 1, 2]))
+    C.validate_embeddings(r, num_classes=10, tokens=1, dim=8, max_bytes=10_000)
+    raw = 3 * 8 * 2 + 3 * 8 + 3 * 8  # fp16 means + int64 ids + int64 counts
+    # what travels = the raw tensors + one small .npy header per array
+    assert raw < r.upload_bytes <= raw + 3 * 160
+
+
+@pytest.mark.parametrize(
+    "mean,ids,counts,needle",
+    [
+        (torch.randn(2, 1, 7), [0, 1], [1, 1], "embedding shape"),
+        (torch.full((2, 1, 8), float("nan")), [0, 1], [1, 1], "NaN"),
+        (torch.tensor([[[float("inf")] * 8]] * 2), [0, 1], [1, 1], "NaN or Inf"),
+        (torch.randn(2, 1, 8), [0, 12], [1, 1], "unknown class id"),
+        (torch.randn(2, 1, 8), [3, 3], [1, 1], "duplicate"),
+        (torch.randn(2, 1, 8), [0, 1], [1, 0], "positive"),
+        (torch.randn(2, 1, 8), [0], [1], "class ids"),
+    ],
+)
+def test_malformed_embeddings_are_rejected_with_reason(mean, ids, counts, needle):
+    r = _reply(mean.half(), torch.tensor(ids), torch.tensor(counts))
+    with pytest.raises(PayloadError, match=needle):
+        C.validate_embeddings(r, num_classes=10, tokens=1, dim=8, max_bytes=10_000)
+
+
+def test_too_large_upload_is_rejected():
+    r = _reply(torch.randn(1, 1, 8).half(), torch.tensor([0]), torch.tensor([1]))
+    with pytest.raises(PayloadError, match="exceeds max-upload-mb"):
+        C.validate_embeddings(r, num_classes=10, tokens=1, dim=8, max_bytes=10)
+
+
+def test_unpack_requires_meta_metrics_and_schema():
+    from flwr.app import RecordDict
+
+    with pytest.raises(PayloadError, match="meta"):
+        C.unpack_reply(1, RecordDict(), None)
+    content = C.pack_reply({"partition-id": 0}, {"num-examples": 1})
+    content[C.KEY_META]["schema"] = 99
+    with pytest.raises(PayloadError, match="schema"):
+        C.unpack_reply(1, content, None)
+
+
+def test_state_dict_validation():
+    ref = {"w": torch.zeros(2, 2), "n": torch.tensor(0)}
+    good = C.pack_reply({"partition-id": 1}, {"num-examples": 4},
+                        {C.KEY_MODEL: {"w": torch.ones(2, 2), "n": torch.tensor(3)}})  # fmt: skip
+    C.validate_state_dict(C.unpack_reply(1, good, C.KEY_MODEL), ref, 10**6)
+    bad = C.pack_reply({"partition-id": 1}, {"num-examples": 4},
+                       {C.KEY_MODEL: {"w": torch.ones(3, 2), "n": torch.tensor(3)}})  # fmt: skip
+    with pytest.raises(PayloadError, match="shape"):
+        C.validate_state_dict(C.unpack_reply(1, bad, C.KEY_MODEL), ref, 10**6)
+    extra = C.pack_reply({"partition-id": 1}, {"num-examples": 4},
+                         {C.KEY_MODEL: {"w": torch.ones(2, 2), "x": np.float32(1) * torch.ones(1)}})  # fmt: skip
+    with pytest.raises(PayloadError, match="keys differ"):
+        C.validate_state_dict(C.unpack_reply(1, extra, C.KEY_MODEL), ref, 10**6)

@@ -1,0 +1,89 @@
+"""Maths checked against values computed by hand."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.maths import (
+    clip_rows,
+    fedavg_state_dicts,
+    fid_proxy,
+    frechet_distance,
+    gaussian_sigma,
+    per_class_mean,
+    private_class_means,
+    weighted_average,
+)
+
+
+def test_per_class_mean_by_hand():
+    emb = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 2, 0])
+    ids, means, counts = per_class_mean(emb, labels, num_classes=3)
+    assert ids.tolist() == [0, 2]  # class 1 absent: nothing is uploaded for it
+    assert counts.tolist() == [3, 1]
+    # class 0: ((1+3+0)/3, (0+2+1)/3) = (4/3, 1)
+    assert torch.allclose(means, torch.tensor([[4 / 3, 1.0], [5.0, 5.0]]))
+
+
+def test_per_class_mean_keeps_token_axis_and_rejects_bad_labels():
+    emb = torch.ones(4, 1, 3)
+    _, means, _ = per_class_mean(emb, torch.tensor([1, 1, 1, 1]), 2)
+    assert means.shape == (1, 1, 3)
+    with pytest.raises(ValueError, match="labels must be in"):
+        per_class_mean(emb, torch.tensor([0, 1, 2, 5]), 3)
+
+
+def test_weighted_average_and_fedavg():
+    a, b = torch.tensor([0.0, 10.0]), torch.tensor([4.0, 2.0])
+    # weights 1:3 -> 0.25*a + 0.75*b = (3, 4)
+    assert torch.allclose(weighted_average([a, b], [1, 3]), torch.tensor([3.0, 4.0]))
+    s1 = {"w": a, "n": torch.tensor(7)}
+    s2 = {"w": b, "n": torch.tensor(9)}
+    avg = fedavg_state_dicts([s1, s2], [100, 300])
+    assert torch.allclose(avg["w"], torch.tensor([3.0, 4.0]))
+    assert int(avg["n"]) == 7  # integer buffers are not averaged
+    with pytest.raises(ValueError, match="positive sum"):
+        weighted_average([a, b], [0, 0])
+
+
+def test_clip_rows():
+    x = torch.tensor([[3.0, 4.0], [0.3, 0.4]])  # norms 5 and 0.5
+    out = clip_rows(x, 1.0)
+    assert torch.allclose(out, torch.tensor([[0.6, 0.8], [0.3, 0.4]]))
+
+
+def test_gaussian_sigma_by_hand():
+    # sqrt(2 ln(1.25/1e-5)) = sqrt(2 * 11.736) = 4.845; / eps 0.5 * sens 0.2 -> 1.938
+    expected = 0.2 * math.sqrt(2 * math.log(1.25 / 1e-5)) / 0.5
+    assert gaussian_sigma(0.5, 1e-5, 0.2) == pytest.approx(expected)
+    assert expected == pytest.approx(1.938, abs=1e-3)
+
+
+def test_private_class_means_noise_scale():
+    torch.manual_seed(0)
+    emb = torch.randn(400, 1, 8)
+    labels = torch.zeros(400, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    ids, noisy, counts, sigma = private_class_means(
+        emb, labels, 1, epsilon=1.0, delta=1e-5, clip=1.0, generator=g
+    )
+    assert sigma == pytest.approx(gaussian_sigma(1.0, 1e-5, 2.0 / 400))
+    clean = clip_rows(emb, 1.0).mean(0)
+    # the noise is sigma-sized, not zero
+    assert 0 < float((noisy[0] - clean).abs().max()) < 6 * sigma
+
+
+def test_frechet_distance_1d_by_hand():
+    # 1-D: (m1-m2)^2 + s1 + s2 - 2 sqrt(s1 s2) = 4 + 1 + 4 - 2*2 = 5
+    d = frechet_distance(np.array([1.0]), np.array([[1.0]]), np.array([3.0]), np.array([[4.0]]))
+    assert d == pytest.approx(5.0)
+
+
+def test_fid_proxy_zero_for_identical_sets_and_grows_with_shift():
+    torch.manual_seed(0)
+    f = torch.randn(500, 4)
+    assert fid_proxy(f, f) == pytest.approx(0.0, abs=1e-6)
+    assert fid_proxy(f, f + 2.0) == pytest.approx(16.0, rel=1e-3)  # 4 dims x 2^2

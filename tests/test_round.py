@@ -1,0 +1,141 @@
+"""The one-shot round driven through an in-process Grid and the real ClientApp.
+
+Every registered method is run (adding a method adds it here); replies are
+tampered with to check that a bad client is rejected with a reason while the
+round completes with the rest."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flwr.app import Error, Message
+
+from client_app.app import app as client_app
+from common import contract as C
+from common.config import ConfigError, build_config
+from fakegrid import FakeGrid
+from server_app.methods import METHODS
+from server_app.round import RoundError, run_one_shot
+
+
+def _run(rc, nodes=3, tamper=None, run_id="t"):
+    grid = FakeGrid(client_app, nodes, rc, tamper=tamper)
+    return grid, run_one_shot(grid, build_config(rc), run_id)
+
+
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if m != "lora"))
+def test_every_method_completes_and_writes_results(method, tiny_stack, fast_config, tmp_path):
+    fast_config["method"] = method
+    grid, res = _run(fast_config, run_id=f"run-{method}")
+    run_dir = tmp_path / "out" / f"run-{method}"
+    on_disk = json.loads((run_dir / "results.json").read_text())
+    assert on_disk["method"] == method
+    for key in ("dataset", "partition", "num_clients", "clients", "mean_accuracy",
+                "upload_bytes_total", "timings_s", "config"):  # fmt: skip
+        assert key in on_disk, key
+    assert set(on_disk["timings_s"]) >= {"collect", "synthesize", "train", "evaluate", "total"}
+    assert on_disk["config"]["num-classes"] == 10
+    assert on_disk["num_clients"] == 3
+    assert {c["partition_id"] for c in on_disk["clients"]} == {0, 1, 2}
+    assert all(0.0 <= c["accuracy"] <= 1.0 for c in on_disk["clients"])
+    assert (run_dir / "accuracy_per_client.png").is_file()
+    # exactly one collect message per node: one round, no second one
+    collect = METHODS[method].collect_type
+    assert [n for n, t in grid.sent if t == collect] == grid.nodes
+    if method in ("oscar", "class-names"):
+        assert (run_dir / "synthetic_samples.png").is_file()
+    if method == "oscar":
+        per_class = on_disk["upload_bytes_per_class"]
+        assert 0 < per_class <= 2048
+        assert all(c["upload_bytes"] > 0 for c in on_disk["clients"])
+    if method in ("class-names", "local"):
+        assert on_disk["upload_bytes_total"] == 0
+
+
+def _tamper_embeddings(fn):
+    def hook(reply: Message, msg: Message) -> Message:
+        t = C.from_array_record(reply.content.array_records[C.KEY_EMBEDDINGS])
+        reply.content[C.KEY_EMBEDDINGS] = C.to_array_record(fn(t))
+        return reply
+
+    return hook
+
+
+def _wrong_dim(t):
+    t["mean"] = torch.zeros(len(t["mean"]), 1, 3, dtype=torch.float16)
+    return t
+
+
+def _nan(t):
+    t["mean"][0, 0, 0] = float("nan")
+    return t
+
+
+def _unknown_class(t):
+    t["class_ids"][0] = 42
+    return t
+
+
+def _client_crash(reply: Message, msg: Message) -> Message:
+    return Message(Error(code=0, reason="ClientApp crashed: out of memory"), reply_to=msg)
+
+
+@pytest.mark.parametrize(
+    "hook,reason",
+    [
+        (_tamper_embeddings(_wrong_dim), "embedding shape"),
+        (_tamper_embeddings(_nan), "NaN"),
+        (_tamper_embeddings(_unknown_class), "unknown class id"),
+        (_client_crash, "ClientApp crashed"),
+    ],
+)
+def test_bad_payload_rejected_round_completes(hook, reason, tiny_stack, fast_config):
+    fast_config["method"] = "oscar"
+    _, res = _run(fast_config, nodes=3, tamper={1: hook})
+    assert res["num_clients"] == 2
+    assert len(res["rejected"]) == 1 and reason in res["rejected"][0]["reason"]
+    excluded = [c for c in res["clients"] if c["status"].startswith("excluded")]
+    assert len(excluded) == 1 and reason in excluded[0]["status"]
+    assert excluded[0]["partition_id"] == 1  # still named, and still evaluated
+    assert excluded[0]["accuracy"] is not None
+    assert res["mean_accuracy"] is not None
+
+
+def test_silent_node_is_reported_missing(tiny_stack, fast_config):
+    fast_config["method"] = "fedavg"
+    _, res = _run(fast_config, nodes=3, tamper={2: lambda reply, msg: None})
+    assert res["num_clients"] == 2
+    assert res["missing"] and "no reply" in res["missing"][0]["reason"]
+
+
+def test_too_few_valid_clients_stops_the_round(tiny_stack, fast_config):
+    fast_config.update({"method": "oscar", "min-clients": 3})
+    hook = _tamper_embeddings(_nan)
+    with pytest.raises(RoundError, match="min-clients=3"):
+        _run(fast_config, nodes=3, tamper={0: hook})
+
+
+def test_bad_config_stops_before_any_client_work(tiny_stack, fast_config):
+    fast_config["embedding"] = "sequence"  # the embedded generator needs 'pooled'
+    grid = FakeGrid(client_app, 3, fast_config)
+    with pytest.raises(ConfigError, match="embedding='sequence'"):
+        run_one_shot(grid, build_config(fast_config), "bad")
+    assert grid.sent == []
+
+
+def test_resume_uses_persisted_uploads_and_contacts_no_client_for_them(
+    tiny_stack, fast_config, tmp_path
+):
+    fast_config.update({"method": "oscar", "run-name": "resume-me"})
+    grid1, first = _run(fast_config)
+    # Simulate a crash after persistence: drop the global model checkpoint and results.
+    run_dir = tmp_path / "out" / "resume-me"
+    for f in (run_dir / "checkpoints").iterdir():
+        f.unlink()
+    (run_dir / "results.json").unlink()
+    grid2, second = _run(fast_config)
+    assert all(t != C.TRAIN_EMBED for _, t in grid2.sent)  # no upload asked again
+    assert [c["accuracy"] for c in second["clients"]] == [c["accuracy"] for c in first["clients"]]
+    assert second["upload_bytes_total"] == first["upload_bytes_total"]
