@@ -28,7 +28,13 @@ import torch.nn.functional as F
 STYLES: tuple[str, ...] = ("plain", "inverted", "thick", "thin", "rotated", "noisy")
 """Visual domains. ``plain`` dominates the public split; the others are rare."""
 
-DEFAULT_CLIENT_DOMAINS: tuple[str, ...] = ("inverted", "thick", "thin", "rotated", "noisy")
+DEFAULT_CLIENT_DOMAINS: tuple[str, ...] = (
+    "inverted",
+    "thick",
+    "thin",
+    "rotated",
+    "noisy",
+)
 
 DIGIT_NAMES: tuple[str, ...] = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
@@ -57,7 +63,9 @@ STYLE_TEMPLATES: tuple[str, ...] = (
     "an image of a {word} handwritten {name}",
 )
 
-MNIST_PUBLIC_SIZE = 30_000  # MNIST train[:30000] pretrains the stack, train[30000:] is for clients
+MNIST_PUBLIC_SIZE = (
+    30_000  # MNIST train[:30000] pretrains the stack, train[30000:] is for clients
+)
 
 
 # --------------------------------------------------------------------------- MNIST
@@ -80,7 +88,9 @@ def _read_idx(path: Path) -> np.ndarray:
         data = f.read()
     magic = int.from_bytes(data[0:4], "big")
     ndim = magic & 0xFF
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(
+        int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
+    )
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -137,7 +147,9 @@ def render_style(
         noise = torch.rand(x.shape, generator=g)
         x = torch.maximum(x, 0.65 * noise)  # bright speckle over the background
     if x.shape[-1] != image_size:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)
+        x = F.interpolate(
+            x, size=(image_size, image_size), mode="bilinear", antialias=True
+        )
     if style == "thin":  # restore full contrast lost to the thinner stroke
         x = x / x.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-3)
     return (x.clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()
@@ -332,7 +344,9 @@ def load_client_data(
         raw, labels = mnist_client_pool()
         class_names = list(DIGIT_NAMES)
         if dataset == "mnist-domains":
-            pool_domains = np.asarray([domains[j % len(domains)] for j in range(len(labels))])
+            pool_domains = np.asarray(
+                [domains[j % len(domains)] for j in range(len(labels))]
+            )
         else:
             pool_domains = None
         idx = _partition_indices(
@@ -341,7 +355,9 @@ def load_client_data(
         )  # fmt: skip
         if dataset == "mnist-domains":
             if partition == "domain":
-                domain = str(pool_domains[idx[0]]) if pool_domains is not None else "plain"
+                domain = (
+                    str(pool_domains[idx[0]]) if pool_domains is not None else "plain"
+                )
             else:
                 domain = domains[partition_id % len(domains)]
         else:
@@ -352,7 +368,9 @@ def load_client_data(
         images = render_style(raw[idx], domain, image_size, seed=seed + partition_id)
         y = torch.as_tensor(labels[idx])
     else:
-        images, y, domain, class_names, all_domains = _load_image_folder(dataset, image_size)
+        images, y, domain, class_names, all_domains = _load_image_folder(
+            dataset, image_size
+        )
         idx = _partition_indices(
             y.numpy(), all_domains, partition, partition_id, num_partitions,
             alpha, classes_per_client, seed,
@@ -395,9 +413,7 @@ def _load_image_folder(
         any(q.is_dir() for q in d.iterdir()) for d in subdirs
     )
     groups = [(d.name, d) for d in subdirs] if nested else [("plain", path)]
-    class_names = sorted(
-        {c.name for _, g in groups for c in g.iterdir() if c.is_dir()}
-    )
+    class_names = sorted({c.name for _, g in groups for c in g.iterdir() if c.is_dir()})
     if not class_names:
         raise FileNotFoundError(f"dataset={root!r}: no class subfolders found")
     xs: list[torch.Tensor] = []
@@ -417,7 +433,9 @@ def _load_image_folder(
                 ys.append(ci)
                 doms.append(dom)
     if not xs:
-        raise FileNotFoundError(f"dataset={root!r}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise FileNotFoundError(
+            f"dataset={root!r}: no images ({', '.join(IMAGE_SUFFIXES)})"
+        )
     images = torch.stack(xs)
     domains = np.asarray(doms) if nested else None
     return images, torch.as_tensor(ys), "plain", class_names, domains

@@ -70,7 +70,7 @@ def _load(cls: Any, name: str, role: str, **kwargs: Any) -> Any:
     """``cls.from_pretrained`` with an error that names the role and the fix."""
     try:
         return cls.from_pretrained(name, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         where = Path(name)
         looked = (
             f"local folder {where.resolve()}"
@@ -150,7 +150,11 @@ def build_clip(
         num_hidden_layers=layers,
         num_attention_heads=heads,
     )
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim))
+    return CLIPModel(
+        CLIPConfig(
+            text_config=text, vision_config=vision, projection_dim=projection_dim
+        )
+    )
 
 
 def build_generator(
@@ -190,12 +194,16 @@ def build_generator(
     return unet, scheduler
 
 
-def save_generator(path: str | Path, unet: Any, scheduler: Any, embedding: str = "pooled") -> None:
+def save_generator(
+    path: str | Path, unet: Any, scheduler: Any, embedding: str = "pooled"
+) -> None:
     """Save in the diffusers folder layout (``unet/``, ``scheduler/``) + conditioning."""
     path = Path(path)
     unet.save_pretrained(path / "unet")
     scheduler.save_pretrained(path / "scheduler")
-    (path / "conditioning.json").write_text(json.dumps({"embedding": embedding}, indent=2))
+    (path / "conditioning.json").write_text(
+        json.dumps({"embedding": embedding}, indent=2)
+    )
 
 
 # ---------------------------------------------------------------- text encoder
@@ -214,12 +222,18 @@ class TextEncoder:
     def max_length(self) -> int:
         cfg = self.model.config
         text_cfg = getattr(cfg, "text_config", cfg)
-        return int(min(self.tokenizer.model_max_length, text_cfg.max_position_embeddings))
+        return int(
+            min(self.tokenizer.model_max_length, text_cfg.max_position_embeddings)
+        )
 
     @torch.no_grad()
-    def encode(self, texts: list[str], kind: str = "pooled", batch_size: int = 256) -> torch.Tensor:
+    def encode(
+        self, texts: list[str], kind: str = "pooled", batch_size: int = 256
+    ) -> torch.Tensor:
         if kind not in EMBEDDINGS:
-            raise ValueError(f"embedding={kind!r} is not one of {', '.join(EMBEDDINGS)}")
+            raise ValueError(
+                f"embedding={kind!r} is not one of {', '.join(EMBEDDINGS)}"
+            )
         out = []
         for i in range(0, len(texts), batch_size):
             batch = self.tokenizer(
@@ -246,10 +260,17 @@ class TextEncoder:
 
 
 def load_text_encoder(
-    name: str = EMBEDDED, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    name: str = EMBEDDED,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> TextEncoder:
     """Load a CLIP text encoder: a CLIPModel folder, or an SD ``text_encoder`` subfolder."""
-    from transformers import AutoConfig, AutoTokenizer, CLIPModel, CLIPTextModelWithProjection
+    from transformers import (
+        AutoConfig,
+        AutoTokenizer,
+        CLIPModel,
+        CLIPTextModelWithProjection,
+    )
 
     path = resolve_model(name, "text-encoder", "clip")
     sub: dict[str, str] = {}
@@ -265,13 +286,17 @@ def load_text_encoder(
     tok_sub = {"subfolder": "tokenizer"} if sub else {}
     tokenizer = _load(AutoTokenizer, path, "text-encoder", **tok_sub)
     model = model.to(device=device, dtype=dtype).eval()
-    return TextEncoder(model=model, tokenizer=tokenizer, name=name, device=torch.device(device))
+    return TextEncoder(
+        model=model, tokenizer=tokenizer, name=name, device=torch.device(device)
+    )
 
 
 # ---------------------------------------------------------------- captioning
 
 
-def prepare_pixels(images: torch.Tensor, model: Any, processor_cfg: dict | None) -> torch.Tensor:
+def prepare_pixels(
+    images: torch.Tensor, model: Any, processor_cfg: dict | None
+) -> torch.Tensor:
     """Images in ``[-1, 1]`` -> the pixel format a CLIP vision tower expects."""
     vcfg = model.config.vision_config
     x = images.float()
@@ -280,8 +305,12 @@ def prepare_pixels(images: torch.Tensor, model: Any, processor_cfg: dict | None)
     if x.shape[-1] != vcfg.image_size:
         x = F.interpolate(x, size=(vcfg.image_size, vcfg.image_size), mode="bicubic")
     if processor_cfg:  # a hub CLIP: [0, 1] then its mean/std
-        mean = torch.tensor(processor_cfg.get("image_mean", [0.5] * 3))[: vcfg.num_channels]
-        std = torch.tensor(processor_cfg.get("image_std", [0.5] * 3))[: vcfg.num_channels]
+        mean = torch.tensor(processor_cfg.get("image_mean", [0.5] * 3))[
+            : vcfg.num_channels
+        ]
+        std = torch.tensor(processor_cfg.get("image_std", [0.5] * 3))[
+            : vcfg.num_channels
+        ]
         x = ((x + 1) / 2 - mean[:, None, None]) / std[:, None, None]
     return x
 
@@ -304,11 +333,16 @@ class RetrievalCaptioner:
 
     @torch.no_grad()
     def caption(
-        self, images: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 512
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        batch_size: int = 512,
     ) -> list[str]:
         out: list[str] = []
         for i in range(0, len(images), batch_size):
-            px = prepare_pixels(images[i : i + batch_size], self.model, self.processor_cfg)
+            px = prepare_pixels(
+                images[i : i + batch_size], self.model, self.processor_cfg
+            )
             emb = self.model.get_image_features(pixel_values=px.to(self.model.dtype))
             emb = F.normalize(getattr(emb, "pooler_output", emb).float(), dim=-1)
             sim = emb @ self.bank_embeds.T
@@ -329,11 +363,18 @@ class GenerativeCaptioner:
 
     @torch.no_grad()
     def caption(
-        self, images: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 16
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        batch_size: int = 16,
     ) -> list[str]:
         out: list[str] = []
         for i in range(0, len(images), batch_size):
-            x = ((images[i : i + batch_size].float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+            x = (
+                ((images[i : i + batch_size].float() + 1) * 127.5)
+                .clamp(0, 255)
+                .to(torch.uint8)
+            )
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
             inputs = self.processor(images=list(x), return_tensors="pt")
@@ -356,13 +397,20 @@ def load_captioner(
     if cfg.model_type == "clip":
         model = _load(CLIPModel, path, "captioner").to(device).eval()
         tokenizer = _load(AutoTokenizer, path, "captioner")
-        enc = TextEncoder(model=model, tokenizer=tokenizer, name=name, device=torch.device(device))
+        enc = TextEncoder(
+            model=model, tokenizer=tokenizer, name=name, device=torch.device(device)
+        )
         bank = enc.encode(bank_texts, "pooled")[:, 0, :]
         proc_file = Path(path) / "preprocessor_config.json"
         proc = json.loads(proc_file.read_text()) if proc_file.is_file() else None
         if proc is None and not Path(path).exists():
-            proc = {"image_mean": [0.4815, 0.4578, 0.4082], "image_std": [0.2686, 0.2613, 0.2758]}
-        return RetrievalCaptioner(model, list(bank_texts), bank_labels.clone(), bank, proc)
+            proc = {
+                "image_mean": [0.4815, 0.4578, 0.4082],
+                "image_std": [0.2686, 0.2613, 0.2758],
+            }
+        return RetrievalCaptioner(
+            model, list(bank_texts), bank_labels.clone(), bank, proc
+        )
     from transformers import AutoModelForImageTextToText
 
     model = _load(AutoModelForImageTextToText, path, "captioner").to(device).eval()
@@ -493,7 +541,11 @@ def load_generator(
     local = Path(path)
     has_vae = (local / "vae").is_dir() if local.exists() else True
     if has_vae:
-        vae = _load(AutoencoderKL, path, "generator", subfolder="vae").to(device, dtype).eval()
+        vae = (
+            _load(AutoencoderKL, path, "generator", subfolder="vae")
+            .to(device, dtype)
+            .eval()
+        )
     cond_file = local / "conditioning.json"
     embedding = (
         json.loads(cond_file.read_text()).get("embedding", "pooled")
@@ -519,3 +571,22 @@ def to_dataset_format(images: torch.Tensor, channels: int, size: int) -> torch.T
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
     return x.clamp(-1, 1)
+
+
+def generator_fingerprint(unet: Any) -> str:
+    """Identity of a base generator: its config, parameter shapes and a weight checksum.
+
+    An adapter trained on another base model carries another fingerprint.
+    """
+    import hashlib
+
+    h = hashlib.sha256(
+        json.dumps(dict(unet.config), sort_keys=True, default=str).encode()
+    )
+    for name, p in unet.named_parameters():
+        if "lora_" in name:
+            continue
+        h.update(f"{name}:{tuple(p.shape)}".encode())
+    first = next(p for n, p in unet.named_parameters() if "lora_" not in n)
+    h.update(f"{float(first.detach().double().abs().sum()):.6e}".encode())
+    return h.hexdigest()[:16]

@@ -21,6 +21,7 @@ class SmallCNN(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32):
         super().__init__()
+        self.width = width
 
         def block(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(
@@ -93,9 +94,11 @@ class ResNet18(nn.Module):
         return self.head(self.embed(x))
 
 
-def build_classifier(arch: str, in_channels: int, num_classes: int) -> nn.Module:
+def build_classifier(
+    arch: str, in_channels: int, num_classes: int, width: int = 32
+) -> nn.Module:
     if arch == "cnn":
-        return SmallCNN(in_channels, num_classes)
+        return SmallCNN(in_channels, num_classes, width)
     if arch == "resnet18":
         return ResNet18(in_channels, num_classes)
     raise ValueError(f"classifier={arch!r} is not one of {', '.join(ARCHS)}")
@@ -109,6 +112,8 @@ def save_classifier(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = {"arch": arch, "in_channels": in_channels, "num_classes": num_classes}
+    if isinstance(model, SmallCNN):
+        cfg["width"] = model.width
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path / "model.safetensors"))
@@ -121,6 +126,8 @@ def load_classifier(path: str | Path) -> nn.Module:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no classifier at {path} (config.json missing)")
     cfg = json.loads((path / "config.json").read_text())
-    model = build_classifier(cfg["arch"], cfg["in_channels"], cfg["num_classes"])
+    model = build_classifier(
+        cfg["arch"], cfg["in_channels"], cfg["num_classes"], cfg.get("width", 32)
+    )
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     return model.eval()

@@ -92,11 +92,13 @@ def accuracy(
 
 
 @torch.no_grad()
-def features(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+def features(
+    model: nn.Module, images: torch.Tensor, batch_size: int = 512
+) -> torch.Tensor:
     """Penultimate-layer features (``model.embed``) for the FID-proxy."""
     model.eval()
     feats = [
-        model.embed(images[i : i + batch_size].float())
+        model.embed(images[i : i + batch_size].float())  # type: ignore[operator]
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat(feats)

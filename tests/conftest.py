@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,6 +51,8 @@ def fast_config(tmp_path) -> dict:
             "local-epochs": 1,
             "output-dir": str(tmp_path / "out"),
             "min-clients": 2,
+            "lora-steps": 2,
+            "lora-samples-per-class": 2,
         }
     )
     return rc

@@ -8,7 +8,12 @@ from pathlib import Path
 import torch
 
 from common.data import vocabulary
-from common.foundation import build_clip, build_generator, build_tokenizer, save_generator
+from common.foundation import (
+    build_clip,
+    build_generator,
+    build_tokenizer,
+    save_generator,
+)
 from common.models import SmallCNN, save_classifier
 
 

@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+import torch
+
+from common.data import (
+    MNIST_PUBLIC_SIZE,
+    STYLES,
+    load_client_data,
+    load_mnist,
+    mnist_client_pool,
+    render_style,
+)
+
+
+def test_mnist_ships_in_the_package():
+    x, y = load_mnist("train")
+    assert x.shape == (60_000, 28, 28) and x.dtype == np.uint8
+    assert sorted(np.unique(y).tolist()) == list(range(10))
+    xt, _ = load_mnist("test")
+    assert len(xt) == 10_000
+
+
+def test_client_pool_is_disjoint_from_the_public_split():
+    x, _ = load_mnist("train")
+    pool, _ = mnist_client_pool()
+    assert len(pool) == 60_000 - MNIST_PUBLIC_SIZE
+    assert np.array_equal(pool[0], x[MNIST_PUBLIC_SIZE])
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_styles_render_in_range_and_deterministic(style):
+    x, _ = load_mnist("test")
+    a = render_style(x[:8], style, 16, seed=3)
+    b = render_style(x[:8], style, 16, seed=3)
+    assert a.shape == (8, 1, 16, 16) and torch.equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1
+    if style != "plain":
+        assert not torch.allclose(a, render_style(x[:8], "plain", 16))
+
+
+def test_inverted_is_the_negative():
+    x, _ = load_mnist("test")
+    assert torch.allclose(
+        render_style(x[:4], "inverted", 28), -render_style(x[:4], "plain", 28)
+    )
+
+
+def test_dirichlet_partitions_are_disjoint_and_skewed():
+    parts = [
+        load_client_data("mnist-domains", "dirichlet", i, 4, alpha=0.3)
+        for i in range(4)
+    ]
+    assert [p.domain for p in parts] == ["inverted", "thick", "thin", "rotated"]
+    sizes = sum(len(p.train_labels) + len(p.test_labels) for p in parts)
+    assert sizes == 60_000 - MNIST_PUBLIC_SIZE
+    hist = torch.stack(
+        [torch.bincount(p.train_labels, minlength=10) for p in parts]
+    ).float()
+    share = hist / hist.sum(1, keepdim=True)
+    assert share.max() > 0.25  # label skew: some class dominates some client
+
+
+def test_pathological_and_domain_partitions():
+    p = load_client_data("mnist", "pathological", 0, 5, classes_per_client=2)
+    assert len(torch.unique(torch.cat([p.train_labels, p.test_labels]))) == 2
+    d = load_client_data("mnist-domains", "domain", 1, 5, max_examples=300)
+    assert d.domain == "thick" and len(d.train_labels) + len(d.test_labels) == 300
+
+
+def test_image_folder_with_domains(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for dom in ("photo", "sketch"):
+        for cls in ("cat", "dog"):
+            (tmp_path / dom / cls).mkdir(parents=True)
+            for i in range(6):
+                arr = rng.integers(0, 255, (20, 20), dtype=np.uint8)
+                Image.fromarray(arr).save(tmp_path / dom / cls / f"{i}.png")
+    c = load_client_data(str(tmp_path), "domain", 1, 2, image_size=16)
+    assert c.domain == "sketch" and c.class_names == ["cat", "dog"]
+    assert c.train_images.shape[1:] == (1, 16, 16)
+    assert len(c.train_labels) + len(c.test_labels) == 12
+
+
+def test_bad_dataset_and_partition_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset="):
+        load_client_data(str(tmp_path / "nope"), "iid", 0, 2)
+    with pytest.raises(ValueError, match="partition-id=5"):
+        load_client_data("mnist", "iid", 5, 2)

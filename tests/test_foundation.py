@@ -1,0 +1,103 @@
+"""The hub-model path: tiny random HF models saved to a folder and loaded through
+the same from_pretrained code that hub ids and the embedded stack use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.data import phrase_bank
+from common.foundation import (
+    load_captioner,
+    load_generator,
+    load_text_encoder,
+    to_dataset_format,
+)
+
+
+def test_clip_folder_as_text_encoder_and_retrieval_captioner(tiny_stack_dir):
+    path = str(tiny_stack_dir / "clip")
+    enc = load_text_encoder(path)
+    pooled = enc.encode(["a thick digit three", "", "a thin digit one"], "pooled")
+    assert pooled.shape == (3, 1, 16)
+    assert torch.allclose(pooled.norm(dim=-1), torch.ones(3, 1), atol=1e-5)
+    seq = enc.encode(["a thick digit three"], "sequence")
+    assert seq.shape == (1, enc.max_length, 32)
+    texts, labels, _ = phrase_bank()
+    cap = load_captioner(path, texts, torch.as_tensor(labels))
+    caps = cap.caption(torch.zeros(4, 1, 16, 16), torch.tensor([0, 3, 3, 9]))
+    # restricted to the given label's captions
+    from common.data import DIGIT_NAMES
+
+    assert all(DIGIT_NAMES[y] in c for c, y in zip(caps, [0, 3, 3, 9], strict=True))
+
+
+def test_generator_folder_pixel_space(tiny_stack_dir):
+    gen = load_generator(str(tiny_stack_dir / "generator"), scheduler="dpm")
+    assert gen.embedding == "pooled" and gen.vae is None
+    cond = torch.randn(3, 1, 16)
+    a = gen.sample(cond, torch.zeros(1, 1, 16), num_inference_steps=2, seed=1)
+    b = gen.sample(cond, torch.zeros(1, 1, 16), num_inference_steps=2, seed=1)
+    assert a.shape == (3, 1, 16, 16) and torch.equal(a, b)  # seeded
+    assert a.min() >= -1 and a.max() <= 1
+    with pytest.raises(ValueError, match=r"needs \[batch, tokens, 16\]"):
+        gen.sample(torch.randn(2, 1, 8), torch.zeros(1, 1, 8))
+    with pytest.raises(ValueError, match="guidance-scale"):
+        gen.sample(cond, torch.zeros(1, 1, 16), guidance_scale=0.5)
+
+
+def test_stable_diffusion_layout_with_vae_and_sequence_conditioning(tmp_path):
+    """A diffusers pipeline folder (unet/ vae/ scheduler/ text_encoder/ tokenizer/),
+    like a downloaded SD checkpoint, but tiny."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from common.data import vocabulary
+    from common.foundation import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(vocabulary())
+    te = CLIPTextModelWithProjection(
+        CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                       bos_token_id=2, eos_token_id=3, pad_token_id=0, projection_dim=32)
+    )  # fmt: skip
+    te.save_pretrained(tmp_path / "text_encoder")
+    tok.save_pretrained(tmp_path / "tokenizer")
+    UNet2DConditionModel(
+        sample_size=4, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=4, norm_num_groups=8,
+    ).save_pretrained(tmp_path / "unet")  # fmt: skip
+    AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=8,
+    ).save_pretrained(tmp_path / "vae")  # fmt: skip
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "scheduler")
+
+    enc = load_text_encoder(str(tmp_path))  # falls back to the text_encoder/ subfolder
+    cond = enc.encode(["a thick digit three"], "sequence")
+    assert cond.shape == (1, 16, 32)
+    gen = load_generator(str(tmp_path), scheduler="ddim")
+    assert gen.embedding == "sequence" and gen.vae is not None
+    img = gen.sample(cond, enc.encode([""], "sequence"), num_inference_steps=2)
+    assert img.shape == (1, 3, 8, 8)  # decoded by the VAE
+    assert to_dataset_format(img, 1, 16).shape == (1, 1, 16, 16)
+
+
+def test_missing_model_error_names_role_path_and_fix(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError) as e:
+        load_generator(str(missing))
+    msg = str(e.value)
+    assert "generator=" in msg and str(missing) in msg and "generator='embedded'" in msg
+    with pytest.raises(FileNotFoundError, match="text-encoder="):
+        load_text_encoder(str(missing))
+
+
+def test_embedded_dir_env_override(tiny_stack, monkeypatch):
+    from common.foundation import embedded_dir
+
+    assert embedded_dir() == tiny_stack
