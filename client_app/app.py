@@ -71,7 +71,10 @@ def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     init = C.from_array_record(msg.content.array_records[C.KEY_MODEL])
     model = tasks.train_local_model(cfg, data, init, _seed(cfg, pid))
-    metrics = {"num-examples": len(data.train_labels), "client-s": time.perf_counter() - t0}
+    metrics = {
+        "num-examples": len(data.train_labels),
+        "client-s": time.perf_counter() - t0,
+    }
     arrays = {C.KEY_MODEL: dict(model.state_dict())}
     content = C.pack_reply(tasks.data_meta(data, pid), metrics, arrays)
     return Message(content, reply_to=msg)
@@ -100,11 +103,69 @@ def evaluate(msg: Message, context: Context) -> Message:
     state = C.from_array_record(msg.content.array_records[C.KEY_MODEL])
     conf = msg.content.config_records[C.KEY_CONFIG]
     acc = tasks.evaluate_state(
-        cfg, data, state, str(conf["arch"]), int(conf["num-classes"])  # type: ignore[arg-type]
+        cfg,
+        data,
+        state,
+        str(conf["arch"]),
+        int(conf["num-classes"]),  # type: ignore[arg-type]
     )
     metrics = {
         "num-examples": len(data.train_labels),
         "num-test-examples": len(data.test_labels),
         "accuracy": acc,
+    }
+    return Message(C.pack_reply(tasks.data_meta(data, pid), metrics), reply_to=msg)
+
+
+@app.train("lora")
+def train_lora(msg: Message, context: Context) -> Message:
+    """Federated LoRA: fine-tune an adapter of the generator, upload it once (fp16)
+    together with the per-class caption embeddings (for server-side sampling)."""
+    cfg, pid, data = _setup(msg, context)
+    t0 = time.perf_counter()
+    r = tasks.train_client_lora(cfg, data, _seed(cfg, pid))
+    arrays = {f"adapter/{k}": v for k, v in r.adapter.items()} | {
+        "emb/mean": r.embed.means,
+        "emb/class_ids": r.embed.class_ids,
+        "emb/counts": r.embed.counts,
+    }
+    meta = tasks.data_meta(data, pid) | {
+        "embedding": cfg.embedding,
+        "base-model": r.base_fingerprint,
+        "lora-rank": cfg.lora_rank,
+        "lora-alpha": cfg.lora_alpha,
+    }
+    metrics = {
+        "num-examples": len(data.train_labels),
+        "lora-final-loss": float(sum(r.losses[-10:]) / max(1, len(r.losses[-10:]))),
+        "lora-train-s": r.train_s,
+        "client-s": time.perf_counter() - t0,
+    }
+    content = C.pack_reply(meta, metrics, {C.KEY_LORA: arrays}, half=True)
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate("lora")
+def evaluate_lora(msg: Message, context: Context) -> Message:
+    """Evaluate the merged adapter (FID-proxy on own data) and the global classifier."""
+    cfg, pid, data = _setup(msg, context)
+    conf = msg.content.config_records[C.KEY_CONFIG]
+    adapter = {
+        k.removeprefix("adapter/"): v.float()
+        for k, v in C.from_array_record(msg.content.array_records[C.KEY_LORA]).items()
+    }
+    gen_metrics = tasks.evaluate_lora(
+        cfg, data, adapter, int(conf["lora-rank"]), float(conf["lora-alpha"]),  # type: ignore[arg-type]
+        seed=_seed(cfg, pid), samples_per_class=cfg.lora_samples_per_class,
+    )  # fmt: skip
+    state = C.from_array_record(msg.content.array_records[C.KEY_MODEL])
+    acc = tasks.evaluate_state(
+        cfg, data, state, str(conf["arch"]), int(conf["num-classes"])
+    )  # type: ignore[arg-type]
+    metrics = {
+        "num-examples": len(data.train_labels),
+        "num-test-examples": len(data.test_labels),
+        "accuracy": acc,
+        **gen_metrics,
     }
     return Message(C.pack_reply(tasks.data_meta(data, pid), metrics), reply_to=msg)

@@ -125,7 +125,9 @@ def train_local_model(
 ) -> torch.nn.Module:
     """Train the classifier on local data (one-shot FedAvg / no-federation baseline)."""
     torch.manual_seed(seed)
-    model = build_classifier(cfg.classifier, data.train_images.shape[1], data.num_classes)
+    model = build_classifier(
+        cfg.classifier, data.train_images.shape[1], data.num_classes
+    )
     if init_state is not None:
         model.load_state_dict(init_state)
     train_classifier(
@@ -151,3 +153,100 @@ def evaluate_state(
     model = build_classifier(arch, data.test_images.shape[1], num_classes)
     model.load_state_dict(state)
     return accuracy(model, data.test_images, data.test_labels)
+
+
+# ---------------------------------------------------------------- federated LoRA
+
+
+@dataclass
+class LoraResult:
+    adapter: dict[str, torch.Tensor]
+    embed: EmbedResult
+    base_fingerprint: str
+    losses: list[float]
+    train_s: float
+
+
+def train_client_lora(cfg: RunConfig, data: ClientData, seed: int) -> LoraResult:
+    """Fine-tune a LoRA adapter of the generator's UNet on the client's images and
+    their captions (FedDDPM-style personalisation, arXiv 2503.06426)."""
+    from common.foundation import (
+        generator_fingerprint,
+        load_generator,
+        load_text_encoder,
+    )
+    from common.lora import attach_lora, get_lora_state, train_lora
+
+    emb = embed_classes(cfg, data, seed=seed)
+    t0 = time.perf_counter()
+    gen = load_generator(cfg.generator, "ddpm")
+    fingerprint = generator_fingerprint(gen.unet)
+    encoder = load_text_encoder(cfg.text_encoder)
+    distinct = sorted(set(emb.captions))
+    table = encoder.encode(distinct, cfg.embedding)
+    index = {c: i for i, c in enumerate(distinct)}
+    cond = table[torch.tensor([index[c] for c in emb.captions])]
+    images = data.train_images
+    if gen.vae is not None:  # latent diffusion: train on latents
+        with torch.no_grad():
+            px = images.expand(-1, gen.vae.config.in_channels, -1, -1)
+            images = (
+                gen.vae.encode(px).latent_dist.sample() * gen.vae.config.scaling_factor
+            )
+    unet = attach_lora(gen.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_list)
+    losses = train_lora(
+        unet,
+        gen.scheduler,
+        images,
+        cond,
+        steps=cfg.lora_steps,
+        lr=cfg.lora_learning_rate,
+        seed=seed,
+        uncond=encoder.encode([""], cfg.embedding),
+    )
+    return LoraResult(
+        adapter=get_lora_state(unet),
+        embed=emb,
+        base_fingerprint=fingerprint,
+        losses=losses,
+        train_s=time.perf_counter() - t0,
+    )
+
+
+def evaluate_lora(
+    cfg: RunConfig,
+    data: ClientData,
+    adapter: dict[str, torch.Tensor],
+    rank: int,
+    alpha: float,
+    seed: int,
+    samples_per_class: int = 16,
+) -> dict[str, float]:
+    """FID-proxy of the merged generator's samples for this client's classes and
+    captions against the client's own held-out images (judge feature space)."""
+    from common.foundation import embedded_dir, load_generator, load_text_encoder
+    from common.lora import set_lora_state
+    from common.maths import fid_proxy
+    from common.models import load_classifier
+    from common.train import features
+
+    emb = embed_classes(cfg, data, seed=seed)
+    gen = load_generator(cfg.generator, cfg.scheduler)
+    if adapter:
+        set_lora_state(gen.unet, adapter, rank, alpha, cfg.lora_target_list)
+    uncond = load_text_encoder(cfg.text_encoder).encode([""], cfg.embedding)
+    cond = emb.means.float().repeat_interleave(samples_per_class, dim=0)
+    fake = gen.sample(
+        cond,
+        uncond,
+        guidance_scale=cfg.guidance_scale,
+        num_inference_steps=cfg.num_inference_steps,
+        seed=seed,
+        batch_size=cfg.synth_batch_size,
+    )
+    from common.foundation import to_dataset_format
+
+    fake = to_dataset_format(fake, data.test_images.shape[1], cfg.image_size)
+    judge = load_classifier(embedded_dir() / "judge")
+    real = data.test_images
+    return {"fid-proxy": fid_proxy(features(judge, real), features(judge, fake))}

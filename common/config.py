@@ -133,8 +133,12 @@ def build_config(run_config: dict[str, Any]) -> RunConfig:
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"]) or "<config>"
             if err["type"] == "extra_forbidden":
-                allowed = ", ".join(sorted(f.alias or k for k, f in RunConfig.model_fields.items()))
-                lines.append(f"unknown key {key!r} (value {err['input']!r}); known keys: {allowed}")
+                allowed = ", ".join(
+                    sorted(f.alias or k for k, f in RunConfig.model_fields.items())
+                )
+                lines.append(
+                    f"unknown key {key!r} (value {err['input']!r}); known keys: {allowed}"
+                )
             else:
                 lines.append(f"{key} = {err['input']!r}: {err['msg']}")
         raise ConfigError("invalid run config:\n  " + "\n  ".join(lines)) from None

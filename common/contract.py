@@ -53,24 +53,32 @@ class PayloadError(ValueError):
 # ---------------------------------------------------------------- tensors <-> records
 
 
-def to_array_record(tensors: dict[str, torch.Tensor], half: bool = False) -> ArrayRecord:
+def to_array_record(
+    tensors: dict[str, torch.Tensor], half: bool = False
+) -> ArrayRecord:
     """Tensors -> ArrayRecord. bf16 cannot travel in an ArrayRecord: it goes as fp16."""
     out: dict[str, Array] = {}
     for k, t in tensors.items():
         t = t.detach().cpu()
         if t.dtype == torch.bfloat16 or (half and t.is_floating_point()):
             t = t.to(torch.float16)
-        out[k] = Array(t.contiguous().numpy())  # keeps 0-d shapes (np.ascontiguousarray would not)
+        out[k] = Array(
+            t.contiguous().numpy()
+        )  # keeps 0-d shapes (np.ascontiguousarray would not)
     return ArrayRecord(out)
 
 
 def from_array_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()}
+    return {
+        k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()
+    }
 
 
 def record_nbytes(content: RecordDict) -> int:
     """Bytes of tensor data in a message (what the upload budget counts)."""
-    return sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+    return sum(
+        len(a.data) for rec in content.array_records.values() for a in rec.values()
+    )
 
 
 # ---------------------------------------------------------------- payloads
@@ -97,7 +105,7 @@ def pack_reply(
 ) -> RecordDict:
     content = RecordDict()
     content[KEY_META] = ConfigRecord({**meta, "schema": SCHEMA_VERSION})
-    content[KEY_METRICS] = MetricRecord(metrics)
+    content[KEY_METRICS] = MetricRecord(dict(metrics))  # type: ignore[arg-type]
     for key, tensors in (arrays or {}).items():
         content[key] = to_array_record(tensors, half=half)
     return content
@@ -127,7 +135,9 @@ def unpack_reply(node_id: int, content: RecordDict, payload_key: str | None) -> 
             raise PayloadError(f"reply has no '{payload_key}' ArrayRecord")
         try:
             tensors = from_array_record(content.array_records[payload_key])
-        except Exception as e:  # a corrupt array is one client's problem, not the round's
+        except (
+            Exception
+        ) as e:  # a corrupt array is one client's problem, not the round's
             raise PayloadError(f"cannot decode '{payload_key}': {e}") from None
     return Reply(
         node_id=node_id,
@@ -152,7 +162,9 @@ def validate_embeddings(
     """OSCAR payload: ``mean [K, tokens, dim]`` float16, ``class_ids [K]``, ``counts [K]``."""
     t = reply.tensors
     if reply.upload_bytes > max_bytes:
-        raise PayloadError(f"upload of {reply.upload_bytes} bytes exceeds max-upload-mb")
+        raise PayloadError(
+            f"upload of {reply.upload_bytes} bytes exceeds max-upload-mb"
+        )
     for k in ("mean", "class_ids", "counts"):
         if k not in t:
             raise PayloadError(f"embeddings payload lacks {k!r}")
@@ -167,7 +179,9 @@ def validate_embeddings(
     if ids.dtype != torch.int64 or counts.dtype != torch.int64:
         raise PayloadError("class_ids and counts must be int64")
     if not (len(ids) == len(counts) == len(mean)) or len(ids) == 0:
-        raise PayloadError(f"{len(mean)} means, {len(ids)} class ids, {len(counts)} counts")
+        raise PayloadError(
+            f"{len(mean)} means, {len(ids)} class ids, {len(counts)} counts"
+        )
     bad = [int(i) for i in ids if not 0 <= int(i) < num_classes]
     if bad:
         raise PayloadError(f"unknown class id(s) {bad} (num-classes={num_classes})")
@@ -179,11 +193,16 @@ def validate_embeddings(
 
 
 def validate_state_dict(
-    reply: Reply, reference: dict[str, torch.Tensor], max_bytes: int, what: str = "model"
+    reply: Reply,
+    reference: dict[str, torch.Tensor],
+    max_bytes: int,
+    what: str = "model",
 ) -> None:
     """Weights must match the reference's keys, shapes and be finite."""
     if reply.upload_bytes > max_bytes:
-        raise PayloadError(f"upload of {reply.upload_bytes} bytes exceeds max-upload-mb")
+        raise PayloadError(
+            f"upload of {reply.upload_bytes} bytes exceeds max-upload-mb"
+        )
     got, want = set(reply.tensors), set(reference)
     if got != want:
         extra, missing = sorted(got - want)[:3], sorted(want - got)[:3]

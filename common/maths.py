@@ -24,7 +24,9 @@ def per_class_mean(
     if len(embeddings) != len(labels):
         raise ValueError(f"{len(embeddings)} embeddings but {len(labels)} labels")
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"labels must be in [0, {num_classes}); got {labels.unique().tolist()}")
+        raise ValueError(
+            f"labels must be in [0, {num_classes}); got {labels.unique().tolist()}"
+        )
     counts = torch.bincount(labels, minlength=num_classes)
     flat = embeddings.reshape(len(embeddings), -1).double()
     sums = torch.zeros(num_classes, flat.shape[1], dtype=torch.float64)
@@ -46,7 +48,9 @@ def weighted_average(tensors: list[torch.Tensor], weights: list[float]) -> torch
     acc = torch.zeros_like(tensors[0], dtype=torch.float64)
     for t, w in zip(tensors, weights, strict=True):
         if t.shape != tensors[0].shape:
-            raise ValueError(f"shape mismatch: {tuple(t.shape)} vs {tuple(tensors[0].shape)}")
+            raise ValueError(
+                f"shape mismatch: {tuple(t.shape)} vs {tuple(tensors[0].shape)}"
+            )
         acc += t.double() * (w / total)
     return acc.float()
 
@@ -109,13 +113,17 @@ def private_class_means(
     treated as public). Replacing one example moves a mean by at most
     ``2 * clip / n_c``. Returns ``(class_ids, noisy means, counts, max sigma)``.
     """
-    ids, means, counts = per_class_mean(clip_rows(embeddings, clip), labels, num_classes)
+    ids, means, counts = per_class_mean(
+        clip_rows(embeddings, clip), labels, num_classes
+    )
     max_sigma = 0.0
     noisy = means.clone()
     for i, n in enumerate(counts.tolist()):
         sigma = gaussian_sigma(epsilon, delta, 2.0 * clip / n)
         max_sigma = max(max_sigma, sigma)
-        noisy[i] += sigma * torch.randn(means[i].shape, generator=generator, dtype=means.dtype)
+        noisy[i] += sigma * torch.randn(
+            means[i].shape, generator=generator, dtype=means.dtype
+        )
     return ids, noisy, counts, max_sigma
 
 
@@ -131,7 +139,9 @@ def frechet_distance(
         eps = np.eye(len(sigma1)) * 1e-6
         covmean = np.asarray(linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps)))
     covmean = np.real(covmean)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(
+        diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+    )
 
 
 def feature_stats(feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -47,7 +47,9 @@ class ServerContext:
     def generator(self) -> Any:
         from common.foundation import load_generator
 
-        return load_generator(self.cfg.generator, self.cfg.scheduler, self.device, self.dtype)
+        return load_generator(
+            self.cfg.generator, self.cfg.scheduler, self.device, self.dtype
+        )
 
     @functools.cached_property
     def text_encoder(self) -> Any:

@@ -54,7 +54,9 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
 def _load_tensors(path: Path, sha256: str) -> dict[str, torch.Tensor]:
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != sha256:
-        raise ValueError(f"checksum mismatch for {path}: the persisted upload is corrupt")
+        raise ValueError(
+            f"checksum mismatch for {path}: the persisted upload is corrupt"
+        )
     return load_file(str(path))
 
 
@@ -81,7 +83,9 @@ def save_uploads(
             }
         )
     manifest = up / MANIFEST
-    atomic_write_json(manifest, {"replies": entries, "rejected": rejected, "missing": missing})
+    atomic_write_json(
+        manifest, {"replies": entries, "rejected": rejected, "missing": missing}
+    )
     return manifest
 
 
@@ -93,7 +97,11 @@ def load_uploads(run_dir: Path) -> tuple[list[Reply], list[dict], list[dict]] | 
     m = json.loads(manifest.read_text())
     replies = []
     for e in m["replies"]:
-        tensors = _load_tensors(run_dir / "uploads" / e["file"], e["sha256"]) if e["file"] else {}
+        tensors = (
+            _load_tensors(run_dir / "uploads" / e["file"], e["sha256"])
+            if e["file"]
+            else {}
+        )
         replies.append(
             Reply(
                 node_id=e["node_id"],
@@ -108,16 +116,22 @@ def load_uploads(run_dir: Path) -> tuple[list[Reply], list[dict], list[dict]] | 
     return replies, m["rejected"], m["missing"]
 
 
-def save_checkpoint(run_dir: Path, name: str, tensors: dict[str, torch.Tensor], info: dict) -> None:
+def save_checkpoint(
+    run_dir: Path, name: str, tensors: dict[str, torch.Tensor], info: dict
+) -> None:
     ck = run_dir / "checkpoints"
     ck.mkdir(parents=True, exist_ok=True)
     digest = _save_tensors(ck / f"{name}.safetensors", tensors)
     atomic_write_json(ck / f"{name}.json", {"sha256": digest, **info})
 
 
-def load_checkpoint(run_dir: Path, name: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+def load_checkpoint(
+    run_dir: Path, name: str
+) -> tuple[dict[str, torch.Tensor], dict] | None:
     meta = run_dir / "checkpoints" / f"{name}.json"
     if not meta.is_file():
         return None
     info = json.loads(meta.read_text())
-    return _load_tensors(run_dir / "checkpoints" / f"{name}.safetensors", info["sha256"]), info
+    return _load_tensors(
+        run_dir / "checkpoints" / f"{name}.safetensors", info["sha256"]
+    ), info

@@ -19,7 +19,10 @@ def write_results(run_dir: Path, results: dict[str, Any]) -> Path:
 def format_table(clients: list[dict[str, Any]]) -> str:
     head = f"{'partition':>9} {'node':>20} {'domain':>9} {'examples':>8} {'upload B':>9} {'accuracy':>8}  status"
     rows = [head, "-" * len(head)]
-    for c in sorted(clients, key=lambda c: (c.get("partition_id") is None, c.get("partition_id") or 0)):
+    for c in sorted(
+        clients,
+        key=lambda c: (c.get("partition_id") is None, c.get("partition_id") or 0),
+    ):
         acc = c.get("accuracy")
         acc_s = f"{acc:8.4f}" if isinstance(acc, float) else f"{'-':>8}"
         rows.append(
@@ -30,7 +33,9 @@ def format_table(clients: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def plot_accuracy(run_dir: Path, clients: list[dict[str, Any]], title: str) -> Path | None:
+def plot_accuracy(
+    run_dir: Path, clients: list[dict[str, Any]], title: str
+) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,7 +94,12 @@ def plot_samples(
             if imgs is not None:
                 tile = torch.cat(list(imgs[:per_row]), dim=-1)  # [C, H, W*k]
                 arr = ((tile + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()
-                ax.imshow(arr.squeeze(-1) if arr.shape[-1] == 1 else arr, cmap="gray", vmin=0, vmax=1)
+                ax.imshow(
+                    arr.squeeze(-1) if arr.shape[-1] == 1 else arr,
+                    cmap="gray",
+                    vmin=0,
+                    vmax=1,
+                )
             else:
                 ax.set_facecolor("#eeeeee")
             if i == 0:

@@ -83,17 +83,24 @@ def validate_replies(
         try:
             reply = C.unpack_reply(node, msg.content, method.payload_key)
             if reply.partition_id in partitions:
-                raise PayloadError(f"partition-id {reply.partition_id} already received")
+                raise PayloadError(
+                    f"partition-id {reply.partition_id} already received"
+                )
             method.validate(reply, ctx)
         except PayloadError as e:
-            pid = msg.content.config_records.get(C.KEY_META, {}).get("partition-id")
-            out.rejected.append({"node_id": node, "partition_id": pid, "reason": str(e)})
+            meta = msg.content.config_records.get(C.KEY_META)
+            pid = meta.get("partition-id") if meta is not None else None
+            out.rejected.append(
+                {"node_id": node, "partition_id": pid, "reason": str(e)}
+            )
             log(WARNING, "Rejected node %s (partition %s): %s", node, pid, e)
             continue
         partitions.add(reply.partition_id)
         out.replies.append(reply)
     for node in sorted(set(sent) - seen):
-        out.missing.append({"node_id": node, "reason": "no reply within round-timeout-s"})
+        out.missing.append(
+            {"node_id": node, "reason": "no reply within round-timeout-s"}
+        )
         log(WARNING, "No reply from node %s", node)
     return out
 
@@ -131,7 +138,11 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
     resumed = persist.load_uploads(run_dir) if cfg.run_name else None
     if resumed is not None:
         got = Collected(*resumed)
-        log(INFO, "Resuming from %d persisted uploads: no client is asked again", len(got.replies))
+        log(
+            INFO,
+            "Resuming from %d persisted uploads: no client is asked again",
+            len(got.replies),
+        )
         timings["collect"] = 0.0
     else:
         t0 = time.perf_counter()
@@ -141,7 +152,8 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
         # 2. Send the round config (and, for fedavg, the initial weights)
         content = method.collect_content(ctx)
         msgs = [
-            Message(content, dst_node_id=n, message_type=method.collect_type) for n in nodes
+            Message(content, dst_node_id=n, message_type=method.collect_type)
+            for n in nodes
         ]
         # 3. Collect replies until all arrived or round-timeout-s passed
         raw = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout_s))
@@ -150,7 +162,9 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
             ok = [C.unpack_reply(int(m.metadata.src_node_id), m.content, None)
                   for m in raw if not m.has_error()]  # fmt: skip
             ctx.num_classes, ctx.class_names, ctx.channels = dataset_info(cfg, ok)
-        got = validate_replies(method, {n: method.collect_type for n in nodes}, raw, ctx)
+        got = validate_replies(
+            method, {n: method.collect_type for n in nodes}, raw, ctx
+        )
         timings["collect"] = time.perf_counter() - t0
         # 5. Persist the accepted uploads before any server work
         persist.save_uploads(run_dir, got.replies, got.rejected, got.missing)
@@ -166,7 +180,9 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
     checkpoint = persist.load_checkpoint(run_dir, "global") if cfg.run_name else None
     if checkpoint is not None:
         state, info = checkpoint
-        out = ServerOutput(model_state=state, arch=info["arch"], extra=info.get("extra", {}))
+        out = ServerOutput(
+            model_state=state, arch=info["arch"], extra=info.get("extra", {})
+        )
         out.timings = info.get("timings", {})
         log(INFO, "Loaded the persisted global model: server work is not repeated")
     else:
@@ -185,7 +201,8 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
         content = method.push_content(out, ctx)
         nodes = sorted(grid.get_node_ids())
         msgs = [
-            Message(content, dst_node_id=n, message_type=method.evaluate_type) for n in nodes
+            Message(content, dst_node_id=n, message_type=method.evaluate_type)
+            for n in nodes
         ]
         for msg in grid.send_and_receive(msgs, timeout=cfg.round_timeout_s):
             if msg.has_error():
@@ -231,6 +248,9 @@ def report(
                 "accuracy": float(acc) if acc is not None else None,
                 "status": "ok" if acc is not None else "no evaluation",
                 "metrics": r.metrics,
+                "evaluation": {
+                    k: v for k, v in ev.items() if k not in ("domain", "partition_id")
+                },
             }
         )
     for bad in got.rejected + got.missing:
@@ -250,8 +270,15 @@ def report(
     accs = [c["accuracy"] for c in clients if c["accuracy"] is not None]
     uploads = [c["upload_bytes"] for c in clients if c["upload_bytes"]]
     n_classes_up = sum(
-        len(r.tensors.get("class_ids", [])) for r in got.replies if "class_ids" in r.tensors
+        len(r.tensors.get("class_ids", []))
+        for r in got.replies
+        if "class_ids" in r.tensors
     )
+    fids = [
+        c["evaluation"]["fid-proxy"]
+        for c in clients
+        if "fid-proxy" in c.get("evaluation", {})
+    ]
     res: dict[str, Any] = {
         "method": cfg.method,
         "dataset": cfg.dataset,
@@ -261,17 +288,28 @@ def report(
         "rejected": got.rejected,
         "missing": got.missing,
         "mean_accuracy": sum(accs) / len(accs) if accs else None,
+        "mean_fid_proxy": sum(fids) / len(fids) if fids else None,
         "upload_bytes_total": sum(uploads),
         "upload_bytes_per_client": sum(uploads) / len(uploads) if uploads else 0,
-        "upload_bytes_per_class": (sum(uploads) / n_classes_up) if n_classes_up else None,
+        "upload_bytes_per_class": (sum(uploads) / n_classes_up)
+        if n_classes_up
+        else None,
         "timings_s": {k: round(v, 3) for k, v in timings.items()}
-        | {k: 0.0 for k in ("collect", "synthesize", "train", "evaluate") if k not in timings},
+        | {
+            k: 0.0
+            for k in ("collect", "synthesize", "train", "evaluate")
+            if k not in timings
+        },
         "config": cfg.to_flat() | {"num-classes": ctx.num_classes},
         "device": str(ctx.device),
         **out.extra,
     }
     results.write_results(ctx.run_dir, res)
-    domains = {c["partition_id"]: c.get("domain") or "" for c in clients if isinstance(c["partition_id"], int)}
+    domains = {
+        c["partition_id"]: c.get("domain") or ""
+        for c in clients
+        if isinstance(c["partition_id"], int)
+    }
     results.plot_accuracy(ctx.run_dir, clients, f"{cfg.method} on {cfg.dataset}")
     results.plot_samples(ctx.run_dir, out.samples, ctx.class_names, domains)
     log(INFO, "\n%s", results.format_table(clients))

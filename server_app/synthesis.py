@@ -45,10 +45,14 @@ def synthesize(
             progress=bar.update,
         )
     images = to_dataset_format(images, ctx.channels, cfg.image_size)
-    out.timings["synthesize"] = out.timings.get("synthesize", 0.0) + time.perf_counter() - t0
+    out.timings["synthesize"] = (
+        out.timings.get("synthesize", 0.0) + time.perf_counter() - t0
+    )
     for o in owners.unique().tolist():
         for c in labels.unique().tolist():
-            idx = torch.nonzero((owners == o) & (labels == c)).flatten()[:SAMPLES_PER_CELL]
+            idx = torch.nonzero((owners == o) & (labels == c)).flatten()[
+                :SAMPLES_PER_CELL
+            ]
             if len(idx):
                 out.samples[(int(o), int(c))] = images[idx]
     return images

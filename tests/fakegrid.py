@@ -71,7 +71,9 @@ class FakeGrid(Grid):
             reply = self.client_app(msg, ctx)
             hook = self.tamper.get(pid)
             # Uploads are tampered with; evaluation replies go through untouched.
-            if hook is not None and not msg.metadata.message_type.startswith("evaluate"):
+            if hook is not None and not msg.metadata.message_type.startswith(
+                "evaluate"
+            ):
                 reply = hook(reply, msg)
                 if reply is None:  # the node never answers
                     continue

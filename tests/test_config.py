@@ -1,7 +1,8 @@
 import pytest
+from conftest import default_run_config
+from pydantic import ValidationError
 
 from common.config import ConfigError, RunConfig, build_config
-from conftest import default_run_config
 
 
 def test_pyproject_defaults_validate_and_match_the_model():
@@ -44,5 +45,5 @@ def test_config_is_frozen_and_derived_fields():
     cfg = RunConfig()
     assert cfg.domain_list == ("inverted", "thick", "thin", "rotated", "noisy")
     assert cfg.lora_target_list == ["to_q", "to_k", "to_v", "to_out.0"]
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.method = "fedavg"  # type: ignore[misc]

@@ -20,7 +20,11 @@ def _reply(mean, ids, counts, meta=None, nbytes=None):
 
 
 def test_array_record_round_trip_keeps_shapes_and_sends_bf16_as_fp16():
-    t = {"scalar": torch.tensor(3), "w": torch.randn(2, 3), "b": torch.ones(2, dtype=torch.bfloat16)}
+    t = {
+        "scalar": torch.tensor(3),
+        "w": torch.randn(2, 3),
+        "b": torch.ones(2, dtype=torch.bfloat16),
+    }
     rec = C.to_array_record(t)
     assert isinstance(rec, ArrayRecord)
     back = C.from_array_record(rec)

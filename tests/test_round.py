@@ -10,12 +10,12 @@ import json
 
 import pytest
 import torch
+from fakegrid import FakeGrid
 from flwr.app import Error, Message
 
 from client_app.app import app as client_app
 from common import contract as C
 from common.config import ConfigError, build_config
-from fakegrid import FakeGrid
 from server_app.methods import METHODS
 from server_app.round import RoundError, run_one_shot
 
@@ -25,8 +25,10 @@ def _run(rc, nodes=3, tamper=None, run_id="t"):
     return grid, run_one_shot(grid, build_config(rc), run_id)
 
 
-@pytest.mark.parametrize("method", sorted(m for m in METHODS if m != "lora"))
-def test_every_method_completes_and_writes_results(method, tiny_stack, fast_config, tmp_path):
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_completes_and_writes_results(
+    method, tiny_stack, fast_config, tmp_path
+):
     fast_config["method"] = method
     grid, res = _run(fast_config, run_id=f"run-{method}")
     run_dir = tmp_path / "out" / f"run-{method}"
@@ -35,7 +37,13 @@ def test_every_method_completes_and_writes_results(method, tiny_stack, fast_conf
     for key in ("dataset", "partition", "num_clients", "clients", "mean_accuracy",
                 "upload_bytes_total", "timings_s", "config"):  # fmt: skip
         assert key in on_disk, key
-    assert set(on_disk["timings_s"]) >= {"collect", "synthesize", "train", "evaluate", "total"}
+    assert set(on_disk["timings_s"]) >= {
+        "collect",
+        "synthesize",
+        "train",
+        "evaluate",
+        "total",
+    }
     assert on_disk["config"]["num-classes"] == 10
     assert on_disk["num_clients"] == 3
     assert {c["partition_id"] for c in on_disk["clients"]} == {0, 1, 2}
@@ -44,7 +52,11 @@ def test_every_method_completes_and_writes_results(method, tiny_stack, fast_conf
     # exactly one collect message per node: one round, no second one
     collect = METHODS[method].collect_type
     assert [n for n, t in grid.sent if t == collect] == grid.nodes
-    if method in ("oscar", "class-names"):
+    if method == "lora":
+        assert on_disk["lora"]["merged_rank"] == fast_config["lora-merge-rank"]
+        assert all(c["evaluation"]["fid-proxy"] >= 0 for c in on_disk["clients"])
+        assert on_disk["mean_fid_proxy"] is not None
+    if method in ("oscar", "class-names", "lora"):
         assert (run_dir / "synthetic_samples.png").is_file()
     if method == "oscar":
         per_class = on_disk["upload_bytes_per_class"]
@@ -79,7 +91,9 @@ def _unknown_class(t):
 
 
 def _client_crash(reply: Message, msg: Message) -> Message:
-    return Message(Error(code=0, reason="ClientApp crashed: out of memory"), reply_to=msg)
+    return Message(
+        Error(code=0, reason="ClientApp crashed: out of memory"), reply_to=msg
+    )
 
 
 @pytest.mark.parametrize(
@@ -137,5 +151,64 @@ def test_resume_uses_persisted_uploads_and_contacts_no_client_for_them(
     (run_dir / "results.json").unlink()
     grid2, second = _run(fast_config)
     assert all(t != C.TRAIN_EMBED for _, t in grid2.sent)  # no upload asked again
-    assert [c["accuracy"] for c in second["clients"]] == [c["accuracy"] for c in first["clients"]]
+    assert [c["accuracy"] for c in second["clients"]] == [
+        c["accuracy"] for c in first["clients"]
+    ]
     assert second["upload_bytes_total"] == first["upload_bytes_total"]
+
+
+def _tamper_lora(fn):
+    def hook(reply: Message, msg: Message) -> Message:
+        t = C.from_array_record(reply.content.array_records[C.KEY_LORA])
+        reply.content[C.KEY_LORA] = C.to_array_record(fn(t, reply))
+        return reply
+
+    return hook
+
+
+def _other_base(t, reply):
+    reply.content[C.KEY_META]["base-model"] = "0123456789abcdef"
+    return t
+
+
+def _rank_mismatch(t, reply):
+    k = next(k for k in t if k.endswith("lora_A.weight"))
+    t[k] = torch.zeros(t[k].shape[0] + 1, t[k].shape[1])
+    return t
+
+
+def _unexpected_module(t, reply):
+    t["adapter/evil.lora_A.weight"] = torch.zeros(2, 2)
+    return t
+
+
+def _nan_adapter(t, reply):
+    k = next(k for k in t if k.startswith("adapter/"))
+    t[k] = torch.full_like(t[k], float("inf"))
+    return t
+
+
+@pytest.mark.parametrize(
+    "fn,reason",
+    [
+        (_other_base, "base model"),
+        (_rank_mismatch, "has shape"),
+        (_unexpected_module, "modules differ"),
+        (_nan_adapter, "NaN or Inf"),
+    ],
+)
+def test_bad_adapter_rejected_round_completes(fn, reason, tiny_stack, fast_config):
+    fast_config.update({"method": "lora", "lora-merge": "stack"})
+    _, res = _run(fast_config, nodes=3, tamper={0: _tamper_lora(fn)})
+    assert res["num_clients"] == 2
+    assert len(res["rejected"]) == 1 and reason in res["rejected"][0]["reason"]
+    assert (
+        res["lora"]["merged_rank"] == 2 * fast_config["lora-rank"]
+    )  # stack of 2 clients
+
+
+@pytest.mark.parametrize("merge", ["fedavg", "svd", "ties", "dare", "generative"])
+def test_every_lora_merge_completes(merge, tiny_stack, fast_config):
+    fast_config.update({"method": "lora", "lora-merge": merge})
+    _, res = _run(fast_config, nodes=2)
+    assert res["lora"]["merge"] == merge and res["mean_fid_proxy"] is not None

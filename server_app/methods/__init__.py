@@ -6,6 +6,7 @@ from .base import OneShotMethod
 from .class_names import ClassNames
 from .fedavg import FedAvg
 from .local import Local
+from .lora import Lora
 from .oscar import Oscar
 
 METHODS: dict[str, type[OneShotMethod]] = {
@@ -13,6 +14,7 @@ METHODS: dict[str, type[OneShotMethod]] = {
     FedAvg.name: FedAvg,
     ClassNames.name: ClassNames,
     Local.name: Local,
+    Lora.name: Lora,
 }
 
 
