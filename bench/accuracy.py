@@ -1,0 +1,847 @@
+"""``python -m bench accuracy``: client accuracy of every one-shot method, over seeds.
+
+Every federated method runs as the real Flower app in local simulation
+(``flwr run . local``, see :mod:`bench.flower_runs`); the ``centralized`` oracle
+is computed in-process: the same classifier trained on the union of all
+clients' real training data and evaluated on each client's held-out split.
+
+Outputs (``--out``, default ``bench-results/``): ``accuracy.json`` (every run,
+the per-method summary, the FID-proxy), ``accuracy.md`` (tables) and
+``accuracy.png`` (mean accuracy with std error bars, accuracy per domain).
+
+The FID-proxy section measures the generator per client domain: the Fréchet
+distance, in the judge classifier's feature space, between real images of the
+domain and samples conditioned on an OSCAR upload of that domain (retrieval
+and oracle captions), or on plain class-name prompts (the FGL baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (flwr depends on tomli)
+    import tomli as tomllib
+
+from .flower_runs import REPO_ROOT, FlowerRun, LocalSimulation, log_tail
+
+ORACLE = "centralized"
+
+# Run-config overrides of each benchmarked method (``None``: computed in-process).
+METHODS: dict[str, dict[str, Any] | None] = {
+    "oscar": {"method": "oscar"},
+    "oscar-oracle": {"method": "oscar", "captioner": "oracle"},
+    "oscar-dp": {"method": "oscar", "dp-epsilon": 1.0},
+    "class-names": {"method": "class-names"},
+    "fedavg": {"method": "fedavg"},
+    "local": {"method": "local"},
+    ORACLE: None,
+}
+DEFAULT_METHODS = ("oscar", "oscar-oracle", "class-names", "fedavg", "local", ORACLE)
+
+# --quick: the default world (partition, domains, image size, generator, guidance,
+# steps, epochs) with fewer examples per client and fewer synthetic images per
+# class; smaller batches keep the number of optimizer steps up on the smaller sets.
+# Measured on the 2-core CPU: 3 seeds x 6 methods + the FID-proxy in ~15 minutes
+# (sampling ~12 img/s; ~20 s of Flower start-up per run).
+QUICK: dict[str, Any] = {
+    "max-examples-per-client": 600,
+    "images-per-class": 12,
+    "train-batch-size": 32,
+}
+QUICK_FID_PER_CLASS = 16
+FULL_FID_PER_CLASS = 64
+
+NOTES = (
+    f"`{ORACLE}` is an oracle computed in-process, not through Flower: the same "
+    "classifier (`classifier`, `train-epochs`, `learning-rate`) trained on the union of "
+    "the real training data of all clients and evaluated on each client's held-out split.",
+    f"gap = method - {ORACLE} (accuracy points); std is the sample std over seeds "
+    "(n-1); mean acc is the mean over seeds of each run's mean client accuracy.",
+    "wall s/run: the whole `flwr run` command (SuperLink/simulation start-up, client "
+    f"and server work); for `{ORACLE}`, the in-process data loading and training.",
+    "upload B/client: what one client uploads once (fp16 embeddings for oscar, the "
+    "model weights for fedavg, nothing for class-names and local).",
+)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def default_run_config() -> dict[str, Any]:
+    """``[tool.flwr.app.config]`` of the app's pyproject.toml."""
+    with open(REPO_ROOT / "pyproject.toml", "rb") as f:
+        return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+
+
+def base_overrides(
+    quick: bool, num_clients: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Overrides shared by every run of one benchmark (the seed and method come on top)."""
+    over: dict[str, Any] = dict(QUICK) if quick else {}
+    # Wait for all simulated clients, not just the default min-clients.
+    over["min-clients"] = num_clients
+    return over | dict(extra or {})
+
+
+def run_overrides(method: str, seed: int, base: dict[str, Any]) -> dict[str, Any]:
+    spec = METHODS[method]
+    if spec is None:
+        raise ValueError(f"method {method!r} is computed in-process, not with flwr run")
+    return base | spec | {"seed": seed}
+
+
+def parse_methods(values: Sequence[str] | None) -> list[str]:
+    """``["oscar,fedavg", "local"]`` -> ``["oscar", "fedavg", "local"]`` (checked)."""
+    if not values:
+        return list(DEFAULT_METHODS)
+    names = [m.strip() for v in values for m in v.split(",") if m.strip()]
+    bad = [m for m in names if m not in METHODS]
+    if bad:
+        raise ValueError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+    return list(dict.fromkeys(names))
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--seeds {text!r}: use comma-separated integers, e.g. 0,1,2"
+        ) from None
+    if not seeds:
+        raise ValueError(f"--seeds {text!r}: give at least one seed")
+    return list(dict.fromkeys(seeds))
+
+
+# ---------------------------------------------------------------- run records
+
+
+def record_from_results(
+    method: str,
+    seed: int,
+    results: dict[str, Any] | None,
+    wall_s: float,
+    via: str = "flower",
+    error: str | None = None,
+) -> dict[str, Any]:
+    """The part of one run's results.json the benchmark keeps."""
+    rec: dict[str, Any] = {
+        "method": method,
+        "seed": seed,
+        "via": via,
+        "wall_s": round(wall_s, 2),
+    }
+    if results is None or results.get("mean_accuracy") is None:
+        return rec | {"ok": False, "error": error or "no mean_accuracy in results"}
+    clients = [
+        {
+            "partition_id": c.get("partition_id"),
+            "domain": c.get("domain"),
+            "accuracy": c.get("accuracy"),
+            "status": c.get("status", "ok"),
+        }
+        for c in results.get("clients", [])
+    ]
+    return rec | {
+        "ok": True,
+        "mean_accuracy": float(results["mean_accuracy"]),
+        "upload_bytes_per_client": results.get("upload_bytes_per_client"),
+        "upload_bytes_per_class": results.get("upload_bytes_per_class"),
+        "server_timings_s": results.get("timings_s", {}),
+        "device": results.get("device", "cpu"),
+        "clients": clients,
+    }
+
+
+def _mean(xs: Iterable[float | None]) -> float | None:
+    vals = [float(x) for x in xs if x is not None and not math.isnan(float(x))]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _std(xs: Sequence[float]) -> float | None:
+    return statistics.stdev(xs) if len(xs) >= 2 else None
+
+
+def aggregate(
+    records: list[dict[str, Any]],
+    methods: Sequence[str] | None = None,
+    oracle: str = ORACLE,
+) -> dict[str, dict[str, Any]]:
+    """Per method: mean/std over seeds of the runs' mean client accuracy, and more.
+
+    Failed runs are left out of every mean and listed under ``failed_seeds``.
+    """
+    order = (
+        list(methods) if methods else list(dict.fromkeys(r["method"] for r in records))
+    )
+    out: dict[str, dict[str, Any]] = {}
+    for m in order:
+        runs = [r for r in records if r["method"] == m]
+        ok = [r for r in runs if r.get("ok")]
+        accs = [r["mean_accuracy"] for r in ok]
+        per_client: dict[int, dict[str, Any]] = {}
+        per_domain: dict[str, list[float]] = {}
+        for r in ok:
+            for c in r["clients"]:
+                pid, acc = c.get("partition_id"), c.get("accuracy")
+                if not isinstance(pid, int):
+                    continue
+                row = per_client.setdefault(
+                    pid, {"partition_id": pid, "domain": None, "accuracies": []}
+                )
+                row["domain"] = row["domain"] or c.get("domain")
+                if acc is not None:
+                    row["accuracies"].append(float(acc))
+                    per_domain.setdefault(str(c.get("domain")), []).append(float(acc))
+        clients = []
+        for pid in sorted(per_client):
+            row = per_client[pid]
+            clients.append(
+                row
+                | {"accuracy": _mean(row["accuracies"]), "std": _std(row["accuracies"])}
+            )
+        uploads = [r.get("upload_bytes_per_client") for r in ok] if m != oracle else []
+        out[m] = {
+            "runs": len(runs),
+            "seeds": [r["seed"] for r in ok],
+            "failed_seeds": [r["seed"] for r in runs if not r.get("ok")],
+            "mean_accuracy": _mean(accs),
+            "std": _std(accs),
+            "upload_bytes_per_client": _mean(uploads),
+            "wall_s_per_run": _mean(r.get("wall_s") for r in ok),
+            "server_s_per_run": _mean(
+                (r.get("server_timings_s") or {}).get("total") for r in ok
+            ),
+            "per_client": clients,
+            "per_domain": {d: sum(v) / len(v) for d, v in per_domain.items()},
+            "via": "in-process" if METHODS.get(m, {}) is None else "flower",
+        }
+    ref = out.get(oracle, {}).get("mean_accuracy")
+    for s in out.values():
+        acc = s["mean_accuracy"]
+        s["gap_to_oracle"] = acc - ref if acc is not None and ref is not None else None
+    return out
+
+
+# ---------------------------------------------------------------- tables and plot
+
+
+def _pct(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
+
+
+def _bytes(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:,.0f}"
+
+
+def format_table(summary: dict[str, dict[str, Any]], oracle: str = ORACLE) -> str:
+    """Markdown: method | mean acc | std | gap to oracle | upload B/client | wall s/run."""
+    lines = [
+        "| method | mean acc (%) | std (%) | gap to oracle (pp) | upload B/client | wall s/run |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for m, s in summary.items():
+        name = f"{m} (oracle, in-process)" if m == oracle else m
+        gap = (
+            "0 (reference)"
+            if m == oracle and s["mean_accuracy"] is not None
+            else _pct(s["gap_to_oracle"], True)
+        )
+        up = "n/a (raw data)" if m == oracle else _bytes(s["upload_bytes_per_client"])
+        wall = "n/a" if s["wall_s_per_run"] is None else f"{s['wall_s_per_run']:.1f}"
+        failed = f" ({len(s['failed_seeds'])} failed)" if s["failed_seeds"] else ""
+        lines.append(
+            f"| {name}{failed} | {_pct(s['mean_accuracy'])} | {_pct(s['std'])} | {gap} | {up} | {wall} |"
+        )
+    return "\n".join(lines)
+
+
+def domains_of(summary: dict[str, dict[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for s in summary.values():
+        for c in s["per_client"]:
+            seen.setdefault(str(c["domain"]), None)
+    return list(seen)
+
+
+def format_domain_table(summary: dict[str, dict[str, Any]]) -> str:
+    """Markdown: mean accuracy (%) per method and client domain."""
+    doms = domains_of(summary)
+    lines = ["| method | " + " | ".join(doms) + " |", "|---|" + "---:|" * len(doms)]
+    for m, s in summary.items():
+        cells = [_pct(s["per_domain"].get(d)) for d in doms]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_fid_table(fid: dict[str, Any]) -> str:
+    rows = fid.get("per_domain", {})
+    lines = [
+        "| domain | real vs real (floor) | OSCAR, retrieval captions | OSCAR, oracle captions "
+        "| class-name prompts | judge acc of OSCAR samples (%) | example retrieval caption |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+
+    def f(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.2f}"
+
+    for d, r in rows.items():
+        lines.append(
+            f"| {d} | {f(r.get('real_vs_real'))} | {f(r.get('oscar'))} | "
+            f"{f(r.get('oscar_oracle'))} | {f(r.get('class_names'))} | "
+            f"{_pct(r.get('oscar_judge_accuracy'))} | {r.get('example_caption', '')} |"
+        )
+    means = fid.get("mean", {})
+    if means:
+        lines.append(
+            f"| **mean** | {f(means.get('real_vs_real'))} | {f(means.get('oscar'))} | "
+            f"{f(means.get('oscar_oracle'))} | {f(means.get('class_names'))} | "
+            f"{_pct(means.get('oscar_judge_accuracy'))} | |"
+        )
+    return "\n".join(lines)
+
+
+def plot_summary(
+    summary: dict[str, dict[str, Any]], path: Path, title: str = ""
+) -> Path | None:
+    """Mean accuracy with std error bars per method; accuracy per domain as grouped bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [m for m, s in summary.items() if s["mean_accuracy"] is not None]
+    if not names:
+        return None
+    doms = domains_of({m: summary[m] for m in names})
+    fig, (ax, bx) = plt.subplots(
+        1,
+        2,
+        figsize=(6 + 0.9 * len(names) + 1.2 * len(doms), 3.8),
+        gridspec_kw={"width_ratios": [len(names) + 1, max(1, len(doms)) + 1]},
+    )
+    colors = plt.get_cmap("tab10")(np.arange(len(names)) % 10)
+    means = [summary[m]["mean_accuracy"] for m in names]
+    stds = [summary[m]["std"] or 0.0 for m in names]
+    bars = ax.bar(names, means, yerr=stds, capsize=4, color=colors)
+    ax.bar_label(
+        bars, labels=[f"{m:.3f}" for m in means], fontsize=8, label_type="center",
+        color="white",
+    )  # fmt: skip
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("mean client accuracy (held-out)")
+    ax.set_title(title or "accuracy over seeds (mean ± std)")
+    ax.tick_params(axis="x", rotation=30)
+    if ORACLE in names:
+        ax.axhline(summary[ORACLE]["mean_accuracy"], color="k", ls="--", lw=1)
+    width = 0.8 / len(names)
+    x = np.arange(len(doms))
+    for i, m in enumerate(names):
+        vals = [summary[m]["per_domain"].get(d, np.nan) for d in doms]
+        bx.bar(
+            x + (i - (len(names) - 1) / 2) * width,
+            vals,
+            width,
+            label=m,
+            color=colors[i],
+        )
+    bx.set_xticks(x, doms)
+    bx.set_ylim(0, 1.08)
+    bx.set_ylabel("accuracy")
+    bx.set_title("per client domain")
+    bx.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- in-process parts
+
+
+def build_cfg(overrides: dict[str, Any]) -> Any:
+    """The app's validated RunConfig for the defaults plus ``overrides``."""
+    from common.config import build_config
+
+    return build_config(default_run_config() | overrides)
+
+
+def run_centralized(cfg: Any, num_clients: int) -> tuple[dict[str, Any], float]:
+    """The oracle: one classifier trained on the union of all clients' real training
+    data, evaluated on each client's held-out split. Returns a results-like dict."""
+    import torch
+
+    from client_app.tasks import client_data
+    from common.models import build_classifier
+    from common.train import accuracy, train_classifier
+
+    t0 = time.perf_counter()
+    # 1. The clients' data, exactly as the ClientApp loads it
+    parts = [client_data(cfg, pid, num_clients) for pid in range(num_clients)]
+    x = torch.cat([p.train_images for p in parts])
+    y = torch.cat([p.train_labels for p in parts])
+    # 2. Train on the union (same classifier and schedule as the server)
+    torch.manual_seed(cfg.seed)
+    model = build_classifier(cfg.classifier, int(x.shape[1]), parts[0].num_classes)
+    train_classifier(
+        model,
+        x,
+        y,
+        epochs=cfg.train_epochs,
+        batch_size=cfg.train_batch_size,
+        lr=cfg.learning_rate,
+        seed=cfg.seed,
+    )
+    # 3. Evaluate on every client's held-out split
+    clients = [
+        {
+            "partition_id": pid,
+            "domain": p.domain,
+            "accuracy": accuracy(model, p.test_images, p.test_labels),
+        }
+        for pid, p in enumerate(parts)
+    ]
+    wall = time.perf_counter() - t0
+    res = {
+        "method": ORACLE,
+        "clients": clients,
+        "mean_accuracy": sum(c["accuracy"] for c in clients) / len(clients),
+        "upload_bytes_per_client": None,
+        "timings_s": {"total": round(wall, 3)},
+        "num_train_examples": len(y),
+    }
+    return res, wall
+
+
+def generator_fid(
+    cfg: Any,
+    per_class: int,
+    seed: int = 0,
+    num_client_images: int = 1000,
+    oracle_captions: bool = True,
+) -> dict[str, Any]:
+    """FID-proxy of the generator per client domain (judge features).
+
+    For each domain ``d``: a client holding ``num_client_images`` client-pool
+    images rendered in ``d`` computes its OSCAR upload (``embed_classes``: its
+    captioner, text encoder, per-class mean); ``per_class`` samples per class
+    conditioned on it are compared with ``per_class x classes`` disjoint real
+    images of ``d``. The same with oracle captions (if ``oracle_captions``), and
+    with class-name prompts (plain style, the same samples for every domain). ``real_vs_real`` compares
+    two disjoint real sets of the same size: the floor at this sample size.
+    """
+    import numpy as np
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from client_app.tasks import embed_classes
+    from common.data import (
+        DIGIT_NAMES,
+        ClientData,
+        class_name_prompt,
+        mnist_client_pool,
+        render_style,
+    )
+    from common.foundation import (
+        embedded_dir,
+        load_generator,
+        load_text_encoder,
+        to_dataset_format,
+    )
+    from common.maths import fid_proxy
+    from common.models import load_classifier
+    from common.train import features, predict
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per upload otherwise
+    t0 = time.perf_counter()
+    num_classes = len(DIGIT_NAMES)
+    gen = load_generator(cfg.generator, cfg.scheduler)
+    enc = load_text_encoder(cfg.text_encoder)
+    uncond = enc.encode([""], cfg.embedding)
+    judge = load_classifier(embedded_dir() / "judge")
+
+    def sample(cond: torch.Tensor, s: int) -> torch.Tensor:
+        x = gen.sample(
+            cond,
+            uncond,
+            guidance_scale=cfg.guidance_scale,
+            num_inference_steps=cfg.num_inference_steps,
+            seed=s,
+            batch_size=cfg.synth_batch_size,
+        )
+        return to_dataset_format(x, 1, cfg.image_size)
+
+    # 1. Real images: a client part (captioned) and a disjoint reference part
+    raw, labels = mnist_client_pool()
+    perm = np.random.default_rng(seed).permutation(len(labels))
+    n_ref = per_class * num_classes
+    client_idx = np.sort(perm[:num_client_images])
+    ref_idx = np.sort(perm[num_client_images : num_client_images + n_ref])
+    floor_idx = np.sort(perm[num_client_images + n_ref : num_client_images + 2 * n_ref])
+
+    # 2. Class-name prompts: plain-style samples, compared with every domain
+    prompts = [class_name_prompt(c) for c in range(num_classes)]
+    cn_cond = enc.encode(prompts, cfg.embedding).repeat_interleave(per_class, dim=0)
+    cn_fake = sample(cn_cond, seed)
+    cn_feats = features(judge, cn_fake)
+    cn_want = torch.arange(num_classes).repeat_interleave(per_class)
+    cn_acc = float((predict(judge, cn_fake) == cn_want).float().mean())
+
+    per_domain: dict[str, dict[str, Any]] = {}
+    for k, d in enumerate(cfg.domain_list):
+        real = render_style(raw[ref_idx], d, cfg.image_size, seed=seed + 1)
+        real_feats = features(judge, real)
+        floor = features(
+            judge, render_style(raw[floor_idx], d, cfg.image_size, seed=seed + 2)
+        )
+        data = ClientData(
+            train_images=render_style(raw[client_idx], d, cfg.image_size, seed=seed),
+            train_labels=torch.as_tensor(labels[client_idx]),
+            test_images=real,
+            test_labels=torch.as_tensor(labels[ref_idx]),
+            domain=d,
+            num_classes=num_classes,
+            class_names=list(DIGIT_NAMES),
+        )
+        row: dict[str, Any] = {
+            "real_vs_real": fid_proxy(real_feats, floor),
+            "class_names": fid_proxy(real_feats, cn_feats),
+        }
+        variants = [("oscar", cfg.captioner)]
+        if oracle_captions:
+            variants.append(("oscar_oracle", "oracle"))
+        for key, captioner in variants:
+            c = cfg.model_copy(update={"captioner": captioner, "dp_epsilon": 0.0})
+            up = embed_classes(c, data, seed=seed)
+            cond = up.means.float().repeat_interleave(per_class, dim=0)
+            want = up.class_ids.repeat_interleave(per_class)
+            fake = sample(cond, seed + 100 * (k + 1))
+            row[key] = fid_proxy(real_feats, features(judge, fake))
+            row[f"{key}_judge_accuracy"] = float(
+                (predict(judge, fake) == want).float().mean()
+            )
+            if key == "oscar":
+                row["example_caption"] = up.captions[0] if up.captions else ""
+        per_domain[d] = row
+        say(
+            f"FID-proxy {d:>9}: real vs real {row['real_vs_real']:.2f}, oscar "
+            f"{row['oscar']:.2f}, oracle captions {row.get('oscar_oracle', math.nan):.2f},"
+            f" class names {row['class_names']:.2f}"
+        )
+    keys = (
+        "real_vs_real",
+        "oscar",
+        "oscar_oracle",
+        "class_names",
+        "oscar_judge_accuracy",
+        "oscar_oracle_judge_accuracy",
+    )
+    return {
+        "per_domain": per_domain,
+        "mean": {k: _mean(r.get(k) for r in per_domain.values()) for k in keys},
+        "class_names_judge_accuracy": cn_acc,
+        "samples_per_class": per_class,
+        "real_images_per_domain": n_ref,
+        "client_images_per_domain": num_client_images,
+        "features": "judge classifier embed() (penultimate layer)",
+        "guidance_scale": cfg.guidance_scale,
+        "num_inference_steps": cfg.num_inference_steps,
+        "seed": seed,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def stack_checksums(root: Path) -> dict[str, str]:
+    """sha256 (12 hex) of every weight file of the embedded stack: which stack ran."""
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()[:12]
+        for p in sorted(root.rglob("*.safetensors"))
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "accuracy.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    summary = report["summary"]
+    wall = report["wall_time_s"]
+    md = [
+        "# One-shot FL accuracy benchmark",
+        "",
+        "`" + " ".join(["python -m bench accuracy", *report["argv"]]) + "`",
+        "",
+        f"* mode: **{'quick' if report['quick'] else 'full default config'}**; "
+        f"{report['num_clients']} clients; seeds {report['seeds']}; dataset "
+        f"`{report['config']['dataset']}`, partition `{report['config']['partition']}`"
+        f" (alpha {report['config']['dirichlet-alpha']}), domains `{report['config']['domains']}`",
+        f"* overrides of the default run config: `{report['overrides']}`",
+        f"* embedded stack: `{report['embedded_dir']}`; server device(s): "
+        f"{', '.join(sorted({str(r.get('device', 'cpu')) for r in report['runs']})) or 'n/a'}"
+        f"; machine: {report.get('cpu_count', '?')} CPU cores",
+        f"* wall time: {wall.get('total', 0):.0f} s in total ({wall.get('flower_runs', 0):.0f} s "
+        f"Flower runs, {wall.get('centralized', 0):.0f} s centralized oracle, "
+        f"{wall.get('fid_proxy', 0):.0f} s FID-proxy)",
+        "",
+        "## Accuracy",
+        "",
+        format_table(summary),
+        "",
+        "### Per client domain (accuracy %)",
+        "",
+        format_domain_table(summary),
+        "",
+    ]
+    failed = [r for r in report["runs"] if not r.get("ok")]
+    if failed:
+        md += ["### Failed runs", ""]
+        md += [f"* {r['method']} seed {r['seed']}: {r.get('error')}" for r in failed]
+        md.append("")
+    fid = report.get("fid_proxy")
+    if fid:
+        md += [
+            "## Generator quality per domain (FID-proxy, lower is better)",
+            "",
+            f"Fréchet distance in the judge classifier's feature space; "
+            f"{fid['samples_per_class']} samples per class vs {fid['real_images_per_domain']} "
+            f"real client-pool images of the domain; OSCAR uploads computed from "
+            f"{fid['client_images_per_domain']} images of the domain; guidance "
+            f"{fid['guidance_scale']}, {fid['num_inference_steps']} steps; class-name prompts "
+            "are plain-style samples (no domain). `real vs real` is the floor at this "
+            "sample size. Judge accuracy: the judge classifier recognises the "
+            "conditioned class in the samples.",
+            "",
+            format_fid_table(fid),
+            "",
+            f"Judge accuracy of the class-name-prompt samples: "
+            f"{_pct(fid.get('class_names_judge_accuracy'))} %; FID-proxy wall time "
+            f"{fid.get('wall_s', 0):.0f} s.",
+            "",
+        ]
+    md += ["## Notes", ""] + [f"* {n}" for n in NOTES] + [""]
+    (out / "accuracy.md").write_text("\n".join(md))
+    plot_summary(
+        summary,
+        out / "accuracy.png",
+        f"{'quick' if report['quick'] else 'full'}: {report['num_clients']} clients, "
+        f"{len(report['seeds'])} seeds",
+    )
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench accuracy", description=__doc__.split("\n")[0]
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smaller runs ({', '.join(f'{k}={v}' for k, v in QUICK.items())})",
+    )
+    p.add_argument(
+        "--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)"
+    )
+    p.add_argument(
+        "--out", default="bench-results", help="output folder (default bench-results)"
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help=f"methods, comma- or space-separated (default {','.join(DEFAULT_METHODS)}; "
+        f"also: {','.join(m for m in METHODS if m not in DEFAULT_METHODS)})",
+    )
+    p.add_argument(
+        "--clients", type=int, default=4, help="simulated clients (default 4)"
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra run-config override for every run, e.g. --set train-epochs=3",
+    )
+    p.add_argument("--no-fid", action="store_true", help="skip the FID-proxy section")
+    p.add_argument(
+        "--fid-per-class",
+        type=int,
+        default=None,
+        help=f"samples per class for the FID-proxy (default {QUICK_FID_PER_CLASS} "
+        f"quick, {FULL_FID_PER_CLASS} full)",
+    )
+    p.add_argument("--timeout-s", type=float, default=3600.0, help="limit per flwr run")
+    p.add_argument(
+        "--echo", action="store_true", help="print the Flower logs as they arrive"
+    )
+    return p
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    from .flower_runs import parse_run_config_string
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(
+                f"--set {item!r}: use KEY=VALUE, e.g. --set train-epochs=3"
+            )
+        key, value = item.split("=", 1)
+        try:
+            out |= parse_run_config_string(f"{key}={value}")
+        except Exception:
+            out[key] = value  # a bare string
+    return out
+
+
+def say(msg: str) -> None:
+    print(f"[bench] {msg}", flush=True)
+
+
+def run_flower_methods(
+    sim: LocalSimulation,
+    methods: list[str],
+    seeds: list[int],
+    base: dict[str, Any],
+    timeout_s: float,
+    on_record: Any,
+) -> None:
+    """Every (seed, method) through ``flwr run``; ``on_record(rec)`` after each."""
+    total, done = len(methods) * len(seeds), 0
+    for seed in seeds:
+        for m in methods:
+            done += 1
+            say(f"[{done:>2}/{total}] {m} seed={seed} ...")
+            run: FlowerRun = sim.run(
+                f"{m}-seed{seed}", run_overrides(m, seed, base), timeout_s
+            )
+            rec = record_from_results(m, seed, run.results, run.wall_s, error=run.error)
+            if rec["ok"]:
+                say(
+                    f"        mean acc {rec['mean_accuracy']:.4f}, upload "
+                    f"{_bytes(rec['upload_bytes_per_client'])} B/client, "
+                    f"{run.wall_s:.1f} s"
+                )
+            else:
+                say(f"        FAILED: {rec['error']}\n{log_tail(run.log_path)}")
+            on_record(rec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t_start = time.perf_counter()
+    from common.config import ConfigError
+    from common.foundation import embedded_dir
+
+    # 0. Check the arguments and the config once, as the app will
+    try:
+        seeds = parse_seeds(args.seeds)
+        methods = parse_methods(args.methods)
+        if args.clients < 1:
+            raise ValueError(f"--clients {args.clients} must be >= 1")
+        base = base_overrides(args.quick, args.clients, parse_sets(args.sets))
+        cfg0 = build_cfg(base | {"seed": seeds[0]})
+        emb_dir = str(embedded_dir())
+    except (ValueError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}")
+        return 2
+    out = Path(args.out).expanduser().resolve()
+    say(
+        f"accuracy: {'quick' if args.quick else 'full'} config, methods {methods}, "
+        f"seeds {seeds}, {args.clients} clients -> {out}"
+    )
+    say(f"overrides {base}; embedded stack {emb_dir}")
+    report: dict[str, Any] = {
+        "benchmark": "accuracy",
+        "argv": list(argv) if argv is not None else [],
+        "quick": args.quick,
+        "seeds": seeds,
+        "num_clients": args.clients,
+        "methods": methods,
+        "oracle": ORACLE,
+        "overrides": base,
+        "config": cfg0.to_flat(),
+        "embedded_dir": emb_dir,
+        "embedded_checksums": stack_checksums(Path(emb_dir)),
+        "cpu_count": os.cpu_count(),
+        "runs": [],
+        "summary": {},
+        "wall_time_s": {},
+        "notes": list(NOTES),
+    }
+
+    def add(rec: dict[str, Any]) -> None:  # the report is rewritten after every run
+        report["runs"].append(rec)
+        report["summary"] = aggregate(report["runs"], methods)
+        report["wall_time_s"]["total"] = round(time.perf_counter() - t_start, 1)
+        write_report(out, report)
+
+    # 1. Federated methods: the real app through flwr run (one SuperLink for all)
+    flower = [m for m in methods if METHODS[m] is not None]
+    if flower:
+        t0 = time.perf_counter()
+        # On SIGTERM too, unwind through LocalSimulation.__exit__ (stops the SuperLink).
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        # Scratch (FLWR_HOME, every run folder, the Flower logs) under <out>/flower/.
+        with LocalSimulation(out / "flower", args.clients, echo=args.echo) as sim:
+            run_flower_methods(sim, flower, seeds, base, args.timeout_s, add)
+        report["wall_time_s"]["flower_runs"] = round(time.perf_counter() - t0, 1)
+
+    # 2. The centralized oracle, in-process (not through Flower)
+    if ORACLE in methods:
+        t0 = time.perf_counter()
+        for seed in seeds:
+            res, wall = run_centralized(build_cfg(base | {"seed": seed}), args.clients)
+            say(
+                f"{ORACLE} (in-process) seed={seed}: mean acc "
+                f"{res['mean_accuracy']:.4f}, {wall:.1f} s"
+            )
+            add(record_from_results(ORACLE, seed, res, wall, "in-process"))
+        report["wall_time_s"]["centralized"] = round(time.perf_counter() - t0, 1)
+
+    # 3. Generator quality per domain (FID-proxy), in-process
+    if not args.no_fid:
+        k = args.fid_per_class or (
+            QUICK_FID_PER_CLASS if args.quick else FULL_FID_PER_CLASS
+        )
+        n_client = cfg0.max_examples_per_client or 2000
+        say(f"FID-proxy per domain: {k} samples per class ...")
+        report["fid_proxy"] = generator_fid(cfg0, k, seeds[0], n_client)
+        report["wall_time_s"]["fid_proxy"] = report["fid_proxy"]["wall_s"]
+
+    # 4. Report
+    report["wall_time_s"]["total"] = round(time.perf_counter() - t_start, 1)
+    write_report(out, report)
+    print("\n" + format_table(report["summary"]))
+    print("\n" + format_domain_table(report["summary"]))
+    if report.get("fid_proxy"):
+        print("\nFID-proxy per domain (lower is better)")
+        print(format_fid_table(report["fid_proxy"]))
+    say(
+        f"total wall time {report['wall_time_s']['total']:.0f} s; wrote "
+        f"{out / 'accuracy.json'}, accuracy.md, accuracy.png"
+    )
+    return 0 if all(r.get("ok") for r in report["runs"]) else 1

@@ -1,0 +1,294 @@
+"""The accuracy benchmark's pure parts (aggregation, tables, plot, run-config
+strings) on fake results; one optional Flower run through the runner (slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+
+from bench import accuracy as A
+from bench.flower_runs import (
+    LocalSimulation,
+    parse_run_config_string,
+    run_config_string,
+    toml_value,
+)
+
+
+def fake_results(mean: float, accs: list[float], upload: float = 0.0) -> dict:
+    domains = ["inverted", "thick", "thin", "rotated"]
+    return {
+        "mean_accuracy": mean,
+        "upload_bytes_per_client": upload,
+        "upload_bytes_per_class": None,
+        "timings_s": {"total": 10.0},
+        "clients": [
+            {"partition_id": i, "domain": domains[i], "accuracy": a, "status": "ok"}
+            for i, a in enumerate(accs)
+        ],
+    }
+
+
+@pytest.fixture
+def records() -> list[dict]:
+    rec = A.record_from_results
+    return [
+        # oscar: per-run means 0.5, 0.7, 0.9 -> mean 0.7, sample std 0.2
+        rec("oscar", 0, fake_results(0.5, [0.4, 0.6]), 20.0),
+        rec("oscar", 1, fake_results(0.7, [0.6, 0.8]), 30.0),
+        rec("oscar", 2, fake_results(0.9, [0.8, 1.0]), 40.0),
+        # centralized oracle: 0.8 and 1.0 -> mean 0.9, std sqrt(0.02)
+        rec("centralized", 0, fake_results(0.8, [0.8, 0.8]), 2.0, "in-process"),
+        rec("centralized", 1, fake_results(1.0, [1.0, 1.0]), 4.0, "in-process"),
+        # fedavg: one run failed, one ok
+        rec("fedavg", 0, None, 50.0, error="boom"),
+        rec("fedavg", 1, fake_results(0.3, [0.2, 0.4], upload=1000.0), 60.0),
+    ]
+
+
+def test_record_keeps_what_the_benchmark_needs():
+    r = A.record_from_results("oscar", 3, fake_results(0.5, [0.4, 0.6], 768.0), 12.345)
+    assert r["ok"] and r["seed"] == 3 and r["wall_s"] == 12.35
+    assert r["mean_accuracy"] == 0.5 and r["upload_bytes_per_client"] == 768.0
+    assert [c["accuracy"] for c in r["clients"]] == [0.4, 0.6]
+    bad = A.record_from_results("oscar", 0, {"mean_accuracy": None}, 1.0)
+    assert not bad["ok"] and "mean_accuracy" in bad["error"]
+
+
+def test_aggregate_mean_std_gap_by_hand(records):
+    s = A.aggregate(records, ["oscar", "fedavg", "centralized"])
+    assert list(s) == ["oscar", "fedavg", "centralized"]
+    o = s["oscar"]
+    assert o["mean_accuracy"] == pytest.approx(0.7)
+    assert o["std"] == pytest.approx(0.2)  # sqrt(((-.2)^2 + 0 + .2^2) / 2)
+    assert o["wall_s_per_run"] == pytest.approx(30.0)
+    assert o["server_s_per_run"] == pytest.approx(10.0)
+    assert o["upload_bytes_per_client"] == 0.0
+    # per client: client 0 saw 0.4, 0.6, 0.8 -> 0.6; client 1 saw 0.6, 0.8, 1.0 -> 0.8
+    assert [c["accuracy"] for c in o["per_client"]] == pytest.approx([0.6, 0.8])
+    assert o["per_client"][0]["domain"] == "inverted"
+    assert o["per_domain"] == pytest.approx({"inverted": 0.6, "thick": 0.8})
+    c = s["centralized"]
+    assert c["mean_accuracy"] == pytest.approx(0.9)
+    assert c["std"] == pytest.approx(math.sqrt(0.02))
+    assert c["gap_to_oracle"] == pytest.approx(0.0)
+    assert c["upload_bytes_per_client"] is None and c["via"] == "in-process"
+    assert o["gap_to_oracle"] == pytest.approx(-0.2)
+    f = s["fedavg"]
+    assert f["failed_seeds"] == [0] and f["seeds"] == [1] and f["runs"] == 2
+    assert f["mean_accuracy"] == pytest.approx(0.3) and f["std"] is None
+    assert f["gap_to_oracle"] == pytest.approx(-0.6)
+    assert f["upload_bytes_per_client"] == 1000.0 and f["wall_s_per_run"] == 60.0
+
+
+def test_aggregate_without_oracle_has_no_gap(records):
+    s = A.aggregate([r for r in records if r["method"] == "oscar"])
+    assert s["oscar"]["gap_to_oracle"] is None
+
+
+def test_tables(records):
+    s = A.aggregate(records, ["oscar", "fedavg", "centralized"])
+    table = A.format_table(s)
+    lines = table.splitlines()
+    assert lines[0].startswith("| method | mean acc")
+    assert "gap to oracle" in lines[0] and "upload B/client" in lines[0]
+    assert lines[2] == "| oscar | 70.0 | 20.0 | -20.0 | 0 | 30.0 |"
+    assert lines[3] == "| fedavg (1 failed) | 30.0 | n/a | -60.0 | 1,000 | 60.0 |"
+    assert lines[4].startswith(
+        "| centralized (oracle, in-process) | 90.0 | 14.1 | 0 (reference)"
+    )
+    dom = A.format_domain_table(s).splitlines()
+    assert dom[0] == "| method | inverted | thick |"
+    assert dom[2] == "| oscar | 60.0 | 80.0 |"
+
+
+def test_fid_table():
+    fid = {
+        "per_domain": {
+            "thin": {
+                "real_vs_real": 1.0,
+                "oscar": 2.5,
+                "oscar_oracle": 2.0,
+                "class_names": 9.0,
+                "oscar_judge_accuracy": 0.5,
+            }
+        },
+        "mean": {
+            "real_vs_real": 1.0,
+            "oscar": 2.5,
+            "oscar_oracle": 2.0,
+            "class_names": 9.0,
+            "oscar_judge_accuracy": 0.5,
+        },
+    }
+    lines = A.format_fid_table(fid).splitlines()
+    assert lines[2] == "| thin | 1.00 | 2.50 | 2.00 | 9.00 | 50.0 |  |"
+    assert lines[3].startswith("| **mean** | 1.00")
+
+
+def test_plot_and_report_files(records, tmp_path):
+    s = A.aggregate(records, ["oscar", "fedavg", "centralized"])
+    assert A.plot_summary(s, tmp_path / "a.png").stat().st_size > 1000
+    report = {
+        "argv": ["--quick"],
+        "quick": True,
+        "seeds": [0, 1, 2],
+        "num_clients": 2,
+        "config": {
+            "dataset": "mnist-domains",
+            "partition": "dirichlet",
+            "dirichlet-alpha": 0.5,
+            "domains": "inverted,thick",
+        },
+        "overrides": {"min-clients": 2},
+        "embedded_dir": "/x",
+        "runs": records,
+        "summary": s,
+        "wall_time_s": {"total": 1.0},
+    }
+    A.write_report(tmp_path / "out", report)
+    md = (tmp_path / "out" / "accuracy.md").read_text()
+    assert "`python -m bench accuracy --quick`" in md
+    assert "| oscar | 70.0 | 20.0 | -20.0 |" in md and "fedavg seed 0: boom" in md
+    assert json.loads((tmp_path / "out" / "accuracy.json").read_text())["summary"][
+        "oscar"
+    ]["std"]
+    assert (tmp_path / "out" / "accuracy.png").is_file()
+
+
+def test_plot_with_nothing_to_show(tmp_path):
+    assert (
+        A.plot_summary(
+            A.aggregate([A.record_from_results("x", 0, None, 1.0)]), tmp_path / "a.png"
+        )
+        is None
+    )
+
+
+# ---------------------------------------------------------------- CLI parsing
+
+
+def test_parse_methods_and_seeds():
+    assert A.parse_methods(None) == list(A.DEFAULT_METHODS)
+    assert A.parse_methods(["oscar,fedavg", "local", "oscar"]) == [
+        "oscar",
+        "fedavg",
+        "local",
+    ]
+    with pytest.raises(ValueError, match="unknown \\['lora2'\\]"):
+        A.parse_methods(["lora2"])
+    assert A.parse_seeds("0,1, 2") == [0, 1, 2]
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        A.parse_seeds("a,b")
+    assert A.parse_sets(["train-epochs=3", "captioner=oracle", 'method="fedavg"']) == {
+        "train-epochs": 3,
+        "captioner": "oracle",
+        "method": "fedavg",
+    }
+
+
+def test_run_overrides_are_valid_app_configs():
+    base = A.base_overrides(quick=True, num_clients=4)
+    assert (
+        base["min-clients"] == 4
+        and base["images-per-class"] == A.QUICK["images-per-class"]
+    )
+    for m, spec in A.METHODS.items():
+        if spec is None:
+            with pytest.raises(ValueError, match="in-process"):
+                A.run_overrides(m, 0, base)
+            continue
+        over = A.run_overrides(m, 7, base)
+        assert over["seed"] == 7
+        A.build_cfg(over)  # the app's own validation accepts it
+    assert A.run_overrides("oscar-oracle", 0, base)["captioner"] == "oracle"
+    assert A.run_overrides("oscar-dp", 0, base)["dp-epsilon"] == 1.0
+
+
+# ---------------------------------------------------------------- run-config strings
+
+
+def test_toml_values():
+    assert toml_value(True) == "true" and toml_value(False) == "false"
+    assert (
+        toml_value(3) == "3"
+        and toml_value(0.5) == "0.5"
+        and toml_value(1e-5) == "1e-05"
+    )
+    assert toml_value("oscar") == '"oscar"'
+    assert toml_value("C:\\x") == '"C:\\\\x"'
+    for bad in ('say "hi"', "a\nb", float("nan")):
+        with pytest.raises(ValueError):
+            toml_value(bad)
+    with pytest.raises(TypeError):
+        toml_value([1])
+
+
+def test_run_config_string_round_trips_through_flowers_parser(tmp_path):
+    over = {
+        "method": "oscar",
+        "captioner": "oracle",
+        "seed": 2,
+        "dp-epsilon": 1.0,
+        "dp-delta": 1e-5,
+        "caption-with-labels": False,
+        "output-dir": str(tmp_path / "with space" / "out"),
+        "run-name": "oscar-seed2",
+    }
+    text = run_config_string(over)
+    assert text.startswith('method="oscar" captioner="oracle" seed=2 dp-epsilon=1.0 ')
+    assert parse_run_config_string(text) == over
+    with pytest.raises(ValueError, match="key"):
+        run_config_string({"a b": 1})
+
+
+def test_flwr_command_line(tmp_path):
+    sim = LocalSimulation(tmp_path, 3)
+    cmd = sim.command({"seed": 1})
+    assert cmd[:5] == ["flwr", "run", str(A.REPO_ROOT), "local", "--stream"]
+    assert cmd[5:] == [
+        "--federation-config",
+        "num-supernodes=3",
+        "--run-config",
+        "seed=1",
+    ]
+    assert sim.env["FLWR_HOME"] == str(tmp_path.resolve() / "flwr-home")
+    assert sim.env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    assert sim.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] != "39091"
+
+
+# ---------------------------------------------------------------- one real Flower run
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_one_local_run_through_flower(tiny_stack, tmp_path):
+    if shutil.which("flwr") is None:
+        pytest.skip("flwr CLI not on PATH")
+    from bench.flower_runs import _superlink_processes
+
+    over = {
+        "method": "local",
+        "max-examples-per-client": 80,
+        "local-epochs": 1,
+        "min-clients": 2,
+        "seed": 0,
+    }
+    # Another port than the benchmark's, so a benchmark running beside is not disturbed.
+    with LocalSimulation(
+        tmp_path,
+        2,
+        env={"ONESHOT_EMBEDDED_DIR": str(tiny_stack)},
+        port=39391,
+        control_port=39393,
+    ) as sim:
+        run = sim.run("smoke", over, timeout_s=240)
+    assert run.ok, run.error
+    assert run.results["method"] == "local" and run.results["num_clients"] == 2
+    assert (tmp_path / "runs" / "smoke" / "results.json").is_file()
+    rec = A.record_from_results("local", 0, run.results, run.wall_s)
+    assert rec["ok"] and 0.0 <= rec["mean_accuracy"] <= 1.0
+    assert not _superlink_processes(sim.flwr_home)  # stopped on exit
