@@ -1,0 +1,6 @@
+"""Deploy the app with Flower's Deployment Engine (TLS + SuperNode authentication).
+
+``deploy.cluster`` starts a real SuperLink and SuperNodes on this machine;
+``deploy.node_keys`` makes SuperNode key pairs; ``deploy/certs.sh`` makes the
+TLS certificates. See ``deploy/README.md``.
+"""

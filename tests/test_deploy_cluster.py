@@ -1,0 +1,180 @@
+"""The deployment helpers, and one real deployment: SuperLink + 3 SuperNodes, TLS + auth.
+
+The fast tests check what ``deploy.cluster`` would run and the file formats it
+writes, against Flower's own loaders. The slow tests start real
+``flower-superlink`` / ``flower-supernode`` processes on 127.0.0.1 (one cluster
+for the module, ~20 s to start on 2 cores), check that an unregistered node is
+refused, and run the app end to end (~60 s).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from deploy import cluster as C
+from deploy.node_keys import generate_node_key
+
+NEEDS_FLOWER = pytest.mark.skipif(
+    shutil.which("flower-superlink") is None or shutil.which("openssl") is None,
+    reason="needs flower-superlink and openssl on PATH",
+)
+
+# ---------------------------------------------------------------- fast
+
+
+def test_node_key_is_read_by_flower(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.cli.supernode.register import try_load_public_key
+
+    pub = generate_node_key(tmp_path / "node-0")
+    assert pub == tmp_path / "node-0.pub"
+    assert pub.read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert (tmp_path / "node-0").stat().st_mode & 0o777 == 0o600
+    # What flower-supernode --auth-supernode-private-key and flwr supernode
+    # register do with the two files.
+    key = load_ssh_private_key((tmp_path / "node-0").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert try_load_public_key(pub)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        generate_node_key(tmp_path / "node-0")
+
+
+def test_commands_carry_tls_auth_and_partitions(tmp_path):
+    cl = C.Cluster(tmp_path, 3, port=9100)
+    link = cl.superlink_cmd()
+    assert link[0] == "flower-superlink" and "--insecure" not in link
+    assert "--enable-supernode-auth" in link
+    assert link[link.index("--port") + 1] == "9100"
+    assert link[link.index("--ssl-certfile") + 1] == str(tmp_path / "certs/server.pem")
+    node = cl.supernode_cmd(2)
+    assert node[node.index("--superlink") + 1] == "127.0.0.1:9100"
+    assert node[node.index("--node-config") + 1] == "partition-id=2 num-partitions=3"
+    assert node[node.index("--auth-supernode-private-key") + 1] == str(
+        tmp_path / "keys/node-2"
+    )
+    assert node[node.index("--port") + 1] == "9103"  # runtime API: port + 1 + i
+    assert "--grpc-rere" not in node
+
+    text = cl.commands_text('method="local"')
+    for cmd in (link, cl.supernode_cmd(0)):
+        assert " ".join(cmd[:3]) in text
+    assert f"flwr supernode register {tmp_path}/keys/node-1.pub deploy" in text
+    assert "flwr run" in text and "--run-config 'method=\"local\"'" in text
+
+
+def test_readme_quotes_print_commands(monkeypatch):
+    """deploy/README.md shows --print-commands' output verbatim: docs match code."""
+    root = Path(C.__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the README's command is run from the repository root
+    cl = C.Cluster("/srv/flower", 3, port=9093)
+    text = cl.commands_text('method="oscar" output-dir="/srv/flower/outputs"')
+    assert text in (root / "deploy" / "README.md").read_text(), (
+        "deploy/README.md is out of date: paste the output of `python -m "
+        "deploy.cluster --nodes 3 --workdir /srv/flower --port 9093 --run-config "
+        '\'method="oscar" output-dir="/srv/flower/outputs"\' --print-commands`'
+    )
+
+
+def test_no_auth_and_grpc_rere_commands(tmp_path):
+    cl = C.Cluster(tmp_path, 2, auth=False, transport="grpc-rere", port=9200)
+    link = cl.superlink_cmd()
+    assert "--enable-supernode-auth" not in link
+    assert link[link.index("--fleet-api-address") + 1] == "127.0.0.1:9203"
+    assert cl.superlink_env() == {"FLWR_INTERNAL_GRPC_FLEET_API": "1"}
+    node = cl.supernode_cmd(0)
+    assert node[1] == "--grpc-rere" and "--auth-supernode-private-key" not in node
+    assert node[node.index("--superlink") + 1] == "127.0.0.1:9203"
+    with pytest.raises(ValueError, match="flwr <= 1.39"):
+        C.check_supernode_transport("grpc-rere", "flower-supernode")
+    with pytest.raises(ValueError, match="transport"):
+        C.Cluster(tmp_path, 2, transport="grpc")
+
+
+def test_connection_toml_is_what_the_flwr_cli_reads(tmp_path, monkeypatch):
+    from flwr.cli.flower_config import read_superlink_connection
+
+    ca = tmp_path / "certs" / "ca.crt"
+    (tmp_path / "config.toml").write_text(C.connection_toml("127.0.0.1:9100", ca))
+    assert (
+        tomllib.loads((tmp_path / "config.toml").read_text())["superlink"]["default"]
+        == "deploy"
+    )
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    conn = read_superlink_connection("deploy")
+    assert conn.address == "127.0.0.1:9100"
+    assert conn.root_certificates == str(ca) and conn.insecure is False
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+def test_certs_have_loopback_and_extra_names(tmp_path):
+    subprocess.run(["bash", str(C.CERTS_SH), str(tmp_path), "fl.example.org"],
+                   check=True, capture_output=True)  # fmt: skip
+    text = subprocess.run(
+        ["openssl", "x509", "-in", str(tmp_path / "server.pem"), "-noout", "-text"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    assert "IP Address:127.0.0.1" in text and "DNS:fl.example.org" in text
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"),
+         str(tmp_path / "server.pem")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stderr
+
+
+# ---------------------------------------------------------------- slow: real processes
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """SuperLink (TLS, --enable-supernode-auth) + 3 registered SuperNodes."""
+    if shutil.which("flower-superlink") is None or shutil.which("openssl") is None:
+        pytest.skip("needs flower-superlink and openssl on PATH")
+    with C.start_cluster(tmp_path_factory.mktemp("cluster"), nodes=3) as cl:
+        yield cl
+    # Every process the cluster started is gone.
+    assert not cl._procs
+
+
+@NEEDS_FLOWER
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_registered_nodes_online_and_unregistered_node_refused(cluster):
+    assert cluster.node_statuses().count("online") == 3
+    link_log = (cluster.logs_dir / "superlink.log").read_text()
+    assert "Uvicorn running on https://127.0.0.1" in link_log  # TLS
+
+    refused = cluster.start_unregistered_node(timeout=90)
+    # Flower logs its own code 305 (SUPERNODE_CONNECTION_ERROR); the process exits 1.
+    assert refused.returncode == 1, refused.log[-2000:]
+    assert refused.flower_exit_code == 305
+    assert "Failed to activate SuperNode" in refused.log
+    assert refused.refused
+    assert cluster.node_statuses().count("online") == 3  # the others are unaffected
+
+
+@NEEDS_FLOWER
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_app_runs_end_to_end_on_the_deployment(cluster, tmp_path):
+    out = tmp_path / "out"
+    run = cluster.run_app(
+        f'method="local" max-examples-per-client=200 output-dir="{out}"', timeout=300
+    )
+    assert run.ok, (
+        f"status {run.status}, flwr exit {run.returncode}:\n{run.stdout[-3000:]}"
+    )
+    found = list(out.rglob("results.json"))
+    assert len(found) == 1, f"no results.json under {out}:\n{run.stdout[-3000:]}"
+    results = json.loads(found[0].read_text())
+    assert results["method"] == "local" and results["num_clients"] == 3
+    # One partition per SuperNode, as its --node-config says.
+    assert sorted(c["partition_id"] for c in results["clients"]) == [0, 1, 2]
+    assert Path(run.log_path).is_file()
