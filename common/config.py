@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .data import STYLES
+from .data import STYLES, UNSEEN_TRANSFORMS, domain_parts
 
 Method = Literal["oscar", "fedavg", "class-names", "local", "lora"]
 Partition = Literal["iid", "dirichlet", "pathological", "domain"]
@@ -96,11 +96,17 @@ class RunConfig(BaseModel):
     @classmethod
     def _check_domains(cls, v: str) -> str:
         names = [d.strip() for d in v.split(",") if d.strip()]
-        bad = [d for d in names if d not in STYLES]
+        bad = []
+        for d in names:
+            try:
+                domain_parts(d)
+            except ValueError:
+                bad.append(d)
         if not names or bad:
             raise ValueError(
                 f"unknown domain(s) {bad or v!r}; use a comma-separated list of "
-                f"{', '.join(STYLES)}"
+                f"{', '.join(STYLES)}, each optionally with '+' and one of "
+                f"{', '.join(UNSEEN_TRANSFORMS)}"
             )
         return ",".join(names)
 

@@ -28,6 +28,27 @@ import torch.nn.functional as F
 STYLES: tuple[str, ...] = ("plain", "inverted", "thick", "thin", "rotated", "noisy")
 """Visual domains. ``plain`` dominates the public split; the others are rare."""
 
+UNSEEN_TRANSFORMS: tuple[str, ...] = ("mirrored", "upside-down", "boxed", "small")
+"""Transforms never used in pretraining: concepts the embedded generator has not
+seen. A domain may add them to a style with ``+`` (``"inverted+mirrored"``); the
+LoRA benchmark gives such domains to clients, so a merge must keep each one."""
+
+
+def domain_parts(domain: str) -> tuple[str, tuple[str, ...]]:
+    """``"inverted+mirrored"`` -> ``("inverted", ("mirrored",))``; checks every part."""
+    parts = [p.strip() for p in domain.split("+")]
+    base, extra = parts[0], tuple(parts[1:])
+    if base not in STYLES:
+        raise ValueError(
+            f"domain {domain!r}: style {base!r} is not one of {', '.join(STYLES)}"
+        )
+    bad = [t for t in extra if t not in UNSEEN_TRANSFORMS]
+    if bad:
+        raise ValueError(
+            f"domain {domain!r}: transform(s) {bad} not among {', '.join(UNSEEN_TRANSFORMS)}"
+        )
+    return base, extra
+
 DEFAULT_CLIENT_DOMAINS: tuple[str, ...] = (
     "inverted",
     "thick",
@@ -126,10 +147,10 @@ def render_style(
     """Render uint8 digits ``[N, H, W]`` in a visual style.
 
     Returns float ``[N, 1, image_size, image_size]`` in ``[-1, 1]``. Deterministic for a
-    given ``seed`` (only ``noisy`` draws random numbers).
+    given ``seed`` (only ``noisy`` draws random numbers). ``style`` may add unseen
+    transforms: ``"thick+boxed"`` (see ``UNSEEN_TRANSFORMS``).
     """
-    if style not in STYLES:
-        raise ValueError(f"style={style!r} is not one of {', '.join(STYLES)}")
+    style, extra = domain_parts(style)
     x = torch.as_tensor(np.array(images, dtype=np.float32))
     if x.ndim == 3:
         x = x.unsqueeze(1)
@@ -146,12 +167,31 @@ def render_style(
         g = torch.Generator().manual_seed(seed)
         noise = torch.rand(x.shape, generator=g)
         x = torch.maximum(x, 0.65 * noise)  # bright speckle over the background
+    for t in extra:
+        if t == "mirrored":
+            x = torch.flip(x, dims=(-1,))
+        elif t == "upside-down":
+            x = torch.flip(x, dims=(-2,))
+        elif t == "small":  # the digit at half size in the top-left quarter
+            h = x.shape[-1]
+            small = F.interpolate(x, size=(h // 2, h // 2), mode="bilinear", antialias=True)
+            bg = x[..., :1, :1].expand_as(x).clone()  # the background level of each image
+            bg[..., : h // 2, : h // 2] = small
+            x = bg
     if x.shape[-1] != image_size:
         x = F.interpolate(
             x, size=(image_size, image_size), mode="bilinear", antialias=True
         )
     if style == "thin":  # restore full contrast lost to the thinner stroke
         x = x / x.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-3)
+    if "small" in extra:  # restore the contrast the half-size stroke lost
+        lo = x.amin(dim=(-2, -1), keepdim=True)
+        x = (x - lo) / (x.amax(dim=(-2, -1), keepdim=True) - lo).clamp_min(1e-3)
+    if "boxed" in extra:  # a frame one pixel wide at the output size
+        frame = torch.zeros_like(x, dtype=torch.bool)
+        frame[..., 0, :] = frame[..., -1, :] = True
+        frame[..., :, 0] = frame[..., :, -1] = True
+        x = torch.where(frame, 1.0 - x[..., 1:2, 1:2].round(), x)
     return (x.clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()
 
 
@@ -161,6 +201,7 @@ def render_style(
 def caption(label: int, style: str, template: int = 0, word: int = 0) -> str:
     """Templated caption naming the class and (unless ``plain``) the style."""
     name = DIGIT_NAMES[label]
+    style = domain_parts(style)[0]  # unseen transforms have no words
     if style == "plain":
         return PLAIN_TEMPLATES[template % len(PLAIN_TEMPLATES)].format(name=name)
     words = STYLE_WORDS[style]

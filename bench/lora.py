@@ -1,0 +1,446 @@
+"""``python -m bench lora``: one-shot federated LoRA merges side by side.
+
+The world: concepts the embedded generator never saw. Each client holds one
+rare style plus a transform that pretraining never used (``inverted+mirrored``,
+``thick+upside-down``, ``thin+boxed``, ``rotated+small``; see
+``common.data.UNSEEN_TRANSFORMS``), with Dirichlet label skew on top. A good
+merge must keep every client's transform.
+
+Per seed, in-process and with the app's own code paths:
+
+1. every client fine-tunes a LoRA adapter on its data
+   (``client_app.tasks.train_client_lora``, as the ClientApp does) and uploads it
+   with its per-class caption embeddings (fp16, bytes counted);
+2. the server validates the uploads (``server_app.methods.lora.Lora.validate``);
+3. for each variant it gets one adapter per client: ``none`` (the base
+   generator), each merge of ``Lora.merge`` (``fedavg``, ``stack``, ``svd``,
+   ``ties``, ``dare``, ``generative``), or ``own`` (each client's own adapter:
+   the reference a merge tries to keep);
+4. it samples ``images-per-class`` images per (client, class) from the client's
+   caption embeddings with that adapter (``server_app.synthesis.synthesize``):
+   the **FID-proxy** of each client's samples against the client's held-out
+   images (judge features), and the **downstream accuracy** of the global
+   classifier trained on all clients' samples (``train_global``) on every
+   client's held-out split.
+
+Outputs (``--out``): ``lora.json`` (every record, the summary), ``lora.md`` and
+``lora.png``; all three are rewritten after each seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MERGES = ("fedavg", "stack", "svd", "ties", "dare", "generative")
+VARIANTS = ("none", *MERGES, "own")
+UNSEEN_WORLD = "inverted+mirrored,thick+upside-down,thin+boxed,rotated+small"
+
+# The world of the benchmark (both modes).
+WORLD: dict[str, Any] = {
+    "method": "lora",
+    "domains": UNSEEN_WORLD,
+    "partition": "dirichlet",
+    "dirichlet-alpha": 0.5,
+}
+# --quick: fewer examples, steps and samples so that 3 seeds x 8 variants fit
+# in 20 minutes on the 2-core CPU.
+QUICK: dict[str, Any] = {
+    "max-examples-per-client": 400,
+    "lora-steps": 150,
+    "lora-samples-per-class": 8,
+    "images-per-class": 12,
+    "num-inference-steps": 10,
+    "train-epochs": 10,
+    "train-batch-size": 32,
+}
+FULL: dict[str, Any] = {
+    "max-examples-per-client": 1000,
+    "images-per-class": 24,
+    "train-batch-size": 64,
+}
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def parse_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        raise ValueError(f"--{what} {text!r}: unknown {bad}; choose from {', '.join(allowed)}")
+    return items
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _std(xs: Sequence[float]) -> float | None:
+    return statistics.stdev(xs) if len(xs) > 1 else None
+
+
+def aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per variant: mean/std over seeds of the per-seed mean FID-proxy and accuracy,
+    the per-domain means, bytes and merge time. One record = one (variant, seed)."""
+    out: dict[str, dict[str, Any]] = {}
+    for v in dict.fromkeys(r["variant"] for r in records):
+        rs = [r for r in records if r["variant"] == v]
+        fid = [r["mean_fid_proxy"] for r in rs]
+        acc = [r["mean_accuracy"] for r in rs]
+        domains: dict[str, dict[str, list[float]]] = {}
+        for r in rs:
+            for c in r["clients"]:
+                d = domains.setdefault(c["domain"], {"fid": [], "acc": []})
+                d["fid"].append(c["fid_proxy"])
+                d["acc"].append(c["accuracy"])
+        out[v] = {
+            "seeds": [r["seed"] for r in rs],
+            "mean_fid_proxy": _mean(fid),
+            "std_fid_proxy": _std(fid),
+            "mean_accuracy": _mean(acc),
+            "std_accuracy": _std(acc),
+            "per_domain": {
+                k: {"fid_proxy": _mean(d["fid"]), "accuracy": _mean(d["acc"])}
+                for k, d in domains.items()
+            },
+            "upload_bytes_per_client": _mean([r["upload_bytes_per_client"] for r in rs]),
+            "download_bytes_per_client": _mean(
+                [r["download_bytes_per_client"] for r in rs]
+            ),
+            "merge_s": _mean([r["merge_s"] for r in rs if r["merge_s"] is not None]),
+            "merged_rank": rs[0]["merged_rank"],
+            "energy_kept": _mean(
+                [r["energy_kept"] for r in rs if r["energy_kept"] is not None]
+            ),
+        }
+    return out
+
+
+def wins(summary: dict[str, dict[str, Any]], a: str, b: str) -> dict[str, bool] | None:
+    """Does variant ``a`` beat ``b`` on both FID-proxy (lower) and accuracy (higher)?"""
+    if a not in summary or b not in summary:
+        return None
+    sa, sb = summary[a], summary[b]
+    return {
+        "fid_proxy": sa["mean_fid_proxy"] < sb["mean_fid_proxy"],
+        "accuracy": sa["mean_accuracy"] > sb["mean_accuracy"],
+    }
+
+
+def _f(x: float | None, fmt: str = "{:.2f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def _pm(m: float | None, s: float | None, scale: float = 1.0, fmt: str = "{:.2f}") -> str:
+    if m is None:
+        return "n/a"
+    txt = fmt.format(m * scale)
+    return txt + (" ± " + fmt.format(s * scale) if s is not None else "")
+
+
+def format_table(summary: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| variant | FID-proxy (lower is better) | downstream acc (%) | upload B/client "
+        "| download B/client | merged rank | energy kept | merge s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for v, s in summary.items():
+        lines.append(
+            f"| {v} | {_pm(s['mean_fid_proxy'], s['std_fid_proxy'])} "
+            f"| {_pm(s['mean_accuracy'], s['std_accuracy'], 100, '{:.1f}')} "
+            f"| {_f(s['upload_bytes_per_client'], '{:,.0f}')} "
+            f"| {_f(s['download_bytes_per_client'], '{:,.0f}')} "
+            f"| {s['merged_rank'] if s['merged_rank'] is not None else 'n/a'} "
+            f"| {_f(s['energy_kept'], '{:.3f}')} | {_f(s['merge_s'], '{:.2f}')} |"
+        )
+    return "\n".join(lines)
+
+
+def format_domain_table(summary: dict[str, dict[str, Any]]) -> str:
+    doms = sorted({d for s in summary.values() for d in s["per_domain"]})
+    lines = [
+        "| variant | " + " | ".join(f"{d} FID / acc%" for d in doms) + " |",
+        "|---|" + "---:|" * len(doms),
+    ]
+    for v, s in summary.items():
+        cells = []
+        for d in doms:
+            x = s["per_domain"].get(d)
+            cells.append(
+                "n/a" if x is None
+                else f"{_f(x['fid_proxy'])} / {_f(x['accuracy'] * 100, '{:.1f}')}"
+            )  # fmt: skip
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(out: Path, summary: dict[str, dict[str, Any]]) -> Path | None:
+    if not summary:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for ax, key, std, scale, label in (
+        (axes[0], "mean_fid_proxy", "std_fid_proxy", 1.0, "FID-proxy (lower is better)"),
+        (axes[1], "mean_accuracy", "std_accuracy", 100.0, "downstream accuracy (%)"),
+    ):
+        vals = [(summary[n][key] or 0.0) * scale for n in names]
+        errs = [(summary[n][std] or 0.0) * scale for n in names]
+        colors = ["#999999" if n in ("none", "own") else "#4C72B0" for n in names]
+        bars = ax.bar(names, vals, yerr=errs, capsize=3, color=colors)
+        ax.bar_label(bars, labels=[f"{x:.1f}" for x in vals], fontsize=7)
+        ax.set_ylabel(label)
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle("one-shot federated LoRA on unseen concepts (grey: references)")
+    fig.tight_layout()
+    path = out / "lora.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    summary = report["summary"]
+    tmp = out / "lora.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, out / "lora.json")
+    checks = report.get("checks", {})
+    md = [
+        "# One-shot federated LoRA: merges on unseen concepts",
+        "",
+        f"`{report['command']}`",
+        "",
+        f"* mode: **{report['mode']}**; {report['num_clients']} clients; seeds "
+        f"{report['seeds']}; domains `{report['config']['domains']}` (a rare style + a "
+        "transform the base generator never saw), Dirichlet "
+        f"{report['config']['dirichlet-alpha']}",
+        f"* client LoRA: rank {report['config']['lora-rank']}, alpha "
+        f"{report['config']['lora-alpha']}, targets `{report['config']['lora-targets']}`, "
+        f"{report['config']['lora-steps']} steps; svd merge rank "
+        f"{report['config']['lora-merge-rank']}; {report['config']['images-per-class']} "
+        f"samples per (client, class), {report['config']['num-inference-steps']} steps, "
+        f"guidance {report['config']['guidance-scale']}",
+        f"* machine: {report['machine']}; wall time {report['wall_s']:.0f} s",
+        "",
+        "## Mean over clients, then over seeds (± std over seeds)",
+        "",
+        format_table(summary),
+        "",
+        "## Per client domain (mean over seeds)",
+        "",
+        format_domain_table(summary),
+        "",
+        "## Checks",
+        "",
+        *(f"* {k}: {v}" for k, v in checks.items()),
+        "",
+        "## Notes",
+        "",
+        "* `none`: the base generator conditioned on each client's caption embeddings "
+        "(OSCAR with this world); `own`: each client's own adapter for its own samples "
+        "(what a merge tries to keep, not a federated result).",
+        "* FID-proxy: Fréchet distance in the judge classifier's features between a "
+        "client's samples and its held-out real images; downstream accuracy: the "
+        "classifier trained on all clients' samples, on each client's held-out split.",
+        "* upload: one client's adapter + per-class embeddings in fp16; download: the "
+        "merged adapter in fp16.",
+    ]
+    (out / "lora.md").write_text("\n".join(md) + "\n")
+    plot(out, summary)
+
+
+# ---------------------------------------------------------------- one seed
+
+
+def run_seed(
+    overrides: dict[str, Any],
+    seed: int,
+    num_clients: int,
+    variants: Sequence[str],
+    work: Path,
+) -> list[dict[str, Any]]:
+    from client_app import tasks
+    from common import contract as C
+    from common.config import build_config
+    from common.foundation import embedded_dir
+    from common.lora import set_lora_state
+    from common.maths import fid_proxy
+    from common.models import load_classifier
+    from common.train import features
+    from server_app.context import ServerContext, ServerOutput
+    from server_app.methods.lora import ADAPTER, EMB, Lora
+    from server_app.synthesis import synthesize, train_global
+
+    cfg = build_config(overrides | {"seed": seed})
+    datas = [tasks.client_data(cfg, pid, num_clients) for pid in range(num_clients)]
+    # 1. clients: fine-tune and upload once
+    replies, own, train_s = [], {}, []
+    for pid, data in enumerate(datas):
+        say(f"seed {seed}: client {pid} ({data.domain}) fine-tunes its adapter")
+        r = tasks.train_client_lora(cfg, data, seed=seed * 1000 + pid)
+        train_s.append(r.train_s)
+        own[pid] = r.adapter
+        e = r.embed
+        tensors = {ADAPTER + k: v.half() for k, v in r.adapter.items()}
+        tensors |= {EMB + "mean": e.means.half(), EMB + "class_ids": e.class_ids,
+                    EMB + "counts": e.counts}  # fmt: skip
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        replies.append(C.Reply(pid + 1, pid, len(data.train_labels), nbytes,
+                               {"base-model": r.base_fingerprint}, {}, tensors))  # fmt: skip
+    # 2. server: validate
+    ctx = ServerContext(cfg, work / f"seed{seed}", num_classes=datas[0].num_classes,
+                        class_names=datas[0].class_names, channels=1)  # fmt: skip
+    method = Lora()
+    method.check(ctx)
+    for rep in replies:
+        method.validate(rep, ctx)
+    judge = load_classifier(embedded_dir() / "judge")
+    real_feats = [features(judge, d.test_images) for d in datas]
+    unet, targets = ctx.generator.unet, cfg.lora_target_list
+    n = cfg.images_per_class
+
+    records = []
+    for v in variants:
+        t0 = time.perf_counter()
+        # 3. one adapter per client (or none)
+        merge_s = rank = energy = None
+        download = 0
+        if v in MERGES:
+            ctx.cfg = cfg.model_copy(update={"lora_merge": v})
+            out = ServerOutput()
+            merged, rank, alpha = method.merge(replies, ctx, out)
+            merge_s, energy = out.timings["merge"], out.extra["lora"]["energy_kept"]
+            download = out.extra["lora"]["merged_adapter_bytes"]
+            per_client = {pid: (merged, rank, alpha) for pid in range(num_clients)}
+            ctx.cfg = cfg
+        elif v == "own":
+            per_client = {p: (own[p], cfg.lora_rank, cfg.lora_alpha) for p in own}
+        else:
+            per_client = {p: None for p in own}
+        # 4. sample per (client, class); FID-proxy per client; downstream accuracy
+        images, labels, clients = [], [], []
+        for pid, rep in enumerate(replies):
+            unet.unload_lora()
+            if per_client[pid] is not None:
+                a, rk, al = per_client[pid]
+                set_lora_state(unet, a, rk, al, targets)
+            cond = rep.tensors[EMB + "mean"].float().repeat_interleave(n, dim=0)
+            y = rep.tensors[EMB + "class_ids"].repeat_interleave(n)
+            x = synthesize(ctx, cond, y, torch.full_like(y, pid), ServerOutput(),
+                           desc=f"seed {seed} {v} client {pid}")  # fmt: skip
+            images.append(x)
+            labels.append(y)
+            clients.append({"partition_id": pid, "domain": datas[pid].domain,
+                            "fid_proxy": fid_proxy(real_feats[pid], features(judge, x))})  # fmt: skip
+        unet.unload_lora()
+        out = ServerOutput()
+        train_global(ctx, torch.cat(images), torch.cat(labels), out)
+        assert out.model_state is not None
+        for c, data in zip(clients, datas, strict=True):
+            c["accuracy"] = tasks.evaluate_state(
+                cfg, data, out.model_state, out.arch, ctx.num_classes
+            )
+        rec = {
+            "variant": v,
+            "seed": seed,
+            "clients": clients,
+            "mean_fid_proxy": _mean([c["fid_proxy"] for c in clients]),
+            "mean_accuracy": _mean([c["accuracy"] for c in clients]),
+            "upload_bytes_per_client": _mean([float(r.upload_bytes) for r in replies]),
+            "download_bytes_per_client": download,
+            "merge_s": merge_s,
+            "merged_rank": rank,
+            "energy_kept": energy,
+            "client_train_s": _mean(train_s),
+            "variant_s": time.perf_counter() - t0,
+        }
+        say(
+            f"seed {seed} {v:>10}: FID-proxy {rec['mean_fid_proxy']:.2f}, "
+            f"accuracy {rec['mean_accuracy']:.3f} ({rec['variant_s']:.0f} s)"
+        )
+        records.append(rec)
+    return records
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def say(msg: str) -> None:
+    print(f"[bench lora] {msg}", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench lora", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="the <= 20 minute CPU setting")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--clients", type=int, default=4, help="clients (default 4)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of {','.join(VARIANTS)}")  # fmt: skip
+    p.add_argument("--out", default="bench-results", help="output folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="run-config override, e.g. --set lora-steps=300")  # fmt: skip
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.accuracy import default_run_config, parse_seeds, parse_sets
+    from common.config import build_config
+
+    args = build_parser().parse_args(argv)
+    try:
+        seeds = parse_seeds(args.seeds)
+        variants = parse_list(args.variants, VARIANTS, "variants")
+        if args.clients < 2:
+            raise ValueError(f"--clients {args.clients} must be >= 2")
+        overrides = default_run_config() | WORLD | (QUICK if args.quick else FULL)
+        overrides |= parse_sets(args.set)
+        cfg = build_config(overrides)  # fail before any work on a bad --set
+    except ValueError as e:
+        print(f"python -m bench lora: {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    out = Path(args.out)
+    work = out / "lora-work"
+    report: dict[str, Any] = {
+        "command": "python -m bench lora" + (" --quick" if args.quick else "")
+        + ("" if args.seeds == "0,1,2" else f" --seeds {args.seeds}"),
+        "mode": "quick" if args.quick else "full",
+        "seeds": seeds,
+        "num_clients": args.clients,
+        "config": cfg.to_flat(),
+        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "records": [],
+        "summary": {},
+    }
+    t0 = time.perf_counter()
+    for seed in seeds:
+        report["records"] += run_seed(overrides, seed, args.clients, variants, work)
+        report["summary"] = aggregate(report["records"])
+        report["wall_s"] = time.perf_counter() - t0
+        report["checks"] = {
+            f"{a} beats fedavg (FID-proxy, accuracy)": wins(report["summary"], a, "fedavg")
+            for a in ("stack", "svd", "generative")
+        }
+        write_report(out, report)
+        say(f"seed {seed} done; report in {out / 'lora.md'}")
+    print(format_table(report["summary"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
