@@ -77,7 +77,9 @@ def parse_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in items if t not in allowed]
     if bad or not items:
-        raise ValueError(f"--{what} {text!r}: unknown {bad}; choose from {', '.join(allowed)}")
+        raise ValueError(
+            f"--{what} {text!r}: unknown {bad}; choose from {', '.join(allowed)}"
+        )
     return items
 
 
@@ -113,7 +115,9 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 k: {"fid_proxy": _mean(d["fid"]), "accuracy": _mean(d["acc"])}
                 for k, d in domains.items()
             },
-            "upload_bytes_per_client": _mean([r["upload_bytes_per_client"] for r in rs]),
+            "upload_bytes_per_client": _mean(
+                [r["upload_bytes_per_client"] for r in rs]
+            ),
             "download_bytes_per_client": _mean(
                 [r["download_bytes_per_client"] for r in rs]
             ),
@@ -141,7 +145,9 @@ def _f(x: float | None, fmt: str = "{:.2f}") -> str:
     return "n/a" if x is None else fmt.format(x)
 
 
-def _pm(m: float | None, s: float | None, scale: float = 1.0, fmt: str = "{:.2f}") -> str:
+def _pm(
+    m: float | None, s: float | None, scale: float = 1.0, fmt: str = "{:.2f}"
+) -> str:
     if m is None:
         return "n/a"
     txt = fmt.format(m * scale)
@@ -195,7 +201,13 @@ def plot(out: Path, summary: dict[str, dict[str, Any]]) -> Path | None:
     names = list(summary)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     for ax, key, std, scale, label in (
-        (axes[0], "mean_fid_proxy", "std_fid_proxy", 1.0, "FID-proxy (lower is better)"),
+        (
+            axes[0],
+            "mean_fid_proxy",
+            "std_fid_proxy",
+            1.0,
+            "FID-proxy (lower is better)",
+        ),
         (axes[1], "mean_accuracy", "std_accuracy", 100.0, "downstream accuracy (%)"),
     ):
         vals = [(summary[n][key] or 0.0) * scale for n in names]
@@ -385,9 +397,13 @@ def say(msg: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench lora", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench lora", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--quick", action="store_true", help="the <= 20 minute CPU setting")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument(
+        "--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)"
+    )
     p.add_argument("--clients", type=int, default=4, help="clients (default 4)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated subset of {','.join(VARIANTS)}")  # fmt: skip
@@ -417,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     work = out / "lora-work"
     report: dict[str, Any] = {
-        "command": "python -m bench lora" + (" --quick" if args.quick else "")
+        "command": "python -m bench lora"
+        + (" --quick" if args.quick else "")
         + ("" if args.seeds == "0,1,2" else f" --seeds {args.seeds}"),
         "mode": "quick" if args.quick else "full",
         "seeds": seeds,
@@ -433,7 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         report["summary"] = aggregate(report["records"])
         report["wall_s"] = time.perf_counter() - t0
         report["checks"] = {
-            f"{a} beats fedavg (FID-proxy, accuracy)": wins(report["summary"], a, "fedavg")
+            f"{a} beats fedavg (FID-proxy, accuracy)": wins(
+                report["summary"], a, "fedavg"
+            )
             for a in ("stack", "svd", "generative")
         }
         write_report(out, report)

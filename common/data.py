@@ -49,6 +49,7 @@ def domain_parts(domain: str) -> tuple[str, tuple[str, ...]]:
         )
     return base, extra
 
+
 DEFAULT_CLIENT_DOMAINS: tuple[str, ...] = (
     "inverted",
     "thick",
@@ -174,8 +175,12 @@ def render_style(
             x = torch.flip(x, dims=(-2,))
         elif t == "small":  # the digit at half size in the top-left quarter
             h = x.shape[-1]
-            small = F.interpolate(x, size=(h // 2, h // 2), mode="bilinear", antialias=True)
-            bg = x[..., :1, :1].expand_as(x).clone()  # the background level of each image
+            small = F.interpolate(
+                x, size=(h // 2, h // 2), mode="bilinear", antialias=True
+            )
+            bg = (
+                x[..., :1, :1].expand_as(x).clone()
+            )  # the background level of each image
             bg[..., : h // 2, : h // 2] = small
             x = bg
     if x.shape[-1] != image_size:

@@ -130,6 +130,7 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
     if cfg.dataset in ("mnist", "mnist-domains"):
         ctx.num_classes, ctx.class_names, ctx.channels = dataset_info(cfg, [])
     timings: dict[str, float] = {}
+    download: dict[str, int] = {}  # bytes sent to each node, by message
     log(INFO, "One-shot round: method=%s, run dir %s", method.name, run_dir)
 
     # 0. Fail fast on a config the method cannot run (before any client works)
@@ -144,6 +145,7 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
             len(got.replies),
         )
         timings["collect"] = 0.0
+        download["collect"] = 0
     else:
         t0 = time.perf_counter()
         # 1. Wait for at least min-clients nodes
@@ -151,6 +153,7 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
         log(INFO, "%d nodes connected", len(nodes))
         # 2. Send the round config (and, for fedavg, the initial weights)
         content = method.collect_content(ctx)
+        download["collect"] = C.record_nbytes(content)
         msgs = [
             Message(content, dst_node_id=n, message_type=method.collect_type)
             for n in nodes
@@ -199,6 +202,7 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
     if method.evaluate_type is not None:
         t0 = time.perf_counter()
         content = method.push_content(out, ctx)
+        download["push"] = C.record_nbytes(content)
         nodes = sorted(grid.get_node_ids())
         msgs = [
             Message(content, dst_node_id=n, message_type=method.evaluate_type)
@@ -222,7 +226,7 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
     timings["total"] = time.perf_counter() - t_start
 
     # 8. Report: results.json, plots and the per-client table
-    return report(method, cfg, ctx, got, out, evals, timings)
+    return report(method, cfg, ctx, got, out, evals, timings, download)
 
 
 def report(
@@ -233,6 +237,7 @@ def report(
     out: ServerOutput,
     evals: dict[int, dict[str, Any]],
     timings: dict[str, float],
+    download: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     clients: list[dict[str, Any]] = []
     for r in got.replies:
@@ -294,6 +299,9 @@ def report(
         "upload_bytes_per_class": (sum(uploads) / n_classes_up)
         if n_classes_up
         else None,
+        # what each node receives: the round config (+ initial weights) and the push
+        "download_bytes_per_client": sum((download or {}).values()),
+        "download_bytes": dict(download or {}),
         "timings_s": {k: round(v, 3) for k, v in timings.items()}
         | {
             k: 0.0

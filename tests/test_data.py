@@ -88,3 +88,34 @@ def test_bad_dataset_and_partition_errors(tmp_path):
         load_client_data(str(tmp_path / "nope"), "iid", 0, 2)
     with pytest.raises(ValueError, match="partition-id=5"):
         load_client_data("mnist", "iid", 5, 2)
+
+
+# ---------------------------------------------------------------- unseen transforms
+
+
+def test_unseen_transforms_by_hand():
+    x, _ = load_mnist("test")
+    plain = render_style(x[:4], "plain", 28)
+    assert torch.equal(render_style(x[:4], "plain+mirrored", 28), plain.flip(-1))
+    assert torch.equal(render_style(x[:4], "plain+upside-down", 28), plain.flip(-2))
+    boxed = render_style(x[:4], "plain+boxed", 28)
+    # plain MNIST has a black (-1) border: the frame is white, the inside unchanged
+    assert torch.all(boxed[..., 0, :] == 1) and torch.all(boxed[..., :, -1] == 1)
+    assert torch.equal(boxed[..., 1:-1, 1:-1], plain[..., 1:-1, 1:-1])
+    small = render_style(x[:4], "plain+small", 28)
+    # the digit sits in the top-left quarter; the rest is background
+    assert torch.all(small[..., 14:, :] == -1) and torch.all(small[..., :, 14:] == -1)
+    assert small.amax() == 1
+
+
+def test_unseen_domains_are_validated():
+    from common.config import ConfigError, build_config
+
+    assert "thick+boxed" in build_config({"domains": "thick+boxed"}).domains
+    with pytest.raises(ConfigError, match="sepia"):
+        build_config({"domains": "thick+sepia"})
+    with pytest.raises(ValueError, match="transform"):
+        render_style(np.zeros((1, 28, 28), np.uint8), "thick+sepia")
+    from common.data import caption
+
+    assert caption(3, "thick+mirrored") == caption(3, "thick")

@@ -54,8 +54,16 @@ def test_oscar_and_lora_through_flower_simulation(tiny_stack, tmp_path):
         for c in res["clients"]:
             assert c["upload_bytes"] > 0
             assert 0.0 <= c["accuracy"] <= 1.0
-        assert res["upload_bytes_total"] == sum(c["upload_bytes"] for c in res["clients"])
-        assert set(res["timings_s"]) >= {"collect", "synthesize", "train", "evaluate", "total"}
+        assert res["upload_bytes_total"] == sum(
+            c["upload_bytes"] for c in res["clients"]
+        )
+        assert set(res["timings_s"]) >= {
+            "collect",
+            "synthesize",
+            "train",
+            "evaluate",
+            "total",
+        }
         assert (run.run_dir / "accuracy_per_client.png").is_file()
 
     oscar = runs["oscar"].results
