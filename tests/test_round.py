@@ -90,6 +90,16 @@ def _unknown_class(t):
     return t
 
 
+def _wrong_dtype(t):
+    t["mean"] = t["mean"].to(torch.int32)
+    return t
+
+
+def _oversized(t):
+    t["junk"] = torch.zeros(2**20, dtype=torch.float16)  # 2 MB > max-upload-mb=1
+    return t
+
+
 def _client_crash(reply: Message, msg: Message) -> Message:
     return Message(
         Error(code=0, reason="ClientApp crashed: out of memory"), reply_to=msg
@@ -102,11 +112,13 @@ def _client_crash(reply: Message, msg: Message) -> Message:
         (_tamper_embeddings(_wrong_dim), "embedding shape"),
         (_tamper_embeddings(_nan), "NaN"),
         (_tamper_embeddings(_unknown_class), "unknown class id"),
+        (_tamper_embeddings(_wrong_dtype), "dtype"),
+        (_tamper_embeddings(_oversized), "exceeds max-upload-mb"),
         (_client_crash, "ClientApp crashed"),
     ],
 )
 def test_bad_payload_rejected_round_completes(hook, reason, tiny_stack, fast_config):
-    fast_config["method"] = "oscar"
+    fast_config.update({"method": "oscar", "max-upload-mb": 1.0})
     _, res = _run(fast_config, nodes=3, tamper={1: hook})
     assert res["num_clients"] == 2
     assert len(res["rejected"]) == 1 and reason in res["rejected"][0]["reason"]
