@@ -74,7 +74,7 @@ class RunConfig(BaseModel):
     # The round
     min_clients: int = Field(2, ge=1)
     wait_for_nodes_s: float = Field(120.0, gt=0)
-    round_timeout_s: float = Field(600.0, gt=0)
+    round_timeout_s: float = Field(1800.0, gt=0)
     max_upload_mb: float = Field(64.0, gt=0)
     output_dir: str = "outputs"
     run_name: str = ""
@@ -87,7 +87,7 @@ class RunConfig(BaseModel):
     lora_rank: int = Field(4, ge=1, le=256)
     lora_alpha: float = Field(4.0, gt=0)
     lora_targets: str = "to_q,to_k,to_v,to_out.0"
-    lora_steps: int = Field(200, ge=1)
+    lora_steps: int = Field(100, ge=1)
     lora_learning_rate: float = Field(1e-3, gt=0)
     lora_merge_rank: int = Field(8, ge=1, le=1024)
     lora_samples_per_class: int = Field(16, ge=1)
