@@ -199,7 +199,8 @@ class EdgeCluster(Cluster):
 
     def start(self, timeout_s: float = 120.0) -> None:
         # A certificate that names every node-facing address.
-        self.certs_dir.mkdir(parents=True, exist_ok=True)
+        for d in (self.certs_dir, self.logs_dir):
+            d.mkdir(parents=True, exist_ok=True)
         if not (self.certs_dir / "server.pem").is_file():
             self._check_call(["bash", str(CERTS_SH), str(self.certs_dir),
                               *(host_ip(i) for i in range(self.nodes))], "certs")  # fmt: skip
@@ -312,6 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--workdir", default="/tmp/fl-edge")
     p.add_argument("--out", default="bench-results/edge_links.json")
+    p.add_argument(
+        "--append", action="store_true", help="add rows to an existing --out"
+    )
     a = p.parse_args(argv)
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
         print("deploy.edge_links needs root, `ip` and `tc` (iproute2)", file=sys.stderr)
@@ -321,8 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad:
         print(f"--cases: unknown {bad}; choose from {list(CASES)}", file=sys.stderr)
         return 2
-    rows: list[dict[str, Any]] = []
     out = Path(a.out)
+    rows: list[dict[str, Any]] = (
+        json.loads(out.read_text())["rows"] if a.append and out.is_file() else []
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = [(a.rate_mbit, a.delay_ms)] + ([(0.0, 0.0)] if a.baseline else [])
     for rate, delay in settings:
