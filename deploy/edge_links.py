@@ -246,7 +246,10 @@ def measure(
         with EdgeCluster(workdir, n, delay_ms=delay_ms,
                          env={"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}) as cl:  # fmt: skip
             for k, case in enumerate(cases):
-                name = f"edge-{k}"
+                # A fresh run name per (link, case): a reused one would resume
+                # from the persisted uploads instead of crossing the link again.
+                name = f"edge-{rate_mbit:g}mbit-{delay_ms:g}ms-{case}-{k}"
+                shutil.rmtree(workdir / "out" / name, ignore_errors=True)
                 rc = (f"{CASES[case]} {COMMON.format(n=n)} run-name=\"{name}\" "
                       f'output-dir="{workdir / "out"}"')  # fmt: skip
                 t0 = time.perf_counter()
@@ -290,7 +293,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         server = t.get("synthesize", 0) + t.get("train", 0) + t.get("merge", 0)
         down = r.get("download_bytes_per_client")
         lines.append(
-            f"| {link} | {PAYLOADS[r['case']]} | {r['upload_bytes_per_client']:,.0f} "
+            f"| {link} | {PAYLOADS[r['case']]} | {r['upload_bytes_per_client'] or 0:,.0f} "
             f"| {'n/a' if down is None else f'{down:,.0f}'} | {t['collect']:.1f} "
             f"| {server:.1f} | {t['evaluate']:.1f} | {t['total']:.1f} "
             f"| {r['mean_accuracy']:.3f} |"
