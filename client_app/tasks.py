@@ -193,7 +193,12 @@ def train_client_lora(cfg: RunConfig, data: ClientData, seed: int) -> LoraResult
             images = (
                 gen.vae.encode(px).latent_dist.sample() * gen.vae.config.scaling_factor
             )
-    unet = attach_lora(gen.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_list)
+    # "shared": every client starts from the adapter the run seed draws (FedIT's
+    # common initial adapter); "client": each client from its own.
+    init_seed = cfg.seed if cfg.lora_init == "shared" else seed
+    unet = attach_lora(
+        gen.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_list, seed=init_seed
+    )
     losses = train_lora(
         unet,
         gen.scheduler,
@@ -201,6 +206,7 @@ def train_client_lora(cfg: RunConfig, data: ClientData, seed: int) -> LoraResult
         cond,
         steps=cfg.lora_steps,
         lr=cfg.lora_learning_rate,
+        batch_size=cfg.lora_batch_size,
         seed=seed,
         uncond=encoder.encode([""], cfg.embedding),
     )

@@ -21,6 +21,7 @@ Classifier = Literal["cnn", "resnet18"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 LoraMerge = Literal["fedavg", "stack", "svd", "ties", "dare", "generative"]
+LoraInit = Literal["shared", "client"]
 
 
 class ConfigError(ValueError):
@@ -86,8 +87,10 @@ class RunConfig(BaseModel):
     lora_merge: LoraMerge = "svd"
     lora_rank: int = Field(4, ge=1, le=256)
     lora_alpha: float = Field(4.0, gt=0)
-    lora_targets: str = "to_q,to_k,to_v,to_out.0"
+    lora_targets: str = "to_q,to_k,to_v,to_out.0,conv1,conv2"
+    lora_init: LoraInit = "shared"
     lora_steps: int = Field(100, ge=1)
+    lora_batch_size: int = Field(32, ge=1)
     lora_learning_rate: float = Field(1e-3, gt=0)
     lora_merge_rank: int = Field(8, ge=1, le=1024)
     lora_samples_per_class: int = Field(16, ge=1)

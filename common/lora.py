@@ -37,13 +37,25 @@ def _has_lora(unet: UNet) -> bool:
     )
 
 
-def attach_lora(unet: UNet, rank: int, alpha: float, targets: Sequence[str]) -> UNet:
+def attach_lora(
+    unet: UNet,
+    rank: int,
+    alpha: float,
+    targets: Sequence[str],
+    *,
+    seed: int | None = None,
+) -> UNet:
     """Add a trainable LoRA adapter to ``unet``; the base weights are frozen.
 
     An adapter already attached is removed first (``unload_lora``), so this is
     also how an adapter is re-created with another rank. ``B`` starts at zero and
-    ``A`` Gaussian (peft ``init_lora_weights="gaussian"``), so the adapted UNet
-    starts equal to the base.
+    ``A`` Gaussian with std ``1/r`` (peft ``init_lora_weights="gaussian"``), so the
+    adapted UNet starts equal to the base.
+
+    With ``seed`` the ``A`` factors are drawn from a CPU generator seeded with it
+    (layers in name order), so one seed gives the same initial adapter on every
+    machine and device: clients that share a seed start from one adapter, as
+    FedIT's broadcast initial adapter (Zhang et al. 2024) assumes.
 
     Parameters
     ----------
@@ -55,6 +67,8 @@ def attach_lora(unet: UNet, rank: int, alpha: float, targets: Sequence[str]) -> 
         ``lora_alpha``; the update is scaled by ``alpha / rank``.
     targets : sequence of str
         Module names (or name suffixes), e.g. ``["to_q", "to_k", "to_v", "to_out.0"]``.
+    seed : int, optional
+        Seed of the ``A`` factors; ``None`` draws them from torch's global RNG.
 
     Returns
     -------
@@ -91,6 +105,15 @@ def attach_lora(unet: UNet, rank: int, alpha: float, targets: Sequence[str]) -> 
         init_lora_weights="gaussian",
     )
     unet.add_adapter(config, adapter_name=ADAPTER)
+
+    # 4. Seeded initial A factors, drawn on the CPU (peft's init uses the global RNG
+    # of the device the UNet is on)
+    if seed is not None:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in sorted(unet.named_parameters()):
+                if ".lora_A." in name:
+                    p.copy_(torch.randn(p.shape, generator=g) / rank)
     return unet
 
 
@@ -259,10 +282,14 @@ def train_lora(
             "use 'epsilon' or 'v_prediction'"
         )
 
-    # 2. Set up: only LoRA parameters are optimised
+    # 2. Set up: only LoRA parameters are optimised, in float32 even on a
+    # half-precision base (AdamW's small updates vanish in fp16/bf16; peft casts
+    # activations to the adapter's dtype and the result back to the base's).
     device = params[0].device
     dtype = next(unet.parameters()).dtype
     for p in params:
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr)
     g = torch.Generator().manual_seed(seed)

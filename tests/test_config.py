@@ -44,6 +44,13 @@ def test_bad_value_names_key_value_and_allowed(key, value, needle):
 def test_config_is_frozen_and_derived_fields():
     cfg = RunConfig()
     assert cfg.domain_list == ("inverted", "thick", "thin", "rotated", "noisy")
-    assert cfg.lora_target_list == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert cfg.lora_target_list == [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "conv1",
+        "conv2",
+    ]
     with pytest.raises(ValidationError):
         cfg.method = "fedavg"  # type: ignore[misc]

@@ -86,6 +86,18 @@ def test_stable_diffusion_layout_with_vae_and_sequence_conditioning(tmp_path):
     assert img.shape == (1, 3, 8, 8)  # decoded by the VAE
     assert to_dataset_format(img, 1, 16).shape == (1, 1, 16, 16)
 
+    # The default lora-targets name modules of SD's UNet: attention projections
+    # (self and cross) and the resnets' 3x3 convs, and nothing of the VAE.
+    from common.config import RunConfig
+    from common.lora import attach_lora, get_lora_state
+
+    attach_lora(gen.unet, 4, 4.0, RunConfig().lora_target_list, seed=0)
+    layers = {k.rsplit(".lora_", 1)[0] for k in get_lora_state(gen.unet)}
+    for part in ("attn1.to_q", "attn2.to_v", "attn2.to_out.0", "resnets.0.conv1",
+                 "resnets.0.conv2"):  # fmt: skip
+        assert any(name.endswith(part) for name in layers), part
+    assert not any("lora" in n for n, _ in gen.vae.named_parameters())
+
 
 def test_missing_model_error_names_role_path_and_fix(tmp_path):
     missing = tmp_path / "no-such-model"

@@ -16,6 +16,7 @@ from common.lora import (
 from common.lora_merge import delta_w, merge_adapters
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LOCON = [*TARGETS, "conv1", "conv2"]  # attention + the resnets' 3x3 convs
 
 
 def tiny_unet():
@@ -168,29 +169,71 @@ def test_set_lora_state_is_strict():
         set_lora_state(unet, state, rank=3, alpha=3.0, targets=TARGETS)
 
 
-def test_merged_stack_adapter_equals_exact_delta():
-    # Two clients, rank 2, alpha 4 (scaling 2), weights 1:3.
+@pytest.mark.parametrize("merge", ["stack", "svd"])
+def test_merged_adapter_equals_exact_delta(merge):
+    # Two clients, rank 2, alpha 4 (scaling 2), weights 1:3, attention and conv
+    # layers; svd at rank 4 >= rank(ΔW) is exact too.
     states = []
     for seed in (0, 1):
-        unet = attach_lora(tiny_unet(), rank=2, alpha=4.0, targets=TARGETS)
+        unet = attach_lora(tiny_unet(), rank=2, alpha=4.0, targets=LOCON)
         randomize_lora(unet, seed)
         states.append(get_lora_state(unet))
-    merged, info = merge_adapters(states, [1, 3], "stack", rank=4, scalings=[2.0, 2.0])
+    assert any(v.dim() == 4 for v in states[0].values())  # conv factors are there
+    merged, info = merge_adapters(states, [1, 3], merge, rank=4, scalings=[2.0, 2.0])
     assert info["rank"] == 4 and info["lora_alpha"] == 4.0
 
     adapted = set_lora_state(
-        tiny_unet(), merged, info["rank"], info["lora_alpha"], TARGETS
+        tiny_unet(), merged, info["rank"], info["lora_alpha"], LOCON
     )
 
-    # Reference: the base UNet with ΔW = Σ w_i s_i B_i A_i added to each weight.
+    # Reference: the base UNet with ΔW = Σ w_i s_i B_i A_i added to each weight
+    # (a conv's ΔW: B [out, r, 1, 1] times A [r, in, k, k], flattened, reshaped).
     reference = tiny_unet()
     prefixes = {k.rsplit(".lora_", 1)[0] for k in merged}
     with torch.no_grad():
         for p in prefixes:
             a, b = f"{p}.lora_A.weight", f"{p}.lora_B.weight"
-            delta = 0.25 * delta_w(states[0][a], states[0][b], 2.0)
-            delta += 0.75 * delta_w(states[1][a], states[1][b], 2.0)
-            reference.get_submodule(p).weight += delta
+            delta = sum(
+                w * delta_w(st[a].flatten(1), st[b].flatten(1), 2.0)
+                for w, st in zip((0.25, 0.75), states, strict=True)
+            )
+            weight = reference.get_submodule(p).weight
+            weight += delta.reshape(weight.shape)
     torch.testing.assert_close(
         probe_output(adapted), probe_output(reference), atol=1e-4, rtol=0
     )
+
+
+def test_seeded_init_is_the_same_for_every_client():
+    # Same seed -> the same A whatever the global RNG did; B = 0; A ~ N(0, 1/r^2).
+    first = get_lora_state(attach_lora(tiny_unet(), 4, 4.0, LOCON, seed=5))
+    torch.manual_seed(123)
+    torch.rand(1000)
+    again = get_lora_state(attach_lora(tiny_unet(), 4, 4.0, LOCON, seed=5))
+    other = get_lora_state(attach_lora(tiny_unet(), 4, 4.0, LOCON, seed=6))
+    a_keys = [k for k in first if ".lora_A." in k]
+    assert a_keys and all(torch.equal(first[k], again[k]) for k in first)
+    assert not any(torch.equal(first[k], other[k]) for k in a_keys)
+    assert all(not v.any() for k, v in first.items() if ".lora_B." in k)
+    a = torch.cat([first[k].flatten() for k in a_keys])
+    assert abs(float(a.std()) - 1 / 4) < 0.01 and abs(float(a.mean())) < 0.01
+
+
+def test_train_lora_keeps_the_adapter_fp32_on_a_half_base():
+    # bf16 on CPU stands in for a GPU's fp16: AdamW's steps on a half-precision
+    # adapter vanish, so the adapter trains in fp32 while the base stays bf16.
+    unet = tiny_unet().to(torch.bfloat16)
+    attach_lora(unet, rank=2, alpha=2.0, targets=LOCON, seed=0)
+    base = {k: v.clone() for k, v in unet.state_dict().items() if ".lora_" not in k}
+    images, cond = tiny_data()
+    losses = train_lora(
+        unet, scheduler(), images.bfloat16(), cond.bfloat16(), steps=5, lr=1e-2,
+        batch_size=8, uncond=torch.zeros(1, 3, 16),
+    )  # fmt: skip
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert {p.dtype for p in lora_parameters(unet)} == {torch.float32}
+    state = get_lora_state(unet)
+    assert any(v.abs().sum() > 0 for k, v in state.items() if ".lora_B." in k)
+    for k, v in unet.state_dict().items():
+        if ".lora_" not in k:
+            assert v.dtype == torch.bfloat16 and torch.equal(v, base[k]), k
