@@ -484,15 +484,19 @@ class Generator:
             shape = (b, cfg.in_channels, cfg.sample_size, cfg.sample_size)
             x = torch.randn(shape, generator=g).to(self.device, self.dtype)
             x = x * self.scheduler.init_noise_sigma
+            guided = guidance_scale != 1.0
             u = uncond.to(self.device, self.dtype).expand(b, -1, -1)
-            ctx = torch.cat([u, c])
+            ctx = torch.cat([u, c]) if guided else c
             # 4. Denoising loop with classifier-free guidance (Ho & Salimans 2022):
-            #    eps = eps(x, 0) + w * (eps(x, c) - eps(x, 0))
+            #    eps = eps(x, 0) + w * (eps(x, c) - eps(x, 0)); at w = 1 that is
+            #    eps(x, c), so the unconditional half is skipped.
             for t in self.scheduler.timesteps:
-                xin = self.scheduler.scale_model_input(torch.cat([x, x]), t)
+                xin = torch.cat([x, x]) if guided else x
+                xin = self.scheduler.scale_model_input(xin, t)
                 eps = self.unet(xin, t, encoder_hidden_states=ctx).sample
-                eps_u, eps_c = eps.chunk(2)
-                eps = eps_u + guidance_scale * (eps_c - eps_u)
+                if guided:
+                    eps_u, eps_c = eps.chunk(2)
+                    eps = eps_u + guidance_scale * (eps_c - eps_u)
                 x = self.scheduler.step(eps, t, x).prev_sample
             # 5. Decode latents (latent diffusion) and clamp to [-1, 1]
             if self.vae is not None:

@@ -26,19 +26,24 @@ def synthesize(
     owners: torch.Tensor,
     out: ServerOutput,
     desc: str = "synthesize",
+    guidance_scale: float | None = None,
 ) -> torch.Tensor:
-    """Sample one image per row of ``conds`` ``[M, L, D]``; keep a few per cell for plots."""
+    """Sample one image per row of ``conds`` ``[M, L, D]``; keep a few per cell for plots.
+
+    ``guidance_scale`` overrides ``guidance-scale`` (1.0: the plain conditional model).
+    """
     cfg = ctx.cfg
     gen = ctx.generator
+    w = cfg.guidance_scale if guidance_scale is None else guidance_scale
     uncond = ctx.text_encoder.encode([""], cfg.embedding)
     t0 = time.perf_counter()
     log(INFO, "Synthesizing %d images on %s (%s), %d steps, guidance %.1f",
-        len(conds), ctx.device, ctx.dtype, cfg.num_inference_steps, cfg.guidance_scale)  # fmt: skip
+        len(conds), ctx.device, ctx.dtype, cfg.num_inference_steps, w)  # fmt: skip
     with tqdm(total=len(conds), desc=desc, unit="img") as bar:
         images = gen.sample(
             conds,
             uncond,
-            guidance_scale=cfg.guidance_scale,
+            guidance_scale=w,
             num_inference_steps=cfg.num_inference_steps,
             seed=cfg.seed,
             batch_size=cfg.synth_batch_size,

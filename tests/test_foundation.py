@@ -46,6 +46,26 @@ def test_generator_folder_pixel_space(tiny_stack_dir):
         gen.sample(cond, torch.zeros(1, 1, 16), guidance_scale=0.5)
 
 
+def test_guidance_one_runs_only_the_conditional_model(tiny_stack_dir):
+    # eps = eps_u + w (eps_c - eps_u) is eps_c at w = 1: one UNet pass per step
+    # on the batch instead of two, and the same images as any w with uncond = cond.
+    gen = load_generator(str(tiny_stack_dir / "generator"), scheduler="ddim")
+    batches: list[int] = []
+    hook = gen.unet.register_forward_hook(lambda m, a, o: batches.append(len(a[0])))
+    cond = torch.randn(3, 1, 16)
+    plain = gen.sample(cond, torch.zeros(1, 1, 16), guidance_scale=1.0,
+                       num_inference_steps=2, seed=4)  # fmt: skip
+    assert batches == [3, 3]
+    batches.clear()
+    same = gen.sample(cond, cond[:1], guidance_scale=1.0, num_inference_steps=2, seed=4)
+    assert torch.equal(plain, same)  # uncond is never used at w = 1
+    guided = gen.sample(cond[:1], cond[:1], guidance_scale=3.0,
+                        num_inference_steps=2, seed=4)  # fmt: skip
+    assert batches[-2:] == [2, 2]  # unconditional + conditional halves
+    torch.testing.assert_close(guided, plain[:1], atol=1e-5, rtol=0)
+    hook.remove()
+
+
 def test_stable_diffusion_layout_with_vae_and_sequence_conditioning(tmp_path):
     """A diffusers pipeline folder (unet/ vae/ scheduler/ text_encoder/ tokenizer/),
     like a downloaded SD checkpoint, but tiny."""
