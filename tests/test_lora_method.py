@@ -1,0 +1,82 @@
+"""server_app.methods.lora on the server side: the merges as the round calls them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.config import build_config
+from common.contract import Reply
+from common.foundation import generator_fingerprint
+from common.lora import attach_lora, get_lora_state
+from common.lora_merge import merge_adapters
+from server_app.context import ServerContext, ServerOutput
+from server_app.methods.lora import ADAPTER, EMB, Lora
+
+
+def _context(fast_config, tmp_path, **over) -> ServerContext:
+    cfg = build_config(fast_config | {"method": "lora", "lora-rank": 2} | over)
+    return ServerContext(cfg, tmp_path, num_classes=10, class_names=[], channels=1)
+
+
+def _replies(ctx: ServerContext, n: int = 2) -> list[Reply]:
+    """n clients with random non-zero adapters and two classes' embeddings each."""
+    cfg, unet = ctx.cfg, ctx.generator.unet
+    fingerprint = generator_fingerprint(unet)
+    emb = ctx.text_encoder.encode(["the digit one", "the digit two"], cfg.embedding)
+    replies = []
+    for i in range(n):
+        attach_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_list, seed=i)
+        g = torch.Generator().manual_seed(100 + i)
+        state = {
+            k: v + 0.1 * torch.randn(v.shape, generator=g) if ".lora_B." in k else v
+            for k, v in get_lora_state(unet).items()
+        }
+        unet.unload_lora()
+        tensors = {ADAPTER + k: v.half() for k, v in state.items()} | {
+            EMB + "mean": emb.half(),
+            EMB + "class_ids": torch.tensor([1, 2]),
+            EMB + "counts": torch.tensor([5, 5]),
+        }
+        meta = {"base-model": fingerprint}
+        replies.append(Reply(i + 1, i, 10 * (i + 1), 0, meta, {}, tensors))
+    return replies
+
+
+def _svd_of(replies: list[Reply], ctx: ServerContext) -> dict[str, torch.Tensor]:
+    cfg = ctx.cfg
+    adapters = [
+        {k[len(ADAPTER) :]: v.float() for k, v in r.tensors.items() if ADAPTER in k}
+        for r in replies
+    ]
+    merged, _ = merge_adapters(
+        adapters, [r.num_examples for r in replies], "svd", rank=cfg.lora_merge_rank,
+        scalings=[cfg.lora_alpha / cfg.lora_rank] * len(adapters),
+    )  # fmt: skip
+    return merged
+
+
+@pytest.mark.parametrize(("lr", "changed"), [(1e-12, False), (1e-2, True)])
+def test_generative_corrects_the_svd_merge(
+    tiny_stack, fast_config, tmp_path, lr, changed
+):
+    # With a vanishing learning rate the correction leaves the svd start as is;
+    # with a real one it moves it. Either way: rank lora-merge-rank, scaling 1.
+    ctx = _context(fast_config, tmp_path, **{
+        "lora-merge": "generative", "lora-learning-rate": lr, "lora-steps": 3,
+        "lora-samples-per-class": 2,
+    })  # fmt: skip
+    method = Lora()
+    method.check(ctx)
+    replies = _replies(ctx)
+    for r in replies:
+        method.validate(r, ctx)
+    out = ServerOutput()
+    merged, rank, alpha = method.merge(replies, ctx, out)
+    start = _svd_of(replies, ctx)
+    assert rank == ctx.cfg.lora_merge_rank and alpha == float(rank)
+    assert merged.keys() == start.keys()
+    diff = max(float((merged[k] - start[k]).abs().max()) for k in start)
+    assert (diff > 1e-4) is changed, diff
+    assert out.extra["lora"]["energy_kept"] is not None  # of the svd start
+    assert out.timings["merge"] > 0
