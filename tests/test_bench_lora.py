@@ -65,6 +65,49 @@ def test_std_over_seeds(records):
     assert s["none"]["std_fid_proxy"] == pytest.approx(75**0.5)
 
 
+def test_seed_wins_are_paired_by_seed(records):
+    # svd vs fedavg, seed 0: FID 5 vs 9, acc 0.85 vs 0.70; seed 1: FID 5 vs 9,
+    # acc 0.85 vs 0.70 -> wins 2/2, mean differences -4 and +0.15.
+    w = L.seed_wins(records, "svd", "fedavg")
+    assert w == {
+        "seeds": 2,
+        "fid_proxy_wins": 2,
+        "accuracy_wins": 2,
+        "mean_fid_proxy_diff": pytest.approx(-4.0),
+        "mean_accuracy_diff": pytest.approx(0.15),
+    }
+    # none vs fedavg: FID 15 vs 9 (worse) both seeds; acc 0.6 vs 0.7 both seeds
+    w = L.seed_wins(records, "none", "fedavg")
+    assert (w["fid_proxy_wins"], w["accuracy_wins"]) == (0, 0)
+    # a seed one variant lacks is not compared
+    assert L.seed_wins(records[:-1], "svd", "fedavg")["seeds"] == 1
+    assert L.seed_wins(records, "stack", "fedavg") is None
+
+
+def test_paired_diffs_by_hand(records):
+    d = L.paired_diffs(records)
+    assert set(d) == {"none", "svd"}  # fedavg is the base
+    # seed 0: svd FID 5 - 9 = -4, acc 0.85 - 0.70 = 0.15; none: 15 - 9, 0.6 - 0.7
+    assert d["svd"][0] == pytest.approx((-4.0, 0.15))
+    assert d["none"][1] == pytest.approx((6.0, -0.1))
+
+
+def test_checks_name_each_challenger_present(records):
+    # stack = a copy of none (worse than fedavg on both); generative: not run
+    recs = records + [
+        r | {"variant": "stack"} for r in records if r["variant"] == "none"
+    ]
+    chk = L.checks(recs, L.aggregate(recs))
+    assert list(chk) == ["stack vs fedavg", "svd vs fedavg"]
+    stack, svd = L.format_checks(chk)
+    assert svd.startswith("* svd vs fedavg: beats fedavg on the means")
+    assert "lower FID-proxy in 2/2, higher accuracy in 2/2" in svd
+    assert "-4.00 FID-proxy, +15.0 accuracy points" in svd
+    assert stack.startswith("* stack vs fedavg: does NOT beat fedavg on the means")
+    assert "(FID-proxy not lower, accuracy not higher)" in stack
+    assert "lower FID-proxy in 0/2, higher accuracy in 0/2" in stack
+
+
 def test_tables_and_report_files(records, tmp_path):
     s = L.aggregate(records)
     table = L.format_table(s)
@@ -75,15 +118,20 @@ def test_tables_and_report_files(records, tmp_path):
     report = {
         "command": "python -m bench lora --quick",
         "mode": "quick",
+        "world": "shared",
         "seeds": [0, 1],
         "num_clients": 2,
         "config": {
-            "domains": L.UNSEEN_WORLD,
+            "domains": L.WORLDS["shared"],
             "dirichlet-alpha": 0.5,
+            "max-examples-per-client": 800,
+            "test-fraction": 0.2,
             "lora-rank": 4,
             "lora-alpha": 4.0,
             "lora-targets": "to_q",
+            "lora-init": "shared",
             "lora-steps": 10,
+            "lora-batch-size": 32,
             "lora-merge-rank": 8,
             "images-per-class": 4,
             "num-inference-steps": 5,
@@ -93,12 +141,13 @@ def test_tables_and_report_files(records, tmp_path):
         "wall_s": 1.0,
         "records": records,
         "summary": s,
-        "checks": {"svd beats fedavg": L.wins(s, "svd", "fedavg")},
+        "checks": L.checks(records, s),
     }
     L.write_report(tmp_path, report)
     assert json.loads((tmp_path / "lora.json").read_text())["summary"]["svd"]
     md = (tmp_path / "lora.md").read_text()
-    assert table in md and "svd beats fedavg" in md
+    assert table in md and "* svd vs fedavg: beats fedavg" in md
+    assert "world **shared**" in md and "init `shared`" in md
     assert (tmp_path / "lora.png").stat().st_size > 1000
 
 
@@ -109,12 +158,25 @@ def test_cli_rejects_bad_arguments(capsys):
     assert "lora-merge-rank" in capsys.readouterr().err
 
 
-def test_world_is_unseen_and_valid():
+def test_cli_rejects_unknown_world(capsys):
+    with pytest.raises(SystemExit):
+        L.main(["--world", "bogus"])
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("world", sorted(L.WORLDS))
+def test_worlds_are_unseen_and_valid(world):
     from common.config import build_config
     from common.data import UNSEEN_TRANSFORMS, domain_parts
 
-    cfg = build_config(L.WORLD | L.QUICK)
-    assert all(domain_parts(d)[1][0] in UNSEEN_TRANSFORMS for d in cfg.domain_list)
+    cfg = build_config(L.WORLD | L.QUICK | {"domains": L.WORLDS[world]})
+    transforms = [domain_parts(d)[1] for d in cfg.domain_list]
+    assert all(t and set(t) <= set(UNSEEN_TRANSFORMS) for t in transforms)
+    if world == "shared":  # one new domain for every client, each in its style
+        assert len({t for t in transforms}) == 1
+        assert len({domain_parts(d)[0] for d in cfg.domain_list}) == 4
+    else:  # a different new concept per client
+        assert len({t for t in transforms}) == len(transforms)
     assert set(L.VARIANTS) == {"none", "own", *L.MERGES}
 
 
