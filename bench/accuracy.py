@@ -18,14 +18,12 @@ and oracle captions), or on plain class-name prompts (the FGL baseline).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import signal
-import statistics
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,10 @@ try:
 except ModuleNotFoundError:  # Python 3.10 (flwr depends on tomli)
     import tomli as tomllib
 
-from .flower_runs import REPO_ROOT, FlowerRun, LocalSimulation, log_tail
+from deploy.procs import log_tail
+
+from .flower_runs import REPO_ROOT, FlowerRun, LocalSimulation
+from .report import md_table, mean, nbytes, num, pct, std, write_json
 
 ORACLE = "centralized"
 
@@ -165,15 +166,6 @@ def record_from_results(
     }
 
 
-def _mean(xs: Iterable[float | None]) -> float | None:
-    vals = [float(x) for x in xs if x is not None and not math.isnan(float(x))]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _std(xs: Sequence[float]) -> float | None:
-    return statistics.stdev(xs) if len(xs) >= 2 else None
-
-
 def aggregate(
     records: list[dict[str, Any]],
     methods: Sequence[str] | None = None,
@@ -210,18 +202,18 @@ def aggregate(
             row = per_client[pid]
             clients.append(
                 row
-                | {"accuracy": _mean(row["accuracies"]), "std": _std(row["accuracies"])}
+                | {"accuracy": mean(row["accuracies"]), "std": std(row["accuracies"])}
             )
         uploads = [r.get("upload_bytes_per_client") for r in ok] if m != oracle else []
         out[m] = {
             "runs": len(runs),
             "seeds": [r["seed"] for r in ok],
             "failed_seeds": [r["seed"] for r in runs if not r.get("ok")],
-            "mean_accuracy": _mean(accs),
-            "std": _std(accs),
-            "upload_bytes_per_client": _mean(uploads),
-            "wall_s_per_run": _mean(r.get("wall_s") for r in ok),
-            "server_s_per_run": _mean(
+            "mean_accuracy": mean(accs),
+            "std": std(accs),
+            "upload_bytes_per_client": mean(uploads),
+            "wall_s_per_run": mean(r.get("wall_s") for r in ok),
+            "server_s_per_run": mean(
                 (r.get("server_timings_s") or {}).get("total") for r in ok
             ),
             "per_client": clients,
@@ -238,38 +230,31 @@ def aggregate(
 # ---------------------------------------------------------------- tables and plot
 
 
-def _pct(x: float | None, signed: bool = False) -> str:
-    if x is None:
-        return "n/a"
-    return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
-
-
-def _bytes(x: float | None) -> str:
-    if x is None:
-        return "n/a"
-    return f"{x:,.0f}"
-
-
 def format_table(summary: dict[str, dict[str, Any]], oracle: str = ORACLE) -> str:
     """Markdown: method | mean acc | std | gap to oracle | upload B/client | wall s/run."""
-    lines = [
-        "| method | mean acc (%) | std (%) | gap to oracle (pp) | upload B/client | wall s/run |",
-        "|---|---:|---:|---:|---:|---:|",
+    header = [
+        "method",
+        "mean acc (%)",
+        "std (%)",
+        "gap to oracle (pp)",
+        "upload B/client",
+        "wall s/run",
     ]
+    rows = []
     for m, s in summary.items():
         name = f"{m} (oracle, in-process)" if m == oracle else m
         gap = (
             "0 (reference)"
             if m == oracle and s["mean_accuracy"] is not None
-            else _pct(s["gap_to_oracle"], True)
+            else pct(s["gap_to_oracle"], True)
         )
-        up = "n/a (raw data)" if m == oracle else _bytes(s["upload_bytes_per_client"])
+        up = "n/a (raw data)" if m == oracle else nbytes(s["upload_bytes_per_client"])
         wall = "n/a" if s["wall_s_per_run"] is None else f"{s['wall_s_per_run']:.1f}"
         failed = f" ({len(s['failed_seeds'])} failed)" if s["failed_seeds"] else ""
-        lines.append(
-            f"| {name}{failed} | {_pct(s['mean_accuracy'])} | {_pct(s['std'])} | {gap} | {up} | {wall} |"
+        rows.append(
+            [f"{name}{failed}", pct(s["mean_accuracy"]), pct(s["std"]), gap, up, wall]
         )
-    return "\n".join(lines)
+    return md_table(header, rows)
 
 
 def domains_of(summary: dict[str, dict[str, Any]]) -> list[str]:
@@ -283,11 +268,10 @@ def domains_of(summary: dict[str, dict[str, Any]]) -> list[str]:
 def format_domain_table(summary: dict[str, dict[str, Any]]) -> str:
     """Markdown: mean accuracy (%) per method and client domain."""
     doms = domains_of(summary)
-    lines = ["| method | " + " | ".join(doms) + " |", "|---|" + "---:|" * len(doms)]
-    for m, s in summary.items():
-        cells = [_pct(s["per_domain"].get(d)) for d in doms]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [
+        [m, *(pct(s["per_domain"].get(d)) for d in doms)] for m, s in summary.items()
+    ]
+    return md_table(["method", *doms], rows)
 
 
 def format_fid_table(fid: dict[str, Any]) -> str:
@@ -297,22 +281,18 @@ def format_fid_table(fid: dict[str, Any]) -> str:
         "| class-name prompts | judge acc of OSCAR samples (%) | example retrieval caption |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
-
-    def f(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.2f}"
-
     for d, r in rows.items():
         lines.append(
-            f"| {d} | {f(r.get('real_vs_real'))} | {f(r.get('oscar'))} | "
-            f"{f(r.get('oscar_oracle'))} | {f(r.get('class_names'))} | "
-            f"{_pct(r.get('oscar_judge_accuracy'))} | {r.get('example_caption', '')} |"
+            f"| {d} | {num(r.get('real_vs_real'))} | {num(r.get('oscar'))} | "
+            f"{num(r.get('oscar_oracle'))} | {num(r.get('class_names'))} | "
+            f"{pct(r.get('oscar_judge_accuracy'))} | {r.get('example_caption', '')} |"
         )
     means = fid.get("mean", {})
     if means:
         lines.append(
-            f"| **mean** | {f(means.get('real_vs_real'))} | {f(means.get('oscar'))} | "
-            f"{f(means.get('oscar_oracle'))} | {f(means.get('class_names'))} | "
-            f"{_pct(means.get('oscar_judge_accuracy'))} | |"
+            f"| **mean** | {num(means.get('real_vs_real'))} | {num(means.get('oscar'))} | "
+            f"{num(means.get('oscar_oracle'))} | {num(means.get('class_names'))} | "
+            f"{pct(means.get('oscar_judge_accuracy'))} | |"
         )
     return "\n".join(lines)
 
@@ -321,11 +301,11 @@ def plot_summary(
     summary: dict[str, dict[str, Any]], path: Path, title: str = ""
 ) -> Path | None:
     """Mean accuracy with std error bars per method; accuracy per domain as grouped bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from .report import pyplot, save_figure
+
+    plt = pyplot()
 
     names = [m for m, s in summary.items() if s["mean_accuracy"] is not None]
     if not names:
@@ -367,11 +347,7 @@ def plot_summary(
     bx.set_ylabel("accuracy")
     bx.set_title("per client domain")
     bx.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- in-process parts
@@ -379,7 +355,7 @@ def plot_summary(
 
 def build_cfg(overrides: dict[str, Any]) -> Any:
     """The app's validated RunConfig for the defaults plus ``overrides``."""
-    from common.config import build_config
+    from methods import build_config
 
     return build_config(default_run_config() | overrides)
 
@@ -389,7 +365,7 @@ def run_centralized(cfg: Any, num_clients: int) -> tuple[dict[str, Any], float]:
     data, evaluated on each client's held-out split. Returns a results-like dict."""
     import torch
 
-    from client_app.tasks import client_data
+    from client_app.app import client_data
     from common.models import build_classifier
     from common.train import accuracy, train_classifier
 
@@ -452,23 +428,22 @@ def generator_fid(
     import torch
     from transformers.utils import logging as hf_logging
 
-    from client_app.tasks import embed_classes
     from common.data import (
         DIGIT_NAMES,
-        ClientData,
         class_name_prompt,
         mnist_client_pool,
         render_style,
     )
-    from common.foundation import (
-        embedded_dir,
-        load_generator,
-        load_text_encoder,
-        to_dataset_format,
-    )
+    from common.datasets import ClientData, DatasetInfo
+    from common.generator import load_generator
     from common.maths import fid_proxy
     from common.models import load_classifier
+    from common.synthesis import sample as engine_sample
+    from common.synthesis import to_dataset_format
+    from common.text_encoder import load_text_encoder
     from common.train import features, predict
+    from common.weights import embedded_dir
+    from methods.oscar.client_oscar import embed_classes
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per upload otherwise
     t0 = time.perf_counter()
@@ -479,7 +454,8 @@ def generator_fid(
     judge = load_classifier(embedded_dir() / "judge")
 
     def sample(cond: torch.Tensor, s: int) -> torch.Tensor:
-        x = gen.sample(
+        x = engine_sample(
+            gen,
             cond,
             uncond,
             guidance_scale=cfg.guidance_scale,
@@ -518,8 +494,7 @@ def generator_fid(
             test_images=real,
             test_labels=torch.as_tensor(labels[ref_idx]),
             domain=d,
-            num_classes=num_classes,
-            class_names=list(DIGIT_NAMES),
+            info=DatasetInfo("mnist-domains", DIGIT_NAMES, digits=True),
         )
         row: dict[str, Any] = {
             "real_vs_real": fid_proxy(real_feats, floor),
@@ -531,8 +506,8 @@ def generator_fid(
         for key, captioner in variants:
             c = cfg.model_copy(update={"captioner": captioner, "dp_epsilon": 0.0})
             up = embed_classes(c, data, seed=seed)
-            cond = up.means.float().repeat_interleave(per_class, dim=0)
-            want = up.class_ids.repeat_interleave(per_class)
+            cond = up.embeddings.means.float().repeat_interleave(per_class, dim=0)
+            want = up.embeddings.class_ids.repeat_interleave(per_class)
             fake = sample(cond, seed + 100 * (k + 1))
             row[key] = fid_proxy(real_feats, features(judge, fake))
             row[f"{key}_judge_accuracy"] = float(
@@ -556,7 +531,7 @@ def generator_fid(
     )
     return {
         "per_domain": per_domain,
-        "mean": {k: _mean(r.get(k) for r in per_domain.values()) for k in keys},
+        "mean": {k: mean(r.get(k) for r in per_domain.values()) for k in keys},
         "class_names_judge_accuracy": cn_acc,
         "samples_per_class": per_class,
         "real_images_per_domain": n_ref,
@@ -584,7 +559,7 @@ def stack_checksums(root: Path) -> dict[str, str]:
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "accuracy.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_json(out / "accuracy.json", report, indent=2)
     summary = report["summary"]
     wall = report["wall_time_s"]
     md = [
@@ -635,7 +610,7 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
             format_fid_table(fid),
             "",
             f"Judge accuracy of the class-name-prompt samples: "
-            f"{_pct(fid.get('class_names_judge_accuracy'))} %; FID-proxy wall time "
+            f"{pct(fid.get('class_names_judge_accuracy'))} %; FID-proxy wall time "
             f"{fid.get('wall_s', 0):.0f} s.",
             "",
         ]
@@ -742,11 +717,11 @@ def run_flower_methods(
             if rec["ok"]:
                 say(
                     f"        mean acc {rec['mean_accuracy']:.4f}, upload "
-                    f"{_bytes(rec['upload_bytes_per_client'])} B/client, "
+                    f"{nbytes(rec['upload_bytes_per_client'])} B/client, "
                     f"{run.wall_s:.1f} s"
                 )
             else:
-                say(f"        FAILED: {rec['error']}\n{log_tail(run.log_path)}")
+                say(f"        FAILED: {rec['error']}\n{log_tail(run.log_path, 15)}")
             on_record(rec)
 
 
@@ -754,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t_start = time.perf_counter()
     from common.config import ConfigError
-    from common.foundation import embedded_dir
+    from common.weights import embedded_dir
 
     # 0. Check the arguments and the config once, as the app will
     try:

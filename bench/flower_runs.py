@@ -25,13 +25,13 @@ import math
 import os
 import shutil
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from deploy import procs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,13 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SUPERLINK_PORT = 39191
 CONTROL_PORT = 39193
 
-FLWR_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    # Else the SuperLink tries to install the app's dependencies for every run.
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "HF_HUB_OFFLINE": "1",
-}
+FLWR_ENV = procs.FLWR_ENV | {"HF_HUB_OFFLINE": "1"}
 
 
 # ---------------------------------------------------------------- --run-config
@@ -107,16 +101,13 @@ def parse_run_config_string(text: str) -> dict[str, Any]:
 
 def _superlink_processes(flwr_home: Path) -> list[Any]:
     """Simulation SuperLinks started from ``flwr_home`` (found by their database path)."""
-    import psutil
-
     home = str(flwr_home.resolve())
-    found = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = p.info.get("cmdline") or []
+
+    def match(cmd: list[str]) -> bool:
         line = " ".join(cmd)
-        if "flower-superlink" in line and "--simulation" in cmd and home in line:
-            found.append(p)
-    return found
+        return "flower-superlink" in line and "--simulation" in cmd and home in line
+
+    return procs.find_processes(match)
 
 
 def stop_superlinks(flwr_home: Path, timeout_s: float = 10.0) -> list[int]:
@@ -125,36 +116,10 @@ def stop_superlinks(flwr_home: Path, timeout_s: float = 10.0) -> list[int]:
     Returns the stopped process ids (SuperLinks first). Only processes whose
     command line names this ``FLWR_HOME`` are touched.
     """
-    import psutil
-
-    procs: list[Any] = []
-    for link in _superlink_processes(flwr_home):
-        try:
-            procs += [link, *link.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=timeout_s)
-    return [p.pid for p in procs]
-
-
-def _port_answers(port: int) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success
-    except httpx.HTTPError:
-        return False
+    trees = [procs.process_tree(link.pid) for link in _superlink_processes(flwr_home)]
+    found = [p for tree in trees for p in tree]
+    procs.stop_processes(found, timeout_s)
+    return [p.pid for p in found]
 
 
 # ---------------------------------------------------------------- runs
@@ -178,7 +143,7 @@ class FlowerRun:
         return self.results is not None
 
 
-class LocalSimulation:
+class LocalSimulation(procs.StartStop):
     """Runs of the app in one private local simulation federation.
 
     Parameters
@@ -228,18 +193,11 @@ class LocalSimulation:
 
     # -- lifecycle
 
-    def __enter__(self) -> LocalSimulation:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def start(self) -> None:
         """Stop a SuperLink left in this home; refuse a foreign one on our port."""
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         stop_superlinks(self.flwr_home)
-        if _port_answers(self.port):
+        if procs.http_ok(f"http://{procs.HOST}:{self.port}/health"):
             raise RuntimeError(
                 f"a SuperLink not started from {self.flwr_home} answers on "
                 f"127.0.0.1:{self.port}; it would be reused with its own environment. "
@@ -254,13 +212,6 @@ class LocalSimulation:
             )
 
     # -- one run
-
-    def _copy(self, proc: subprocess.Popen, log: Any) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            if self.echo:
-                sys.stdout.write(line)
 
     def command(self, overrides: Mapping[str, Any]) -> list[str]:
         return [
@@ -289,15 +240,9 @@ class LocalSimulation:
         rc: int | None = None
         error: str | None = None
         with open(log_path, "w") as log:
-            log.write("$ " + " ".join(cmd) + "\n")
-            log.flush()
-            proc = subprocess.Popen(
-                cmd, env=self.env, cwd=self.work_dir, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, text=True, errors="replace",
-            )  # fmt: skip
-            # A thread copies the output so that a silent hang still times out.
-            reader = threading.Thread(target=self._copy, args=(proc, log), daemon=True)
-            reader.start()
+            proc, reader = procs.start_copied(
+                cmd, log, env=self.env, cwd=self.work_dir, echo=self.echo
+            )
             try:
                 rc = proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
@@ -323,10 +268,3 @@ class LocalSimulation:
         return FlowerRun(
             name, dict(overrides), results, wall, rc, run_dir, log_path, error
         )
-
-
-def log_tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""

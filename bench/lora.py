@@ -15,15 +15,15 @@ See ``common.data.UNSEEN_TRANSFORMS``. Per seed, in-process and with the app's
 own code paths:
 
 1. every client fine-tunes a LoRA adapter on its data
-   (``client_app.tasks.train_client_lora``, as the ClientApp does) and uploads it
+   (``methods.lora.client_lora.train_client_lora``, as the ClientApp does) and uploads it
    with its per-class caption embeddings (fp16, bytes counted);
-2. the server validates the uploads (``server_app.methods.lora.Lora.validate``);
+2. the server validates the uploads (``methods.lora.server_lora.Lora.validate``);
 3. for each variant it gets one adapter per client: ``none`` (the base
    generator), each merge of ``Lora.merge`` (``fedavg``, ``stack``, ``svd``,
    ``ties``, ``dare``, ``generative``), or ``own`` (each client's own adapter:
    the reference a merge tries to keep);
 4. it samples ``images-per-class`` images per (client, class) from the client's
-   caption embeddings with that adapter (``server_app.synthesis.synthesize``):
+   caption embeddings with that adapter (``methods.steps.synthesize_set``):
    the **FID-proxy** of each client's samples against the client's held-out
    images (judge features), and the **downstream accuracy** of the global
    classifier trained on all clients' samples (``train_global``) on every
@@ -37,9 +37,7 @@ Outputs (``--out``): ``lora.json`` (every record, the summary), ``lora.md`` and
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -47,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .report import md_table, mean, mean_std, nbytes, num, pct, std, write_json
 
 MERGES = ("fedavg", "stack", "svd", "ties", "dare", "generative")
 VARIANTS = ("none", *MERGES, "own")
@@ -98,14 +98,6 @@ def parse_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
     return items
 
 
-def _mean(xs: Sequence[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
-def _std(xs: Sequence[float]) -> float | None:
-    return statistics.stdev(xs) if len(xs) > 1 else None
-
-
 def aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per variant: mean/std over seeds of the per-seed mean FID-proxy and accuracy,
     the per-domain means, bytes and merge time. One record = one (variant, seed)."""
@@ -122,23 +114,21 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 d["acc"].append(c["accuracy"])
         out[v] = {
             "seeds": [r["seed"] for r in rs],
-            "mean_fid_proxy": _mean(fid),
-            "std_fid_proxy": _std(fid),
-            "mean_accuracy": _mean(acc),
-            "std_accuracy": _std(acc),
+            "mean_fid_proxy": mean(fid),
+            "std_fid_proxy": std(fid),
+            "mean_accuracy": mean(acc),
+            "std_accuracy": std(acc),
             "per_domain": {
-                k: {"fid_proxy": _mean(d["fid"]), "accuracy": _mean(d["acc"])}
+                k: {"fid_proxy": mean(d["fid"]), "accuracy": mean(d["acc"])}
                 for k, d in domains.items()
             },
-            "upload_bytes_per_client": _mean(
-                [r["upload_bytes_per_client"] for r in rs]
-            ),
-            "download_bytes_per_client": _mean(
+            "upload_bytes_per_client": mean([r["upload_bytes_per_client"] for r in rs]),
+            "download_bytes_per_client": mean(
                 [r["download_bytes_per_client"] for r in rs]
             ),
-            "merge_s": _mean([r["merge_s"] for r in rs if r["merge_s"] is not None]),
+            "merge_s": mean([r["merge_s"] for r in rs if r["merge_s"] is not None]),
             "merged_rank": rs[0]["merged_rank"],
-            "energy_kept": _mean(
+            "energy_kept": mean(
                 [r["energy_kept"] for r in rs if r["energy_kept"] is not None]
             ),
         }
@@ -169,8 +159,8 @@ def seed_wins(records: list[dict[str, Any]], a: str, b: str) -> dict[str, Any] |
         "seeds": len(seeds),
         "fid_proxy_wins": sum(d < 0 for d in dfid),
         "accuracy_wins": sum(d > 0 for d in dacc),
-        "mean_fid_proxy_diff": _mean(dfid),
-        "mean_accuracy_diff": _mean(dacc),
+        "mean_fid_proxy_diff": mean(dfid),
+        "mean_accuracy_diff": mean(dacc),
     }
 
 
@@ -178,13 +168,13 @@ def checks(report_records: list[dict[str, Any]], summary: dict[str, Any]) -> dic
     """For each challenger: wins over fedavg on the means, and seed by seed."""
     out = {}
     for a in CHALLENGERS:
-        mean, per_seed = (
+        on_means, per_seed = (
             wins(summary, a, "fedavg"),
             seed_wins(report_records, a, "fedavg"),
         )
-        if mean is None or per_seed is None:
+        if on_means is None or per_seed is None:
             continue
-        out[f"{a} vs fedavg"] = {"means": mean, "per_seed": per_seed}
+        out[f"{a} vs fedavg"] = {"means": on_means, "per_seed": per_seed}
     return out
 
 
@@ -205,53 +195,45 @@ def format_checks(chk: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _f(x: float | None, fmt: str = "{:.2f}") -> str:
-    return "n/a" if x is None else fmt.format(x)
-
-
-def _pm(
-    m: float | None, s: float | None, scale: float = 1.0, fmt: str = "{:.2f}"
-) -> str:
-    if m is None:
-        return "n/a"
-    txt = fmt.format(m * scale)
-    return txt + (" ± " + fmt.format(s * scale) if s is not None else "")
-
-
 def format_table(summary: dict[str, dict[str, Any]]) -> str:
-    lines = [
-        "| variant | FID-proxy (lower is better) | downstream acc (%) | upload B/client "
-        "| download B/client | merged rank | energy kept | merge s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    header = [
+        "variant",
+        "FID-proxy (lower is better)",
+        "downstream acc (%)",
+        "upload B/client",
+        "download B/client",
+        "merged rank",
+        "energy kept",
+        "merge s",
     ]
-    for v, s in summary.items():
-        lines.append(
-            f"| {v} | {_pm(s['mean_fid_proxy'], s['std_fid_proxy'])} "
-            f"| {_pm(s['mean_accuracy'], s['std_accuracy'], 100, '{:.1f}')} "
-            f"| {_f(s['upload_bytes_per_client'], '{:,.0f}')} "
-            f"| {_f(s['download_bytes_per_client'], '{:,.0f}')} "
-            f"| {s['merged_rank'] if s['merged_rank'] is not None else 'n/a'} "
-            f"| {_f(s['energy_kept'], '{:.3f}')} | {_f(s['merge_s'], '{:.2f}')} |"
-        )
-    return "\n".join(lines)
+    rows = [
+        [
+            v,
+            mean_std(s["mean_fid_proxy"], s["std_fid_proxy"]),
+            mean_std(s["mean_accuracy"], s["std_accuracy"], 100, "{:.1f}"),
+            nbytes(s["upload_bytes_per_client"]),
+            nbytes(s["download_bytes_per_client"]),
+            num(s["merged_rank"], "{}"),
+            num(s["energy_kept"], "{:.3f}"),
+            num(s["merge_s"]),
+        ]
+        for v, s in summary.items()
+    ]
+    return md_table(header, rows)
 
 
 def format_domain_table(summary: dict[str, dict[str, Any]]) -> str:
     doms = sorted({d for s in summary.values() for d in s["per_domain"]})
-    lines = [
-        "| variant | " + " | ".join(f"{d} FID / acc%" for d in doms) + " |",
-        "|---|" + "---:|" * len(doms),
-    ]
+    rows = []
     for v, s in summary.items():
         cells = []
         for d in doms:
             x = s["per_domain"].get(d)
             cells.append(
-                "n/a" if x is None
-                else f"{_f(x['fid_proxy'])} / {_f(x['accuracy'] * 100, '{:.1f}')}"
-            )  # fmt: skip
-        lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+                "n/a" if x is None else f"{num(x['fid_proxy'])} / {pct(x['accuracy'])}"
+            )
+        rows.append([v, *cells])
+    return md_table(["variant", *(f"{d} FID / acc%" for d in doms)], rows)
 
 
 def paired_diffs(
@@ -277,22 +259,20 @@ def plot(
     fedavg, one dot per seed and the mean as a bar (below 0 / above 0 is better)."""
     if not summary:
         return None
-    import matplotlib
+    from .report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(summary)
     colors = ["#999999" if n in ("none", "own") else "#4C72B0" for n in names]
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.6))
-    for ax, key, std, scale, label in (
+    for ax, key, std_key, scale, label in (
         (axes[0, 0], "mean_fid_proxy", "std_fid_proxy", 1.0,
          "FID-proxy (lower is better)"),
         (axes[0, 1], "mean_accuracy", "std_accuracy", 100.0,
          "downstream accuracy (%)"),
     ):  # fmt: skip
         vals = [(summary[n][key] or 0.0) * scale for n in names]
-        errs = [(summary[n][std] or 0.0) * scale for n in names]
+        errs = [(summary[n][std_key] or 0.0) * scale for n in names]
         bars = ax.bar(names, vals, yerr=errs, capsize=3, color=colors)
         ax.bar_label(bars, labels=[f"{x:.1f}" for x in vals], fontsize=7)
         ax.set_ylabel(label)
@@ -314,19 +294,13 @@ def plot(
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle("one-shot federated LoRA on unseen concepts (grey: references; "
                  "bottom: dots = seeds)")  # fmt: skip
-    fig.tight_layout()
-    path = out / "lora.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "lora.png")
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     summary = report["summary"]
-    tmp = out / "lora.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out / "lora.json")
+    write_json(out / "lora.json", report, indent=1)
     cfg = report["config"]
     md = [
         "# One-shot federated LoRA: merges on unseen concepts",
@@ -387,44 +361,48 @@ def run_seed(
     work: Path,
     probes: int = 3,
 ) -> list[dict[str, Any]]:
-    from client_app import tasks
+    from client_app.app import client_data
     from common import contract as C
-    from common.config import build_config
-    from common.foundation import embedded_dir
+    from common.datasets import dataset_info
     from common.lora import set_lora_state
     from common.maths import fid_proxy
     from common.models import load_classifier
     from common.train import features
-    from server_app.context import ServerContext, ServerOutput
-    from server_app.methods.lora import ADAPTER, EMB, Lora
-    from server_app.synthesis import synthesize, train_global
+    from common.weights import embedded_dir
+    from methods import build_config
+    from methods.base import ServerContext, ServerOutput, classifier_accuracy
+    from methods.lora import payload_lora as PL
+    from methods.lora.client_lora import train_client_lora
+    from methods.lora.config_lora import LoraConfig
+    from methods.lora.server_lora import Lora
+    from methods.steps import synthesize_set, train_global
 
     cfg = build_config(overrides | {"seed": seed})
-    datas = [tasks.client_data(cfg, pid, num_clients) for pid in range(num_clients)]
+    lcfg = cfg.options(LoraConfig)
+    datas = [client_data(cfg, pid, num_clients) for pid in range(num_clients)]
     # 1. clients: fine-tune and upload once
     replies, own, train_s = [], {}, []
     for pid, data in enumerate(datas):
         say(f"seed {seed}: client {pid} ({data.domain}) fine-tunes its adapter")
-        r = tasks.train_client_lora(cfg, data, seed=seed * 1000 + pid)
+        r = train_client_lora(cfg, data, seed=seed * 1000 + pid)
         train_s.append(r.train_s)
         own[pid] = r.adapter
-        e = r.embed
-        tensors = {ADAPTER + k: v.half() for k, v in r.adapter.items()}
-        tensors |= {EMB + "mean": e.means.half(), EMB + "class_ids": e.class_ids,
-                    EMB + "counts": e.counts}  # fmt: skip
+        tensors = {
+            k: v.half() if v.is_floating_point() else v
+            for k, v in PL.layout(r.adapter, r.embed.embeddings).items()
+        }
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         replies.append(C.Reply(pid + 1, pid, len(data.train_labels), nbytes,
                                {"base-model": r.base_fingerprint}, {}, tensors))  # fmt: skip
     # 2. server: validate
-    ctx = ServerContext(cfg, work / f"seed{seed}", num_classes=datas[0].num_classes,
-                        class_names=datas[0].class_names, channels=1)  # fmt: skip
+    ctx = ServerContext(cfg, work / f"seed{seed}", info=dataset_info(cfg.data_args()))
     method = Lora()
     method.check(ctx)
     for rep in replies:
         method.validate(rep, ctx)
     judge = load_classifier(embedded_dir() / "judge")
     real_feats = [features(judge, d.test_images) for d in datas]
-    unet, targets = ctx.generator.unet, cfg.lora_target_list
+    unet, targets = ctx.generator.unet, lcfg.target_list
     n = cfg.images_per_class
 
     records = []
@@ -434,7 +412,7 @@ def run_seed(
         merge_s = rank = energy = None
         download = 0
         if v in MERGES:
-            ctx.cfg = cfg.model_copy(update={"lora_merge": v})
+            ctx.cfg = cfg.replace(lora_merge=v)
             out = ServerOutput()
             merged, rank, alpha = method.merge(replies, ctx, out)
             merge_s, energy = out.timings["merge"], out.extra["lora"]["energy_kept"]
@@ -442,7 +420,7 @@ def run_seed(
             per_client = {pid: (merged, rank, alpha) for pid in range(num_clients)}
             ctx.cfg = cfg
         elif v == "own":
-            per_client = {p: (own[p], cfg.lora_rank, cfg.lora_alpha) for p in own}
+            per_client = {p: (own[p], lcfg.lora_rank, lcfg.lora_alpha) for p in own}
         else:
             per_client = {p: None for p in own}
         # 4. sample per (client, class); FID-proxy per client; downstream accuracy
@@ -452,10 +430,10 @@ def run_seed(
             if per_client[pid] is not None:
                 a, rk, al = per_client[pid]
                 set_lora_state(unet, a, rk, al, targets)
-            cond = rep.tensors[EMB + "mean"].float().repeat_interleave(n, dim=0)
-            y = rep.tensors[EMB + "class_ids"].repeat_interleave(n)
-            x = synthesize(ctx, cond, y, torch.full_like(y, pid), ServerOutput(),
-                           desc=f"seed {seed} {v} client {pid}")  # fmt: skip
+            cond = rep.tensors[PL.EMB + "mean"].float().repeat_interleave(n, dim=0)
+            y = rep.tensors[PL.EMB + "class_ids"].repeat_interleave(n)
+            x = synthesize_set(ctx, cond, y, torch.full_like(y, pid), ServerOutput(),
+                               desc=f"seed {seed} {v} client {pid}")  # fmt: skip
             images.append(x)
             labels.append(y)
             clients.append({"partition_id": pid, "domain": datas[pid].domain,
@@ -467,31 +445,31 @@ def run_seed(
         for c in clients:
             c["accuracy_probes"] = []
         for k in range(probes):
-            ctx.cfg = cfg.model_copy(update={"seed": cfg.seed + 1000 * k})
+            ctx.cfg = cfg.replace(seed=cfg.seed + 1000 * k)
             out = ServerOutput()
             train_global(ctx, x_all, y_all, out)
             assert out.model_state is not None
             for c, data in zip(clients, datas, strict=True):
                 c["accuracy_probes"].append(
-                    tasks.evaluate_state(
-                        cfg, data, out.model_state, out.arch, ctx.num_classes
+                    classifier_accuracy(
+                        out.model_state, out.arch, ctx.num_classes, data
                     )
                 )
         ctx.cfg = cfg
         for c in clients:
-            c["accuracy"] = _mean(c["accuracy_probes"])
+            c["accuracy"] = mean(c["accuracy_probes"])
         rec = {
             "variant": v,
             "seed": seed,
             "clients": clients,
-            "mean_fid_proxy": _mean([c["fid_proxy"] for c in clients]),
-            "mean_accuracy": _mean([c["accuracy"] for c in clients]),
-            "upload_bytes_per_client": _mean([float(r.upload_bytes) for r in replies]),
+            "mean_fid_proxy": mean([c["fid_proxy"] for c in clients]),
+            "mean_accuracy": mean([c["accuracy"] for c in clients]),
+            "upload_bytes_per_client": mean([float(r.upload_bytes) for r in replies]),
             "download_bytes_per_client": download,
             "merge_s": merge_s,
             "merged_rank": rank,
             "energy_kept": energy,
-            "client_train_s": _mean(train_s),
+            "client_train_s": mean(train_s),
             "variant_s": time.perf_counter() - t0,
         }
         say(
@@ -534,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from bench.accuracy import default_run_config, parse_seeds, parse_sets
-    from common.config import build_config
+    from methods import build_config
 
     args = build_parser().parse_args(argv)
     try:

@@ -356,6 +356,7 @@ def evaluate_samples(
     gen, judge, captioner, bank, uncond, table: CaptionTable, sch: Schedule, seed: int
 ) -> tuple[dict, torch.Tensor, float]:
     """Class-conditioned samples per (style, class), recognised by the judge and the captioner."""
+    from common.synthesis import sample
     from common.train import predict
 
     means = group_mean_conditions(bank, table)
@@ -370,8 +371,8 @@ def evaluate_samples(
     y = torch.as_tensor(labels)
     t0 = time.perf_counter()
     with tqdm(total=len(cond), desc="sample", mininterval=10) as bar:
-        x = gen.sample(
-            cond, uncond, guidance_scale=sch.guidance_scale,
+        x = sample(
+            gen, cond, uncond, guidance_scale=sch.guidance_scale,
             num_inference_steps=sch.eval_steps, seed=seed, progress=bar.update,
         )  # fmt: skip
     per_img = (time.perf_counter() - t0) / len(cond)
@@ -401,6 +402,7 @@ def evaluate_class_names(
     gen, judge, captioner, encoder, uncond, table, sch, seed
 ) -> dict:
     """FGL-style prompts from the class name alone should give the dominant plain style."""
+    from common.synthesis import sample
     from common.train import predict
 
     prompts = [class_name_prompt(c) for c in range(NUM_CLASSES)]
@@ -408,7 +410,7 @@ def evaluate_class_names(
     n = sch.eval_samples
     cond = emb.repeat_interleave(n, 0)
     y = torch.arange(NUM_CLASSES).repeat_interleave(n)
-    x = gen.sample(cond, uncond, guidance_scale=sch.guidance_scale,
+    x = sample(gen, cond, uncond, guidance_scale=sch.guidance_scale,
                    num_inference_steps=sch.eval_steps, seed=seed + 1)  # fmt: skip
     ret = retrieval_metrics(captioner, x, y, ["plain"] * len(y), table)["with_label"]
     return {
@@ -634,14 +636,9 @@ def train_stages(
     previous,
 ) -> None:
     """Stages 2-4: dual encoder, generator, judge (saved under ``out``)."""
-    from common.foundation import (
-        build_clip,
-        build_generator,
-        build_tokenizer,
-        load_text_encoder,
-        save_generator,
-    )
+    from common.generator import build_generator, save_generator
     from common.models import SmallCNN, save_classifier
+    from common.text_encoder import build_clip, build_tokenizer, load_text_encoder
     from common.train import train_classifier
 
     # 2. Dual encoder
@@ -697,8 +694,10 @@ def main(argv: list[str] | None = None) -> int:
     import diffusers
     import transformers
 
-    from common.foundation import load_captioner, load_generator, load_text_encoder
+    from common.captioner import load_captioner
+    from common.generator import load_generator
     from common.models import load_classifier
+    from common.text_encoder import load_text_encoder
     from common.train import accuracy
 
     args = parse_args(argv)

@@ -1,171 +1,107 @@
-"""ClientApp: thin handlers — parse, call a Flower-free task, pack the reply."""
+"""ClientApp: thin handlers — parse, call the method's Flower-free work, pack the reply.
+
+Every message type any registered method uses is registered here in one loop; a
+handler finds the method by the run's ``method`` key, so adding a method adds no
+handler. What the node uploads is kept in its Flower ``Context.state`` for the
+evaluation that follows in the same run.
+"""
 
 from __future__ import annotations
 
-import time
+import functools
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client_app import tasks
 from common import contract as C
-from common.config import RunConfig, build_config
+from common.config import RunConfig
+from common.datasets import ClientData, load_client_data
+from methods import METHODS, build_config
+from methods.base import ClientJob
 
 app = ClientApp()
 
+MEMORY = "uploaded"  # Context.state key of the node's own upload
 
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, tasks.ClientData]:
+
+@functools.lru_cache(maxsize=4)
+def client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
+    a = cfg.data_args()
+    return load_client_data(
+        a.dataset, a.partition, partition_id, num_partitions,
+        image_size=a.image_size, alpha=a.alpha, classes_per_client=a.classes_per_client,
+        domains=a.domains, max_examples=a.max_examples, test_fraction=a.test_fraction,
+        seed=a.seed,
+    )  # fmt: skip
+
+
+def _job(msg: Message, context: Context) -> ClientJob:
     cfg = build_config(context.run_config)
-    # A real SuperNode may point at its own image folder (node config data-path).
+    # A real SuperNode may point at its own data (node config data-path).
     data_path = context.node_config.get("data-path")
     if data_path:
         cfg = cfg.model_copy(update={"dataset": str(data_path)})
     pid = int(context.node_config["partition-id"])
     n = int(context.node_config["num-partitions"])
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    return cfg, pid, tasks.client_data(cfg, pid, n)
+    memory = context.state.array_records.get(MEMORY)
+    return ClientJob(
+        cfg=cfg,
+        partition_id=pid,
+        num_partitions=n,
+        data=client_data(cfg, pid, n),
+        config=dict(msg.content.config_records.get(C.KEY_CONFIG, {})),
+        arrays={
+            k: C.from_array_record(rec) for k, rec in msg.content.array_records.items()
+        },
+        memory=C.from_array_record(memory) if memory is not None else {},
+    )
 
 
-def _seed(cfg: RunConfig, pid: int) -> int:
-    return cfg.seed * 1000 + pid
+def _method(job: ClientJob, message_type: str, role: str):  # type: ignore[no-untyped-def]
+    method = METHODS[job.cfg.method]
+    expected = method.collect_type if role == "collect" else method.evaluate_type
+    if message_type != expected:
+        raise ValueError(
+            f"message type {message_type!r} is not method={job.cfg.method!r}'s "
+            f"{role} message ({expected!r}); server and client configs differ"
+        )
+    return method
 
 
-@app.query("info")
-def info(msg: Message, context: Context) -> Message:
-    cfg, pid, data = _setup(msg, context)
+def collect(msg: Message, context: Context) -> Message:
+    """The one upload of the round."""
+    job = _job(msg, context)
+    method = _method(job, msg.metadata.message_type, "collect")
+    result = method.client_collect(job)
+    arrays = {method.payload_key: result.payload} if method.payload_key else {}
     content = C.pack_reply(
-        tasks.data_meta(data, pid), {"num-examples": len(data.train_labels)}
+        job.meta() | result.meta, result.metrics, arrays, result.half
     )
+    if method.payload_key:
+        context.state[MEMORY] = ArrayRecord(
+            dict(content.array_records[method.payload_key])
+        )
     return Message(content, reply_to=msg)
 
 
-@app.train("embed")
-def embed(msg: Message, context: Context) -> Message:
-    """OSCAR: upload one conditioning vector per class (never images or features)."""
-    cfg, pid, data = _setup(msg, context)
-    t0 = time.perf_counter()
-    r = tasks.embed_classes(cfg, data, seed=_seed(cfg, pid))
-    arrays = {"mean": r.means, "class_ids": r.class_ids, "counts": r.counts}
-    meta = tasks.data_meta(data, pid) | {
-        "embedding": cfg.embedding,
-        "text-encoder": cfg.text_encoder,
-        "example-caption": r.captions[0] if r.captions else "",
-    }
-    metrics = {
-        "num-examples": len(data.train_labels),
-        "caption-s-per-image": r.caption_s_per_image,
-        "client-s": time.perf_counter() - t0,
-        "dp-epsilon": cfg.dp_epsilon,
-        "dp-delta": cfg.dp_delta if cfg.dp_epsilon > 0 else 0.0,
-        "dp-sigma": r.dp_sigma,
-    }
-    content = C.pack_reply(meta, metrics, {C.KEY_EMBEDDINGS: arrays}, half=True)
-    return Message(content, reply_to=msg)
-
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """One-shot FedAvg: train the received initial classifier locally, upload weights."""
-    cfg, pid, data = _setup(msg, context)
-    t0 = time.perf_counter()
-    init = C.from_array_record(msg.content.array_records[C.KEY_MODEL])
-    model = tasks.train_local_model(cfg, data, init, _seed(cfg, pid))
-    metrics = {
-        "num-examples": len(data.train_labels),
-        "client-s": time.perf_counter() - t0,
-    }
-    arrays = {C.KEY_MODEL: dict(model.state_dict())}
-    content = C.pack_reply(tasks.data_meta(data, pid), metrics, arrays)
-    return Message(content, reply_to=msg)
-
-
-@app.train("local")
-def train_local(msg: Message, context: Context) -> Message:
-    """No federation: train and evaluate locally; only metrics go up."""
-    cfg, pid, data = _setup(msg, context)
-    t0 = time.perf_counter()
-    model = tasks.train_local_model(cfg, data, None, _seed(cfg, pid))
-    acc = tasks.accuracy(model, data.test_images, data.test_labels)
-    metrics = {
-        "num-examples": len(data.train_labels),
-        "num-test-examples": len(data.test_labels),
-        "accuracy": acc,
-        "client-s": time.perf_counter() - t0,
-    }
-    return Message(C.pack_reply(tasks.data_meta(data, pid), metrics), reply_to=msg)
-
-
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the pushed global classifier on the held-out split."""
-    cfg, pid, data = _setup(msg, context)
-    state = C.from_array_record(msg.content.array_records[C.KEY_MODEL])
-    conf = msg.content.config_records[C.KEY_CONFIG]
-    acc = tasks.evaluate_state(
-        cfg,
-        data,
-        state,
-        str(conf["arch"]),
-        int(conf["num-classes"]),  # type: ignore[arg-type]
-    )
-    metrics = {
-        "num-examples": len(data.train_labels),
-        "num-test-examples": len(data.test_labels),
-        "accuracy": acc,
-    }
-    return Message(C.pack_reply(tasks.data_meta(data, pid), metrics), reply_to=msg)
+    """Evaluate what the server pushed back on the held-out split."""
+    job = _job(msg, context)
+    method = _method(job, msg.metadata.message_type, "evaluate")
+    metrics = {"num-examples": float(len(job.data.train_labels))}
+    metrics |= method.client_evaluate(job)
+    return Message(C.pack_reply(job.meta(), metrics), reply_to=msg)
 
 
-@app.train("lora")
-def train_lora(msg: Message, context: Context) -> Message:
-    """Federated LoRA: fine-tune an adapter of the generator, upload it once (fp16)
-    together with the per-class caption embeddings (for server-side sampling)."""
-    cfg, pid, data = _setup(msg, context)
-    t0 = time.perf_counter()
-    r = tasks.train_client_lora(cfg, data, _seed(cfg, pid))
-    arrays = {f"adapter/{k}": v for k, v in r.adapter.items()} | {
-        "emb/mean": r.embed.means,
-        "emb/class_ids": r.embed.class_ids,
-        "emb/counts": r.embed.counts,
-    }
-    meta = tasks.data_meta(data, pid) | {
-        "embedding": cfg.embedding,
-        "base-model": r.base_fingerprint,
-        "lora-rank": cfg.lora_rank,
-        "lora-alpha": cfg.lora_alpha,
-    }
-    metrics = {
-        "num-examples": len(data.train_labels),
-        "lora-final-loss": float(sum(r.losses[-10:]) / max(1, len(r.losses[-10:]))),
-        "lora-train-s": r.train_s,
-        "client-s": time.perf_counter() - t0,
-    }
-    content = C.pack_reply(meta, metrics, {C.KEY_LORA: arrays}, half=True)
-    return Message(content, reply_to=msg)
+def _register(message_type: str, handler) -> None:  # type: ignore[no-untyped-def]
+    category, _, action = message_type.partition(".")
+    decorator = getattr(app, category)  # app.train / app.evaluate / app.query
+    (decorator(action) if action else decorator())(handler)
 
 
-@app.evaluate("lora")
-def evaluate_lora(msg: Message, context: Context) -> Message:
-    """Evaluate the merged adapter (FID-proxy on own data) and the global classifier."""
-    cfg, pid, data = _setup(msg, context)
-    conf = msg.content.config_records[C.KEY_CONFIG]
-    adapter = {
-        k.removeprefix("adapter/"): v.float()
-        for k, v in C.from_array_record(msg.content.array_records[C.KEY_LORA]).items()
-    }
-    gen_metrics = tasks.evaluate_lora(
-        cfg, data, adapter, int(conf["lora-rank"]), float(conf["lora-alpha"]),  # type: ignore[arg-type]
-        seed=_seed(cfg, pid), samples_per_class=cfg.lora_samples_per_class,
-    )  # fmt: skip
-    state = C.from_array_record(msg.content.array_records[C.KEY_MODEL])
-    acc = tasks.evaluate_state(
-        cfg, data, state, str(conf["arch"]), int(conf["num-classes"])
-    )  # type: ignore[arg-type]
-    metrics = {
-        "num-examples": len(data.train_labels),
-        "num-test-examples": len(data.test_labels),
-        "accuracy": acc,
-        **gen_metrics,
-    }
-    return Message(C.pack_reply(tasks.data_meta(data, pid), metrics), reply_to=msg)
+for _type in sorted({m.collect_type for m in METHODS.values()}):
+    _register(_type, collect)
+for _type in sorted({m.evaluate_type for m in METHODS.values() if m.evaluate_type}):
+    _register(_type, evaluate)

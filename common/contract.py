@@ -1,19 +1,18 @@
-"""The message contract between ServerApp and ClientApps — the one module that
-converts tensors to and from Flower records, used by both sides.
+"""Generic record helpers shared by every method's payload module.
 
-Message types (ClientApp action <-> ``message_type``)::
+Tensors <-> Flower records, and the envelope every reply carries:
 
-    query.info     server asks for metadata only (class names); class-names method
-    train.embed    OSCAR: per-class conditioning vectors up
-    train          one-shot FedAvg: locally trained classifier weights up
-    train.local    no federation: train and evaluate locally, metrics up
-    train.lora     federated LoRA: one adapter of the generator's UNet up
-    evaluate       global classifier down, accuracy up
-    evaluate.lora  merged adapter (+ global classifier) down, FID-proxy + accuracy up
+* ``meta`` (ConfigRecord): ``schema``, ``partition-id``, ``num-partitions``,
+  ``domain``, ``class-names`` (comma-separated), ``channels`` and the method's own
+  scalar fields;
+* ``metrics`` (MetricRecord): ``num-examples``, ``client-s`` and the method's own
+  numbers;
+* at most one ArrayRecord, the method's payload (its layout is written in
+  ``methods/<name>/payload_<name>.py``).
 
-Every reply carries a ``meta`` ConfigRecord and a ``metrics`` MetricRecord; the
-payload records are listed per type below. Replies are validated on the server
-(``validate_*``) and a bad one is rejected for that client with a reason.
+``unpack_reply`` is total: whatever a client sends, it returns a ``Reply`` or
+raises ``PayloadError`` with the reason; it never lets another exception out.
+Every byte a client sends (arrays, strings, numbers) counts toward the upload limit.
 """
 
 from __future__ import annotations
@@ -26,24 +25,19 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-# ---------------------------------------------------------------- names
-
-QUERY_INFO = "query.info"
-TRAIN_EMBED = "train.embed"
-TRAIN_MODEL = "train"
-TRAIN_LOCAL = "train.local"
-TRAIN_LORA = "train.lora"
-EVALUATE = "evaluate"
-EVALUATE_LORA = "evaluate.lora"
-
 KEY_CONFIG = "config"  # server -> client: ConfigRecord with round instructions
 KEY_META = "meta"  # client -> server: ConfigRecord
 KEY_METRICS = "metrics"  # client -> server: MetricRecord
-KEY_EMBEDDINGS = "embeddings"  # ArrayRecord: mean [K, L, D] fp16, class_ids, counts
-KEY_MODEL = "model"  # ArrayRecord: a classifier state dict
-KEY_LORA = "lora"  # ArrayRecord: LoRA adapter state dict (fp16)
+KEY_MODEL = "model"  # ArrayRecord: a classifier state dict (push-back)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Bounds on what a client declares (a reply outside them is rejected)
+MAX_PARTITIONS = 1 << 20
+MAX_EXAMPLES = 10**9
+MAX_STRING = 64 * 1024  # one meta string (class names of a large dataset fit)
+MAX_CLASSES = 100_000
+FLOAT_DTYPES = (torch.float16, torch.float32, torch.bfloat16, torch.float64)
 
 
 class PayloadError(ValueError):
@@ -62,26 +56,62 @@ def to_array_record(
         t = t.detach().cpu()
         if t.dtype == torch.bfloat16 or (half and t.is_floating_point()):
             t = t.to(torch.float16)
-        out[k] = Array(
-            t.contiguous().numpy()
-        )  # keeps 0-d shapes (np.ascontiguousarray would not)
+        out[k] = Array(t.contiguous().numpy())  # keeps 0-d shapes
     return ArrayRecord(out)
 
 
 def from_array_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {
-        k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()
-    }
+    """ArrayRecord -> tensors; ``PayloadError`` for anything torch cannot hold."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in record.items():
+        try:
+            arr = np.array(v.numpy(), copy=True)
+            out[str(k)] = torch.from_numpy(arr)
+        except Exception as e:  # a corrupt array is one client's problem
+            raise PayloadError(
+                f"array {_short(k)!r} cannot be decoded: {_short(e)}"
+            ) from None
+    return out
+
+
+def _value_nbytes(v: Any) -> int:
+    if isinstance(v, str | bytes):
+        return len(v)
+    if isinstance(v, list):
+        return sum(_value_nbytes(x) for x in v)
+    return 8
 
 
 def record_nbytes(content: RecordDict) -> int:
-    """Bytes of tensor data in a message (what the upload budget counts)."""
-    return sum(
-        len(a.data) for rec in content.array_records.values() for a in rec.values()
-    )
+    """Every byte a message carries: array data, config strings and numbers."""
+    n = 0
+    for rec in content.array_records.values():
+        n += sum(len(a.data) for a in rec.values())
+    for cfg in content.config_records.values():
+        n += sum(len(str(k)) + _value_nbytes(v) for k, v in cfg.items())
+    for met in content.metric_records.values():
+        n += sum(len(str(k)) + _value_nbytes(v) for k, v in met.items())
+    return n
 
 
-# ---------------------------------------------------------------- payloads
+def config_record(values: dict[str, Any]) -> ConfigRecord:
+    """A flat ConfigRecord (Flower forbids nested dicts)."""
+    return ConfigRecord({k: v for k, v in values.items() if v is not None})
+
+
+def _short(x: Any, n: int = 120) -> str:
+    """Client-supplied text, escaped and truncated, for reasons and reports."""
+    s = repr(x) if not isinstance(x, str) else x
+    s = s.encode("unicode_escape", "replace").decode("ascii", "replace")
+    return s if len(s) <= n else s[:n] + f"...(+{len(s) - n} chars)"
+
+
+def safe_text(x: Any, n: int = 120) -> str:
+    """Public form of ``_short``: what a report may print of client input."""
+    return _short(x, n)
+
+
+# ---------------------------------------------------------------- the envelope
 
 
 @dataclass
@@ -95,6 +125,16 @@ class Reply:
     meta: dict[str, Any]
     metrics: dict[str, float]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        names = self.meta.get("class-names")
+        return tuple(names.split(",")) if isinstance(names, str) and names else None
+
+    @property
+    def channels(self) -> int | None:
+        ch = self.meta.get("channels")
+        return ch if isinstance(ch, int) else None
 
 
 def pack_reply(
@@ -111,113 +151,179 @@ def pack_reply(
     return content
 
 
-def unpack_reply(node_id: int, content: RecordDict, payload_key: str | None) -> Reply:
-    """Common checks of every reply; raises ``PayloadError`` with the reason."""
+def _check_meta(meta: dict[str, Any]) -> None:
+    for k, v in meta.items():
+        if not isinstance(k, str) or len(k) > 64:
+            raise PayloadError(f"meta key {_short(k)!r} is not a short string")
+        if isinstance(v, str | bytes) and len(v) > MAX_STRING:
+            raise PayloadError(
+                f"meta {k!r} is {len(v)} characters long (limit {MAX_STRING})"
+            )
+        if not isinstance(v, str | bool | int | float):
+            raise PayloadError(
+                f"meta {k!r} has type {type(v).__name__}: expected a scalar"
+            )
+        if isinstance(v, float) and not math.isfinite(v):
+            raise PayloadError(f"meta {k!r} is {v}")
+
+
+def _int_field(value: Any, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PayloadError(f"{name}={_short(value)} is not an integer")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise PayloadError(f"{name}={_short(value)} is not an integer")
+    if not lo <= value < hi:
+        raise PayloadError(f"{name}={_short(value)} is outside [{lo}, {hi})")
+    return int(value)
+
+
+def _metrics(record: Any) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in record.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise PayloadError(
+                f"metric {_short(k)!r} is a {type(v).__name__}: expected one number"
+            )
+        v = float(v)
+        if not math.isfinite(v):
+            raise PayloadError(f"metric {_short(k)!r} is {v}")
+        out[str(k)] = v
+    return out
+
+
+def unpack_reply(
+    node_id: int,
+    content: RecordDict,
+    payload_key: str | None,
+    max_bytes: int | None = None,
+) -> Reply:
+    """Check the envelope of one reply; raise ``PayloadError`` with the reason.
+
+    Total: any failure while reading the reply becomes a ``PayloadError``.
+    """
+    try:
+        return _unpack_reply(node_id, content, payload_key, max_bytes)
+    except PayloadError:
+        raise
+    except Exception as e:  # anything a hostile reply can trigger
+        raise PayloadError(
+            f"malformed reply ({e.__class__.__name__}: {_short(e)})"
+        ) from None
+
+
+def _unpack_reply(
+    node_id: int, content: RecordDict, payload_key: str | None, max_bytes: int | None
+) -> Reply:
+    upload_bytes = record_nbytes(content)
+    if max_bytes is not None and upload_bytes > max_bytes:
+        raise PayloadError(
+            f"upload of {upload_bytes} bytes exceeds max-upload-mb ({max_bytes} bytes)"
+        )
     if KEY_META not in content.config_records:
         raise PayloadError(f"reply has no '{KEY_META}' ConfigRecord")
     if KEY_METRICS not in content.metric_records:
         raise PayloadError(f"reply has no '{KEY_METRICS}' MetricRecord")
     meta = dict(content.config_records[KEY_META])
-    metrics = {k: float(v) for k, v in content.metric_records[KEY_METRICS].items()}  # type: ignore[arg-type]
+    _check_meta(meta)
+    metrics = _metrics(content.metric_records[KEY_METRICS])
     if meta.get("schema") != SCHEMA_VERSION:
-        raise PayloadError(f"schema={meta.get('schema')!r}, expected {SCHEMA_VERSION}")
-    for k, v in metrics.items():
-        if not math.isfinite(v):
-            raise PayloadError(f"metric {k!r} is {v}")
-    try:
-        partition_id = int(meta["partition-id"])  # type: ignore[arg-type]
-        num_examples = int(metrics["num-examples"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise PayloadError(f"missing or bad field {e}") from None
+        raise PayloadError(
+            f"schema={_short(meta.get('schema'))}, expected {SCHEMA_VERSION} "
+            "(client and server run different versions of the app)"
+        )
+    partition_id = _int_field(
+        meta.get("partition-id"), "partition-id", 0, MAX_PARTITIONS
+    )
+    if "num-examples" not in metrics:
+        raise PayloadError("metric 'num-examples' is missing")
+    num_examples = _int_field(metrics["num-examples"], "num-examples", 1, MAX_EXAMPLES)
+    names = meta.get("class-names")
+    if names is not None:
+        if not isinstance(names, str) or not names:
+            raise PayloadError(f"class-names={_short(names)} is not a non-empty string")
+        split = names.split(",")
+        if len(split) > MAX_CLASSES or any(not n for n in split):
+            raise PayloadError(f"class-names={_short(names)} is not a list of names")
+        if len(set(split)) != len(split):
+            raise PayloadError(f"class-names={_short(names)} repeats a name")
+    if "channels" in meta:
+        _int_field(meta["channels"], "channels", 1, 5)
+    extra = set(content.array_records) - ({payload_key} if payload_key else set())
+    if extra:
+        raise PayloadError(f"unexpected ArrayRecord(s) {sorted(map(_short, extra))}")
     tensors: dict[str, torch.Tensor] = {}
     if payload_key is not None:
         if payload_key not in content.array_records:
             raise PayloadError(f"reply has no '{payload_key}' ArrayRecord")
-        try:
-            tensors = from_array_record(content.array_records[payload_key])
-        except (
-            Exception
-        ) as e:  # a corrupt array is one client's problem, not the round's
-            raise PayloadError(f"cannot decode '{payload_key}': {e}") from None
+        tensors = from_array_record(content.array_records[payload_key])
     return Reply(
-        node_id=node_id,
+        node_id=int(node_id),
         partition_id=partition_id,
         num_examples=num_examples,
-        upload_bytes=record_nbytes(content),
+        upload_bytes=upload_bytes,
         meta=meta,
         metrics=metrics,
         tensors=tensors,
     )
 
 
-def check_finite(tensors: dict[str, torch.Tensor]) -> None:
-    for k, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise PayloadError(f"tensor {k!r} contains NaN or Inf")
+# ---------------------------------------------------------------- tensor checks
 
 
-def validate_embeddings(
-    reply: Reply, *, num_classes: int, tokens: int, dim: int, max_bytes: int
-) -> None:
-    """OSCAR payload: ``mean [K, tokens, dim]`` float16, ``class_ids [K]``, ``counts [K]``."""
-    t = reply.tensors
-    if reply.upload_bytes > max_bytes:
+def require(
+    tensors: dict[str, torch.Tensor], key: str, what: str = "payload"
+) -> torch.Tensor:
+    if key not in tensors:
+        raise PayloadError(f"{what} lacks {key!r} (has {sorted(tensors)[:5]})")
+    return tensors[key]
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    """A floating tensor with finite values (weights, embeddings)."""
+    if t.dtype not in FLOAT_DTYPES:
         raise PayloadError(
-            f"upload of {reply.upload_bytes} bytes exceeds max-upload-mb"
+            f"tensor {name!r} has dtype {t.dtype}, expected floating point"
         )
-    for k in ("mean", "class_ids", "counts"):
-        if k not in t:
-            raise PayloadError(f"embeddings payload lacks {k!r}")
-    mean, ids, counts = t["mean"], t["class_ids"], t["counts"]
-    if mean.dtype not in (torch.float16, torch.float32):
-        raise PayloadError(f"mean has dtype {mean.dtype}, expected float16")
-    if mean.ndim != 3 or mean.shape[1:] != (tokens, dim):
-        raise PayloadError(
-            f"embedding shape {tuple(mean.shape)} != [K, {tokens}, {dim}] "
-            "(wrong text encoder or embedding kind?)"
-        )
-    if ids.dtype != torch.int64 or counts.dtype != torch.int64:
-        raise PayloadError("class_ids and counts must be int64")
-    if not (len(ids) == len(counts) == len(mean)) or len(ids) == 0:
-        raise PayloadError(
-            f"{len(mean)} means, {len(ids)} class ids, {len(counts)} counts"
-        )
-    bad = [int(i) for i in ids if not 0 <= int(i) < num_classes]
+    if not torch.isfinite(t.float()).all():
+        raise PayloadError(f"tensor {name!r} contains NaN or Inf")
+
+
+def check_int_ids(t: torch.Tensor, name: str, hi: int) -> list[int]:
+    """A 1-d int64 tensor of distinct ids in ``[0, hi)``."""
+    if t.dtype != torch.int64:
+        raise PayloadError(f"{name} has dtype {t.dtype}, expected int64")
+    if t.ndim != 1:
+        raise PayloadError(f"{name} has shape {tuple(t.shape)}, expected 1-d")
+    ids = t.tolist()
+    bad = [i for i in ids if not 0 <= i < hi]
     if bad:
-        raise PayloadError(f"unknown class id(s) {bad} (num-classes={num_classes})")
-    if len(set(ids.tolist())) != len(ids):
-        raise PayloadError("duplicate class ids")
-    if (counts <= 0).any():
-        raise PayloadError("counts must be positive")
-    check_finite({"mean": mean})
+        raise PayloadError(f"{name} has value(s) {bad[:5]} outside [0, {hi})")
+    if len(set(ids)) != len(ids):
+        raise PayloadError(f"{name} repeats an id")
+    return ids
 
 
-def validate_state_dict(
-    reply: Reply,
-    reference: dict[str, torch.Tensor],
-    max_bytes: int,
-    what: str = "model",
+def check_state_dict(
+    tensors: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], what: str
 ) -> None:
-    """Weights must match the reference's keys, shapes and be finite."""
-    if reply.upload_bytes > max_bytes:
-        raise PayloadError(
-            f"upload of {reply.upload_bytes} bytes exceeds max-upload-mb"
-        )
-    got, want = set(reply.tensors), set(reference)
+    """Weights with the reference's keys, shapes and floating/integer kinds, finite."""
+    got, want = set(tensors), set(reference)
     if got != want:
         extra, missing = sorted(got - want)[:3], sorted(want - got)[:3]
-        raise PayloadError(f"{what} keys differ: unexpected {extra}, missing {missing}")
+        raise PayloadError(
+            f"{what} keys differ: unexpected {[_short(k) for k in extra]}, "
+            f"missing {missing}"
+        )
     for k, ref in reference.items():
-        if tuple(reply.tensors[k].shape) != tuple(ref.shape):
+        t = tensors[k]
+        if tuple(t.shape) != tuple(ref.shape):
             raise PayloadError(
-                f"{what} tensor {k!r} has shape {tuple(reply.tensors[k].shape)}, "
+                f"{what} tensor {k!r} has shape {tuple(t.shape)}, "
                 f"expected {tuple(ref.shape)}"
             )
-    check_finite(reply.tensors)
-    if reply.num_examples <= 0:
-        raise PayloadError(f"num-examples={reply.num_examples} must be positive")
-
-
-def config_record(values: dict[str, Any]) -> ConfigRecord:
-    """A flat ConfigRecord (Flower forbids nested dicts)."""
-    return ConfigRecord({k: v for k, v in values.items() if v is not None})
+        if ref.is_floating_point():
+            check_float(t, k)
+        elif t.dtype != ref.dtype:
+            raise PayloadError(
+                f"{what} tensor {k!r} has dtype {t.dtype}, expected {ref.dtype}"
+            )

@@ -55,12 +55,53 @@ def weighted_average(tensors: list[torch.Tensor], weights: list[float]) -> torch
     return acc.float()
 
 
+def cap_shares(weights: list[float], max_share: float) -> list[float]:
+    """Normalised weights where no share exceeds ``max_share`` (water-filling).
+
+    Shares above the cap are set to it and the excess goes to the others in
+    proportion to their weights, repeated until none exceeds it; if the cap
+    cannot hold (``max_share * n < 1``) every share is ``1 / n``. Keeps one client
+    from taking over a weighted average by declaring a huge ``num-examples``.
+    E.g. ``[1, 1, 8]`` with cap 0.5 -> ``[0.25, 0.25, 0.5]``.
+    """
+    n = len(weights)
+    if n == 0:
+        raise ValueError("cap_shares: no weights")
+    if not 0 < max_share <= 1:
+        raise ValueError(f"max_share={max_share} must be in (0, 1]")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(
+            f"weights must be finite, >= 0, with a positive sum; got {weights}"
+        )
+    if max_share * n < 1:
+        return [1.0 / n] * n
+    total = float(sum(weights))
+    shares = [w / total for w in weights]
+    capped: set[int] = set()
+    while True:
+        over = [i for i, s in enumerate(shares) if s > max_share + 1e-12]
+        if not over:
+            return shares
+        capped |= set(over)
+        free = [i for i in range(n) if i not in capped]
+        left = 1.0 - max_share * len(capped)
+        free_total = sum(weights[i] for i in free)
+        for i in capped:
+            shares[i] = max_share
+        for i in free:
+            shares[i] = left * (
+                weights[i] / free_total if free_total > 0 else 1 / len(free)
+            )
+
+
 def fedavg_state_dicts(
     states: list[dict[str, torch.Tensor]], weights: list[float]
 ) -> dict[str, torch.Tensor]:
     """One-shot FedAvg (McMahan et al. 2017): example-weighted mean of each tensor.
 
-    Integer buffers (BatchNorm's ``num_batches_tracked``) take the first client's value.
+    Integer buffers (BatchNorm's ``num_batches_tracked``) take the first client's
+    value; floating tensors are averaged in float64 and returned as float32,
+    whatever dtype the clients sent.
     """
     if not states:
         raise ValueError("fedavg_state_dicts: no states")

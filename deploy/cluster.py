@@ -49,33 +49,36 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from deploy.node_keys import generate_node_key
+from deploy.procs import (
+    FLWR_ENV,
+    HOST,
+    StartStop,
+    check_running,
+    free_port,
+    http_ok,
+    port_open,
+    spawn,
+    start_copied,
+    terminate,
+    wait_until,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CERTS_SH = Path(__file__).resolve().with_name("certs.sh")
 
-HOST = "127.0.0.1"
 CONNECTION = "deploy"
 TRANSPORTS = ("rest", "grpc-rere")
 
-FLWR_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    # Else the SuperLink runs `uv sync` on the app's dependencies for every run.
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-}
 # Flower 1.41 serves the gRPC-rere Fleet API only behind this internal switch.
 GRPC_FLEET_ENV = {"FLWR_INTERNAL_GRPC_FLEET_API": "1"}
 
@@ -226,19 +229,6 @@ class NodeExit:
 # ---------------------------------------------------------------- helpers
 
 
-def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def log_tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 def _flower_version(executable: str) -> tuple[int, int] | None:
     try:
         out = subprocess.run(
@@ -248,60 +238,6 @@ def _flower_version(executable: str) -> tuple[int, int] | None:
         return None
     m = VERSION_RE.search(out.stdout + out.stderr)
     return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-def _process_tree(pid: int) -> list[Any]:
-    """The process and all its descendants (psutil), [] without psutil."""
-    try:
-        import psutil
-    except ImportError:
-        return []
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return []
-
-
-def _terminate(procs: Sequence[subprocess.Popen], timeout_s: float) -> None:
-    """SIGTERM each process group and its descendants; SIGKILL what is left.
-
-    Each child was started in its own session (its pid is its process group),
-    so one killpg reaches its helpers too; SuperExec runs in a session of its
-    own, hence the explicit descendant list.
-    """
-    trees = {p.pid: _process_tree(p.pid) for p in procs if p.poll() is None}
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for child in trees.get(p.pid, [])[1:]:
-            try:
-                child.terminate()
-            except Exception:  # noqa: BLE001 - gone already
-                pass
-    deadline = time.monotonic() + timeout_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            p.wait(timeout=10)
-    for tree in trees.values():
-        for child in tree[1:]:
-            try:
-                if child.is_running():
-                    child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except Exception:  # noqa: BLE001 - psutil.TimeoutExpired / NoSuchProcess
-                try:
-                    child.kill()
-                except Exception:  # noqa: BLE001
-                    pass
 
 
 # ---------------------------------------------------------------- the cluster
@@ -314,7 +250,7 @@ class _Proc:
     log: IO[str]
 
 
-class Cluster:
+class Cluster(StartStop):
     """SuperLink + ``nodes`` SuperNodes on 127.0.0.1, with TLS and node auth.
 
     Parameters
@@ -490,13 +426,6 @@ class Cluster:
 
     # -- lifecycle
 
-    def __enter__(self) -> Cluster:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def start(self, timeout_s: float = 120.0) -> None:
         """Make certs and keys, start the SuperLink, register and start the nodes."""
         check_supernode_transport(self.transport, self.supernode_bin)
@@ -542,8 +471,8 @@ class Cluster:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """Stop every process started here: SuperNodes first, then the SuperLink."""
-        _terminate([p.popen for p in self._procs if p.name != "superlink"], timeout_s)
-        _terminate([p.popen for p in self._procs if p.name == "superlink"], timeout_s)
+        terminate([p.popen for p in self._procs if p.name != "superlink"], timeout_s)
+        terminate([p.popen for p in self._procs if p.name == "superlink"], timeout_s)
         for p in self._procs:
             p.log.close()
         self._procs.clear()
@@ -588,31 +517,14 @@ class Cluster:
         cmd = run_command(self.project_root, CONNECTION, run_config)
         lines: list[str] = []
         with open(log_path, "w") as log:
-            log.write("$ " + shlex.join(cmd) + "\n")
-            log.flush()
-            proc = subprocess.Popen(
-                cmd, env=self.env, cwd=self.workdir, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, text=True, errors="replace",
-                start_new_session=True,
+            proc, reader = start_copied(
+                cmd, log, env=self.env, cwd=self.workdir, echo=echo, lines=lines,
+                new_session=True,
             )  # fmt: skip
-
-            def copy() -> None:
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    lines.append(line)
-                    log.write(line)
-                    log.flush()
-                    if echo:
-                        sys.stdout.write(line)
-                        sys.stdout.flush()
-
-            # A thread reads the output so that a silent hang still times out.
-            reader = threading.Thread(target=copy, daemon=True)
-            reader.start()
             try:
                 rc = proc.wait(timeout=timeout)
             except BaseException:  # timeout or Ctrl-C: stop the CLI and the run
-                _terminate([proc], 5)
+                terminate([proc], 5)
                 reader.join(timeout=5)
                 run_id = _run_id("".join(lines))
                 if run_id is not None:
@@ -655,7 +567,7 @@ class Cluster:
         except subprocess.TimeoutExpired:
             rc = None
         finally:
-            _terminate([proc.popen], 10)
+            terminate([proc.popen], 10)
             proc.log.close()
             self._procs.remove(proc)
         log_path = self.logs_dir / f"{name}.log"
@@ -667,13 +579,7 @@ class Cluster:
 
     def _spawn(self, name: str, cmd: list[str], env: Mapping[str, str]) -> _Proc:
         log = open(self.logs_dir / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
-        log.write("$ " + shlex.join(cmd) + "\n")
-        log.flush()
-        popen = subprocess.Popen(
-            cmd, env=dict(env), cwd=self.workdir, stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,  # own process group: one killpg stops it all
-        )  # fmt: skip
+        popen = spawn(cmd, log, env=env, cwd=self.workdir)
         proc = _Proc(name, popen, log)
         self._procs.append(proc)
         return proc
@@ -699,58 +605,37 @@ class Cluster:
 
     def _wait_superlink(self, link: subprocess.Popen, timeout_s: float) -> None:
         """Poll ``GET https://127.0.0.1:<port>/health`` (and the gRPC port)."""
-        import httpx
-
         ctx = ssl.create_default_context(cafile=str(self.root_cert))
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if link.poll() is not None:
-                raise RuntimeError(
-                    f"flower-superlink exited with {link.returncode}; "
-                    f"{self.logs_dir / 'superlink.log'}:\n"
-                    f"{log_tail(self.logs_dir / 'superlink.log')}"
-                )
-            try:
-                ok = httpx.get(
-                    f"https://{self.address}/health", verify=ctx, timeout=2
-                ).is_success
-            except httpx.HTTPError:
-                ok = False
+
+        def ready() -> bool:
+            check_running("flower-superlink", link, self.logs_dir / "superlink.log")
+            ok = http_ok(f"https://{self.address}/health", verify=ctx, timeout_s=2)
             if ok and self.grpc_fleet_port is not None:
-                try:
-                    socket.create_connection(
-                        (HOST, self.grpc_fleet_port), timeout=1
-                    ).close()
-                except OSError:
-                    ok = False
-            if ok:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"the SuperLink did not answer on https://{self.address}/health "
-                    f"within {timeout_s:.0f} s; see {self.logs_dir / 'superlink.log'}"
-                )
-            time.sleep(0.5)
+                ok = port_open(HOST, self.grpc_fleet_port)
+            return ok
+
+        if not wait_until(ready, timeout_s, 0.5):
+            raise TimeoutError(
+                f"the SuperLink did not answer on https://{self.address}/health "
+                f"within {timeout_s:.0f} s; see {self.logs_dir / 'superlink.log'}"
+            )
 
     def _wait_nodes_online(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
+        online = 0
+
+        def ready() -> bool:
+            nonlocal online
             for p in self._procs:
-                if p.name.startswith("supernode-") and p.popen.poll() is not None:
-                    path = self.logs_dir / f"{p.name}.log"
-                    raise RuntimeError(
-                        f"{p.name} exited with {p.popen.returncode}; {path}:\n"
-                        f"{log_tail(path)}"
-                    )
+                if p.name.startswith("supernode-"):
+                    check_running(p.name, p.popen, self.logs_dir / f"{p.name}.log")
             online = self.node_statuses().count("online")
-            if online >= self.nodes:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{online}/{self.nodes} SuperNodes online after {timeout_s:.0f} s; "
-                    f"see {self.logs_dir}/supernode-*.log"
-                )
-            time.sleep(2.0)
+            return online >= self.nodes
+
+        if not wait_until(ready, timeout_s, 2.0):
+            raise TimeoutError(
+                f"{online}/{self.nodes} SuperNodes online after {timeout_s:.0f} s; "
+                f"see {self.logs_dir}/supernode-*.log"
+            )
 
     def _refuse_running_keep(self) -> None:
         """Do not start beside a cluster that ``--keep`` left running here."""

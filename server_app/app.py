@@ -8,7 +8,8 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import ConfigError, build_config
+from common.config import ConfigError
+from methods import build_config
 
 from .round import run_one_shot
 

@@ -1,16 +1,18 @@
 """The one-shot round, as numbered steps in one place.
 
-    1. wait for nodes -> 2. send the round config -> 3. collect replies
-    -> 4. validate -> 5. persist -> 6. server work (synthesize/merge, train)
-    -> 7. push the global model back and collect evaluations -> 8. report
+    0. check the config against the models -> 1. wait for nodes
+    -> 2. send the collect message -> 3. collect replies -> 4. validate
+    -> 5. persist -> 6. server work -> 7. push back and evaluate -> 8. report
 
-There is no second round: clients are asked for their upload exactly once.
+There is no second round: clients are asked for their upload exactly once. The
+round names no method and no dataset: it calls the method's interface
+(``methods.base.OneShotMethod``) and the dataset registry (``common.datasets``).
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -23,11 +25,11 @@ from flwr.serverapp import Grid
 from common import contract as C
 from common.config import RunConfig
 from common.contract import PayloadError, Reply
-from common.data import DIGIT_NAMES
+from common.datasets import DatasetInfo, dataset_info
+from methods import get_method
+from methods.base import OneShotMethod, ServerContext
 
 from . import persist, results
-from .context import ServerContext, ServerOutput
-from .methods import OneShotMethod, get_method
 
 
 class RoundError(RuntimeError):
@@ -40,10 +42,21 @@ class Collected:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     missing: list[dict[str, Any]] = field(default_factory=list)
 
+    def reject(self, node: int, reason: str, partition_id: Any = None) -> None:
+        entry: dict[str, Any] = {"node_id": int(node), "reason": reason}
+        if isinstance(partition_id, int) and not isinstance(partition_id, bool):
+            entry["partition_id"] = partition_id
+        self.rejected.append(entry)
+        log(WARNING, "Rejected node %s (partition %s): %s", node, partition_id, reason)
+
 
 def run_dir_for(cfg: RunConfig, run_id: int | str) -> Path:
-    name = cfg.run_name or str(run_id)
-    return (Path(cfg.output_dir).expanduser() / name).resolve()
+    """``<output-dir>/<run-name or run id>``; never outside ``output-dir``."""
+    root = Path(cfg.output_dir).expanduser().resolve()
+    run_dir = (root / (cfg.run_name or str(run_id))).resolve()
+    if run_dir.parent != root:
+        raise RoundError(f"run folder {run_dir} is not inside output-dir {root}")
+    return run_dir
 
 
 def wait_for_nodes(grid: Grid, min_nodes: int, timeout_s: float) -> list[int]:
@@ -62,42 +75,32 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout_s: float) -> list[int]:
         time.sleep(1.0)
 
 
-def validate_replies(
-    method: OneShotMethod,
-    sent: dict[int, str],
-    raw: list[Message],
-    ctx: ServerContext,
+def unpack_replies(
+    method: OneShotMethod, sent: list[int], raw: list[Message], ctx: ServerContext
 ) -> Collected:
-    """Keep valid replies; record a reason for every rejected or missing node."""
+    """Envelopes of the raw replies, in node order; one reply per node counts."""
     out = Collected()
-    seen: set[int] = set()
-    partitions: set[int] = set()
+    by_node: dict[int, list[Message]] = defaultdict(list)
     for msg in raw:
-        node = int(msg.metadata.src_node_id)
-        seen.add(node)
+        by_node[int(msg.metadata.src_node_id)].append(msg)
+    for node in sorted(by_node):
+        msg = by_node[node][0]
+        if len(by_node[node]) > 1:
+            log(WARNING, "Node %s replied %d times; only its first reply counts",
+                node, len(by_node[node]))  # fmt: skip
         if msg.has_error():
-            reason = f"client error {msg.error.code}: {msg.error.reason}"
-            out.rejected.append({"node_id": node, "reason": reason})
-            log(WARNING, "Rejected node %s: %s", node, reason)
+            out.reject(node, f"client error {msg.error.code}: "
+                       f"{C.safe_text(msg.error.reason, 300)}")  # fmt: skip
             continue
         try:
-            reply = C.unpack_reply(node, msg.content, method.payload_key)
-            if reply.partition_id in partitions:
-                raise PayloadError(
-                    f"partition-id {reply.partition_id} already received"
+            out.replies.append(
+                C.unpack_reply(
+                    node, msg.content, method.payload_key, ctx.max_upload_bytes
                 )
-            method.validate(reply, ctx)
-        except PayloadError as e:
-            meta = msg.content.config_records.get(C.KEY_META)
-            pid = meta.get("partition-id") if meta is not None else None
-            out.rejected.append(
-                {"node_id": node, "partition_id": pid, "reason": str(e)}
             )
-            log(WARNING, "Rejected node %s (partition %s): %s", node, pid, e)
-            continue
-        partitions.add(reply.partition_id)
-        out.replies.append(reply)
-    for node in sorted(set(sent) - seen):
+        except PayloadError as e:
+            out.reject(node, str(e), _claimed_partition(msg))
+    for node in sorted(set(sent) - set(by_node)):
         out.missing.append(
             {"node_id": node, "reason": "no reply within round-timeout-s"}
         )
@@ -105,19 +108,72 @@ def validate_replies(
     return out
 
 
-def dataset_info(cfg: RunConfig, replies: list[Reply]) -> tuple[int, list[str], int]:
-    """``(num_classes, class_names, channels)`` known statically or agreed by clients."""
-    if cfg.dataset in ("mnist", "mnist-domains"):
-        return 10, list(DIGIT_NAMES), 1
+def _claimed_partition(msg: Message) -> Any:
+    try:
+        return msg.content.config_records[C.KEY_META].get("partition-id")
+    except Exception:
+        return None
+
+
+def learn_classes(ctx: ServerContext, replies: list[Reply]) -> DatasetInfo:
+    """The dataset registry's classes, or the plurality over validated envelopes."""
+    if ctx.info is not None:
+        return ctx.info
     votes = Counter(
-        (str(r.meta.get("class-names", "")), int(r.meta.get("channels", 1)))  # type: ignore[call-overload]
-        for r in replies
+        (r.class_names, r.channels) for r in replies if r.class_names and r.channels
     )
     if not votes:
-        raise RoundError("no client reported its classes")
-    (names, channels), _ = votes.most_common(1)[0]
-    class_names = names.split(",")
-    return len(class_names), class_names, channels
+        raise RoundError(
+            f"dataset={ctx.cfg.dataset!r} does not name its classes and no valid "
+            "reply reported them"
+        )
+    # plurality; ties go to the first in sorted order, so arrival order never decides
+    best = max(votes.values())
+    names, channels = min(k for k, v in votes.items() if v == best)
+    return DatasetInfo(ctx.cfg.dataset, names, int(channels))  # type: ignore[arg-type]
+
+
+def screen(method: OneShotMethod, ctx: ServerContext, got: Collected) -> Collected:
+    """Cross-checks and the method's validation of replies whose envelope is valid.
+
+    Used on fresh replies and again on persisted ones when a run resumes.
+    """
+    out = Collected(rejected=list(got.rejected), missing=list(got.missing))
+    # A partition id claimed by two nodes: neither can be trusted with it.
+    claims: dict[int, list[int]] = defaultdict(list)
+    for r in got.replies:
+        claims[r.partition_id].append(r.node_id)
+    candidates = []
+    for r in got.replies:
+        if len(claims[r.partition_id]) > 1:
+            out.reject(r.node_id, f"partition-id {r.partition_id} is claimed by nodes "
+                       f"{sorted(claims[r.partition_id])}; all claims rejected",
+                       r.partition_id)  # fmt: skip
+        else:
+            candidates.append(r)
+    ctx.info = learn_classes(ctx, candidates)
+    for r in candidates:
+        try:
+            if r.class_names is not None and r.class_names != ctx.info.class_names:
+                raise PayloadError(
+                    f"class-names {C.safe_text(','.join(r.class_names))!r} disagree "
+                    f"with the dataset's {C.safe_text(','.join(ctx.info.class_names))!r}"
+                )
+            if r.channels is not None and r.channels != ctx.info.channels:
+                raise PayloadError(
+                    f"channels={r.channels}, the dataset has {ctx.info.channels}"
+                )
+            method.validate(r, ctx)
+        except PayloadError as e:
+            out.reject(r.node_id, str(e), r.partition_id)
+            continue
+        except Exception as e:  # a validator bug must not end the round either
+            out.reject(r.node_id, f"validation failed: {e.__class__.__name__}: "
+                       f"{C.safe_text(e)}", r.partition_id)  # fmt: skip
+            continue
+        out.replies.append(r)
+    out.replies.sort(key=lambda r: r.partition_id)
+    return out
 
 
 def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any]:
@@ -126,9 +182,7 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
     method = get_method(cfg.method)
     run_dir = run_dir_for(cfg, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = ServerContext(cfg=cfg, run_dir=run_dir)
-    if cfg.dataset in ("mnist", "mnist-domains"):
-        ctx.num_classes, ctx.class_names, ctx.channels = dataset_info(cfg, [])
+    ctx = ServerContext(cfg=cfg, run_dir=run_dir, info=dataset_info(cfg.data_args()))
     timings: dict[str, float] = {}
     download: dict[str, int] = {}  # bytes sent to each node, by message
     log(INFO, "One-shot round: method=%s, run dir %s", method.name, run_dir)
@@ -136,14 +190,11 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
     # 0. Fail fast on a config the method cannot run (before any client works)
     method.check(ctx)
 
-    resumed = persist.load_uploads(run_dir) if cfg.run_name else None
+    resumed = persist.load_uploads(run_dir, method.name) if cfg.run_name else None
     if resumed is not None:
-        got = Collected(*resumed)
-        log(
-            INFO,
-            "Resuming from %d persisted uploads: no client is asked again",
-            len(got.replies),
-        )
+        log(INFO, "Resuming from %d persisted uploads: no client is asked again",
+            len(resumed[0]))  # fmt: skip
+        got = screen(method, ctx, Collected(*resumed))
         timings["collect"] = 0.0
         download["collect"] = 0
     else:
@@ -151,7 +202,7 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
         # 1. Wait for at least min-clients nodes
         nodes = wait_for_nodes(grid, cfg.min_clients, cfg.wait_for_nodes_s)
         log(INFO, "%d nodes connected", len(nodes))
-        # 2. Send the round config (and, for fedavg, the initial weights)
+        # 2. Send the collect message with the method's instructions
         content = method.collect_content(ctx)
         download["collect"] = C.record_nbytes(content)
         msgs = [
@@ -160,41 +211,26 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
         ]
         # 3. Collect replies until all arrived or round-timeout-s passed
         raw = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout_s))
-        # 4. Validate each payload; record why a client is dropped
-        if cfg.dataset not in ("mnist", "mnist-domains"):
-            ok = [C.unpack_reply(int(m.metadata.src_node_id), m.content, None)
-                  for m in raw if not m.has_error()]  # fmt: skip
-            ctx.num_classes, ctx.class_names, ctx.channels = dataset_info(cfg, ok)
-        got = validate_replies(
-            method, {n: method.collect_type for n in nodes}, raw, ctx
-        )
+        # 4. Validate: envelopes, then cross-checks, classes and the method's checks
+        got = screen(method, ctx, unpack_replies(method, nodes, raw, ctx))
         timings["collect"] = time.perf_counter() - t0
         # 5. Persist the accepted uploads before any server work
-        persist.save_uploads(run_dir, got.replies, got.rejected, got.missing)
+        persist.save_uploads(
+            run_dir, method.name, got.replies, got.rejected, got.missing
+        )
     if len(got.replies) < cfg.min_clients:
         raise RoundError(
             f"{len(got.replies)} valid replies < min-clients={cfg.min_clients}; "
             f"rejected: {got.rejected}; missing: {got.missing}"
         )
-    if cfg.dataset not in ("mnist", "mnist-domains"):
-        ctx.num_classes, ctx.class_names, ctx.channels = dataset_info(cfg, got.replies)
 
-    # 6. Server work: synthesize or merge, then train the global model
-    checkpoint = persist.load_checkpoint(run_dir, "global") if cfg.run_name else None
-    if checkpoint is not None:
-        state, info = checkpoint
-        out = ServerOutput(
-            model_state=state, arch=info["arch"], extra=info.get("extra", {})
-        )
-        out.timings = info.get("timings", {})
-        log(INFO, "Loaded the persisted global model: server work is not repeated")
+    # 6. Server work (synthesize and train, merge, aggregate), checkpointed
+    out = persist.load_output(run_dir) if cfg.run_name else None
+    if out is not None:
+        log(INFO, "Loaded the persisted server output: server work is not repeated")
     else:
         out = method.server_work(got.replies, ctx)
-        if out.model_state is not None:
-            persist.save_checkpoint(
-                run_dir, "global", out.model_state,
-                {"arch": out.arch, "extra": out.extra, "timings": out.timings},
-            )  # fmt: skip
+        persist.save_output(run_dir, out)
     timings.update(out.timings)
 
     # 7. Push the global model to every node and collect their evaluations
@@ -209,118 +245,22 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
             for n in nodes
         ]
         for msg in grid.send_and_receive(msgs, timeout=cfg.round_timeout_s):
+            node = int(msg.metadata.src_node_id)
             if msg.has_error():
-                log(WARNING, "Evaluation failed on node %s: %s",
-                    msg.metadata.src_node_id, msg.error.reason)  # fmt: skip
+                log(WARNING, "Evaluation failed on node %s: %s", node,
+                    C.safe_text(msg.error.reason, 300))  # fmt: skip
                 continue
             try:
-                r = C.unpack_reply(int(msg.metadata.src_node_id), msg.content, None)
+                r = C.unpack_reply(node, msg.content, None, ctx.max_upload_bytes)
             except PayloadError as e:
-                log(WARNING, "Bad evaluation reply: %s", e)
+                log(WARNING, "Bad evaluation reply from node %s: %s", node, e)
                 continue
-            evals[r.node_id] = r.metrics | {
-                "domain": r.meta.get("domain"),
+            evals[node] = r.metrics | {
                 "partition_id": r.partition_id,
+                "domain": C.safe_text(r.meta.get("domain", ""), 40),
             }
         timings["evaluate"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
     # 8. Report: results.json, plots and the per-client table
-    return report(method, cfg, ctx, got, out, evals, timings, download)
-
-
-def report(
-    method: OneShotMethod,
-    cfg: RunConfig,
-    ctx: ServerContext,
-    got: Collected,
-    out: ServerOutput,
-    evals: dict[int, dict[str, Any]],
-    timings: dict[str, float],
-    download: dict[str, int] | None = None,
-) -> dict[str, Any]:
-    clients: list[dict[str, Any]] = []
-    for r in got.replies:
-        ev = evals.get(r.node_id, r.metrics if method.evaluate_type is None else {})
-        acc = ev.get("accuracy")
-        clients.append(
-            {
-                "partition_id": r.partition_id,
-                "node_id": r.node_id,
-                "domain": r.meta.get("domain"),
-                "num_examples": r.num_examples,
-                "upload_bytes": r.upload_bytes,
-                "accuracy": float(acc) if acc is not None else None,
-                "status": "ok" if acc is not None else "no evaluation",
-                "metrics": r.metrics,
-                "evaluation": {
-                    k: v for k, v in ev.items() if k not in ("domain", "partition_id")
-                },
-            }
-        )
-    for bad in got.rejected + got.missing:
-        ev = evals.get(bad["node_id"], {})
-        pid = bad.get("partition_id", ev.get("partition_id"))
-        clients.append(
-            {
-                "partition_id": pid,
-                "node_id": bad["node_id"],
-                "domain": ev.get("domain"),
-                "num_examples": 0,
-                "upload_bytes": 0,
-                "accuracy": float(ev["accuracy"]) if "accuracy" in ev else None,
-                "status": f"excluded: {bad['reason']}",
-            }
-        )
-    accs = [c["accuracy"] for c in clients if c["accuracy"] is not None]
-    uploads = [c["upload_bytes"] for c in clients if c["upload_bytes"]]
-    n_classes_up = sum(
-        len(r.tensors.get("class_ids", []))
-        for r in got.replies
-        if "class_ids" in r.tensors
-    )
-    fids = [
-        c["evaluation"]["fid-proxy"]
-        for c in clients
-        if "fid-proxy" in c.get("evaluation", {})
-    ]
-    res: dict[str, Any] = {
-        "method": cfg.method,
-        "dataset": cfg.dataset,
-        "partition": cfg.partition,
-        "num_clients": len(got.replies),
-        "clients": clients,
-        "rejected": got.rejected,
-        "missing": got.missing,
-        "mean_accuracy": sum(accs) / len(accs) if accs else None,
-        "mean_fid_proxy": sum(fids) / len(fids) if fids else None,
-        "upload_bytes_total": sum(uploads),
-        "upload_bytes_per_client": sum(uploads) / len(uploads) if uploads else 0,
-        "upload_bytes_per_class": (sum(uploads) / n_classes_up)
-        if n_classes_up
-        else None,
-        # what each node receives: the round config (+ initial weights) and the push
-        "download_bytes_per_client": sum((download or {}).values()),
-        "download_bytes": dict(download or {}),
-        "timings_s": {k: round(v, 3) for k, v in timings.items()}
-        | {
-            k: 0.0
-            for k in ("collect", "synthesize", "train", "evaluate")
-            if k not in timings
-        },
-        "config": cfg.to_flat() | {"num-classes": ctx.num_classes},
-        "device": str(ctx.device),
-        **out.extra,
-    }
-    results.write_results(ctx.run_dir, res)
-    domains = {
-        c["partition_id"]: c.get("domain") or ""
-        for c in clients
-        if isinstance(c["partition_id"], int)
-    }
-    results.plot_accuracy(ctx.run_dir, clients, f"{cfg.method} on {cfg.dataset}")
-    results.plot_samples(ctx.run_dir, out.samples, ctx.class_names, domains)
-    log(INFO, "\n%s", results.format_table(clients))
-    log(INFO, "mean accuracy %s, upload %d B total; results in %s",
-        res["mean_accuracy"], res["upload_bytes_total"], ctx.run_dir / "results.json")  # fmt: skip
-    return res
+    return results.report(method, ctx, got, out, evals, timings, download)

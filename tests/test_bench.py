@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from bench import accuracy as A
+from bench import report as R
 from bench.flower_runs import (
     LocalSimulation,
     parse_run_config_string,
@@ -103,6 +104,29 @@ def test_tables(records):
     dom = A.format_domain_table(s).splitlines()
     assert dom[0] == "| method | inverted | thick |"
     assert dom[2] == "| oscar | 60.0 | 80.0 |"
+
+
+def test_report_cells_and_statistics_by_hand():
+    assert R.mean([1.0, None, 3.0, float("nan")]) == 2.0  # None and NaN left out
+    assert R.mean([]) is None and R.mean([None]) is None
+    assert R.std([1.0]) is None and R.std([1.0, 3.0]) == pytest.approx(2**0.5)
+    assert R.pct(0.1234) == "12.3" and R.pct(-0.05, signed=True) == "-5.0"
+    assert R.nbytes(1234567.0) == "1,234,567" and R.num(2.5) == "2.50"
+    assert R.pct(None) == R.nbytes(None) == R.num(None) == "n/a"
+    assert R.mean_std(0.5, 0.1, 100, "{:.1f}") == "50.0 ± 10.0"
+    assert R.mean_std(0.5, None) == "0.50" and R.mean_std(None, 0.1) == "n/a"
+    assert R.md_table(["a", "b", "c"], [["x", "1", "2"]]) == (
+        "| a | b | c |\n|---|---:|---:|\n| x | 1 | 2 |"
+    )
+
+
+def test_report_json_is_written_whole(tmp_path):
+    R.write_json(tmp_path / "r.json", {"path": tmp_path, "x": [1]}, indent=1)
+    assert json.loads((tmp_path / "r.json").read_text()) == {
+        "path": str(tmp_path),
+        "x": [1],
+    }
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no .tmp left
 
 
 def test_fid_table():

@@ -166,8 +166,8 @@ def test_cli_rejects_unknown_world(capsys):
 
 @pytest.mark.parametrize("world", sorted(L.WORLDS))
 def test_worlds_are_unseen_and_valid(world):
-    from common.config import build_config
     from common.data import UNSEEN_TRANSFORMS, domain_parts
+    from methods import build_config
 
     cfg = build_config(L.WORLD | L.QUICK | {"domains": L.WORLDS[world]})
     transforms = [domain_parts(d)[1] for d in cfg.domain_list]

@@ -2,7 +2,8 @@ import pytest
 from conftest import default_run_config
 from pydantic import ValidationError
 
-from common.config import ConfigError, RunConfig, build_config
+from methods import ConfigError, RunConfig, build_config
+from methods.lora.config_lora import LoraConfig
 
 
 def test_pyproject_defaults_validate_and_match_the_model():
@@ -31,6 +32,10 @@ def test_unknown_key_is_named():
         ("dirichlet-alpha", -1.0, "greater than 0"),
         ("domains", "inverted,sepia", "sepia"),
         ("run-name", "a/b", "letters"),
+        ("run-name", "..", "inside output-dir"),
+        ("run-name", ".", "inside output-dir"),
+        ("lora-merge-density", 0.0, "greater than 0"),
+        ("max-weight-share", 1.5, "less than or equal to 1"),
         ("lora-merge", "mean", "generative"),
     ],
 )
@@ -42,9 +47,9 @@ def test_bad_value_names_key_value_and_allowed(key, value, needle):
 
 
 def test_config_is_frozen_and_derived_fields():
-    cfg = RunConfig()
+    cfg = build_config({})
     assert cfg.domain_list == ("inverted", "thick", "thin", "rotated", "noisy")
-    assert cfg.lora_target_list == [
+    assert cfg.options(LoraConfig).target_list == [
         "to_q",
         "to_k",
         "to_v",
@@ -54,3 +59,15 @@ def test_config_is_frozen_and_derived_fields():
     ]
     with pytest.raises(ValidationError):
         cfg.method = "fedavg"  # type: ignore[misc]
+
+
+def test_method_keys_are_validated_by_the_methods_model_and_replace_routes_them():
+    cfg = build_config({"method": "oscar", "lora-rank": 8})
+    assert cfg.options(LoraConfig).lora_rank == 8
+    assert cfg.to_flat()["lora-rank"] == 8
+    other = cfg.replace(lora_merge="ties", seed=3)
+    assert other.options(LoraConfig).lora_merge == "ties" and other.seed == 3
+    assert cfg.options(LoraConfig).lora_merge == "svd"  # the original is untouched
+    with pytest.raises(KeyError):
+        cfg.replace(nope=1)
+    assert isinstance(cfg, RunConfig)

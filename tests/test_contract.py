@@ -5,18 +5,23 @@ from flwr.app import ArrayRecord
 
 from common import contract as C
 from common.contract import PayloadError
+from methods.fedavg import payload_fedavg
+from methods.oscar import payload_oscar
+
+EMB = payload_oscar.RECORD
 
 
-def _reply(mean, ids, counts, meta=None, nbytes=None):
+def _reply(mean, ids, counts, meta=None, max_bytes=None):
     content = C.pack_reply(
         {"partition-id": 0, "embedding": "pooled", **(meta or {})},
         {"num-examples": 10},
-        {C.KEY_EMBEDDINGS: {"mean": mean, "class_ids": ids, "counts": counts}},
+        {EMB: {"mean": mean, "class_ids": ids, "counts": counts}},
     )
-    r = C.unpack_reply(5, content, C.KEY_EMBEDDINGS)
-    if nbytes is not None:
-        r.upload_bytes = nbytes
-    return r
+    return C.unpack_reply(5, content, EMB, max_bytes)
+
+
+def _validate(r):
+    return payload_oscar.unpack(r.tensors, num_classes=10, tokens=1, dim=8)
 
 
 def test_array_record_round_trip_keeps_shapes_and_sends_bf16_as_fp16():
@@ -38,10 +43,10 @@ def test_array_record_round_trip_keeps_shapes_and_sends_bf16_as_fp16():
 def test_valid_embeddings_pass_and_bytes_are_counted():
     mean = torch.randn(3, 1, 8, dtype=torch.float16)
     r = _reply(mean, torch.tensor([0, 4, 9]), torch.tensor([5, 1, 2]))
-    C.validate_embeddings(r, num_classes=10, tokens=1, dim=8, max_bytes=10_000)
+    _validate(r)
     raw = 3 * 8 * 2 + 3 * 8 + 3 * 8  # fp16 means + int64 ids + int64 counts
-    # what travels = the raw tensors + one small .npy header per array
-    assert raw < r.upload_bytes <= raw + 3 * 160
+    # what travels = the raw tensors + one .npy header per array + meta and metrics
+    assert raw < r.upload_bytes <= raw + 3 * 160 + 200
 
 
 @pytest.mark.parametrize(
@@ -50,22 +55,22 @@ def test_valid_embeddings_pass_and_bytes_are_counted():
         (torch.randn(2, 1, 7), [0, 1], [1, 1], "embedding shape"),
         (torch.full((2, 1, 8), float("nan")), [0, 1], [1, 1], "NaN"),
         (torch.tensor([[[float("inf")] * 8]] * 2), [0, 1], [1, 1], "NaN or Inf"),
-        (torch.randn(2, 1, 8), [0, 12], [1, 1], "unknown class id"),
-        (torch.randn(2, 1, 8), [3, 3], [1, 1], "duplicate"),
-        (torch.randn(2, 1, 8), [0, 1], [1, 0], "positive"),
+        (torch.randn(2, 1, 8), [0, 12], [1, 1], "outside"),
+        (torch.randn(2, 1, 8), [3, 3], [1, 1], "repeats"),
+        (torch.randn(2, 1, 8), [0, 1], [1, 0], "counts must be in"),
         (torch.randn(2, 1, 8), [0], [1], "class ids"),
     ],
 )
 def test_malformed_embeddings_are_rejected_with_reason(mean, ids, counts, needle):
     r = _reply(mean.half(), torch.tensor(ids), torch.tensor(counts))
     with pytest.raises(PayloadError, match=needle):
-        C.validate_embeddings(r, num_classes=10, tokens=1, dim=8, max_bytes=10_000)
+        _validate(r)
 
 
 def test_too_large_upload_is_rejected():
-    r = _reply(torch.randn(1, 1, 8).half(), torch.tensor([0]), torch.tensor([1]))
     with pytest.raises(PayloadError, match="exceeds max-upload-mb"):
-        C.validate_embeddings(r, num_classes=10, tokens=1, dim=8, max_bytes=10)
+        _reply(torch.randn(1, 1, 8).half(), torch.tensor([0]), torch.tensor([1]),
+               max_bytes=10)  # fmt: skip
 
 
 def test_unpack_requires_meta_metrics_and_schema():
@@ -74,21 +79,31 @@ def test_unpack_requires_meta_metrics_and_schema():
     with pytest.raises(PayloadError, match="meta"):
         C.unpack_reply(1, RecordDict(), None)
     content = C.pack_reply({"partition-id": 0}, {"num-examples": 1})
+    C.unpack_reply(1, content, None)
     content[C.KEY_META]["schema"] = 99
     with pytest.raises(PayloadError, match="schema"):
         C.unpack_reply(1, content, None)
 
 
+def _model_reply(tensors):
+    content = C.pack_reply(
+        {"partition-id": 1}, {"num-examples": 4}, {payload_fedavg.RECORD: tensors}
+    )
+    return C.unpack_reply(1, content, payload_fedavg.RECORD)
+
+
 def test_state_dict_validation():
     ref = {"w": torch.zeros(2, 2), "n": torch.tensor(0)}
-    good = C.pack_reply({"partition-id": 1}, {"num-examples": 4},
-                        {C.KEY_MODEL: {"w": torch.ones(2, 2), "n": torch.tensor(3)}})  # fmt: skip
-    C.validate_state_dict(C.unpack_reply(1, good, C.KEY_MODEL), ref, 10**6)
-    bad = C.pack_reply({"partition-id": 1}, {"num-examples": 4},
-                       {C.KEY_MODEL: {"w": torch.ones(3, 2), "n": torch.tensor(3)}})  # fmt: skip
+    good = _model_reply({"w": torch.ones(2, 2), "n": torch.tensor(3)})
+    payload_fedavg.unpack(good.tensors, ref)
+    bad = _model_reply({"w": torch.ones(3, 2), "n": torch.tensor(3)})
     with pytest.raises(PayloadError, match="shape"):
-        C.validate_state_dict(C.unpack_reply(1, bad, C.KEY_MODEL), ref, 10**6)
-    extra = C.pack_reply({"partition-id": 1}, {"num-examples": 4},
-                         {C.KEY_MODEL: {"w": torch.ones(2, 2), "x": np.float32(1) * torch.ones(1)}})  # fmt: skip
+        payload_fedavg.unpack(bad.tensors, ref)
+    extra = _model_reply({"w": torch.ones(2, 2), "x": np.float32(1) * torch.ones(1)})
     with pytest.raises(PayloadError, match="keys differ"):
-        C.validate_state_dict(C.unpack_reply(1, extra, C.KEY_MODEL), ref, 10**6)
+        payload_fedavg.unpack(extra.tensors, ref)
+    ints = _model_reply(
+        {"w": torch.ones(2, 2, dtype=torch.int32), "n": torch.tensor(3)}
+    )
+    with pytest.raises(PayloadError, match="floating point"):
+        payload_fedavg.unpack(ints.tensors, ref)

@@ -5,11 +5,11 @@ import torch
 from common.data import (
     MNIST_PUBLIC_SIZE,
     STYLES,
-    load_client_data,
     load_mnist,
     mnist_client_pool,
     render_style,
 )
+from common.datasets import load_client_data
 
 
 def test_mnist_ships_in_the_package():
@@ -109,7 +109,7 @@ def test_unseen_transforms_by_hand():
 
 
 def test_unseen_domains_are_validated():
-    from common.config import ConfigError, build_config
+    from methods import ConfigError, build_config
 
     assert "thick+boxed" in build_config({"domains": "thick+boxed"}).domains
     with pytest.raises(ConfigError, match="sepia"):
@@ -119,3 +119,30 @@ def test_unseen_domains_are_validated():
     from common.data import caption
 
     assert caption(3, "thick+mirrored") == caption(3, "thick")
+
+
+def test_dataset_registry_resolves_every_kind(tmp_path):
+    from tiny_stack import FOLDER_CLASSES, make_hf_dataset, make_image_folder
+
+    from common.datasets import DataArgs, dataset_info, get_source
+
+    folder = make_image_folder(tmp_path / "folder", 10)
+    hf = make_hf_dataset(tmp_path / "hf", 10)
+    assert get_source("mnist-domains").kind == "mnist"
+    assert get_source(str(hf)).kind == "huggingface"
+    assert get_source(str(folder)).kind == "imagefolder"
+    assert get_source("someone/some-dataset").kind == "huggingface"  # a hub id
+    # the server knows MNIST's and a HF schema's classes, not a folder's
+    assert dataset_info(DataArgs("mnist")).class_names[0] == "zero"
+    assert dataset_info(DataArgs(str(hf))).class_names == FOLDER_CLASSES
+    assert dataset_info(DataArgs(str(folder))) is None
+    parts = [load_client_data(str(hf), "iid", i, 2, image_size=16) for i in range(2)]
+    assert sum(len(p.train_labels) + len(p.test_labels) for p in parts) == 30
+    assert parts[0].train_images.shape[1:] == (1, 16, 16)
+    assert parts[0].class_names == list(FOLDER_CLASSES)
+    assert parts[0].info.class_prompt(1) == "a photo of a cross"
+
+
+def test_unopenable_dataset_names_the_value(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no/such-dataset"):
+        load_client_data("no/such-dataset", "iid", 0, 2)

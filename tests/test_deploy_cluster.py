@@ -10,14 +10,18 @@ refused, and run the app end to end (~60 s).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import tomllib
 
 from deploy import cluster as C
+from deploy import procs as P
 from deploy.node_keys import generate_node_key
 
 NEEDS_FLOWER = pytest.mark.skipif(
@@ -127,6 +131,102 @@ def test_certs_have_loopback_and_extra_names(tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert verify.returncode == 0, verify.stderr
+
+
+# ---------------------------------------------------------------- deploy.procs
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_log_tail_and_check_running(tmp_path):
+    log = tmp_path / "x.log"
+    log.write_text("".join(f"line {i}\n" for i in range(30)))
+    assert P.log_tail(log, 2) == "line 28\nline 29"
+    assert len(P.log_tail(log).splitlines()) == 20
+    assert P.log_tail(tmp_path / "missing.log") == ""
+    done = subprocess.Popen(["true"])
+    done.wait()
+    with pytest.raises(RuntimeError, match=r"(?s)true exited with 0; .*\nline 29"):
+        P.check_running("true", done, log)
+
+
+def test_ports_and_wait_until():
+    port = P.free_port()
+    assert not P.port_open(P.HOST, port) and not P.http_ok(f"http://{P.HOST}:{port}/")
+    with socket.create_server((P.HOST, 0)) as srv:
+        assert P.port_open(P.HOST, srv.getsockname()[1])
+    calls = []
+    assert P.wait_until(lambda: calls.append(1) or len(calls) == 3, 10, 0.01)
+    assert len(calls) == 3
+    assert not P.wait_until(lambda: False, 0.05, 0.01)
+
+
+def test_start_copied_keeps_every_line(tmp_path):
+    lines: list[str] = []
+    with open(tmp_path / "x.log", "w") as log:
+        proc, reader = P.start_copied(
+            ["printf", "a\\nb c\\n"], log, env=os.environ, cwd=tmp_path, lines=lines
+        )
+        assert proc.wait(timeout=10) == 0
+        reader.join(timeout=10)
+    assert lines == ["a\n", "b c\n"]
+    assert (tmp_path / "x.log").read_text() == "$ printf 'a\\nb c\\n'\na\nb c\n"
+
+
+def test_terminate_stops_the_group_and_a_child_in_its_own_session(tmp_path):
+    # Like a SuperNode: one helper in its process group, one (SuperExec) not.
+    code = (
+        "import subprocess, time\n"
+        "a = subprocess.Popen(['sleep', '60'])\n"
+        "b = subprocess.Popen(['sleep', '60'], start_new_session=True)\n"
+        "print(a.pid, b.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+
+    def helpers() -> list[int]:
+        last = P.log_tail(tmp_path / "p.log", 1).split()
+        return [int(x) for x in last] if all(x.isdigit() for x in last) else []
+
+    with open(tmp_path / "p.log", "w") as log:
+        proc = P.spawn([sys.executable, "-c", code], log, env=os.environ, cwd=tmp_path)
+        assert P.wait_until(lambda: len(helpers()) == 2, 10, 0.05)
+        P.terminate([proc], timeout_s=5)
+    assert proc.returncode is not None
+    assert all(_gone(pid) for pid in helpers())
+
+
+def test_find_and_stop_processes():
+    mark = "61.2345"  # an argument no other process has
+    proc = subprocess.Popen(["sleep", mark])
+    found = P.find_processes(lambda cmd: cmd == ["sleep", mark])
+    assert [p.pid for p in found] == [proc.pid]
+    P.stop_processes(found, timeout_s=5)
+    assert proc.wait(timeout=5) is not None and not P.find_processes(
+        lambda cmd: cmd == ["sleep", mark]
+    )
+
+
+def test_start_stop_stops_also_on_errors():
+    calls = []
+
+    class Thing(P.StartStop):
+        def start(self) -> None:
+            calls.append("start")
+
+        def stop(self) -> None:
+            calls.append("stop")
+
+    with pytest.raises(ValueError), Thing() as thing:
+        assert isinstance(thing, Thing)
+        raise ValueError
+    assert calls == ["start", "stop"]
 
 
 # ---------------------------------------------------------------- slow: real processes

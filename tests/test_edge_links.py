@@ -7,6 +7,7 @@ import threading
 import time
 
 from deploy import edge_links as E
+from deploy.procs import free_port
 
 
 def _echo_server() -> tuple[socket.socket, int]:
@@ -22,15 +23,9 @@ def _echo_server() -> tuple[socket.socket, int]:
     return srv, srv.getsockname()[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_relay_delays_both_ways_and_keeps_every_byte():
     srv, port = _echo_server()
-    listen = ("127.0.0.1", _free_port())
+    listen = ("127.0.0.1", free_port())
     relay = E.DelayRelay(listen, ("127.0.0.1", port), delay_s=0.2)
     relay.start()
     try:

@@ -15,16 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.captioner import RetrievalCaptioner, load_captioner
 from common.data import STYLES, class_name_prompt, load_mnist, phrase_bank, render_style
-from common.foundation import (
-    RetrievalCaptioner,
-    embedded_dir,
-    load_captioner,
-    load_generator,
-    load_text_encoder,
-)
+from common.generator import load_generator
 from common.models import load_classifier
+from common.synthesis import sample
+from common.text_encoder import load_text_encoder
 from common.train import predict
+from common.weights import embedded_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BYTES = 30 * 1024 * 1024
@@ -134,8 +132,13 @@ def test_class_conditioned_samples_are_recognised(stack, style):
         )
     cond = torch.cat(conds).repeat_interleave(n, 0)
     y = torch.arange(10).repeat_interleave(n)
-    x = stack["generator"].sample(
-        cond, stack["uncond"], guidance_scale=3.0, num_inference_steps=15, seed=0
+    x = sample(
+        stack["generator"],
+        cond,
+        stack["uncond"],
+        guidance_scale=3.0,
+        num_inference_steps=15,
+        seed=0,
     )
     assert x.shape == (80, 1, 16, 16) and x.min() >= -1 and x.max() <= 1
     acc = float((predict(stack["judge"], x) == y).float().mean())
@@ -148,8 +151,13 @@ def test_class_name_prompt_gives_plain_digits(stack):
     prompts = [class_name_prompt(c) for c in range(10)]
     cond = stack["encoder"].encode(prompts).repeat_interleave(4, 0)
     y = torch.arange(10).repeat_interleave(4)
-    x = stack["generator"].sample(
-        cond, stack["uncond"], guidance_scale=3.0, num_inference_steps=10, seed=1
+    x = sample(
+        stack["generator"],
+        cond,
+        stack["uncond"],
+        guidance_scale=3.0,
+        num_inference_steps=10,
+        seed=1,
     )
     assert float((predict(stack["judge"], x) == y).float().mean()) >= 0.85
     detected = style_of(stack["captioner"].caption(x, y), stack)
@@ -174,8 +182,8 @@ def test_pretrain_quick_end_to_end(tmp_path):
     cap = load_captioner(str(out / "clip"), texts, torch.as_tensor(labels))
     assert len(cap.caption(torch.zeros(3, 1, 16, 16))) == 3
     gen = load_generator(str(out / "generator"))
-    x = gen.sample(
-        enc.encode(["the digit one"]), enc.encode([""]), num_inference_steps=2
+    x = sample(
+        gen, enc.encode(["the digit one"]), enc.encode([""]), num_inference_steps=2
     )
     assert x.shape == (1, 1, 16, 16)
     assert load_classifier(out / "judge")(x).shape == (1, 10)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_stack import make_tiny_sd
 
+from common.captioner import load_captioner
 from common.data import phrase_bank
-from common.foundation import (
-    load_captioner,
-    load_generator,
-    load_text_encoder,
-    to_dataset_format,
-)
+from common.generator import load_generator
+from common.synthesis import sample, to_dataset_format
+from common.text_encoder import load_text_encoder
 
 
 def test_clip_folder_as_text_encoder_and_retrieval_captioner(tiny_stack_dir):
@@ -36,14 +35,14 @@ def test_generator_folder_pixel_space(tiny_stack_dir):
     gen = load_generator(str(tiny_stack_dir / "generator"), scheduler="dpm")
     assert gen.embedding == "pooled" and gen.vae is None
     cond = torch.randn(3, 1, 16)
-    a = gen.sample(cond, torch.zeros(1, 1, 16), num_inference_steps=2, seed=1)
-    b = gen.sample(cond, torch.zeros(1, 1, 16), num_inference_steps=2, seed=1)
+    a = sample(gen, cond, torch.zeros(1, 1, 16), num_inference_steps=2, seed=1)
+    b = sample(gen, cond, torch.zeros(1, 1, 16), num_inference_steps=2, seed=1)
     assert a.shape == (3, 1, 16, 16) and torch.equal(a, b)  # seeded
     assert a.min() >= -1 and a.max() <= 1
     with pytest.raises(ValueError, match=r"needs \[batch, tokens, 16\]"):
-        gen.sample(torch.randn(2, 1, 8), torch.zeros(1, 1, 8))
+        sample(gen, torch.randn(2, 1, 8), torch.zeros(1, 1, 8))
     with pytest.raises(ValueError, match="guidance-scale"):
-        gen.sample(cond, torch.zeros(1, 1, 16), guidance_scale=0.5)
+        sample(gen, cond, torch.zeros(1, 1, 16), guidance_scale=0.5)
 
 
 def test_guidance_one_runs_only_the_conditional_model(tiny_stack_dir):
@@ -53,13 +52,15 @@ def test_guidance_one_runs_only_the_conditional_model(tiny_stack_dir):
     batches: list[int] = []
     hook = gen.unet.register_forward_hook(lambda m, a, o: batches.append(len(a[0])))
     cond = torch.randn(3, 1, 16)
-    plain = gen.sample(cond, torch.zeros(1, 1, 16), guidance_scale=1.0,
+    plain = sample(gen, cond, torch.zeros(1, 1, 16), guidance_scale=1.0,
                        num_inference_steps=2, seed=4)  # fmt: skip
     assert batches == [3, 3]
     batches.clear()
-    same = gen.sample(cond, cond[:1], guidance_scale=1.0, num_inference_steps=2, seed=4)
+    same = sample(
+        gen, cond, cond[:1], guidance_scale=1.0, num_inference_steps=2, seed=4
+    )
     assert torch.equal(plain, same)  # uncond is never used at w = 1
-    guided = gen.sample(cond[:1], cond[:1], guidance_scale=3.0,
+    guided = sample(gen, cond[:1], cond[:1], guidance_scale=3.0,
                         num_inference_steps=2, seed=4)  # fmt: skip
     assert batches[-2:] == [2, 2]  # unconditional + conditional halves
     torch.testing.assert_close(guided, plain[:1], atol=1e-5, rtol=0)
@@ -69,49 +70,22 @@ def test_guidance_one_runs_only_the_conditional_model(tiny_stack_dir):
 def test_stable_diffusion_layout_with_vae_and_sequence_conditioning(tmp_path):
     """A diffusers pipeline folder (unet/ vae/ scheduler/ text_encoder/ tokenizer/),
     like a downloaded SD checkpoint, but tiny."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    from common.data import vocabulary
-    from common.foundation import build_tokenizer
-
-    torch.manual_seed(0)
-    tok = build_tokenizer(vocabulary())
-    te = CLIPTextModelWithProjection(
-        CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
-                       bos_token_id=2, eos_token_id=3, pad_token_id=0, projection_dim=32)
-    )  # fmt: skip
-    te.save_pretrained(tmp_path / "text_encoder")
-    tok.save_pretrained(tmp_path / "tokenizer")
-    UNet2DConditionModel(
-        sample_size=4, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=4, norm_num_groups=8,
-    ).save_pretrained(tmp_path / "unet")  # fmt: skip
-    AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8, sample_size=8,
-    ).save_pretrained(tmp_path / "vae")  # fmt: skip
-    DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "scheduler")
-
+    make_tiny_sd(tmp_path)
     enc = load_text_encoder(str(tmp_path))  # falls back to the text_encoder/ subfolder
     cond = enc.encode(["a thick digit three"], "sequence")
     assert cond.shape == (1, 16, 32)
     gen = load_generator(str(tmp_path), scheduler="ddim")
     assert gen.embedding == "sequence" and gen.vae is not None
-    img = gen.sample(cond, enc.encode([""], "sequence"), num_inference_steps=2)
+    img = sample(gen, cond, enc.encode([""], "sequence"), num_inference_steps=2)
     assert img.shape == (1, 3, 8, 8)  # decoded by the VAE
     assert to_dataset_format(img, 1, 16).shape == (1, 1, 16, 16)
 
     # The default lora-targets name modules of SD's UNet: attention projections
     # (self and cross) and the resnets' 3x3 convs, and nothing of the VAE.
-    from common.config import RunConfig
     from common.lora import attach_lora, get_lora_state
+    from methods.lora.config_lora import LoraConfig
 
-    attach_lora(gen.unet, 4, 4.0, RunConfig().lora_target_list, seed=0)
+    attach_lora(gen.unet, 4, 4.0, LoraConfig().target_list, seed=0)
     layers = {k.rsplit(".lora_", 1)[0] for k in get_lora_state(gen.unet)}
     for part in ("attn1.to_q", "attn2.to_v", "attn2.to_out.0", "resnets.0.conv1",
                  "resnets.0.conv2"):  # fmt: skip
@@ -130,6 +104,6 @@ def test_missing_model_error_names_role_path_and_fix(tmp_path):
 
 
 def test_embedded_dir_env_override(tiny_stack, monkeypatch):
-    from common.foundation import embedded_dir
+    from common.weights import embedded_dir
 
     assert embedded_dir() == tiny_stack

@@ -1,10 +1,13 @@
-"""Kill the ServerApp during server work, re-run with the same run name: it resumes
-from the persisted uploads, contacts no client for them again, and writes the same
-results.json as an uninterrupted run (timings aside).
+"""Kill the ServerApp, re-run with the same run name: it resumes from what was
+persisted, contacts no client for its upload again, and writes the same
+results.json as an uninterrupted run (timings aside). For every registered method,
+at two points: right after the server work (before its checkpoint: the work is
+redone from the persisted uploads) and right after the checkpoint (the push and
+the evaluation use the checkpointed output: model, pushed arrays, push config).
 
 Each run is its own Python process (the round with the in-process Grid of
-tests/fakegrid.py and the real ClientApp); the killed one dies by SIGKILL in the
-middle of training the global classifier, so nothing gets to clean up.
+tests/fakegrid.py and the real ClientApp); the killed one dies by SIGKILL, so
+nothing gets to clean up.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from common import contract as C
+from methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,15 +30,25 @@ import json, os, signal, sys
 sys.path.insert(0, "tests")
 from fakegrid import FakeGrid
 from client_app.app import app
-from common.config import build_config
+from methods import METHODS, build_config
+from server_app import persist
 from server_app.round import run_one_shot
-import server_app.methods.oscar as oscar
 
 rc, mode = json.loads(sys.argv[1]), sys.argv[2]
-if mode == "kill":
-    def die(*args, **kwargs):
+
+
+def then_die(fn):
+    def wrapped(*args, **kwargs):
+        fn(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGKILL)
-    oscar.train_global = die  # dies after synthesis, during training
+    return wrapped
+
+
+if mode == "kill-after-work":  # the work is done, its checkpoint is not written
+    cls = METHODS[rc["method"]]
+    cls.server_work = then_die(cls.server_work)
+elif mode == "kill-after-checkpoint":
+    persist.save_output = then_die(persist.save_output)
 grid = FakeGrid(app, 3, rc)
 run_one_shot(grid, build_config(rc), "run")
 print("SENT " + json.dumps(grid.sent))
@@ -66,28 +79,32 @@ def _comparable(res: dict) -> dict:
     return res
 
 
-@pytest.mark.timeout(600)
-def test_killed_during_training_resumes_to_the_same_results(tiny_stack, fast_config):
-    fast_config["method"] = "oscar"
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_killed_run_resumes_to_the_same_results(method, tiny_stack, fast_config):
+    fast_config["method"] = method
     out = Path(fast_config["output-dir"])
+    collect = METHODS[method].collect_type
 
     ref = _round(fast_config | {"run-name": "reference"}, "run")
     assert ref.returncode == 0, ref.stderr[-2000:]
-
-    killed = fast_config | {"run-name": "killed"}
-    k = _round(killed, "kill")
-    assert k.returncode == -signal.SIGKILL, k.stderr[-2000:]
-    run_dir = out / "killed"
-    assert not (run_dir / "results.json").exists()
-    manifest = json.loads((run_dir / "uploads" / "manifest.json").read_text())
-    assert len(manifest["replies"]) == 3
-
-    again = _round(killed, "resume")
-    assert again.returncode == 0, again.stderr[-2000:]
-    sent = json.loads(again.stdout.split("SENT ", 1)[1])
-    assert sent and all(t != C.TRAIN_EMBED for _, t in sent)  # no upload asked again
-    assert {t for _, t in sent} == {C.EVALUATE}  # only the global model goes out
-
     a = json.loads((out / "reference" / "results.json").read_text())
-    b = json.loads((run_dir / "results.json").read_text())
-    assert _comparable(a) == _comparable(b)
+
+    for mode in ("kill-after-work", "kill-after-checkpoint"):
+        killed = fast_config | {"run-name": mode}
+        k = _round(killed, mode)
+        assert k.returncode == -signal.SIGKILL, (mode, k.stderr[-2000:])
+        run_dir = out / mode
+        assert not (run_dir / "results.json").exists()
+        manifest = json.loads((run_dir / "uploads" / "manifest.json").read_text())
+        assert len(manifest["replies"]) == 3 and manifest["method"] == method
+
+        again = _round(killed, "resume")
+        assert again.returncode == 0, (mode, again.stderr[-2000:])
+        sent = json.loads(again.stdout.split("SENT ", 1)[1])
+        assert all(t != collect for _, t in sent), mode  # no upload asked again
+        evaluate = METHODS[method].evaluate_type
+        assert {t for _, t in sent} == ({evaluate} if evaluate else set()), mode
+        b = json.loads((run_dir / "results.json").read_text())
+        assert _comparable(a) == _comparable(b), mode

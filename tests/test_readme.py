@@ -10,7 +10,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from common.config import RunConfig
+from methods import METHODS, build_config, config_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -43,7 +43,7 @@ def _toml_scalar(v: object) -> str:
 
 def test_config_table_lists_every_key_with_the_pyproject_default():
     table = _config_table()
-    keys = {f.alias or k for k, f in RunConfig.model_fields.items()}
+    keys = set(config_keys())
     assert set(table) == keys, (
         f"README lacks {sorted(keys - set(table))}, has extra {sorted(set(table) - keys)}"
     )
@@ -53,11 +53,13 @@ def test_config_table_lists_every_key_with_the_pyproject_default():
     assert set(defaults) == keys
     for key, shown in table.items():
         assert shown == _toml_scalar(defaults[key]), (key, shown, defaults[key])
-        # and pyproject's default is the model's default
-        field = next(
-            f for k, f in RunConfig.model_fields.items() if (f.alias or k) == key
-        )
-        assert field.default == defaults[key], key
+    # and pyproject's defaults are the models' defaults (shared and each method's)
+    models = [build_config({}).__class__] + [
+        m.config for m in METHODS.values() if m.config
+    ]
+    for model in models:
+        for k, f in model.model_fields.items():
+            assert f.default == defaults[f.alias or k], f.alias or k
 
 
 def _quickstart_commands() -> list[str]:

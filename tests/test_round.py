@@ -15,8 +15,9 @@ from flwr.app import Error, Message
 
 from client_app.app import app as client_app
 from common import contract as C
-from common.config import ConfigError, build_config
-from server_app.methods import METHODS
+from methods import METHODS, ConfigError, build_config
+from methods.lora import payload_lora
+from methods.oscar import payload_oscar
 from server_app.round import RoundError, run_one_shot
 
 
@@ -35,7 +36,7 @@ def test_every_method_completes_and_writes_results(
     on_disk = json.loads((run_dir / "results.json").read_text())
     assert on_disk["method"] == method
     for key in ("dataset", "partition", "num_clients", "clients", "mean_accuracy",
-                "upload_bytes_total", "timings_s", "config"):  # fmt: skip
+                "upload_bytes_total", "timings_s", "config", "class_names"):  # fmt: skip
         assert key in on_disk, key
     assert set(on_disk["timings_s"]) >= {
         "collect",
@@ -45,31 +46,41 @@ def test_every_method_completes_and_writes_results(
         "total",
     }
     assert on_disk["config"]["num-classes"] == 10
-    assert on_disk["num_clients"] == 3
+    assert on_disk["num_clients"] == 3 and not on_disk["rejected"]
     assert {c["partition_id"] for c in on_disk["clients"]} == {0, 1, 2}
     assert all(0.0 <= c["accuracy"] <= 1.0 for c in on_disk["clients"])
     assert (run_dir / "accuracy_per_client.png").is_file()
     # exactly one collect message per node: one round, no second one
     collect = METHODS[method].collect_type
     assert [n for n, t in grid.sent if t == collect] == grid.nodes
-    if method == "lora":
-        assert on_disk["lora"]["merged_rank"] == fast_config["lora-merge-rank"]
-        assert all(c["evaluation"]["fid-proxy"] >= 0 for c in on_disk["clients"])
-        assert on_disk["mean_fid_proxy"] is not None
-    if method in ("oscar", "class-names", "lora"):
-        assert (run_dir / "synthetic_samples.png").is_file()
-    if method == "oscar":
-        per_class = on_disk["upload_bytes_per_class"]
-        assert 0 < per_class <= 2048
-        assert all(c["upload_bytes"] > 0 for c in on_disk["clients"])
-    if method in ("class-names", "local"):
-        assert on_disk["upload_bytes_total"] == 0
+    # what a method synthesizes shows in the sample grid
+    assert (run_dir / "synthetic_samples.png").is_file() == ("num_synthetic" in on_disk)
+    # the uploads the method declares are what was persisted
+    manifest = json.loads((run_dir / "uploads" / "manifest.json").read_text())
+    assert manifest["method"] == method and len(manifest["replies"]) == 3
+    assert all(bool(e["file"]) == bool(METHODS[method].payload_key)
+               for e in manifest["replies"])  # fmt: skip
+
+
+def test_oscar_uploads_at_most_2kb_per_class(tiny_stack, fast_config):
+    fast_config["method"] = "oscar"
+    _, res = _run(fast_config)
+    assert 0 < res["upload_bytes_per_class"] <= 2048
+    assert all(c["upload_bytes"] > 0 for c in res["clients"])
+
+
+def test_lora_reports_its_merge_and_fid_proxy(tiny_stack, fast_config):
+    fast_config["method"] = "lora"
+    _, res = _run(fast_config)
+    assert res["lora"]["merged_rank"] == fast_config["lora-merge-rank"]
+    assert all(c["evaluation"]["fid-proxy"] >= 0 for c in res["clients"])
+    assert res["mean_fid_proxy"] is not None
 
 
 def _tamper_embeddings(fn):
     def hook(reply: Message, msg: Message) -> Message:
-        t = C.from_array_record(reply.content.array_records[C.KEY_EMBEDDINGS])
-        reply.content[C.KEY_EMBEDDINGS] = C.to_array_record(fn(t))
+        t = C.from_array_record(reply.content.array_records[payload_oscar.RECORD])
+        reply.content[payload_oscar.RECORD] = C.to_array_record(fn(t))
         return reply
 
     return hook
@@ -111,7 +122,7 @@ def _client_crash(reply: Message, msg: Message) -> Message:
     [
         (_tamper_embeddings(_wrong_dim), "embedding shape"),
         (_tamper_embeddings(_nan), "NaN"),
-        (_tamper_embeddings(_unknown_class), "unknown class id"),
+        (_tamper_embeddings(_unknown_class), "outside [0, 10)"),
         (_tamper_embeddings(_wrong_dtype), "dtype"),
         (_tamper_embeddings(_oversized), "exceeds max-upload-mb"),
         (_client_crash, "ClientApp crashed"),
@@ -162,7 +173,7 @@ def test_resume_uses_persisted_uploads_and_contacts_no_client_for_them(
         f.unlink()
     (run_dir / "results.json").unlink()
     grid2, second = _run(fast_config)
-    assert all(t != C.TRAIN_EMBED for _, t in grid2.sent)  # no upload asked again
+    assert all(t != METHODS["oscar"].collect_type for _, t in grid2.sent)
     assert [c["accuracy"] for c in second["clients"]] == [
         c["accuracy"] for c in first["clients"]
     ]
@@ -171,8 +182,8 @@ def test_resume_uses_persisted_uploads_and_contacts_no_client_for_them(
 
 def _tamper_lora(fn):
     def hook(reply: Message, msg: Message) -> Message:
-        t = C.from_array_record(reply.content.array_records[C.KEY_LORA])
-        reply.content[C.KEY_LORA] = C.to_array_record(fn(t, reply))
+        t = C.from_array_record(reply.content.array_records[payload_lora.RECORD])
+        reply.content[payload_lora.RECORD] = C.to_array_record(fn(t, reply))
         return reply
 
     return hook
@@ -205,7 +216,7 @@ def _nan_adapter(t, reply):
     [
         (_other_base, "base model"),
         (_rank_mismatch, "has shape"),
-        (_unexpected_module, "modules differ"),
+        (_unexpected_module, "keys differ"),
         (_nan_adapter, "NaN or Inf"),
     ],
 )
@@ -224,3 +235,33 @@ def test_every_lora_merge_completes(merge, tiny_stack, fast_config):
     fast_config.update({"method": "lora", "lora-merge": merge})
     _, res = _run(fast_config, nodes=2)
     assert res["lora"]["merge"] == merge and res["mean_fid_proxy"] is not None
+
+
+def _drop_meta(reply: Message, msg: Message) -> Message:
+    del reply.content.config_records[C.KEY_META]
+    return reply
+
+
+def _other_classes(reply: Message, msg: Message) -> Message:
+    reply.content[C.KEY_META]["class-names"] = "cat,dog,bird"
+    return reply
+
+
+@pytest.mark.parametrize(
+    "hook,reason",
+    [(_drop_meta, "no 'meta' ConfigRecord"), (_other_classes, "disagree")],
+)
+@pytest.mark.parametrize("method", ["oscar", "fedavg"])
+def test_image_folder_learns_classes_from_valid_replies_only(
+    method, hook, reason, tiny_stack, fast_config, tmp_path
+):
+    from tiny_stack import FOLDER_CLASSES, make_image_folder
+
+    folder = make_image_folder(tmp_path / "folder", 20)
+    fast_config.update({"method": method, "dataset": str(folder), "partition": "iid"})
+    # the bad client speaks first: neither arrival order nor its claims decide
+    _, res = _run(fast_config, nodes=3, tamper={0: hook})
+    assert res["num_clients"] == 2
+    assert len(res["rejected"]) == 1 and reason in res["rejected"][0]["reason"]
+    assert res["class_names"] == list(FOLDER_CLASSES)
+    assert res["config"]["num-classes"] == 3

@@ -1,0 +1,143 @@
+"""Captioning on the client: retrieval over a phrase bank (CLIP) or a
+captioning network (BLIP-style), both loaded with ``from_pretrained``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .text_encoder import TextEncoder
+from .weights import load_pretrained, resolve_model
+
+
+def prepare_pixels(
+    images: torch.Tensor, model: Any, processor_cfg: dict | None
+) -> torch.Tensor:
+    """Images in ``[-1, 1]`` -> the pixel format a CLIP vision tower expects."""
+    vcfg = model.config.vision_config
+    x = images.float()
+    if x.shape[1] != vcfg.num_channels:
+        x = x.mean(1, keepdim=True).expand(-1, vcfg.num_channels, -1, -1)
+    if x.shape[-1] != vcfg.image_size:
+        x = F.interpolate(x, size=(vcfg.image_size, vcfg.image_size), mode="bicubic")
+    if processor_cfg:  # a hub CLIP: [0, 1] then its mean/std
+        mean = torch.tensor(processor_cfg.get("image_mean", [0.5] * 3))[
+            : vcfg.num_channels
+        ]
+        std = torch.tensor(processor_cfg.get("image_std", [0.5] * 3))[
+            : vcfg.num_channels
+        ]
+        x = ((x + 1) / 2 - mean[:, None, None]) / std[:, None, None]
+    return x
+
+
+@dataclass
+class RetrievalCaptioner:
+    """Caption an image by the phrase-bank entry closest to it in CLIP space.
+
+    The cheap alternative to a captioning network on edge devices: one image
+    forward pass and a dot product with text embeddings computed once. With
+    ``labels`` given, only captions of the image's own class compete (the client
+    knows its labels; this leaves retrieval to pick the style).
+    """
+
+    model: Any
+    bank_texts: list[str]
+    bank_labels: torch.Tensor
+    bank_embeds: torch.Tensor  # [M, D], unit norm
+    processor_cfg: dict | None = None
+
+    @torch.no_grad()
+    def caption(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        batch_size: int = 512,
+    ) -> list[str]:
+        out: list[str] = []
+        for i in range(0, len(images), batch_size):
+            px = prepare_pixels(
+                images[i : i + batch_size], self.model, self.processor_cfg
+            )
+            emb = self.model.get_image_features(pixel_values=px.to(self.model.dtype))
+            emb = F.normalize(getattr(emb, "pooler_output", emb).float(), dim=-1)
+            sim = emb @ self.bank_embeds.T
+            if labels is not None:
+                same = labels[i : i + batch_size, None] == self.bank_labels[None, :]
+                sim = sim.masked_fill(~same, float("-inf"))
+            out += [self.bank_texts[j] for j in sim.argmax(1).tolist()]
+        return out
+
+
+@dataclass
+class GenerativeCaptioner:
+    """A captioning network (e.g. BLIP) from the hub or a local folder."""
+
+    model: Any
+    processor: Any
+    max_new_tokens: int = 20
+
+    @torch.no_grad()
+    def caption(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        batch_size: int = 16,
+    ) -> list[str]:
+        out: list[str] = []
+        for i in range(0, len(images), batch_size):
+            x = (
+                ((images[i : i + batch_size].float() + 1) * 127.5)
+                .clamp(0, 255)
+                .to(torch.uint8)
+            )
+            if x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            inputs = self.processor(images=list(x), return_tensors="pt")
+            ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
+            out += self.processor.batch_decode(ids, skip_special_tokens=True)
+        return out
+
+
+def load_captioner(
+    name: str,
+    bank_texts: list[str],
+    bank_labels: torch.Tensor,
+    device: torch.device | str = "cpu",
+) -> RetrievalCaptioner | GenerativeCaptioner:
+    """CLIP checkpoints caption by retrieval over ``bank_texts``; BLIP-like ones generate."""
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer, CLIPModel
+
+    path = resolve_model(name, "captioner", "clip")
+    cfg = load_pretrained(AutoConfig, path, "captioner")
+    if cfg.model_type == "clip":
+        model = load_pretrained(CLIPModel, path, "captioner").to(device).eval()
+        tokenizer = load_pretrained(AutoTokenizer, path, "captioner")
+        enc = TextEncoder(
+            model=model, tokenizer=tokenizer, name=name, device=torch.device(device)
+        )
+        bank = enc.encode(bank_texts, "pooled")[:, 0, :]
+        proc_file = Path(path) / "preprocessor_config.json"
+        proc = json.loads(proc_file.read_text()) if proc_file.is_file() else None
+        if proc is None and not Path(path).exists():
+            proc = {
+                "image_mean": [0.4815, 0.4578, 0.4082],
+                "image_std": [0.2686, 0.2613, 0.2758],
+            }
+        return RetrievalCaptioner(
+            model, list(bank_texts), bank_labels.clone(), bank, proc
+        )
+    from transformers import AutoModelForImageTextToText
+
+    model = (
+        load_pretrained(AutoModelForImageTextToText, path, "captioner")
+        .to(device)
+        .eval()
+    )
+    processor = load_pretrained(AutoProcessor, path, "captioner")
+    return GenerativeCaptioner(model, processor)

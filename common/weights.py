@@ -1,0 +1,93 @@
+"""Where foundation weights come from: ``"embedded"``, a local folder or a hub id.
+
+Every role (text encoder, captioner, generator, decoder) is loaded with
+``from_pretrained``: the embedded stack that ships inside this package takes the
+very same code path as Stable Diffusion / CLIP / BLIP from the hub.
+
+Embedded layout (``common/embedded/``)::
+
+    clip/        CLIPModel (transformers) + tokenizer      -> text-encoder, captioner
+    generator/   unet/ (UNet2DConditionModel), scheduler/, conditioning.json
+    judge/       classifier trained on the public split   -> FID-proxy, sanity tests
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+EMBEDDED = "embedded"
+EMBEDDED_ENV = "ONESHOT_EMBEDDED_DIR"
+
+
+def embedded_dir() -> Path:
+    """Folder of the embedded stack.
+
+    The Flower app bundle carries code only, so the weights are looked up in the
+    *installed* package (every ``sys.path`` entry), not next to this file.
+    """
+    env = os.environ.get(EMBEDDED_ENV)
+    if env:
+        return Path(env)
+    candidates = [Path(__file__).resolve().parent / "embedded"]
+    candidates += [Path(p) / "common" / "embedded" for p in sys.path if p]
+    for c in candidates:
+        if (c / "clip" / "model.safetensors").is_file():
+            return c
+    raise FileNotFoundError(
+        "The embedded foundation stack (common/embedded/) was not found in any of: "
+        + ", ".join(str(c) for c in candidates[:4])
+        + ". Install the project (`pip install -e .`), rebuild it with "
+        "`python -m bench pretrain`, or set ONESHOT_EMBEDDED_DIR."
+    )
+
+
+def resolve_model(name: str, role: str, component: str) -> str:
+    """Map a role's value to something ``from_pretrained`` accepts."""
+    if name == EMBEDDED:
+        return str(embedded_dir() / component)
+    return os.path.expanduser(name)
+
+
+@functools.cache
+def quiet_hub_logging() -> None:
+    """Keep the round's log readable: no per-shard "Loading weights" bars.
+
+    transformers and diffusers draw a progress bar for every checkpoint they
+    load; a client loads several per message, which buried the round's steps.
+    Errors and warnings still print.
+    """
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+
+
+def load_pretrained(cls: Any, name: str, role: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained`` with an error that names the role and the fix."""
+    quiet_hub_logging()
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        where = Path(name)
+        looked = (
+            f"local folder {where.resolve()}"
+            if where.exists() or name.startswith((".", "/", "~"))
+            else "the Hugging Face cache "
+            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')})"
+        )
+        sub = f" (subfolder {kwargs['subfolder']!r})" if "subfolder" in kwargs else ""
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise FileNotFoundError(
+            f"{role}={name!r}{sub}: could not load {cls.__name__} weights from "
+            f"{looked}: {e.__class__.__name__}: {first}. This machine may have no "
+            "access to the hub: download the model elsewhere "
+            f"(`huggingface-cli download {name}`) and set {role} to its local folder, "
+            f"or use {role}='embedded'."
+        ) from e

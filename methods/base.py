@@ -1,0 +1,224 @@
+"""The interface of a one-shot method, both halves of it.
+
+A method is one folder ``methods/<name>/`` (``config_``, ``payload_``, ``client_``,
+``server_<name>.py``) and one line in ``methods/__init__.py``. Its class says:
+
+* client half: ``client_collect(job) -> ClientResult`` (Flower-free work on the
+  node's data), optionally ``client_evaluate(job) -> metrics``;
+* the wire: ``collect_type`` / ``evaluate_type`` (Flower message types) and
+  ``payload_key`` (the ArrayRecord its payload module lays out);
+* server half: ``check`` (fail fast before any client works), ``collect_content``
+  (what goes down with the request), ``validate`` (reject one reply with a
+  reason), ``server_work``, ``push_content``, ``summary`` (its lines of the report).
+
+The round (``server_app/round.py``) and the ClientApp (``client_app/app.py``) know
+methods only through this interface.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from flwr.app import RecordDict
+from pydantic import BaseModel
+
+from common import contract as C
+from common.config import RunConfig
+from common.contract import Reply
+from common.datasets import ClientData, DatasetInfo
+from common.device import resolve_device, resolve_dtype
+
+QUERY_INFO = "query.info"
+EVALUATE = "evaluate"
+
+# ---------------------------------------------------------------- client half
+
+
+@dataclass
+class ClientJob:
+    """Everything a client's work function gets; no Flower types in it."""
+
+    cfg: RunConfig
+    partition_id: int
+    num_partitions: int
+    data: ClientData
+    config: dict[str, Any] = field(default_factory=dict)  # the server's instructions
+    arrays: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # what this node uploaded earlier in the run (kept in the node's state)
+    memory: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed * 1000 + self.partition_id
+
+    def meta(self) -> dict[str, Any]:
+        """The envelope's description of this client's data."""
+        return {
+            "partition-id": self.partition_id,
+            "num-partitions": self.num_partitions,
+            "domain": self.data.domain,
+            "num-classes": self.data.num_classes,
+            "class-names": ",".join(self.data.class_names),
+            "channels": self.data.channels,
+        }
+
+
+@dataclass
+class ClientResult:
+    """What a client sends up, before packing: the payload is one flat dict."""
+
+    metrics: dict[str, float]
+    payload: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    half: bool = False  # send floating tensors as fp16
+
+
+def classifier_accuracy(
+    state: dict[str, torch.Tensor], arch: str, num_classes: int, data: ClientData
+) -> float:
+    """Accuracy of a classifier state dict on the client's held-out split."""
+    from common.models import build_classifier
+    from common.train import accuracy
+
+    model = build_classifier(arch, data.channels, num_classes)
+    model.load_state_dict(state)
+    return accuracy(model, data.test_images, data.test_labels)
+
+
+def evaluate_classifier(job: ClientJob) -> dict[str, float]:
+    """Accuracy of the pushed global classifier on the client's held-out split."""
+    acc = classifier_accuracy(
+        job.arrays[C.KEY_MODEL], str(job.config["arch"]),
+        int(job.config["num-classes"]), job.data,
+    )  # fmt: skip
+    return {"num-test-examples": float(len(job.data.test_labels)), "accuracy": acc}
+
+
+# ---------------------------------------------------------------- server half
+
+
+@dataclass
+class ServerOutput:
+    """The result of the server work of one method."""
+
+    model_state: dict[str, torch.Tensor] | None = None  # global classifier to push back
+    arch: str = "cnn"
+    timings: dict[str, float] = field(default_factory=dict)  # synthesize, train, merge
+    samples: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # method-specific results
+    push_arrays: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    push_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ServerContext:
+    """Validated config plus what the server learned about the federation."""
+
+    cfg: RunConfig
+    run_dir: Path
+    info: DatasetInfo | None = None  # from the dataset registry, or the clients' vote
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes if self.info else 0
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.info.class_names) if self.info else []
+
+    @property
+    def channels(self) -> int:
+        return self.info.channels if self.info else 1
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.cfg.max_upload_mb * 2**20)
+
+    @functools.cached_property
+    def device(self) -> torch.device:
+        return resolve_device(self.cfg.device)
+
+    @functools.cached_property
+    def dtype(self) -> torch.dtype:
+        return resolve_dtype(self.cfg.precision, self.device)
+
+    @functools.cached_property
+    def generator(self) -> Any:
+        from common.generator import load_generator
+
+        return load_generator(
+            self.cfg.generator, self.cfg.scheduler, self.device, self.dtype
+        )
+
+    @functools.cached_property
+    def text_encoder(self) -> Any:
+        from common.text_encoder import load_text_encoder
+
+        return load_text_encoder(self.cfg.text_encoder, self.device)
+
+    @functools.cached_property
+    def uncond(self) -> torch.Tensor:
+        """The empty prompt's conditioning (classifier-free guidance)."""
+        return self.text_encoder.encode([""], self.cfg.embedding)
+
+
+class OneShotMethod:
+    """Defaults shared by all methods; a method overrides what differs."""
+
+    name: ClassVar[str] = ""
+    config: ClassVar[type[BaseModel] | None] = None  # its own keys (config_<name>.py)
+    collect_type: ClassVar[str] = QUERY_INFO
+    payload_key: ClassVar[str | None] = None
+    evaluate_type: ClassVar[str | None] = EVALUATE  # None: nothing is pushed back
+
+    # ---- client half (Flower-free)
+    @staticmethod
+    def client_collect(job: ClientJob) -> ClientResult:
+        return ClientResult(metrics={"num-examples": float(len(job.data.train_labels))})
+
+    @staticmethod
+    def client_evaluate(job: ClientJob) -> dict[str, float]:
+        return evaluate_classifier(job)
+
+    # ---- server half
+    def check(self, ctx: ServerContext) -> None:
+        """Fail fast, before any client work, on a config the method cannot run."""
+
+    def collect_content(self, ctx: ServerContext) -> RecordDict:
+        content = RecordDict()
+        content[C.KEY_CONFIG] = C.config_record({"method": self.name})
+        return content
+
+    def validate(self, reply: Reply, ctx: ServerContext) -> None:
+        """Raise ``PayloadError`` to reject one client's reply (with the reason).
+
+        Called on every reply at collection and again on every persisted upload
+        when a run resumes; ``ctx.info`` is known by then.
+        """
+
+    def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
+        return ServerOutput()
+
+    def push_content(self, out: ServerOutput, ctx: ServerContext) -> RecordDict:
+        content = RecordDict()
+        content[C.KEY_CONFIG] = C.config_record(
+            {"method": self.name, "arch": out.arch, "num-classes": ctx.num_classes}
+            | out.push_config
+        )
+        if out.model_state is not None:
+            content[C.KEY_MODEL] = C.to_array_record(out.model_state)
+        for key, arrays in out.push_arrays.items():
+            content[key] = C.to_array_record(arrays, half=True)
+        return content
+
+    def summary(self, replies: list[Reply]) -> dict[str, Any]:
+        """The method's own entries of results.json (beyond ``ServerOutput.extra``)."""
+        return {}
+
+
+ClientFn = Callable[[ClientJob], ClientResult]

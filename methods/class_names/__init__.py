@@ -1,0 +1,3 @@
+from .server_class_names import ClassNames
+
+__all__ = ["ClassNames"]

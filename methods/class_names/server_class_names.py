@@ -1,0 +1,35 @@
+"""Class names only (the FGL baseline, Zhang et al. 2023, arXiv 2306.16064):
+clients upload nothing but their class names (in the reply's envelope); the server
+prompts the generator with the dataset's class prompts and trains the classifier
+on the result. No client work and no keys of its own."""
+
+from __future__ import annotations
+
+import torch
+
+from common.contract import Reply
+
+from ..base import OneShotMethod, ServerContext, ServerOutput
+from ..oscar.server_oscar import check_embedding_kind
+from ..steps import synthesize_set, train_global
+
+
+class ClassNames(OneShotMethod):
+    name = "class-names"
+
+    def check(self, ctx: ServerContext) -> None:
+        check_embedding_kind(ctx)
+
+    def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
+        out = ServerOutput()
+        assert ctx.info is not None  # the round learned the classes before this
+        # Same synthetic-set size as OSCAR: images-per-class per client per class.
+        n = ctx.cfg.images_per_class * max(1, len(replies))
+        prompts = [ctx.info.class_prompt(c) for c in range(ctx.num_classes)]
+        emb = ctx.text_encoder.encode(prompts, ctx.cfg.embedding)
+        cond = emb.repeat_interleave(n, dim=0)
+        y = torch.arange(ctx.num_classes).repeat_interleave(n)
+        images = synthesize_set(ctx, cond, y, torch.full_like(y, -1), out)
+        train_global(ctx, images, y, out)
+        out.extra["num_synthetic"] = len(y)
+        return out

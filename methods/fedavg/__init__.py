@@ -1,0 +1,3 @@
+from .server_fedavg import FedAvg
+
+__all__ = ["FedAvg"]

@@ -1,0 +1,3 @@
+from .server_local import Local
+
+__all__ = ["Local"]

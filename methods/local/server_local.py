@@ -1,0 +1,25 @@
+"""No federation: each client trains and evaluates on its own data only.
+
+The reference that tells whether collaboration helped at all."""
+
+from __future__ import annotations
+
+from common.contract import PayloadError, Reply
+
+from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext
+from . import client_local
+
+
+class Local(OneShotMethod):
+    name = "local"
+    collect_type = "train.local"
+    evaluate_type = None  # clients already evaluated their own models
+
+    @staticmethod
+    def client_collect(job: ClientJob) -> ClientResult:
+        return client_local.collect(job)
+
+    def validate(self, reply: Reply, ctx: ServerContext) -> None:
+        acc = reply.metrics.get("accuracy")
+        if acc is None or not 0.0 <= acc <= 1.0:
+            raise PayloadError(f"accuracy={acc} is not in [0, 1]")

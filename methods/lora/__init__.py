@@ -1,0 +1,3 @@
+from .server_lora import Lora
+
+__all__ = ["Lora"]

@@ -1,0 +1,214 @@
+"""One-shot federated LoRA of the diffusion generator.
+
+Clients fine-tune a LoRA adapter of the shared generator's UNet and upload it
+once, with their per-class caption embeddings. The server merges the adapters
+(``lora-merge``) and pushes the merged adapter back; it also synthesizes a
+dataset with the merged generator and trains the global classifier, so every
+client gets both a generator that covers all clients and a classifier.
+
+Merges (``common.lora_merge``): ``fedavg`` (FedIT, average of A and B
+separately), ``stack`` (FLoRA, arXiv 2409.05976: the weighted factors
+concatenated, the exact weighted sum of the updates at rank N·r), ``svd`` (the
+exact weighted mean of ΔW re-factorised to ``lora-merge-rank``), ``ties`` /
+``dare`` (peft's TIES / DARE on ΔW, ``lora-merge-density``), and ``generative``
+(FedDDPM, arXiv 2503.06426: the ``svd`` merge fine-tuned on samples of every
+client's own adapter). Client weights are example counts, no share above
+``max-weight-share``.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from typing import Any
+
+import torch
+from flwr.common.logger import log
+
+from common.contract import PayloadError, Reply
+from common.lora import attach_lora, get_lora_state, set_lora_state, train_lora
+from common.lora_merge import merge_adapters
+from common.maths import cap_shares
+from common.synthesis import sample
+
+from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
+from ..oscar.server_oscar import check_embedding_kind, classes_uploaded, embedding_shape
+from ..steps import per_class_rows, synthesize_set, train_global
+from . import client_lora
+from . import payload_lora as P
+from .config_lora import LoraConfig
+
+
+class Lora(OneShotMethod):
+    name = "lora"
+    config = LoraConfig
+    collect_type = "train.lora"
+    payload_key = P.RECORD
+    evaluate_type = "evaluate.lora"
+
+    @staticmethod
+    def client_collect(job: ClientJob) -> ClientResult:
+        return client_lora.collect(job)
+
+    @staticmethod
+    def client_evaluate(job: ClientJob) -> dict[str, float]:
+        return client_lora.evaluate(job)
+
+    def check(self, ctx: ServerContext) -> None:
+        check_embedding_kind(ctx)
+        lcfg = ctx.cfg.options(LoraConfig)
+        self.fingerprint = ctx.generator.fingerprint()
+        # The adapter every client must send: keys and shapes of rank lora-rank.
+        unet = ctx.generator.unet
+        attach_lora(unet, lcfg.lora_rank, lcfg.lora_alpha, lcfg.target_list)
+        self.reference = get_lora_state(unet)
+        unet.unload_lora()
+
+    def unpack(self, reply: Reply, ctx: ServerContext) -> tuple[dict, Any]:
+        tokens, dim = embedding_shape(ctx)
+        return P.unpack(
+            reply.tensors, self.reference, num_classes=ctx.num_classes,
+            tokens=tokens, dim=dim,
+        )  # fmt: skip
+
+    def validate(self, reply: Reply, ctx: ServerContext) -> None:
+        if reply.meta.get("base-model") != self.fingerprint:
+            raise PayloadError(
+                f"adapter is for base model {reply.meta.get('base-model')!r}, "
+                f"the server's generator is {self.fingerprint!r}"
+            )
+        try:
+            self.unpack(reply, ctx)
+        except PayloadError as e:
+            raise PayloadError(
+                f"{e} (lora-rank={ctx.cfg.options(LoraConfig).lora_rank})"
+            ) from None
+
+    def merge(
+        self, replies: list[Reply], ctx: ServerContext, out: ServerOutput
+    ) -> tuple[dict, int, float]:
+        """Merge the clients' adapters; returns ``(merged, rank, alpha)``."""
+        lcfg = ctx.cfg.options(LoraConfig)
+        adapters = [
+            {k: v.float() for k, v in self.unpack(r, ctx)[0].items()} for r in replies
+        ]
+        shares = cap_shares(
+            [float(r.num_examples) for r in replies], ctx.cfg.max_weight_share
+        )
+        scal = [lcfg.lora_alpha / lcfg.lora_rank] * len(adapters)
+        t0 = time.perf_counter()
+        # generative corrects the exact (svd) merge; every other merge is maths only
+        maths = "svd" if lcfg.lora_merge == "generative" else lcfg.lora_merge
+        merged, info = merge_adapters(
+            adapters, shares, maths, rank=lcfg.lora_merge_rank, seed=ctx.cfg.seed,
+            scalings=scal, density=lcfg.lora_merge_density,
+        )  # fmt: skip
+        rank, alpha = int(info["rank"]), float(info["lora_alpha"])
+        if lcfg.lora_merge == "generative":
+            merged = self.generative_correction(
+                replies, adapters, merged, rank, alpha, ctx
+            )
+        out.timings["merge"] = time.perf_counter() - t0
+        out.extra["lora"] = {
+            "merge": lcfg.lora_merge,
+            "merged_rank": rank,
+            "merged_alpha": alpha,
+            "energy_kept": info.get("energy_kept"),
+            "client_adapter_bytes": int(
+                sum(v.numel() * 2 for v in adapters[0].values())
+            ),
+            "merged_adapter_bytes": int(sum(v.numel() * 2 for v in merged.values())),
+        }
+        log(
+            INFO,
+            "Merged %d adapters with %s -> rank %d",
+            len(adapters),
+            lcfg.lora_merge,
+            rank,
+        )
+        return merged, rank, alpha
+
+    def generative_correction(
+        self,
+        replies: list[Reply],
+        adapters: list[dict],
+        merged: dict,
+        rank: int,
+        alpha: float,
+        ctx: ServerContext,
+    ) -> dict:
+        """FedDDPM-style one-shot correction (arXiv 2503.06426) of a merged adapter.
+
+        FedDDPM corrects the aggregated model with auxiliary data generated by the
+        clients' uploaded models. Here: sample ``lora-samples-per-class`` images
+        per (client, class) from each client's own adapter with that client's
+        caption embeddings, without guidance (the clients' conditional models),
+        then fine-tune ``merged`` (rank ``rank``) on their union for
+        ``lora-steps`` steps of the denoising loss. The samples stay in the space
+        the UNet denoises (latents for a latent generator, the generator's own
+        resolution in pixel space). Returns the corrected state.
+        """
+        cfg, lcfg = ctx.cfg, ctx.cfg.options(LoraConfig)
+        gen = ctx.generator
+        # 1. The auxiliary set: each client's adapter, each client's classes/captions
+        latents, conds = [], []
+        for r, adapter in zip(replies, adapters, strict=True):
+            set_lora_state(
+                gen.unet, adapter, lcfg.lora_rank, lcfg.lora_alpha, lcfg.target_list
+            )
+            emb = self.unpack(r, ctx)[1]
+            cond, _, _ = per_class_rows(
+                emb.means, emb.class_ids, r.partition_id, lcfg.lora_samples_per_class
+            )
+            # the client's conditional model itself: guided samples would be
+            # guided twice once the corrected adapter samples with CFG
+            latents.append(
+                sample(
+                    gen, cond, ctx.uncond, guidance_scale=1.0,
+                    num_inference_steps=cfg.num_inference_steps, seed=cfg.seed,
+                    batch_size=cfg.synth_batch_size, output="latents",
+                )
+            )  # fmt: skip
+            conds.append(cond)
+        # 2. Fine-tune the merged adapter on the union of the auxiliary sets
+        from diffusers import DDPMScheduler
+
+        set_lora_state(gen.unet, merged, rank, alpha, lcfg.target_list)
+        train_lora(
+            gen.unet, DDPMScheduler.from_config(gen.scheduler.config),
+            torch.cat(latents).to(ctx.device, ctx.dtype),
+            torch.cat(conds).to(ctx.device, ctx.dtype), steps=lcfg.lora_steps,
+            lr=lcfg.lora_learning_rate, batch_size=lcfg.lora_batch_size, seed=cfg.seed,
+            uncond=ctx.uncond.to(ctx.device, ctx.dtype),
+        )  # fmt: skip
+        corrected = get_lora_state(gen.unet)
+        gen.unet.unload_lora()
+        return corrected
+
+    def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
+        out = ServerOutput()
+        lcfg = ctx.cfg.options(LoraConfig)
+        # 1. Merge the adapters
+        merged, rank, alpha = self.merge(replies, ctx, out)
+        # 2. Synthesize with the merged generator, each client's classes and captions
+        set_lora_state(ctx.generator.unet, merged, rank, alpha, lcfg.target_list)
+        rows = []
+        for r in replies:
+            emb = self.unpack(r, ctx)[1]
+            rows.append(
+                per_class_rows(
+                    emb.means, emb.class_ids, r.partition_id, ctx.cfg.images_per_class
+                )
+            )
+        conds, labels, owners = (torch.cat(parts) for parts in zip(*rows, strict=True))
+        images = synthesize_set(ctx, conds, labels, owners, out)
+        ctx.generator.unet.unload_lora()
+        # 3. Train the global classifier on the synthetic set
+        train_global(ctx, images, labels, out)
+        out.push_arrays[P.RECORD] = P.layout(merged, None)
+        out.push_config = {"lora-rank": rank, "lora-alpha": alpha}
+        out.extra["num_synthetic"] = len(labels)
+        return out
+
+    def summary(self, replies: list[Reply]) -> dict[str, Any]:
+        return classes_uploaded(replies, key=P.EMB + "class_ids")

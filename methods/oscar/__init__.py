@@ -1,0 +1,3 @@
+from .server_oscar import Oscar
+
+__all__ = ["Oscar"]

@@ -1,0 +1,104 @@
+"""OSCAR's client work, free of Flower: caption the private images, encode the
+captions with the CLIP text tower, average per class (optionally with the
+privacy guard's clipping and Gaussian noise).
+
+Light enough for a 2-core edge CPU: one small image-encoder pass per image for
+retrieval captioning and one text-encoder pass per distinct caption; no training.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from common.config import RunConfig
+from common.datasets import ClientData
+from common.maths import per_class_mean, private_class_means
+
+from ..base import ClientJob, ClientResult
+from . import payload_oscar as P
+
+
+@dataclass
+class EmbedResult:
+    embeddings: P.ClassEmbeddings
+    captions: list[str]
+    caption_s_per_image: float
+    encode_s: float
+    dp_sigma: float
+
+
+def caption_images(cfg: RunConfig, data: ClientData) -> tuple[list[str], float]:
+    """Caption the client's training images; returns captions and s/image."""
+    t0 = time.perf_counter()
+    labels = data.train_labels.tolist()
+    if cfg.captioner == "oracle":
+        # Exact captions: the reference retrieval captioning is measured against.
+        caps = [data.info.oracle_caption(y, data.domain) for y in labels]
+    else:
+        from common.captioner import load_captioner
+
+        texts, bank_labels = data.info.phrase_bank()
+        captioner = load_captioner(cfg.captioner, texts, torch.as_tensor(bank_labels))
+        given = data.train_labels if cfg.caption_with_labels else None
+        caps = captioner.caption(data.train_images, given)
+    return caps, (time.perf_counter() - t0) / max(1, len(labels))
+
+
+def encode_captions(cfg: RunConfig, captions: list[str]) -> torch.Tensor:
+    """One embedding per caption; identical captions are encoded once."""
+    from common.text_encoder import load_text_encoder
+
+    encoder = load_text_encoder(cfg.text_encoder)
+    distinct = sorted(set(captions))
+    table = encoder.encode(distinct, cfg.embedding)
+    index = {c: i for i, c in enumerate(distinct)}
+    return table[torch.tensor([index[c] for c in captions], dtype=torch.long)]
+
+
+def embed_classes(cfg: RunConfig, data: ClientData, seed: int = 0) -> EmbedResult:
+    """OSCAR client: caption -> CLIP text embedding -> per-class mean (-> DP noise)."""
+    caps, cap_s = caption_images(cfg, data)
+    t0 = time.perf_counter()
+    emb = encode_captions(cfg, caps)
+    sigma = 0.0
+    if cfg.dp_epsilon > 0:
+        g = torch.Generator().manual_seed(seed)
+        ids, means, counts, sigma = private_class_means(
+            emb, data.train_labels, data.num_classes,
+            epsilon=cfg.dp_epsilon, delta=cfg.dp_delta, clip=cfg.dp_clip, generator=g,
+        )  # fmt: skip
+    else:
+        ids, means, counts = per_class_mean(emb, data.train_labels, data.num_classes)
+    return EmbedResult(
+        embeddings=P.ClassEmbeddings(ids, means.to(torch.float16), counts),
+        captions=caps,
+        caption_s_per_image=cap_s,
+        encode_s=time.perf_counter() - t0,
+        dp_sigma=sigma,
+    )
+
+
+def collect(job: ClientJob) -> ClientResult:
+    """Upload one conditioning vector per class (never images or features)."""
+    t0 = time.perf_counter()
+    cfg = job.cfg
+    r = embed_classes(cfg, job.data, seed=job.seed)
+    return ClientResult(
+        payload=P.layout(r.embeddings),
+        meta={
+            "embedding": cfg.embedding,
+            "example-caption": r.captions[0][:200] if r.captions else "",
+        },
+        metrics={
+            "num-examples": float(len(job.data.train_labels)),
+            "caption-s-per-image": r.caption_s_per_image,
+            "client-s": time.perf_counter() - t0,
+            "dp-epsilon": cfg.dp_epsilon,
+            "dp-delta": cfg.dp_delta if cfg.dp_epsilon > 0 else 0.0,
+            "dp-sigma": r.dp_sigma,
+        },
+        half=True,
+    )

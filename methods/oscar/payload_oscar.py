@@ -1,0 +1,68 @@
+"""OSCAR's payload: one conditioning vector per class, the one place its layout is
+written (client packs with ``layout``, server reads with ``unpack``).
+
+``{prefix}mean``       float16 ``[K, tokens, dim]``: per-class mean embedding
+``{prefix}class_ids``  int64 ``[K]``: distinct ids in ``[0, num-classes)``
+``{prefix}counts``     int64 ``[K]``: images behind each mean, positive
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common import contract as C
+from common.contract import PayloadError
+
+RECORD = "embeddings"  # the ArrayRecord that carries the payload
+MAX_COUNT = C.MAX_EXAMPLES
+
+
+@dataclass
+class ClassEmbeddings:
+    class_ids: torch.Tensor  # [K] int64
+    means: torch.Tensor  # [K, tokens, dim]
+    counts: torch.Tensor  # [K] int64
+
+
+def layout(e: ClassEmbeddings, prefix: str = "") -> dict[str, torch.Tensor]:
+    return {
+        f"{prefix}mean": e.means.to(torch.float16),
+        f"{prefix}class_ids": e.class_ids.to(torch.int64),
+        f"{prefix}counts": e.counts.to(torch.int64),
+    }
+
+
+def unpack(
+    tensors: dict[str, torch.Tensor],
+    *,
+    num_classes: int,
+    tokens: int,
+    dim: int,
+    prefix: str = "",
+) -> ClassEmbeddings:
+    """Read and check the layout; ``PayloadError`` names what is wrong."""
+    mean = C.require(tensors, f"{prefix}mean", "embeddings payload")
+    ids = C.require(tensors, f"{prefix}class_ids", "embeddings payload")
+    counts = C.require(tensors, f"{prefix}counts", "embeddings payload")
+    if mean.dtype not in (torch.float16, torch.float32):
+        raise PayloadError(f"mean has dtype {mean.dtype}, expected float16")
+    if mean.ndim != 3 or tuple(mean.shape[1:]) != (tokens, dim):
+        raise PayloadError(
+            f"embedding shape {tuple(mean.shape)} != [K, {tokens}, {dim}] "
+            "(wrong text encoder or embedding kind?)"
+        )
+    C.check_int_ids(ids, "class_ids", num_classes)
+    if counts.dtype != torch.int64 or counts.ndim != 1:
+        raise PayloadError(
+            f"counts must be 1-d int64, got {counts.dtype} {tuple(counts.shape)}"
+        )
+    if not (len(ids) == len(counts) == len(mean)) or len(ids) == 0:
+        raise PayloadError(
+            f"{len(mean)} means, {len(ids)} class ids, {len(counts)} counts"
+        )
+    if (counts <= 0).any() or (counts > MAX_COUNT).any():
+        raise PayloadError(f"counts must be in [1, {MAX_COUNT}]")
+    C.check_float(mean, "mean")
+    return ClassEmbeddings(ids, mean, counts)

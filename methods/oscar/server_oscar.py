@@ -1,0 +1,88 @@
+"""OSCAR (Zaland et al. 2025, arXiv 2502.08488): one-shot FL with a text-conditioned
+diffusion model. Clients upload one CLIP text embedding per class (the mean of
+their images' caption embeddings); the server samples ``images-per-class``
+images per (client, class) with classifier-free guidance and trains the global
+classifier on them.
+
+Deviations from the public code (obaidullahzaland/oscar): the embedded generator
+attends to the pooled projected embedding (128 B per class) instead of SD's
+77 x 768 token sequence (``embedding="sequence"`` restores it for SD); captions
+come from retrieval over a phrase bank on the edge CPU instead of BLIP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from common.config import ConfigError
+from common.contract import PayloadError, Reply
+
+from ..base import ClientResult, OneShotMethod, ServerContext, ServerOutput
+from ..steps import per_class_rows, synthesize_set, train_global
+from . import client_oscar
+from . import payload_oscar as P
+
+
+def embedding_shape(ctx: ServerContext) -> tuple[int, int]:
+    """``(tokens, dim)`` of one conditioning vector for this server's models."""
+    return int(ctx.uncond.shape[1]), int(ctx.generator.cond_dim)
+
+
+def check_embedding_kind(ctx: ServerContext) -> None:
+    gen = ctx.generator
+    if gen.embedding != ctx.cfg.embedding:
+        raise ConfigError(
+            f"embedding={ctx.cfg.embedding!r} but generator={ctx.cfg.generator!r} is "
+            f"conditioned on {gen.embedding!r} embeddings; set embedding={gen.embedding!r}"
+        )
+
+
+class Oscar(OneShotMethod):
+    name = "oscar"
+    collect_type = "train.embed"
+    payload_key = P.RECORD
+
+    @staticmethod
+    def client_collect(job: Any) -> ClientResult:
+        return client_oscar.collect(job)
+
+    def check(self, ctx: ServerContext) -> None:
+        check_embedding_kind(ctx)
+
+    def validate(self, reply: Reply, ctx: ServerContext) -> None:
+        if reply.meta.get("embedding") != ctx.cfg.embedding:
+            raise PayloadError(
+                f"embedding kind {reply.meta.get('embedding')!r} != {ctx.cfg.embedding!r}"
+            )
+        tokens, dim = embedding_shape(ctx)
+        P.unpack(reply.tensors, num_classes=ctx.num_classes, tokens=tokens, dim=dim)
+
+    def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
+        out = ServerOutput()
+        tokens, dim = embedding_shape(ctx)
+        rows = [
+            per_class_rows(
+                e.means, e.class_ids, r.partition_id, ctx.cfg.images_per_class
+            )
+            for r in replies
+            for e in [
+                P.unpack(r.tensors, num_classes=ctx.num_classes, tokens=tokens, dim=dim)
+            ]
+        ]
+        conds, labels, owners = (torch.cat(parts) for parts in zip(*rows, strict=True))
+        images = synthesize_set(ctx, conds, labels, owners, out)
+        train_global(ctx, images, labels, out)
+        out.extra["num_synthetic"] = len(labels)
+        return out
+
+    def summary(self, replies: list[Reply]) -> dict[str, Any]:
+        return classes_uploaded(replies)
+
+
+def classes_uploaded(replies: list[Reply], key: str = "class_ids") -> dict[str, Any]:
+    """Upload bytes per uploaded class (the 2 KB-per-class budget)."""
+    n = sum(len(r.tensors[key]) for r in replies if key in r.tensors)
+    total = sum(r.upload_bytes for r in replies)
+    return {"upload_bytes_per_class": total / n if n else None}

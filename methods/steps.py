@@ -1,0 +1,88 @@
+"""Server steps shared by the synthesis-based methods.
+
+``synthesize_set``: a labelled conditioning set -> images through the one
+synthesis engine (``common.synthesis``), in the clients' image format, with a few
+kept per (client, class) for the sample grid. ``train_global``: the global
+classifier on the synthetic set.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+
+import torch
+from flwr.common.logger import log
+
+from common.models import build_classifier
+from common.synthesis import synthesize, to_dataset_format
+from common.train import train_classifier
+
+from .base import ServerContext, ServerOutput
+
+SAMPLES_PER_CELL = 6  # images kept per (client, class) for the sample grid
+
+
+def synthesize_set(
+    ctx: ServerContext,
+    conds: torch.Tensor,
+    labels: torch.Tensor,
+    owners: torch.Tensor,
+    out: ServerOutput,
+    desc: str = "synthesize",
+    guidance_scale: float | None = None,
+) -> torch.Tensor:
+    """Sample one image per row of ``conds`` ``[M, L, D]``; keep a few per cell.
+
+    ``owners`` is the partition id each row comes from (-1: no client);
+    ``guidance_scale`` overrides ``guidance-scale`` (1.0: the conditional model).
+    """
+    cfg = ctx.cfg
+    w = cfg.guidance_scale if guidance_scale is None else guidance_scale
+    log(INFO, "Synthesizing %d images on %s (%s), %d steps, guidance %.1f",
+        len(conds), ctx.device, ctx.dtype, cfg.num_inference_steps, w)  # fmt: skip
+    images, seconds = synthesize(
+        ctx.generator,
+        conds,
+        ctx.uncond,
+        desc=desc,
+        guidance_scale=w,
+        num_inference_steps=cfg.num_inference_steps,
+        seed=cfg.seed,
+        batch_size=cfg.synth_batch_size,
+    )
+    images = to_dataset_format(images, ctx.channels, cfg.image_size)
+    out.timings["synthesize"] = out.timings.get("synthesize", 0.0) + seconds
+    for o in owners.unique().tolist():
+        for c in labels.unique().tolist():
+            idx = torch.nonzero((owners == o) & (labels == c)).flatten()
+            if len(idx):
+                out.samples[(int(o), int(c))] = images[idx[:SAMPLES_PER_CELL]]
+    return images
+
+
+def per_class_rows(
+    means: torch.Tensor, class_ids: torch.Tensor, owner: int, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` conditioning rows per uploaded class: ``(conds, labels, owners)``."""
+    conds = means.float().repeat_interleave(n, dim=0)
+    labels = class_ids.repeat_interleave(n)
+    return conds, labels, torch.full_like(labels, owner)
+
+
+def train_global(
+    ctx: ServerContext, images: torch.Tensor, labels: torch.Tensor, out: ServerOutput
+) -> None:
+    """Train the global classifier on the synthetic set (server device)."""
+    cfg = ctx.cfg
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    model = build_classifier(cfg.classifier, ctx.channels, ctx.num_classes)
+    train_classifier(
+        model, images, labels, epochs=cfg.train_epochs,
+        batch_size=cfg.train_batch_size, lr=cfg.learning_rate, seed=cfg.seed,
+        device=ctx.device, progress=True, desc="train global classifier",
+    )  # fmt: skip
+    out.model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    out.arch = cfg.classifier
+    out.timings["train"] = time.perf_counter() - t0
