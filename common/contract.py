@@ -167,10 +167,16 @@ def _check_meta(meta: dict[str, Any]) -> None:
             raise PayloadError(f"meta {k!r} is {v}")
 
 
-def _int_field(value: Any, name: str, lo: int, hi: int) -> int:
+def _int_field(
+    value: Any, name: str, lo: int, hi: int, allow_float: bool = False
+) -> int:
+    """An integer in ``[lo, hi)``; an integral float only where ``allow_float``
+    (MetricRecord numbers travel as floats)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise PayloadError(f"{name}={_short(value)} is not an integer")
-    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+    if isinstance(value, float) and not (
+        allow_float and math.isfinite(value) and value.is_integer()
+    ):
         raise PayloadError(f"{name}={_short(value)} is not an integer")
     if not lo <= value < hi:
         raise PayloadError(f"{name}={_short(value)} is outside [{lo}, {hi})")
@@ -236,7 +242,9 @@ def _unpack_reply(
     )
     if "num-examples" not in metrics:
         raise PayloadError("metric 'num-examples' is missing")
-    num_examples = _int_field(metrics["num-examples"], "num-examples", 1, MAX_EXAMPLES)
+    num_examples = _int_field(
+        metrics["num-examples"], "num-examples", 1, MAX_EXAMPLES, allow_float=True
+    )
     names = meta.get("class-names")
     if names is not None:
         if not isinstance(names, str) or not names:

@@ -61,7 +61,7 @@ def train_classifier(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
             n += len(idx)
         history.append(total / n)
         bar.set_postfix(loss=f"{history[-1]:.3f}")

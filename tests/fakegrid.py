@@ -26,6 +26,8 @@ class FakeGrid(Grid):
         self.run_config = run_config
         self.tamper = tamper or {}
         self.sent: list[tuple[int, str]] = []
+        # Flower keeps one Context.state per node for the whole run
+        self.states: dict[int, RecordDict] = {n: RecordDict() for n in self.nodes}
         # Message() reads the identity a real SuperLink sets for the ServerApp.
         TaskIdentity.task_id = 1
         TaskIdentity.run_id = 1
@@ -65,7 +67,7 @@ class FakeGrid(Grid):
                 run_id=1,
                 node_id=node,
                 node_config={"partition-id": pid, "num-partitions": len(self.nodes)},
-                state=RecordDict(),
+                state=self.states[node],
                 run_config=dict(self.run_config),
             )
             reply = self.client_app(msg, ctx)

@@ -265,3 +265,51 @@ def test_image_folder_learns_classes_from_valid_replies_only(
     assert len(res["rejected"]) == 1 and reason in res["rejected"][0]["reason"]
     assert res["class_names"] == list(FOLDER_CLASSES)
     assert res["config"]["num-classes"] == 3
+
+
+def test_lora_evaluation_reuses_the_uploaded_caption_means(
+    tiny_stack, fast_config, monkeypatch
+):
+    """Each client captions its training set once (for its upload), not again to
+    evaluate the merged adapter: the means it uploaded stay in its Context.state."""
+    from methods.oscar import client_oscar
+
+    calls: list[int] = []
+    real = client_oscar.caption_images
+
+    def counting(cfg, data):
+        calls.append(len(data.train_labels))
+        return real(cfg, data)
+
+    monkeypatch.setattr(client_oscar, "caption_images", counting)
+    fast_config["method"] = "lora"
+    _, res = _run(fast_config, nodes=3)
+    assert len(calls) == 3 and res["mean_fid_proxy"] is not None
+
+
+def test_client_work_prints_no_loading_bars_or_warnings(tiny_stack, fast_config, capfd):
+    """The round's log is the round's: no per-checkpoint "Loading weights" bars,
+    no float32-modules or requires_grad warnings from the clients' work."""
+    import warnings
+
+    for method in ("oscar", "lora", "fedavg"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _run(fast_config | {"method": method}, nodes=2, run_id=f"quiet-{method}")
+        noisy = [
+            str(w.message)
+            for w in caught
+            if "requires_grad" in str(w.message) or "float32" in str(w.message)
+        ]
+        assert not noisy, (method, noisy[:2])
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Loading checkpoint" not in err
+
+
+def test_resume_refuses_uploads_of_another_method(tiny_stack, fast_config):
+    from server_app.persist import ResumeError
+
+    fast_config.update({"method": "fedavg", "run-name": "switch"})
+    _run(fast_config)
+    with pytest.raises(ResumeError, match="method='fedavg'"):
+        _run(fast_config | {"method": "local"})

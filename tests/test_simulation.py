@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from tiny_stack import FOLDER_CLASSES, make_hf_dataset
 
 from bench.flower_runs import LocalSimulation, _superlink_processes
 
@@ -43,12 +44,17 @@ def test_oscar_and_lora_through_flower_simulation(tiny_stack, tmp_path):
             SMALL | {"method": "lora", "lora-merge": "svd", "lora-steps": 2},
             timeout_s=200,
         )
+        # a Hugging Face dataset folder written by save_to_disk, end to end
+        hf = make_hf_dataset(tmp_path / "hf-dataset", n_per_class=60)
+        runs["hf"] = sim.run(
+            "hf", SMALL | {"method": "oscar", "dataset": str(hf)}, timeout_s=200
+        )
     assert not _superlink_processes(sim.flwr_home)
 
     for name, run in runs.items():
         assert run.ok, f"{name}: {run.error}"
         res = run.results
-        assert res["method"] == name
+        assert res["method"] == {"hf": "oscar"}.get(name, name)
         assert res["num_clients"] == 3 and len(res["clients"]) == 3
         assert sorted(c["partition_id"] for c in res["clients"]) == [0, 1, 2]
         for c in res["clients"]:
@@ -70,3 +76,9 @@ def test_oscar_and_lora_through_flower_simulation(tiny_stack, tmp_path):
     # pooled fp16 vectors of the tiny encoder: far below the 2 KB/class budget
     assert 0 < oscar["upload_bytes_per_class"] <= 2048
     assert (runs["oscar"].run_dir / "synthetic_samples.png").is_file()
+
+    hf = runs["hf"].results
+    assert (
+        hf["class_names"] == list(FOLDER_CLASSES) and hf["config"]["num-classes"] == 3
+    )
+    assert hf["dataset"].endswith("hf-dataset")
