@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -78,7 +78,12 @@ class RunConfig(KeysModel):
     guidance_scale: float = Field(3.0, ge=1.0, le=50.0)
     num_inference_steps: int = Field(20, ge=1, le=1000)
     scheduler: Scheduler = "ddim"
-    synth_batch_size: int = Field(256, ge=1)
+    synth_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    guidance_cutoff: float = Field(1.0, gt=0, le=1)
+    decoder: str = ""
+    compile: bool = False
+    synth_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    synth_ray_address: str = ""
     # Classifier training (server, and clients for fedavg/local)
     classifier: Classifier = "cnn"
     train_epochs: int = Field(15, ge=1)

@@ -14,11 +14,17 @@ The server learns the classes from ``dataset_info`` where the dataset can say
 without reading a client's images (MNIST, a Hugging Face schema); for an image
 folder (the clients' own files) it returns ``None`` and the server takes a vote
 over the replies that passed validation.
+
+``global_test_set`` is the test set one-shot FL papers report: the dataset's
+test split in the domain of every participating client, balanced over classes
+(the clients' held-out splits carry their label skew and favour a model trained
+on their own data).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -108,6 +114,66 @@ class DataArgs:
     seed: int = 0
 
 
+# Images per class and domain of the global test set. 10 classes x 100 x 5 domains
+# = 5,000 images of 16x16 for mnist-domains: one image is 0.1 points of a domain's
+# accuracy, and the set is evaluated in well under a second on a CPU. A constant,
+# not a config key: every method and the centralized oracle must see the same set.
+GLOBAL_TEST_PER_CLASS = 100
+
+# Metric names of a client that measures its own model on the global test set
+# (a method without a global model, e.g. ``local``): overall, and per domain as
+# ``global-accuracy/<domain>``.
+GLOBAL_METRIC = "global-accuracy"
+GLOBAL_SIZE_METRIC = "global-test-examples"
+
+NO_GLOBAL_TEST = (
+    "the dataset has no test split outside the clients' data (an image folder holds "
+    "only the clients' own files; a Hugging Face dataset needs a 'test' split)"
+)
+
+
+@dataclass(frozen=True)
+class GlobalTestSet:
+    """The dataset's test split rendered in (or taken from) every participating
+    domain, balanced over classes: the test set one-shot FL papers report on.
+
+    ``images`` ``[N, C, S, S]`` in ``[-1, 1]``, ``labels`` ``[N]``,
+    ``domain_index`` ``[N]`` (positions in ``domains``).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    domain_index: torch.Tensor
+    domains: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def score(self, predictions: torch.Tensor) -> tuple[float, dict[str, float]]:
+        """Accuracy of ``predictions`` (class ids ``[N]``): overall and per domain."""
+        if tuple(predictions.shape) != tuple(self.labels.shape):
+            raise ValueError(
+                f"predictions have shape {tuple(predictions.shape)}, the global test "
+                f"set has {len(self)} labels"
+            )
+        hit = (predictions.cpu() == self.labels).float()
+        per_domain = {
+            d: float(hit[self.domain_index == k].mean())
+            for k, d in enumerate(self.domains)
+            if bool((self.domain_index == k).any())
+        }
+        return float(hit.mean()), per_domain
+
+    def metrics(self, predictions: torch.Tensor) -> dict[str, float]:
+        """``score`` as a client's flat metrics (``GLOBAL_METRIC`` and per domain)."""
+        overall, per_domain = self.score(predictions)
+        return {
+            GLOBAL_METRIC: overall,
+            GLOBAL_SIZE_METRIC: float(len(self)),
+            **{f"{GLOBAL_METRIC}/{d}": a for d, a in per_domain.items()},
+        }
+
+
 class DatasetSource(Protocol):
     """One kind of dataset in the registry."""
 
@@ -120,6 +186,14 @@ class DatasetSource(Protocol):
     def load(
         self, args: DataArgs, partition_id: int, num_partitions: int
     ) -> ClientData: ...
+
+    def federation_domains(
+        self, args: DataArgs, num_partitions: int
+    ) -> tuple[str, ...]: ...
+
+    def global_test(
+        self, args: DataArgs, domains: tuple[str, ...], per_class: int
+    ) -> GlobalTestSet | None: ...
 
 
 # ------------------------------------------------------------------ partitions
@@ -198,6 +272,19 @@ def _cap(idx: np.ndarray, args: DataArgs, partition_id: int) -> np.ndarray:
     return idx
 
 
+def _balanced_ids(
+    labels: np.ndarray, num_classes: int, per_class: int, seed: int
+) -> np.ndarray:
+    """``per_class`` ids of every class (all of a smaller class), drawn from
+    ``seed``; sorted, so the set does not depend on the draw order."""
+    rng = np.random.default_rng(seed)
+    picks = []
+    for c in range(num_classes):
+        pool = np.flatnonzero(labels == c)
+        picks.append(rng.choice(pool, size=min(per_class, len(pool)), replace=False))
+    return np.sort(np.concatenate(picks)).astype(np.int64)
+
+
 def _client_split(
     images: torch.Tensor, y: torch.Tensor, domain: str, info: DatasetInfo,
     args: DataArgs, partition_id: int,
@@ -251,6 +338,40 @@ class MnistSource:
         y = torch.as_tensor(labels[idx])
         return _client_split(images, y, domain, self.info(args), args, partition_id)
 
+    def federation_domains(
+        self, args: DataArgs, num_partitions: int
+    ) -> tuple[str, ...]:
+        """Partition ``p`` holds ``domains[p mod K]`` (as ``load`` assigns them)."""
+        if args.dataset != "mnist-domains":
+            return ("plain",)
+        names = args.domains
+        if args.partition == "domain":  # load's first-seen order of the pool
+            names = tuple(dict.fromkeys(names))
+        return tuple(
+            dict.fromkeys(names[p % len(names)] for p in range(num_partitions))
+        )
+
+    def global_test(
+        self, args: DataArgs, domains: tuple[str, ...], per_class: int
+    ) -> GlobalTestSet:
+        """The official MNIST test split (never seen by the stack nor the clients):
+        ``per_class`` digits per class, the same ones rendered in every domain."""
+        raw, labels = mnist_world.load_mnist("test")
+        ids = _balanced_ids(labels, len(mnist_world.DIGIT_NAMES), per_class, args.seed)
+        images = torch.cat(
+            [
+                mnist_world.render_style(raw[ids], d, args.image_size, seed=args.seed)
+                for d in domains
+            ]
+        )
+        y = torch.as_tensor(labels[ids])
+        return GlobalTestSet(
+            images,
+            y.repeat(len(domains)),
+            torch.arange(len(domains)).repeat_interleave(len(ids)),
+            domains,
+        )
+
 
 def _is_hf_folder(path: Path) -> bool:
     return any(
@@ -279,8 +400,21 @@ class HuggingFaceSource:
         return not path.exists()
 
     @staticmethod
+    def _open(name: str, split: str = "train") -> Any:
+        """The ``train`` split (or the first one, or the only dataset); another
+        ``split``: that split, or ``None`` if the dataset has none."""
+        import datasets
+
+        ds = HuggingFaceSource._open_all(name)
+        if not isinstance(ds, datasets.DatasetDict):
+            return ds if split == "train" else None
+        if split == "train":
+            return ds["train"] if "train" in ds else ds[next(iter(ds))]
+        return ds[split] if split in ds else None
+
+    @staticmethod
     @functools.lru_cache(maxsize=2)
-    def _open(name: str) -> Any:
+    def _open_all(name: str) -> Any:
         import datasets
 
         path = Path(name).expanduser()
@@ -296,8 +430,6 @@ class HuggingFaceSource:
                 "nor a Hugging Face dataset this machine can open (a save_to_disk "
                 f"folder or a hub id: {e.__class__.__name__}: {e})"
             ) from e
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
         return ds
 
     @staticmethod
@@ -347,6 +479,51 @@ class HuggingFaceSource:
             images, torch.as_tensor(labels[idx]), domain, info, args, partition_id
         )
 
+    def federation_domains(
+        self, args: DataArgs, num_partitions: int
+    ) -> tuple[str, ...]:
+        """Which partition holds which domain only the clients know: all of them."""
+        return self.info(args).domains or ("plain",)
+
+    def global_test(
+        self, args: DataArgs, domains: tuple[str, ...], per_class: int
+    ) -> GlobalTestSet | None:
+        """The ``test`` split, ``per_class`` images per class of every domain in
+        ``domains`` (its ``domain`` column; ``plain`` without one); ``None``
+        without a ``test`` split."""
+        ds = self._open(args.dataset, "test")
+        if ds is None:
+            return None
+        info = self.info(args)
+        image, label = self._columns(args.dataset, ds)
+        names = tuple(ds.features[label].names)
+        if names != info.class_names:
+            raise ValueError(
+                f"dataset={args.dataset!r}: the test split's classes {names[:5]} "
+                f"differ from the train split's {info.class_names[:5]}"
+            )
+        labels = np.asarray(ds[label], dtype=np.int64)
+        doms = (
+            np.asarray(ds["domain"])
+            if "domain" in ds.column_names
+            else np.full(len(labels), "plain")
+        )
+        xs, ys, ks = [], [], []
+        for k, d in enumerate(domains):
+            rows = np.flatnonzero(doms == d)
+            ids = rows[
+                _balanced_ids(labels[rows], info.num_classes, per_class, args.seed)
+            ]
+            xs += [
+                _pil_to_tensor(im, info.channels, args.image_size)
+                for im in ds.select(ids.tolist())[image]
+            ]
+            ys.append(torch.as_tensor(labels[ids]))
+            ks.append(torch.full((len(ids),), k, dtype=torch.int64))
+        if not xs:
+            return None
+        return GlobalTestSet(torch.stack(xs), torch.cat(ys), torch.cat(ks), domains)
+
 
 def _pil_to_tensor(im: Any, channels: int, size: int) -> torch.Tensor:
     im = im.convert("L" if channels == 1 else "RGB").resize((size, size))
@@ -387,6 +564,16 @@ class ImageFolderSource:
         )  # fmt: skip
         return _client_split(images[idx], y[idx], domain, info, args, partition_id)
 
+    def federation_domains(
+        self, args: DataArgs, num_partitions: int
+    ) -> tuple[str, ...]:
+        return ()  # the server does not read the clients' folders
+
+    def global_test(
+        self, args: DataArgs, domains: tuple[str, ...], per_class: int
+    ) -> None:
+        return None  # the clients' own files are all there is: no server test split
+
 
 # The registry: the first source that matches a ``dataset`` value loads it.
 DATASETS: tuple[DatasetSource, ...] = (
@@ -407,6 +594,66 @@ def get_source(name: str) -> DatasetSource:
 def dataset_info(args: DataArgs) -> DatasetInfo | None:
     """What the server may know without the clients (``None``: ask them)."""
     return get_source(args.dataset).info(args)
+
+
+def known_domains(info: DatasetInfo | None) -> tuple[str, ...]:
+    """The dataset's domains; one, ``plain``, for a dataset without domains."""
+    return info.domains if info is not None and info.domains else ("plain",)
+
+
+def participating_domains(
+    info: DatasetInfo | None, reported: Iterable[Any]
+) -> tuple[str, ...]:
+    """The dataset's domains that some client reported, in the dataset's order.
+
+    ``reported`` is client input (the replies' meta ``domain``): only values equal
+    to a known domain count, so nothing a client writes reaches a file name or a
+    renderer.
+    """
+    seen = {d for d in reported if isinstance(d, str)}
+    return tuple(d for d in known_domains(info) if d in seen)
+
+
+def federation_domains(args: DataArgs, num_partitions: int) -> tuple[str, ...]:
+    """The domains the ``num_partitions`` partitions hold, as far as the dataset
+    tells without their images (a client's view of the whole federation)."""
+    return get_source(args.dataset).federation_domains(args, num_partitions)
+
+
+def global_test_set(
+    args: DataArgs, domains: Sequence[str], per_class: int = GLOBAL_TEST_PER_CLASS
+) -> GlobalTestSet | None:
+    """The dataset's test split in every domain of ``domains``, ``per_class``
+    images per class and domain, drawn from ``args.seed``; ``None`` where the
+    dataset has no test split the caller can read (``NO_GLOBAL_TEST``).
+
+    MNIST: the same test digits in every domain, so domains compare directly.
+    Cached: server and in-process clients share one copy (do not modify it).
+    """
+    # 1. Check inputs
+    if per_class < 1:
+        raise ValueError(f"per_class={per_class} must be >= 1")
+    domains = tuple(domains)
+    if not domains or len(set(domains)) != len(domains):
+        raise ValueError(f"domains={domains!r}: give at least one domain, each once")
+    return _global_test_set(args, domains, per_class)
+
+
+@functools.lru_cache(maxsize=4)
+def _global_test_set(
+    args: DataArgs, domains: tuple[str, ...], per_class: int
+) -> GlobalTestSet | None:
+    src = get_source(args.dataset)
+    info = src.info(args)
+    if info is None:
+        return None
+    unknown = [d for d in domains if d not in known_domains(info)]
+    if unknown:
+        raise ValueError(
+            f"domains {unknown} are not domains of dataset={args.dataset!r} "
+            f"({', '.join(known_domains(info))})"
+        )
+    return src.global_test(args, domains, per_class)
 
 
 def load_client_data(

@@ -23,9 +23,12 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """``auto`` is fp16 on a GPU (half precision for the diffusion work), fp32 on a CPU."""
+    """``auto`` is half precision on a GPU (bf16 where the GPU supports it: the
+    range of fp32, no overflow in the VAE; else fp16), fp32 on a CPU."""
     if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if precision not in table:
         raise ValueError(

@@ -36,6 +36,7 @@ class Generator:
     name: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    path: str = ""  # what from_pretrained was given (workers rebuild from it)
 
     @property
     def cond_dim(self) -> int:
@@ -117,15 +118,30 @@ def load_generator(
         if cond_file.is_file()
         else "sequence"  # Stable Diffusion checkpoints attend to the token sequence
     )
+    unet = unet.to(device, dtype).eval()
+    if torch.device(device).type == "cuda":  # NHWC convolutions on tensor cores
+        unet = unet.to(memory_format=torch.channels_last)
     return Generator(
-        unet=unet.to(device, dtype).eval(),
+        unet=unet,
         scheduler=make_scheduler(base, scheduler),
         vae=vae,
         embedding=embedding,
         name=name,
         device=torch.device(device),
         dtype=dtype,
+        path=path,
     )
+
+
+def load_decoder(
+    name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Any:
+    """A tiny latent decoder (diffusers ``AutoencoderTiny``, TAESD) for few-step
+    sampling, where the full VAE decoder dominates the time."""
+    from diffusers import AutoencoderTiny
+
+    path = resolve_model(name, "decoder", "decoder")
+    return load_pretrained(AutoencoderTiny, path, "decoder").to(device, dtype).eval()
 
 
 def generator_fingerprint(unet: Any) -> str:

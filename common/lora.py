@@ -122,6 +122,16 @@ def lora_parameters(unet: UNet) -> list[nn.Parameter]:
     return [p for n, p in unet.named_parameters() if ".lora_" in n]
 
 
+def lora_spec(unet: UNet) -> tuple[dict[str, Tensor], int, float, list[str]] | None:
+    """``(state, rank, alpha, targets)`` of the attached adapter, or None."""
+    if not _has_lora(unet):
+        return None
+    cfg = unet.peft_config[ADAPTER]
+    targets = cfg.target_modules
+    targets = sorted(targets) if not isinstance(targets, str) else [targets]
+    return get_lora_state(unet), int(cfg.r), float(cfg.lora_alpha), targets
+
+
 def get_lora_state(unet: UNet) -> dict[str, Tensor]:
     """The adapter's state dict: peft keys without the adapter name, float32 on CPU.
 

@@ -1,20 +1,31 @@
 """The synthesis engine: a conditioning set -> images. The only sampler methods call.
 
 Methods say *what* to sample (one conditioning row per image); the engine decides
-*how*: batching, precision, seeds, scheduler, guidance. Written as diffusers
-writes pipelines: ``check_inputs`` first, then numbered steps.
+*how*: batching and memory, precision, seeds, scheduler, guidance, workers.
+Written as diffusers writes pipelines: ``check_inputs`` first, then numbered steps.
 
-Reproducibility: image ``i`` of a call draws all its noise (the initial ``x_T`` and
-every stochastic scheduler step, e.g. DDPM's) from its own ``torch.Generator``
-seeded by ``(seed, first_index + i)``. The images therefore do not depend on the
-batch size, the batch order or how the work is split between calls.
+Reproducibility: image ``i`` of a call draws all its noise (the initial ``x_T``
+and every stochastic scheduler step, e.g. DDPM's) from its own
+``torch.Generator`` seeded by ``(seed, first_index + i)``. The images therefore do
+not depend on the batch size, the batch order, an out-of-memory retry, padding
+for static shapes, or how the work is split between calls and workers.
+
+Memory: ``batch_size="auto"`` plans the denoising batch from the free device
+memory with a memory model (``plan_batch``: fixed bytes + bytes per image, a
+margin kept free); the decoder runs in chunks of its own size, since the VAE
+decoder, not the UNet, needs most memory per image (published SD-1.5 figures:
+~0.25 GB per image for the UNet with CFG, ~0.8 GB per decoded 512-px image). An
+out-of-memory error halves the batch (or the decode chunk) and retries the same
+images: none is lost or repeated.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -24,6 +35,8 @@ import torch.nn.functional as F
 from .generator import Generator
 
 Output = Literal["images", "latents"]
+CPU_AUTO_BATCH = 256  # a CPU has memory to spare at the sizes it can afford
+MAX_AUTO_BATCH = 256  # beyond this a GPU gains little (compute-bound already)
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -37,13 +50,105 @@ def image_generators(seed: int, indices: range) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
 
 
+# ---------------------------------------------------------------- memory
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Bytes the sampler needs: ``fixed + batch * per_image`` while denoising,
+    ``fixed + chunk * decode_per_image`` while decoding."""
+
+    fixed: int
+    per_image: int
+    decode_per_image: int
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    batch_size: int
+    decode_chunk: int
+    reason: str
+
+
+def plan_batch(
+    free_bytes: int,
+    model: MemoryModel,
+    margin: float = 0.15,
+    max_batch: int = MAX_AUTO_BATCH,
+) -> MemoryPlan:
+    """The largest batch and decode chunk that fit ``free_bytes`` less ``margin``.
+
+    Pure: ``batch = floor((free (1 - margin) - fixed) / per_image)``, clipped to
+    ``[1, max_batch]``; the same for the decode chunk with ``decode_per_image``.
+    """
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin={margin} must be in [0, 1)")
+    usable = free_bytes * (1 - margin) - model.fixed
+    batch = int(usable // max(1, model.per_image)) if usable > 0 else 0
+    chunk = int(usable // max(1, model.decode_per_image)) if usable > 0 else 0
+    batch, chunk = max(1, min(batch, max_batch)), max(1, min(chunk, max_batch))
+    gb = 2**30
+    return MemoryPlan(batch, min(chunk, batch), (
+        f"free {free_bytes / gb:.1f} GB, margin {margin:.0%}, fixed {model.fixed / gb:.2f} GB, "
+        f"{model.per_image / gb:.3f} GB/image denoising, "
+        f"{model.decode_per_image / gb:.3f} GB/image decoding"
+    ))  # fmt: skip
+
+
+def probe_memory(
+    gen: Generator, cond: torch.Tensor, uncond: torch.Tensor, guided: bool
+) -> MemoryModel:
+    """Measure the memory model on a CUDA device: one step at batch 1 and 2, one decode."""
+    dev = gen.device
+    torch.cuda.synchronize(dev)
+    base = torch.cuda.memory_allocated(dev)
+    peaks = []
+    with torch.no_grad():
+        for b in (1, 2):
+            torch.cuda.reset_peak_memory_stats(dev)
+            x = torch.zeros(b, *gen.sample_shape, device=dev, dtype=gen.dtype)
+            c = cond[:1].to(dev, gen.dtype).expand(b, -1, -1)
+            ctx = (
+                torch.cat([uncond[:1].to(dev, gen.dtype).expand(b, -1, -1), c])
+                if guided
+                else c
+            )
+            xin = torch.cat([x, x]) if guided else x
+            gen.unet(xin, torch.tensor(999, device=dev), encoder_hidden_states=ctx)
+            peaks.append(torch.cuda.max_memory_allocated(dev) - base)
+        decode = 0
+        if gen.vae is not None:
+            torch.cuda.reset_peak_memory_stats(dev)
+            z = torch.zeros(1, *gen.sample_shape, device=dev, dtype=gen.dtype)
+            _decode(gen, None, z)
+            decode = torch.cuda.max_memory_allocated(dev) - base
+    per_image = max(1, peaks[1] - peaks[0])
+    return MemoryModel(base + max(0, peaks[0] - per_image), per_image, max(1, decode))
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device; None on a CPU (planned by ``CPU_AUTO_BATCH``)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+# ---------------------------------------------------------------- sampling
+
+
 def check_inputs(
     gen: Generator,
     cond: torch.Tensor,
     uncond: torch.Tensor,
     guidance_scale: float,
     num_inference_steps: int,
-    batch_size: int,
+    batch_size: int | str,
+    guidance_cutoff: float,
 ) -> None:
     """Raise ``ValueError`` naming the argument, its value and the fix."""
     if cond.ndim != 3 or cond.shape[-1] != gen.cond_dim:
@@ -62,8 +167,78 @@ def check_inputs(
         raise ValueError(f"guidance-scale={guidance_scale} must be >= 1")
     if num_inference_steps < 1:
         raise ValueError(f"num-inference-steps={num_inference_steps} must be >= 1")
-    if batch_size < 1:
-        raise ValueError(f"synth-batch-size={batch_size} must be >= 1")
+    if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"synth-batch-size={batch_size!r} must be 'auto' or >= 1")
+    if not 0 < guidance_cutoff <= 1:
+        raise ValueError(f"guidance-cutoff={guidance_cutoff} must be in (0, 1]")
+
+
+def _decode(gen: Generator, decoder: Any, z: torch.Tensor) -> torch.Tensor:
+    """x = D(z / scaling_factor) with the generator's VAE, or a tiny decoder."""
+    vae: Any = decoder if decoder is not None else gen.vae
+    scale = float(getattr(vae.config, "scaling_factor", 1.0))
+    return vae.decode(z / scale).sample
+
+
+def to_dataset_format(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
+    """Generated images -> the clients' image format (channels, side), float in [-1, 1]."""
+    x = images.float()
+    if x.shape[1] != channels:
+        x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return x.clamp(-1, 1)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [-1, 1] (the training format)."""
+    return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
+
+
+@torch.no_grad()
+def _denoise(
+    gen: Generator,
+    c: torch.Tensor,
+    u: torch.Tensor,
+    gens: list[torch.Generator],
+    guidance_scale: float,
+    num_inference_steps: int,
+    guidance_cutoff: float,
+) -> torch.Tensor:
+    """Steps 3-4 for one batch: x_T from the images' generators, then the loop."""
+    scheduler = gen.scheduler
+    b = len(c)
+    # 2. Prepare timesteps (resets multistep schedulers' state)
+    scheduler.set_timesteps(num_inference_steps, device=gen.device)
+    # 3. Initial noise x_T ~ N(0, I), each image from its own generator
+    x = torch.stack([torch.randn(gen.sample_shape, generator=g) for g in gens])
+    x = x.to(gen.device, gen.dtype) * scheduler.init_noise_sigma
+    step_kwargs: dict[str, Any] = (
+        {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters
+        else {}
+    )  # fmt: skip
+    guided = guidance_scale != 1.0
+    context = torch.cat([u.expand(b, -1, -1), c]) if guided else c
+    # the unconditional pass stops after this many steps (diffusers' CFG cut-off)
+    cutoff = math.ceil(guidance_cutoff * len(scheduler.timesteps))
+    # 4. Denoising loop with classifier-free guidance (Ho & Salimans 2022):
+    #    eps = eps(x, 0) + w (eps(x, c) - eps(x, 0)); at w = 1 that is eps(x, c).
+    for i, t in enumerate(scheduler.timesteps):
+        if guided and i < cutoff:
+            xin = scheduler.scale_model_input(torch.cat([x, x]), t)
+            eps_u, eps_c = gen.unet(xin, t, encoder_hidden_states=context).sample.chunk(
+                2
+            )
+            eps = eps_u + guidance_scale * (eps_c - eps_u)
+        else:
+            xin = scheduler.scale_model_input(x, t)
+            eps = gen.unet(xin, t, encoder_hidden_states=c).sample
+        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+    return x
 
 
 @torch.no_grad()
@@ -75,60 +250,109 @@ def sample(
     guidance_scale: float = 3.0,
     num_inference_steps: int = 20,
     seed: int = 0,
-    batch_size: int = 256,
+    batch_size: int | str = "auto",
     first_index: int = 0,
     output: Output = "images",
+    guidance_cutoff: float = 1.0,
+    resize_to: tuple[int, int] | None = None,
+    as_uint8: bool = False,
+    decoder: Any = None,
+    static_shapes: bool = False,
+    memory: MemoryModel | None = None,
+    free_bytes: int | None = None,
     progress: Callable[[int], Any] | None = None,
 ) -> torch.Tensor:
     """Sample one image per row of ``cond`` ``[N, L, D]``.
 
-    Returns ``[N, C, H, W]``: images in ``[-1, 1]`` (decoded by the VAE for latent
-    diffusion), or with ``output="latents"`` what the UNet denoises (for training
-    on the samples: the generative LoRA merge). ``first_index`` is the global
-    index of row 0 (its noise seed); ``progress(n)`` is called after each batch.
+    Returns ``[N, C, H, W]`` on the CPU: images in ``[-1, 1]`` (decoded by the VAE,
+    or ``decoder``, for latent diffusion), resized on the device to
+    ``resize_to = (channels, side)`` and kept as uint8 with ``as_uint8``; or with
+    ``output="latents"`` what the UNet denoises. ``first_index`` is the global
+    index of row 0 (its noise seed). ``static_shapes`` pads the last batch to the
+    batch size (for a compiled UNet). ``memory`` / ``free_bytes`` override the
+    measured memory model and free memory (tests inject budgets with them).
     """
-    # 1. Check inputs
-    check_inputs(gen, cond, uncond, guidance_scale, num_inference_steps, batch_size)
-    scheduler = gen.scheduler
-    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
-    guided = guidance_scale != 1.0
+    # 1. Check inputs and plan the batch
+    check_inputs(gen, cond, uncond, guidance_scale, num_inference_steps, batch_size,
+                 guidance_cutoff)  # fmt: skip
     u = uncond[:1].to(gen.device, gen.dtype)
+    batch, chunk = _plan(
+        gen, cond, uncond, guidance_scale, batch_size, memory, free_bytes
+    )
     out: list[torch.Tensor] = []
-    for start in range(0, len(cond), batch_size):
-        c = cond[start : start + batch_size].to(gen.device, gen.dtype)
-        b = len(c)
-        gens = image_generators(
-            seed, range(first_index + start, first_index + start + b)
-        )
-        # 2. Prepare timesteps (resets multistep schedulers' state)
-        scheduler.set_timesteps(num_inference_steps, device=gen.device)
-        # 3. Initial noise x_T ~ N(0, I), each image from its own generator
-        x = torch.stack([torch.randn(gen.sample_shape, generator=g) for g in gens])
-        x = x.to(gen.device, gen.dtype) * scheduler.init_noise_sigma
-        context = torch.cat([u.expand(b, -1, -1), c]) if guided else c
-        step_kwargs: dict[str, Any] = {"generator": gens} if takes_generator else {}
-        # 4. Denoising loop with classifier-free guidance (Ho & Salimans 2022):
-        #    eps = eps(x, 0) + w (eps(x, c) - eps(x, 0)); at w = 1 that is eps(x, c),
-        #    so the unconditional pass is skipped.
-        for t in scheduler.timesteps:
-            xin = torch.cat([x, x]) if guided else x
-            xin = scheduler.scale_model_input(xin, t)
-            eps = gen.unet(xin, t, encoder_hidden_states=context).sample
-            if guided:
-                eps_u, eps_c = eps.chunk(2)
-                eps = eps_u + guidance_scale * (eps_c - eps_u)
-            x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
-        # 5. Decode latents x -> D(x / scaling_factor) and clamp to [-1, 1]
-        if output == "images":
-            if gen.vae is not None:
-                x = gen.vae.decode(x / gen.vae.config.scaling_factor).sample
-            x = x.clamp(-1, 1)
-        out.append(x.float().cpu())
+    start = 0
+    while start < len(cond):
+        b = min(batch, len(cond) - start)
+        rows = range(first_index + start, first_index + start + b)
+        c = cond[start : start + b]
+        if static_shapes and b < batch:  # pad with copies; their images are dropped
+            c = torch.cat([c, c[-1:].expand(batch - b, -1, -1)])
+            rows = range(rows.start, rows.start + batch)
+        try:
+            x = _denoise(gen, c.to(gen.device, gen.dtype), u, image_generators(seed, rows),
+                         guidance_scale, num_inference_steps, guidance_cutoff)[:b]  # fmt: skip
+            # 5. Decode latents in chunks, clamp, convert on the device
+            if output == "images":
+                x, chunk = _decode_chunks(gen, decoder, x, chunk)
+                if resize_to is not None:
+                    x = to_dataset_format(x, *resize_to)
+                x = to_uint8(x) if as_uint8 else x.float().clamp(-1, 1)
+            out.append(x.cpu() if as_uint8 else x.float().cpu())
+        except Exception as e:
+            if not is_oom(e) or batch == 1:
+                raise
+            batch = max(1, b // 2)  # the same images again, in smaller batches
+            _empty_cache(gen.device)
+            continue
+        start += b
         if progress is not None:
             progress(b)
     if not out:
         return torch.empty(0, *gen.sample_shape)
     return torch.cat(out)
+
+
+def _plan(
+    gen: Generator,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance_scale: float,
+    batch_size: int | str,
+    memory: MemoryModel | None,
+    free_bytes: int | None,
+) -> tuple[int, int]:
+    if batch_size != "auto":
+        return int(batch_size), int(batch_size)
+    free = free_bytes if free_bytes is not None else free_memory(gen.device)
+    if free is None:
+        return CPU_AUTO_BATCH, CPU_AUTO_BATCH
+    model = memory or probe_memory(gen, cond, uncond, guidance_scale != 1.0)
+    plan = plan_batch(free, model)
+    return plan.batch_size, plan.decode_chunk
+
+
+def _decode_chunks(
+    gen: Generator, decoder: Any, z: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, int]:
+    """Decode ``z`` ``chunk`` images at a time, halving ``chunk`` on out-of-memory."""
+    if gen.vae is None and decoder is None:
+        return z, chunk
+    parts, i = [], 0
+    while i < len(z):
+        try:
+            parts.append(_decode(gen, decoder, z[i : i + chunk]))
+            i += chunk
+        except Exception as e:
+            if not is_oom(e) or chunk == 1:
+                raise
+            chunk = max(1, chunk // 2)
+            _empty_cache(gen.device)
+    return torch.cat(parts), chunk
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def synthesize(
@@ -148,11 +372,98 @@ def synthesize(
     return x, time.perf_counter() - t0
 
 
-def to_dataset_format(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
-    """Generated images -> the clients' image format (channels, side)."""
-    x = images.float()
-    if x.shape[1] != channels:
-        x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1)
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-    return x.clamp(-1, 1)
+# ---------------------------------------------------------------- workers (Ray)
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """What a worker needs to rebuild the same generator on its own device."""
+
+    path: str  # resolved folder or hub id
+    scheduler: str
+    precision: str  # "auto", "fp32", "fp16", "bf16"
+    decoder: str = ""
+    lora: tuple[dict[str, torch.Tensor], int, float, list[str]] | None = None
+
+    @classmethod
+    def of(
+        cls, gen: Generator, scheduler: str, precision: str, decoder: str = ""
+    ) -> GeneratorSpec:
+        """The spec of a loaded generator, with the LoRA adapter attached to it."""
+        from .lora import lora_spec
+
+        return cls(gen.path, scheduler, precision, decoder, lora_spec(gen.unet))
+
+    def build(self, device: torch.device) -> tuple[Generator, Any]:
+        from .device import resolve_dtype
+        from .generator import load_decoder, load_generator
+        from .lora import set_lora_state
+
+        gen = load_generator(
+            self.path, self.scheduler, device, resolve_dtype(self.precision, device)
+        )
+        if self.lora is not None:
+            state, rank, alpha, targets = self.lora
+            set_lora_state(gen.unet, state, rank, alpha, targets)
+            gen.unet.to(device, gen.dtype)
+        decoder = (
+            load_decoder(self.decoder, device, gen.dtype) if self.decoder else None
+        )
+        return gen, decoder
+
+
+def shards(n: int, workers: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` ranges, as equal as possible, in order."""
+    workers = max(1, min(workers, n)) if n else 1
+    bounds = [round(i * n / workers) for i in range(workers + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(workers)]
+
+
+def sample_on_workers(
+    spec: GeneratorSpec,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    *,
+    workers: int,
+    ray_address: str = "",
+    gpus_per_worker: float = 0.0,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """``sample`` sharded over ``workers`` Ray actors, one device each.
+
+    Each actor rebuilds the generator from ``spec`` and samples a contiguous shard
+    with ``first_index`` set to the shard's start: the result is the same images,
+    in the same order, as one worker. Joins a running Ray instance (a Flower
+    simulation's, or the cluster at ``ray_address``) or starts a local one.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address or None, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)  # fmt: skip
+
+    @ray.remote(num_gpus=gpus_per_worker)
+    class SynthesisWorker:
+        def __init__(self, spec: GeneratorSpec) -> None:
+            torch.set_num_threads(1)
+            dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self.gen, self.decoder = spec.build(dev)
+
+        def sample(
+            self, cond: torch.Tensor, uncond: torch.Tensor, kw: dict
+        ) -> torch.Tensor:
+            return sample(self.gen, cond, uncond, decoder=self.decoder, **kw)
+
+    base = kwargs.pop("first_index", 0)
+    kwargs.pop("progress", None)
+    parts = shards(len(cond), workers)
+    actors = [SynthesisWorker.remote(spec) for _ in parts]  # type: ignore[attr-defined]
+    futures = [
+        a.sample.remote(cond[lo:hi], uncond, kwargs | {"first_index": base + lo})
+        for a, (lo, hi) in zip(actors, parts, strict=True)
+    ]
+    try:
+        return torch.cat(ray.get(futures))
+    finally:
+        for a in actors:
+            ray.kill(a)

@@ -156,6 +156,27 @@ class ServerContext:
         )
 
     @functools.cached_property
+    def sampling_generator(self) -> Any:
+        """The generator the engine samples with: the UNet compiled (static
+        shapes) when ``compile`` is set; the same modules otherwise."""
+        if not self.cfg.compile:
+            return self.generator
+        import dataclasses
+
+        return dataclasses.replace(
+            self.generator, unet=torch.compile(self.generator.unet, dynamic=False)
+        )
+
+    @functools.cached_property
+    def decoder(self) -> Any:
+        """``decoder``: a tiny latent decoder instead of the generator's VAE."""
+        if not self.cfg.decoder:
+            return None
+        from common.generator import load_decoder
+
+        return load_decoder(self.cfg.decoder, self.device, self.dtype)
+
+    @functools.cached_property
     def text_encoder(self) -> Any:
         from common.text_encoder import load_text_encoder
 

@@ -10,17 +10,65 @@ from __future__ import annotations
 
 import time
 from logging import INFO
+from typing import Any
 
 import torch
 from flwr.common.logger import log
 
 from common.models import build_classifier
-from common.synthesis import synthesize, to_dataset_format
+from common.synthesis import GeneratorSpec, from_uint8, sample_on_workers, synthesize
 from common.train import train_classifier
 
 from .base import ServerContext, ServerOutput
 
 SAMPLES_PER_CELL = 6  # images kept per (client, class) for the sample grid
+
+
+def engine_kwargs(ctx: ServerContext, **over: Any) -> dict[str, Any]:
+    """The engine's settings from the run config (``over`` wins)."""
+    cfg = ctx.cfg
+    return {
+        "guidance_scale": cfg.guidance_scale,
+        "num_inference_steps": cfg.num_inference_steps,
+        "guidance_cutoff": cfg.guidance_cutoff,
+        "seed": cfg.seed,
+        "batch_size": cfg.synth_batch_size,
+        "static_shapes": cfg.compile,
+    } | over
+
+
+def synth_workers(ctx: ServerContext) -> int:
+    """``synth-workers``: ``auto`` is one per visible GPU, 1 on a CPU."""
+    w = ctx.cfg.synth_workers
+    if w == "auto":
+        return max(1, torch.cuda.device_count()) if ctx.device.type == "cuda" else 1
+    return int(w)
+
+
+def sample_images(
+    ctx: ServerContext, conds: torch.Tensor, desc: str = "synthesize", **over: Any
+) -> tuple[torch.Tensor, float]:
+    """Conditioning rows -> uint8 images in the dataset's format, on this process's
+    device or sharded over Ray workers (``synth-workers``); ``(images, seconds)``."""
+    kw = engine_kwargs(ctx, **over) | {
+        "resize_to": (ctx.channels, ctx.cfg.image_size),
+        "as_uint8": True,
+    }
+    workers = synth_workers(ctx)
+    if workers > 1:
+        t0 = time.perf_counter()
+        log(INFO, "Synthesis sharded over %d Ray workers", workers)
+        spec = GeneratorSpec.of(
+            ctx.generator, ctx.cfg.scheduler, ctx.cfg.precision, ctx.cfg.decoder
+        )
+        x = sample_on_workers(
+            spec, conds, ctx.uncond, workers=workers, ray_address=ctx.cfg.synth_ray_address,
+            gpus_per_worker=1.0 if ctx.device.type == "cuda" else 0.0, **kw,
+        )  # fmt: skip
+        return x, time.perf_counter() - t0
+    return synthesize(
+        ctx.sampling_generator, conds, ctx.uncond, desc=desc, decoder=ctx.decoder, **kw
+    )
 
 
 def synthesize_set(
@@ -36,28 +84,21 @@ def synthesize_set(
 
     ``owners`` is the partition id each row comes from (-1: no client);
     ``guidance_scale`` overrides ``guidance-scale`` (1.0: the conditional model).
+    Returns uint8 images in the dataset's format (channels, image-size).
     """
     cfg = ctx.cfg
     w = cfg.guidance_scale if guidance_scale is None else guidance_scale
     log(INFO, "Synthesizing %d images on %s (%s), %d steps, guidance %.1f",
         len(conds), ctx.device, ctx.dtype, cfg.num_inference_steps, w)  # fmt: skip
-    images, seconds = synthesize(
-        ctx.generator,
-        conds,
-        ctx.uncond,
-        desc=desc,
-        guidance_scale=w,
-        num_inference_steps=cfg.num_inference_steps,
-        seed=cfg.seed,
-        batch_size=cfg.synth_batch_size,
-    )
-    images = to_dataset_format(images, ctx.channels, cfg.image_size)
+    images, seconds = sample_images(ctx, conds, desc=desc, guidance_scale=w)
     out.timings["synthesize"] = out.timings.get("synthesize", 0.0) + seconds
     for o in owners.unique().tolist():
         for c in labels.unique().tolist():
             idx = torch.nonzero((owners == o) & (labels == c)).flatten()
             if len(idx):
-                out.samples[(int(o), int(c))] = images[idx[:SAMPLES_PER_CELL]]
+                out.samples[(int(o), int(c))] = from_uint8(
+                    images[idx[:SAMPLES_PER_CELL]]
+                )
     return images
 
 

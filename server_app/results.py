@@ -39,11 +39,13 @@ def report(
     evals: dict[int, dict[str, Any]],
     timings: dict[str, float],
     download: dict[str, int],
+    global_eval: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """results.json, the plots and the per-client table of one round.
 
     Everything taken from a client is escaped and truncated (``safe_text``): a
     rejected client's reply can hold anything, and the report must not fail.
+    ``global_eval``: the ``global_*`` entries (``round.evaluate_global``).
     """
     cfg = ctx.cfg
     clients: list[dict[str, Any]] = []
@@ -95,6 +97,10 @@ def report(
         "rejected": got.rejected,
         "missing": got.missing,
         "mean_accuracy": sum(accs) / len(accs) if accs else None,
+        "global_accuracy": None,  # (round.evaluate_global fills these in)
+        "global_accuracy_per_domain": {},
+        "global_test_size": 0,
+        **(global_eval or {}),
         "mean_fid_proxy": sum(fids) / len(fids) if fids else None,
         "upload_bytes_total": sum(uploads),
         "upload_bytes_per_client": sum(uploads) / len(uploads) if uploads else 0,
@@ -120,8 +126,10 @@ def report(
     plot_accuracy(ctx.run_dir, clients, f"{cfg.method} on {safe_text(cfg.dataset, 40)}")
     plot_samples(ctx.run_dir, out.samples, ctx.class_names, domains)
     log(INFO, "\n%s", format_table(clients))
-    log(INFO, "mean accuracy %s, upload %d B total; results in %s",
-        res["mean_accuracy"], res["upload_bytes_total"], ctx.run_dir / "results.json")  # fmt: skip
+    log(INFO, "mean client accuracy %s, global accuracy %s on %d test images, "
+        "upload %d B total; results in %s", res["mean_accuracy"],
+        res.get("global_accuracy"), res.get("global_test_size", 0),
+        res["upload_bytes_total"], ctx.run_dir / "results.json")  # fmt: skip
     return res
 
 

@@ -2,7 +2,8 @@
 
     0. check the config against the models -> 1. wait for nodes
     -> 2. send the collect message -> 3. collect replies -> 4. validate
-    -> 5. persist -> 6. server work -> 7. push back and evaluate -> 8. report
+    -> 5. persist -> 6. server work -> 7. push back and evaluate
+    -> 7b. evaluate on the global test set -> 8. report
 
 There is no second round: clients are asked for their upload exactly once. The
 round names no method and no dataset: it calls the method's interface
@@ -25,9 +26,18 @@ from flwr.serverapp import Grid
 from common import contract as C
 from common.config import RunConfig
 from common.contract import PayloadError, Reply
-from common.datasets import DatasetInfo, dataset_info
+from common.datasets import (
+    GLOBAL_METRIC,
+    GLOBAL_SIZE_METRIC,
+    GLOBAL_TEST_PER_CLASS,
+    NO_GLOBAL_TEST,
+    DatasetInfo,
+    dataset_info,
+    global_test_set,
+    participating_domains,
+)
 from methods import get_method
-from methods.base import OneShotMethod, ServerContext
+from methods.base import OneShotMethod, ServerContext, ServerOutput
 
 from . import persist, results
 
@@ -176,6 +186,98 @@ def screen(method: OneShotMethod, ctx: ServerContext, got: Collected) -> Collect
     return out
 
 
+def clients_global_accuracy(
+    metrics: list[dict[str, float]], domains: tuple[str, ...]
+) -> tuple[float | None, dict[str, float], int]:
+    """Mean over clients of their own models' ``global-accuracy`` (overall, per
+    domain of ``domains``) and the set's size; ``None`` if no client measured it."""
+    accs = [m[GLOBAL_METRIC] for m in metrics if GLOBAL_METRIC in m]
+    per_domain = {}
+    for d in domains:
+        got = [
+            m[f"{GLOBAL_METRIC}/{d}"] for m in metrics if f"{GLOBAL_METRIC}/{d}" in m
+        ]
+        if got:
+            per_domain[d] = sum(got) / len(got)
+    # every client evaluates the same set (global_test_set is a function of the config)
+    size = max((int(m.get(GLOBAL_SIZE_METRIC, 0)) for m in metrics), default=0)
+    return (sum(accs) / len(accs) if accs else None), per_domain, size
+
+
+def evaluate_global(
+    method: OneShotMethod,
+    ctx: ServerContext,
+    got: Collected,
+    out: ServerOutput,
+    evals: dict[int, dict[str, Any]],
+) -> dict[str, Any]:
+    """Accuracy on the global test set: the dataset's test split in the domain of
+    every accepted client, balanced over classes.
+
+    The global model is evaluated here, on the server device. A method without
+    one (no federation) reports each client's own model on the same set; the
+    report holds their mean. The entries are results.json's ``global_*`` keys.
+    """
+    domains = participating_domains(
+        ctx.info, [r.meta.get("domain") for r in got.replies]
+    )
+    res: dict[str, Any] = {
+        "global_accuracy": None,
+        "global_accuracy_per_domain": {},
+        "global_test_size": 0,
+        "global_test": {
+            "domains": list(domains),
+            "per_class": GLOBAL_TEST_PER_CLASS,
+            "evaluated_by": None,
+            "reason": None,
+        },
+    }
+    about = res["global_test"]
+    if out.model_state is None:
+        metrics = [
+            evals.get(r.node_id, r.metrics if method.evaluate_type is None else {})
+            for r in got.replies
+        ]
+        acc, per_domain, size = clients_global_accuracy(metrics, domains)
+        n = sum(GLOBAL_METRIC in m for m in metrics)
+        about["evaluated_by"] = f"clients: each its own model, mean over {n}"
+        if acc is None:
+            about["reason"] = (
+                f"no global model, and no client reported {GLOBAL_METRIC!r} for its "
+                f"own (a client reports none when {NO_GLOBAL_TEST})"
+            )
+        res |= {
+            "global_accuracy": acc,
+            "global_accuracy_per_domain": per_domain,
+            "global_test_size": size,
+        }
+        return res
+    if not domains:
+        about["reason"] = "no accepted client reported a domain of the dataset"
+        return res
+    try:
+        test = global_test_set(ctx.cfg.data_args(), domains, GLOBAL_TEST_PER_CLASS)
+    except (ValueError, OSError) as e:  # evaluation must not lose the server work
+        about["reason"] = f"global test set: {e.__class__.__name__}: {C.safe_text(e)}"
+        log(WARNING, "No global accuracy: %s", about["reason"])
+        return res
+    if test is None:
+        about["reason"] = NO_GLOBAL_TEST
+        return res
+    from common.models import build_classifier
+    from common.train import predict
+
+    model = build_classifier(out.arch, ctx.channels, ctx.num_classes)
+    model.load_state_dict(out.model_state)
+    acc, per_domain = test.score(predict(model, test.images, device=ctx.device))
+    about["evaluated_by"] = "server: the global model"
+    return res | {
+        "global_accuracy": acc,
+        "global_accuracy_per_domain": per_domain,
+        "global_test_size": len(test),
+    }
+
+
 def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any]:
     """Run the whole one-shot round; returns the results dict (also written to disk)."""
     t_start = time.perf_counter()
@@ -260,7 +362,13 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
                 "domain": C.safe_text(r.meta.get("domain", ""), 40),
             }
         timings["evaluate"] = time.perf_counter() - t0
+
+    # 7b. Evaluate the global model on the global test set (every participating
+    # domain, balanced over classes: the clients' splits carry their label skew)
+    t0 = time.perf_counter()
+    global_eval = evaluate_global(method, ctx, got, out, evals)
+    timings["global_evaluate"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
     # 8. Report: results.json, plots and the per-client table
-    return results.report(method, ctx, got, out, evals, timings, download)
+    return results.report(method, ctx, got, out, evals, timings, download, global_eval)

@@ -61,3 +61,106 @@ def test_bad_inputs_name_the_argument(gens):
         sample(gen, _cond(2), torch.zeros(1, 1, 16), batch_size=0)
     with pytest.raises(ValueError, match="NaN"):
         sample(gen, torch.full((1, 1, 16), float("nan")), torch.zeros(1, 1, 16))
+
+
+# ---------------------------------------------------------------- memory
+
+
+def test_planner_fits_an_injected_budget():
+    from common.synthesis import MemoryModel, plan_batch
+
+    gb = 2**30
+    # the published SD-1.5 figures at 512 px, fp16: 2.6 GB fixed, 0.25 GB per
+    # image for the UNet with CFG, 0.8 GB per decoded image; an 80 GB GPU
+    model = MemoryModel(int(2.6 * gb), int(0.25 * gb), int(0.8 * gb))
+    plan = plan_batch(80 * gb, model, margin=0.15)
+    assert plan.batch_size * model.per_image + model.fixed <= 80 * gb * 0.85
+    assert plan.decode_chunk * model.decode_per_image + model.fixed <= 80 * gb * 0.85
+    assert (plan.batch_size, plan.decode_chunk) == (256, 81)  # capped; decode in chunks
+    # the old default (256 decoded at once) needs 207 GB
+    assert 256 * model.decode_per_image / gb > 200
+    assert plan_batch(1 * gb, model).batch_size == 1  # never zero
+
+
+class _OomAbove(torch.nn.Module):
+    """Wraps the UNet; raises CUDA-style out-of-memory above a batch size."""
+
+    def __init__(self, unet, limit):
+        super().__init__()
+        self.unet, self.limit, self.calls = unet, limit, []
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def forward(self, x, t, encoder_hidden_states):
+        self.calls.append(len(x))
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
+
+
+def test_out_of_memory_halves_and_retries_every_image_exactly_once(gens):
+    import dataclasses
+
+    from common.synthesis import MemoryModel
+
+    gen = gens["ddim"]
+    cond, uncond = _cond(20), torch.zeros(1, 1, 16)
+    kw = dict(guidance_scale=2.0, num_inference_steps=2, seed=3)
+    ref = sample(gen, cond, uncond, batch_size=20, **kw)
+    flaky = dataclasses.replace(gen, unet=_OomAbove(gen.unet, limit=2 * 6))
+    done: list[int] = []
+    # an injected 16 MiB budget at 1 MiB per image, 15% kept free: batch 13;
+    # the UNet fails above 6 images (x2 with CFG)
+    x = sample(flaky, cond, uncond, batch_size="auto", free_bytes=16 * 2**20,
+               memory=MemoryModel(0, 2**20, 2**20), progress=done.append, **kw)  # fmt: skip
+    assert flaky.unet.calls[0] == 26  # tried 13 images first
+    assert sum(done) == 20 and max(done) <= 6
+    torch.testing.assert_close(x, ref, atol=1e-5, rtol=0)
+
+
+def test_guidance_cutoff_drops_the_unconditional_pass(gens):
+    gen = gens["ddim"]
+    batches: list[int] = []
+    hook = gen.unet.register_forward_hook(lambda m, a, o: batches.append(len(a[0])))
+    sample(gen, _cond(3), torch.zeros(1, 1, 16), guidance_scale=3.0,
+           num_inference_steps=4, guidance_cutoff=0.5)  # fmt: skip
+    hook.remove()
+    assert batches == [6, 6, 3, 3]
+
+
+def test_static_shapes_and_uint8_resize_keep_the_images(gens):
+    from common.synthesis import from_uint8, to_dataset_format
+
+    gen = gens["ddim"]
+    cond, uncond = _cond(5), torch.zeros(1, 1, 16)
+    kw = dict(num_inference_steps=2, seed=5, batch_size=4)
+    ref = sample(gen, cond, uncond, **kw)
+    padded = sample(gen, cond, uncond, static_shapes=True, **kw)
+    torch.testing.assert_close(padded, ref, atol=1e-5, rtol=0)
+    small = sample(gen, cond, uncond, resize_to=(3, 8), as_uint8=True, **kw)
+    assert small.dtype == torch.uint8 and small.shape == (5, 3, 8, 8)
+    want = to_dataset_format(ref, 3, 8)
+    assert float((from_uint8(small) - want).abs().max()) <= 1 / 127.5 + 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_ray_workers_give_the_same_images(tiny_stack_dir):
+    import ray
+
+    from common.synthesis import GeneratorSpec, sample_on_workers
+
+    gen = load_generator(str(tiny_stack_dir / "generator"), "ddpm")
+    cond, uncond = _cond(9), torch.zeros(1, 1, 16)
+    kw = dict(guidance_scale=2.0, num_inference_steps=3, seed=11, batch_size=4)
+    ref = sample(gen, cond, uncond, **kw)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        spec = GeneratorSpec.of(gen, "ddpm", "fp32")
+        for workers in (1, 2):
+            x = sample_on_workers(spec, cond, uncond, workers=workers, **kw)
+            torch.testing.assert_close(x, ref, atol=1e-5, rtol=0)
+    finally:
+        ray.shutdown()

@@ -1,11 +1,14 @@
 """No federation, client side: train on the own data, evaluate on the own
-held-out split; only metrics go up."""
+held-out split and on the global test set; only metrics go up."""
 
 from __future__ import annotations
 
 import time
 
-from common.train import accuracy
+from torch import nn
+
+from common.datasets import federation_domains, global_test_set
+from common.train import accuracy, predict
 
 from ..base import ClientJob, ClientResult
 from ..fedavg.client_fedavg import train_local_model
@@ -20,6 +23,18 @@ def collect(job: ClientJob) -> ClientResult:
             "num-examples": float(len(job.data.train_labels)),
             "num-test-examples": float(len(job.data.test_labels)),
             "accuracy": acc,
+            **global_metrics(job, model),
             "client-s": time.perf_counter() - t0,
         }
     )
+
+
+def global_metrics(job: ClientJob, model: nn.Module) -> dict[str, float]:
+    """The own model on the global test set, as the server evaluates a global model:
+    the same set, in the domains of every partition of the federation (as far as
+    the dataset tells a client); none where the dataset has no test split."""
+    args = job.cfg.data_args()
+    test = global_test_set(args, federation_domains(args, job.num_partitions))
+    if test is None:
+        return {}
+    return test.metrics(predict(model, test.images))

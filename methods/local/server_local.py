@@ -1,10 +1,12 @@
 """No federation: each client trains and evaluates on its own data only.
 
-The reference that tells whether collaboration helped at all."""
+The reference that tells whether collaboration helped at all. Each client also
+evaluates its own model on the global test set (the round reports the mean)."""
 
 from __future__ import annotations
 
-from common.contract import PayloadError, Reply
+from common.contract import PayloadError, Reply, safe_text
+from common.datasets import GLOBAL_METRIC
 
 from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext
 from . import client_local
@@ -23,3 +25,7 @@ class Local(OneShotMethod):
         acc = reply.metrics.get("accuracy")
         if acc is None or not 0.0 <= acc <= 1.0:
             raise PayloadError(f"accuracy={acc} is not in [0, 1]")
+        # its own model on the global test set: overall and per domain
+        for key, value in reply.metrics.items():
+            if key.startswith(GLOBAL_METRIC) and not 0.0 <= value <= 1.0:
+                raise PayloadError(f"{safe_text(key, 60)}={value} is not in [0, 1]")

@@ -33,7 +33,7 @@ from common.synthesis import sample
 
 from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
 from ..oscar.server_oscar import check_embedding_kind, classes_uploaded, embedding_shape
-from ..steps import per_class_rows, synthesize_set, train_global
+from ..steps import engine_kwargs, per_class_rows, synthesize_set, train_global
 from . import client_lora
 from . import payload_lora as P
 from .config_lora import LoraConfig
@@ -163,11 +163,9 @@ class Lora(OneShotMethod):
             # the client's conditional model itself: guided samples would be
             # guided twice once the corrected adapter samples with CFG
             latents.append(
-                sample(
-                    gen, cond, ctx.uncond, guidance_scale=1.0,
-                    num_inference_steps=cfg.num_inference_steps, seed=cfg.seed,
-                    batch_size=cfg.synth_batch_size, output="latents",
-                )
+                sample(gen, cond, ctx.uncond,
+                       **engine_kwargs(ctx, guidance_scale=1.0, static_shapes=False),
+                       output="latents")
             )  # fmt: skip
             conds.append(cond)
         # 2. Fine-tune the merged adapter on the union of the auxiliary sets
