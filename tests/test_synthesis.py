@@ -96,7 +96,9 @@ class _OomAbove(torch.nn.Module):
     def forward(self, x, t, encoder_hidden_states):
         self.calls.append(len(x))
         if len(x) > self.limit:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB"
+            )
         return self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
 
 
