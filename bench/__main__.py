@@ -1,4 +1,4 @@
-"""``python -m bench <command>``: pretrain | accuracy | lora | synthesis."""
+"""``python -m bench <command>``: pretrain | accuracy | lora | synth."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ COMMANDS = {
     "pretrain": "bench.pretrain",
     "accuracy": "bench.accuracy",
     "lora": "bench.lora",
+    "synth": "bench.synth",
 }
 
 
