@@ -442,7 +442,9 @@ def sample_on_workers(
         ray.init(address=ray_address or None, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)  # fmt: skip
 
-    @ray.remote(num_gpus=gpus_per_worker)
+    # No CPU reservation: inside a Flower simulation the ClientApp actors may hold
+    # every CPU of the Ray instance, and a reserving actor would wait forever.
+    @ray.remote(num_cpus=0, num_gpus=gpus_per_worker)
     class SynthesisWorker:
         def __init__(self, spec: GeneratorSpec) -> None:
             torch.set_num_threads(1)
