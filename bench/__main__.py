@@ -1,4 +1,4 @@
-"""``python -m bench <command>``: pretrain | accuracy | lora | synth."""
+"""``python -m bench <command>``: pretrain | accuracy | lora | synth | ablation."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ COMMANDS = {
     "accuracy": "bench.accuracy",
     "lora": "bench.lora",
     "synth": "bench.synth",
+    "ablation": "bench.ablation",
 }
 
 

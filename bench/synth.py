@@ -255,50 +255,13 @@ def quality_seed(seed: int, settings: dict[str, dict[str, Any]], num_clients: in
                  overrides: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
     """One seed: the clients' uploads once, then every sampler setting."""
     from bench.accuracy import default_run_config
-    from client_app.app import client_data
-    from common.datasets import dataset_info
-    from common.maths import fid_proxy
-    from common.models import load_classifier
-    from common.train import features
-    from common.weights import embedded_dir
-    from methods import build_config
-    from methods.base import ServerContext, ServerOutput, classifier_accuracy
-    from methods.oscar.client_oscar import embed_classes
-    from methods.steps import per_class_rows, synthesize_set, train_global
+    from bench.inprocess import federation, run_variant
 
-    base = default_run_config() | overrides | {"seed": seed}
-    cfg = build_config(base)
-    datas = [client_data(cfg, pid, num_clients) for pid in range(num_clients)]
-    ups = [embed_classes(cfg, d, seed=seed * 1000 + pid) for pid, d in enumerate(datas)]
-    judge = load_classifier(embedded_dir() / "judge")
-    real = [features(judge, d.test_images) for d in datas]
-    rows = []
-    for name, over in settings.items():
-        scfg = build_config(base | over)
-        ctx = ServerContext(scfg, Path("."), info=dataset_info(scfg.data_args()))
-        parts = [per_class_rows(u.embeddings.means, u.embeddings.class_ids, pid,
-                                scfg.images_per_class) for pid, u in enumerate(ups)]  # fmt: skip
-        conds, labels, owners = (torch.cat(p) for p in zip(*parts, strict=True))
-        out = ServerOutput()
-        images = synthesize_set(
-            ctx, conds, labels, owners, out, desc=f"seed {seed} {name}"
-        )
-        train_global(ctx, images, labels, out)
-        assert out.model_state is not None
-        accs, fids = [], []
-        for pid, d in enumerate(datas):
-            accs.append(
-                classifier_accuracy(out.model_state, out.arch, ctx.num_classes, d)
-            )
-            mine = owners == pid
-            fids.append(fid_proxy(real[pid], features(judge, images[mine])))
-        rows.append({
-            "setting": name, "seed": seed, "img_s": len(labels) / out.timings["synthesize"],
-            "accuracy": mean(accs), "fid_proxy": mean(fids), "images": len(labels),
-        })  # fmt: skip
-        say(f"seed {seed} {name}: {rows[-1]['img_s']:.1f} img/s, acc "
-            f"{rows[-1]['accuracy']:.3f}, FID-proxy {rows[-1]['fid_proxy']:.2f}")  # fmt: skip
-    return rows
+    fed = federation(default_run_config() | overrides | {"seed": seed}, num_clients)
+    return [
+        run_variant(fed, over, name) | {"setting": name}
+        for name, over in settings.items()
+    ]
 
 
 def summarize_quality(
@@ -316,15 +279,35 @@ def summarize_quality(
             if (name, s) in by and (ref, s) in by
         ]
         d_acc = [a["accuracy"] - b["accuracy"] for a, b in pairs]
+        d_glob = [
+            a["global_accuracy"] - b["global_accuracy"]
+            for a, b in pairs
+            if a.get("global_accuracy") is not None
+            and b.get("global_accuracy") is not None
+        ]
         d_fid = [a["fid_proxy"] - b["fid_proxy"] for a, b in pairs]
         speed = [a["img_s"] / b["img_s"] for a, b in pairs]
         ref_rows = [by[(ref, s)] for s in seeds if (ref, s) in by]
         noise_acc = std([r["accuracy"] for r in ref_rows]) or 0.0
+        noise_glob = (
+            std(
+                [
+                    r["global_accuracy"]
+                    for r in ref_rows
+                    if r.get("global_accuracy") is not None
+                ]
+            )
+            or 0.0
+        )
         noise_fid = std([r["fid_proxy"] for r in ref_rows]) or 0.0
         out.append({
             "setting": name, "seeds": len(mine),
             "img_s": mean(r["img_s"] for r in mine),
             "speedup": mean(speed), "accuracy": mean(r["accuracy"] for r in mine),
+            "global_accuracy": mean(r.get("global_accuracy") for r in mine),
+            "global_accuracy_std": std([r["global_accuracy"] for r in mine
+                                        if r.get("global_accuracy") is not None]),
+            "d_global_accuracy": mean(d_glob), "d_global_accuracy_per_seed": d_glob,
             "accuracy_std": std([r["accuracy"] for r in mine]),
             "fid_proxy": mean(r["fid_proxy"] for r in mine),
             "fid_proxy_std": std([r["fid_proxy"] for r in mine]),
@@ -333,7 +316,7 @@ def summarize_quality(
             # within seed noise: the paired mean difference is inside one std of the
             # default's spread over seeds, on both metrics
             "within_noise": bool(pairs) and abs(mean(d_acc) or 0) <= noise_acc
-            and (mean(d_fid) or 0) <= noise_fid,
+            and abs(mean(d_glob) or 0) <= noise_glob and (mean(d_fid) or 0) <= noise_fid,
         })  # fmt: skip
     return out
 
@@ -368,11 +351,14 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     if report.get("quality"):
         lines += ["## Quality-matched speed (embedded stack, paired seeds)", ""]
         lines.append(md_table(
-            ["setting", "img/s", "speed-up", "accuracy %", "FID-proxy", "Δacc (points)",
-             "ΔFID-proxy", "within seed noise"],
+            ["setting", "img/s", "speed-up", "global acc %", "client acc %", "FID-proxy",
+             "Δglobal (points)", "Δclient (points)", "ΔFID-proxy", "within seed noise"],
             [[q["setting"], num(q["img_s"]), num(q["speedup"], "{:.2f}x"),
+              f"{100 * (q['global_accuracy'] or 0):.1f} ± "
+              f"{100 * (q['global_accuracy_std'] or 0):.1f}",
               f"{100 * q['accuracy']:.1f} ± {100 * (q['accuracy_std'] or 0):.1f}",
               f"{q['fid_proxy']:.2f} ± {q['fid_proxy_std'] or 0:.2f}",
+              num(100 * (q["d_global_accuracy"] or 0), "{:+.1f}"),
               num(100 * (q["d_accuracy"] or 0), "{:+.1f}"), num(q["d_fid_proxy"], "{:+.2f}"),
               "yes" if q["within_noise"] else "no"] for q in report["quality"]],
         ))  # fmt: skip
@@ -464,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
             report["quality"] = summarize_quality(rows)
             write_report(out, report)
         report["notes"].append(
-            "quality: the same client uploads per seed for every setting; accuracy: the "
-            "global classifier on every client's held-out split (mean over clients); "
+            "quality: the same client uploads per seed for every setting; global acc: the "
+            "global classifier on the global test set (MNIST test digits in every "
+            "client's domain); client acc: on every client's held-out split (mean); "
             "FID-proxy: judge features of each client's synthetic images against its "
             "held-out images (mean over clients); within seed noise: |paired Δacc| and "
             "ΔFID-proxy no larger than the default's std over seeds"

@@ -17,7 +17,7 @@ def test_engine_equals_diffusers_stable_diffusion_pipeline():
 
 def _row(setting, seed, img_s, acc, fid):
     return {"setting": setting, "seed": seed, "img_s": img_s, "accuracy": acc,
-            "fid_proxy": fid, "images": 10}  # fmt: skip
+            "global_accuracy": acc, "fid_proxy": fid, "images": 10}  # fmt: skip
 
 
 def test_quality_summary_by_hand(tmp_path):
@@ -33,5 +33,32 @@ def test_quality_summary_by_hand(tmp_path):
     # default's std over seeds: accuracy 0.0707, FID-proxy 0.707
     assert s["fast"]["within_noise"] and not s["bad"]["within_noise"]
     assert s["default"]["speedup"] == pytest.approx(1.0)
-    write_report(tmp_path, {"machine": "test", "quality": list(s.values()), "notes": []})
+    write_report(
+        tmp_path, {"machine": "test", "quality": list(s.values()), "notes": []}
+    )
     assert "fast" in (tmp_path / "synth.md").read_text()
+
+
+def test_ablation_summary_and_levelling_off_by_hand(tmp_path):
+    from bench.ablation import levels_off, summarize, variants, write_report
+
+    assert "images-per-class=30" in variants() and "guidance-scale=7.5" in variants()
+
+    def row(label, seed, g):
+        return {"variant": label, "seed": seed, "global_accuracy": g, "accuracy": g,
+                "fid_proxy": 1.0, "img_s": 5.0}  # fmt: skip
+
+    rows = [row(f"images-per-class={n}", s, g + 0.01 * s)
+            for n, g in ((5, 0.50), (10, 0.60), (20, 0.66), (30, 0.70), (50, 0.71))
+            for s in (0, 1)]  # fmt: skip
+    summary = summarize(rows)
+    ipc = summary["images per class"]
+    assert [p["value"] for p in ipc] == [5, 10, 20, 30, 50]
+    assert ipc[0]["global_accuracy"] == pytest.approx(0.505)
+    lo = levels_off(ipc)
+    assert lo["gain_5_to_30"] == pytest.approx(0.20)
+    assert lo["gain_30_to_50"] == pytest.approx(0.01) and lo["levels_off"]
+    write_report(tmp_path, {"machine": "test", "seeds": [0, 1], "summary": summary,
+                            "levels_off": lo, "notes": []})  # fmt: skip
+    assert "levels off" in (tmp_path / "ablation.md").read_text()
+    assert (tmp_path / "ablation.png").is_file()

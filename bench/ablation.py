@@ -1,0 +1,169 @@
+"""``python -m bench ablation``: OSCAR's ablations in the embedded world.
+
+Accuracy of the global classifier against synthetic images per (client, class)
+(5, 10, 20, 30, 50), guidance scale (1, 2, 3, 5, 7.5) and sampler steps (5, 10,
+20, 40), the other settings at the run defaults. The clients' uploads are made
+once per seed and shared by every variant (``bench.inprocess``). The OSCAR paper
+finds accuracy levelling off near 30 images per class (guidance 7.5, 50 steps);
+``levels_off`` checks that here: the gain from 30 to 50 images per class against
+the gain from 5 to 30.
+
+``--quick``: one seed in the accuracy bench's quick world (600 examples per
+client); the full form: 3 seeds at the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.report import md_table, mean, num, pyplot, save_figure, std, write_json
+
+SWEEPS: dict[str, tuple[str, tuple[float, ...]]] = {
+    "images per class": ("images-per-class", (5, 10, 20, 30, 50)),
+    "guidance scale": ("guidance-scale", (1.0, 2.0, 3.0, 5.0, 7.5)),
+    "sampler steps": ("num-inference-steps", (5, 10, 20, 40)),
+}
+
+
+def variants() -> dict[str, dict[str, Any]]:
+    """Every (sweep, value) as run-config overrides; the defaults' point is shared."""
+    out: dict[str, dict[str, Any]] = {}
+    for _, (key, values) in SWEEPS.items():
+        for v in values:
+            value = int(v) if key != "guidance-scale" else float(v)
+            out[f"{key}={value}"] = {key: value}
+    return out
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per sweep, per value: mean and std over seeds of each metric."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for sweep, (key, values) in SWEEPS.items():
+        out[sweep] = []
+        for v in values:
+            value = int(v) if key != "guidance-scale" else float(v)
+            mine = [r for r in rows if r["variant"] == f"{key}={value}"]
+            if not mine:
+                continue
+            out[sweep].append({
+                "value": value, "seeds": len(mine),
+                **{m: mean(r[m] for r in mine) for m in
+                   ("global_accuracy", "accuracy", "fid_proxy", "img_s")},
+                **{f"{m}_std": std([r[m] for r in mine if r[m] is not None]) for m in
+                   ("global_accuracy", "accuracy", "fid_proxy")},
+            })  # fmt: skip
+    return out
+
+
+def levels_off(
+    points: list[dict[str, Any]], metric: str = "global_accuracy"
+) -> dict[str, Any]:
+    """Gain 5 -> 30 and 30 -> 50 images per class; levels off if the second is under
+    a fifth of the first (or negative)."""
+    at = {p["value"]: p[metric] for p in points if p[metric] is not None}
+    if not {5, 30, 50} <= set(at):
+        return {"checked": False}
+    early, late = at[30] - at[5], at[50] - at[30]
+    return {"checked": True, "gain_5_to_30": early, "gain_30_to_50": late,
+            "levels_off": late < 0.2 * early if early > 0 else None}  # fmt: skip
+
+
+def plot(out: Path, summary: dict[str, list[dict[str, Any]]]) -> Path:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(summary), figsize=(4.2 * len(summary), 3.4))
+    for ax, (sweep, points) in zip(axes, summary.items(), strict=True):
+        xs = [p["value"] for p in points]
+        for metric, label, color in (("global_accuracy", "global test set", "#C44E52"),
+                                     ("accuracy", "clients' held-out", "#4C72B0")):  # fmt: skip
+            ys = [100 * (p[metric] or 0) for p in points]
+            err = [100 * (p[f"{metric}_std"] or 0) for p in points]
+            ax.errorbar(
+                xs, ys, yerr=err, marker="o", capsize=3, label=label, color=color
+            )
+        ax.set_xlabel(sweep)
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        "OSCAR ablations in the embedded world (mean ± std over seeds)", fontsize=10
+    )
+    fig.tight_layout()
+    return save_figure(fig, out / "ablation.png")
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "ablation.json", report)
+    summary = report["summary"]
+    lines = ["# OSCAR ablations (embedded stack)", "", f"Machine: {report['machine']}; "
+             f"seeds {report['seeds']}; wall {report.get('wall_s', 0):.0f} s.", ""]  # fmt: skip
+    for sweep, points in summary.items():
+        lines += [f"## Accuracy against {sweep}", ""]
+        lines.append(md_table(
+            [sweep, "global acc %", "client acc %", "FID-proxy", "img/s"],
+            [[str(p["value"]),
+              f"{100 * (p['global_accuracy'] or 0):.1f} ± {100 * (p['global_accuracy_std'] or 0):.1f}",
+              f"{100 * (p['accuracy'] or 0):.1f} ± {100 * (p['accuracy_std'] or 0):.1f}",
+              num(p["fid_proxy"]), num(p["img_s"], "{:.1f}")] for p in points],
+        ))  # fmt: skip
+        lines.append("")
+    lo = report.get("levels_off", {})
+    if lo.get("checked"):
+        lines.append(
+            f"Levelling off (paper: near 30 images per class): global accuracy gains "
+            f"{100 * lo['gain_5_to_30']:+.1f} points from 5 to 30 and "
+            f"{100 * lo['gain_30_to_50']:+.1f} from 30 to 50: "
+            f"{'levels off' if lo['levels_off'] else 'does not level off'}."
+        )
+    lines += ["", "![ablations](ablation.png)", ""] + [
+        f"- {n}" for n in report["notes"]
+    ]
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    if any(summary.values()):
+        plot(out, summary)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+    import platform
+
+    from bench.accuracy import QUICK, default_run_config, parse_seeds
+    from bench.inprocess import federation, run_variant, say
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    p = argparse.ArgumentParser(prog="python -m bench ablation")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--seeds", default=None, help="default: 0 with --quick, else 0,1,2")
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--out", default="bench-results")
+    args = p.parse_args(argv)
+    seeds = parse_seeds(args.seeds or ("0" if args.quick else "0,1,2"))
+    over = (dict(QUICK) if args.quick else {}) | {"min-clients": args.clients}
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores"
+    report: dict[str, Any] = {"machine": machine, "seeds": seeds, "quick": args.quick,
+                              "overrides": over, "runs": [], "notes": [
+        "global acc: the global classifier on the MNIST test digits rendered in every "
+        "client's domain (100 per class and domain); client acc: mean over clients of "
+        "their held-out splits; FID-proxy: each client's synthetic images against its "
+        "held-out images (judge features), mean over clients",
+        "the clients' uploads are computed once per seed and shared by every variant"]}  # fmt: skip
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    for seed in seeds:
+        base = default_run_config() | over | {"seed": seed}
+        fed = federation(base, args.clients)
+        ran: dict[tuple, dict[str, Any]] = {}  # the defaults' point runs once
+        for label, v in variants().items():
+            key = tuple(sorted((base | v).items()))
+            row = ran.get(key) or run_variant(fed, v, label)
+            ran[key] = row
+            report["runs"].append(row | {"variant": label})
+            report["summary"] = summarize(report["runs"])
+            report["levels_off"] = levels_off(report["summary"]["images per class"])
+            report["wall_s"] = time.perf_counter() - t0
+            write_report(out, report)
+    say(f"ablation done in {time.perf_counter() - t0:.0f} s; {out / 'ablation.md'}")
+    return 0
