@@ -1,13 +1,21 @@
-"""``python -m bench accuracy``: client accuracy of every one-shot method, over seeds.
+"""``python -m bench accuracy``: accuracy of every one-shot method, over seeds.
+
+The headline is the accuracy on the global test set (results.json's
+``global_accuracy``): the dataset's test split in the domain of every client,
+balanced over classes, as one-shot FL papers report it. The global model is
+evaluated on it; for ``local``, each client's own model (mean over clients).
+The mean accuracy on the clients' own held-out splits (which carry their label
+skew and favour a model trained on their own data) is the second table.
 
 Every federated method runs as the real Flower app in local simulation
 (``flwr run . local``, see :mod:`bench.flower_runs`); the ``centralized`` oracle
 is computed in-process: the same classifier trained on the union of all
-clients' real training data and evaluated on each client's held-out split.
+clients' real training data and evaluated on the same global test set (the same
+function, the same domains) and on each client's held-out split.
 
 Outputs (``--out``, default ``bench-results/``): ``accuracy.json`` (every run,
 the per-method summary, the FID-proxy), ``accuracy.md`` (tables) and
-``accuracy.png`` (mean accuracy with std error bars, accuracy per domain).
+``accuracy.png`` (global accuracy with std error bars, global accuracy per domain).
 
 The FID-proxy section measures the generator per client domain: the Fréchet
 distance, in the judge classifier's feature space, between real images of the
@@ -65,11 +73,17 @@ QUICK_FID_PER_CLASS = 16
 FULL_FID_PER_CLASS = 64
 
 NOTES = (
+    "global acc: accuracy on the global test set, the dataset's test split (MNIST's "
+    "official test set) in the domain of every client, balanced over classes: the "
+    "global model's, or for `local` the mean over clients of each client's own model's; "
+    "the mean over seeds of each run's `global_accuracy`.",
     f"`{ORACLE}` is an oracle computed in-process, not through Flower: the same "
     "classifier (`classifier`, `train-epochs`, `learning-rate`) trained on the union of "
-    "the real training data of all clients and evaluated on each client's held-out split.",
+    "the real training data of all clients and evaluated on the same global test set "
+    "and on each client's held-out split.",
     f"gap = method - {ORACLE} (accuracy points); std is the sample std over seeds "
-    "(n-1); mean acc is the mean over seeds of each run's mean client accuracy.",
+    "(n-1); mean client acc is the mean over seeds of each run's mean accuracy on "
+    "the clients' own held-out splits (they carry each client's label skew).",
     "wall s/run: the whole `flwr run` command (SuperLink/simulation start-up, client "
     f"and server work); for `{ORACLE}`, the in-process data loading and training.",
     "upload B/client: what one client uploads once (fp16 embeddings for oscar, the "
@@ -155,9 +169,15 @@ def record_from_results(
         }
         for c in results.get("clients", [])
     ]
+    glob = results.get("global_accuracy")
     return rec | {
         "ok": True,
         "mean_accuracy": float(results["mean_accuracy"]),
+        "global_accuracy": float(glob) if glob is not None else None,
+        "global_accuracy_per_domain": dict(
+            results.get("global_accuracy_per_domain") or {}
+        ),
+        "global_test_size": results.get("global_test_size"),
         "upload_bytes_per_client": results.get("upload_bytes_per_client"),
         "upload_bytes_per_class": results.get("upload_bytes_per_class"),
         "server_timings_s": results.get("timings_s", {}),
@@ -171,7 +191,8 @@ def aggregate(
     methods: Sequence[str] | None = None,
     oracle: str = ORACLE,
 ) -> dict[str, dict[str, Any]]:
-    """Per method: mean/std over seeds of the runs' mean client accuracy, and more.
+    """Per method: mean/std over seeds of the runs' global accuracy and of their
+    mean client accuracy, and more.
 
     Failed runs are left out of every mean and listed under ``failed_seeds``.
     """
@@ -183,6 +204,13 @@ def aggregate(
         runs = [r for r in records if r["method"] == m]
         ok = [r for r in runs if r.get("ok")]
         accs = [r["mean_accuracy"] for r in ok]
+        globs = [
+            r["global_accuracy"] for r in ok if r.get("global_accuracy") is not None
+        ]
+        global_per_domain: dict[str, list[float]] = {}
+        for r in ok:
+            for d, a in (r.get("global_accuracy_per_domain") or {}).items():
+                global_per_domain.setdefault(str(d), []).append(float(a))
         per_client: dict[int, dict[str, Any]] = {}
         per_domain: dict[str, list[float]] = {}
         for r in ok:
@@ -211,6 +239,12 @@ def aggregate(
             "failed_seeds": [r["seed"] for r in runs if not r.get("ok")],
             "mean_accuracy": mean(accs),
             "std": std(accs),
+            "global_accuracy": mean(globs),
+            "global_std": std(globs),
+            "global_seeds": len(globs),  # runs with a global test set
+            "global_per_domain": {
+                d: sum(v) / len(v) for d, v in global_per_domain.items()
+            },
             "upload_bytes_per_client": mean(uploads),
             "wall_s_per_run": mean(r.get("wall_s") for r in ok),
             "server_s_per_run": mean(
@@ -221,17 +255,68 @@ def aggregate(
             "via": "in-process" if METHODS.get(m, {}) is None else "flower",
         }
     ref = out.get(oracle, {}).get("mean_accuracy")
+    gref = out.get(oracle, {}).get("global_accuracy")
     for s in out.values():
-        acc = s["mean_accuracy"]
+        acc, glob = s["mean_accuracy"], s["global_accuracy"]
         s["gap_to_oracle"] = acc - ref if acc is not None and ref is not None else None
+        s["global_gap_to_oracle"] = (
+            glob - gref if glob is not None and gref is not None else None
+        )
     return out
 
 
 # ---------------------------------------------------------------- tables and plot
 
 
+def format_global_table(
+    summary: dict[str, dict[str, Any]], oracle: str = ORACLE
+) -> str:
+    """The headline, Markdown: method | global acc | std | gap to oracle | upload
+    B/client | wall s/run (global acc: on the global test set)."""
+    header = [
+        "method",
+        "global acc (%)",
+        "std (%)",
+        "gap to oracle (pp)",
+        "upload B/client",
+        "wall s/run",
+    ]
+    rows = []
+    for m, s in summary.items():
+        name = f"{m} (oracle, in-process)" if m == oracle else m
+        gap = (
+            "0 (reference)"
+            if m == oracle and s["global_accuracy"] is not None
+            else pct(s["global_gap_to_oracle"], True)
+        )
+        up = "n/a (raw data)" if m == oracle else nbytes(s["upload_bytes_per_client"])
+        wall = "n/a" if s["wall_s_per_run"] is None else f"{s['wall_s_per_run']:.1f}"
+        failed = f" ({len(s['failed_seeds'])} failed)" if s["failed_seeds"] else ""
+        missing = len(s["seeds"]) - s["global_seeds"]
+        if missing:  # a run without a global test set (e.g. an image folder)
+            failed += f" ({missing} without global acc)"
+        rows.append(
+            [f"{name}{failed}", pct(s["global_accuracy"]), pct(s["global_std"]), gap,
+             up, wall]
+        )  # fmt: skip
+    return md_table(header, rows)
+
+
+def format_global_domain_table(summary: dict[str, dict[str, Any]]) -> str:
+    """Markdown: global accuracy (%) per method and domain of the global test set."""
+    doms = list(
+        dict.fromkeys(d for s in summary.values() for d in s["global_per_domain"])
+    )
+    rows = [
+        [m, *(pct(s["global_per_domain"].get(d)) for d in doms)]
+        for m, s in summary.items()
+    ]
+    return md_table(["method", *doms], rows)
+
+
 def format_table(summary: dict[str, dict[str, Any]], oracle: str = ORACLE) -> str:
-    """Markdown: method | mean acc | std | gap to oracle | upload B/client | wall s/run."""
+    """Per-client accuracy (each client's held-out split), Markdown: method | mean
+    acc | std | gap to oracle | upload B/client | wall s/run."""
     header = [
         "method",
         "mean acc (%)",
@@ -266,7 +351,7 @@ def domains_of(summary: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def format_domain_table(summary: dict[str, dict[str, Any]]) -> str:
-    """Markdown: mean accuracy (%) per method and client domain."""
+    """Markdown: mean held-out accuracy (%) per method and client domain."""
     doms = domains_of(summary)
     rows = [
         [m, *(pct(s["per_domain"].get(d)) for d in doms)] for m, s in summary.items()
@@ -300,17 +385,20 @@ def format_fid_table(fid: dict[str, Any]) -> str:
 def plot_summary(
     summary: dict[str, dict[str, Any]], path: Path, title: str = ""
 ) -> Path | None:
-    """Mean accuracy with std error bars per method; accuracy per domain as grouped bars."""
+    """Global accuracy with std error bars per method; global accuracy per domain
+    as grouped bars (the global test set's domains)."""
     import numpy as np
 
     from .report import pyplot, save_figure
 
     plt = pyplot()
 
-    names = [m for m, s in summary.items() if s["mean_accuracy"] is not None]
+    names = [m for m, s in summary.items() if s["global_accuracy"] is not None]
     if not names:
         return None
-    doms = domains_of({m: summary[m] for m in names})
+    doms = list(
+        dict.fromkeys(d for m in names for d in summary[m]["global_per_domain"])
+    )
     fig, (ax, bx) = plt.subplots(
         1,
         2,
@@ -318,23 +406,23 @@ def plot_summary(
         gridspec_kw={"width_ratios": [len(names) + 1, max(1, len(doms)) + 1]},
     )
     colors = plt.get_cmap("tab10")(np.arange(len(names)) % 10)
-    means = [summary[m]["mean_accuracy"] for m in names]
-    stds = [summary[m]["std"] or 0.0 for m in names]
+    means = [summary[m]["global_accuracy"] for m in names]
+    stds = [summary[m]["global_std"] or 0.0 for m in names]
     bars = ax.bar(names, means, yerr=stds, capsize=4, color=colors)
     ax.bar_label(
         bars, labels=[f"{m:.3f}" for m in means], fontsize=8, label_type="center",
         color="white",
     )  # fmt: skip
     ax.set_ylim(0, 1.08)
-    ax.set_ylabel("mean client accuracy (held-out)")
-    ax.set_title(title or "accuracy over seeds (mean ± std)")
+    ax.set_ylabel("accuracy on the global test set")
+    ax.set_title(title or "global accuracy over seeds (mean ± std)")
     ax.tick_params(axis="x", rotation=30)
     if ORACLE in names:
-        ax.axhline(summary[ORACLE]["mean_accuracy"], color="k", ls="--", lw=1)
+        ax.axhline(summary[ORACLE]["global_accuracy"], color="k", ls="--", lw=1)
     width = 0.8 / len(names)
     x = np.arange(len(doms))
     for i, m in enumerate(names):
-        vals = [summary[m]["per_domain"].get(d, np.nan) for d in doms]
+        vals = [summary[m]["global_per_domain"].get(d, np.nan) for d in doms]
         bx.bar(
             x + (i - (len(names) - 1) / 2) * width,
             vals,
@@ -344,8 +432,8 @@ def plot_summary(
         )
     bx.set_xticks(x, doms)
     bx.set_ylim(0, 1.08)
-    bx.set_ylabel("accuracy")
-    bx.set_title("per client domain")
+    bx.set_ylabel("global accuracy")
+    bx.set_title("per domain of the global test set")
     bx.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return save_figure(fig, path)
 
@@ -362,12 +450,20 @@ def build_cfg(overrides: dict[str, Any]) -> Any:
 
 def run_centralized(cfg: Any, num_clients: int) -> tuple[dict[str, Any], float]:
     """The oracle: one classifier trained on the union of all clients' real training
-    data, evaluated on each client's held-out split. Returns a results-like dict."""
+    data, evaluated on the global test set of the clients' domains (the function
+    and the domains the round uses) and on each client's held-out split. Returns a
+    results-like dict."""
     import torch
 
     from client_app.app import client_data
+    from common.datasets import (
+        GLOBAL_TEST_PER_CLASS,
+        dataset_info,
+        global_test_set,
+        participating_domains,
+    )
     from common.models import build_classifier
-    from common.train import accuracy, train_classifier
+    from common.train import accuracy, predict, train_classifier
 
     t0 = time.perf_counter()
     # 1. The clients' data, exactly as the ClientApp loads it
@@ -395,11 +491,26 @@ def run_centralized(cfg: Any, num_clients: int) -> tuple[dict[str, Any], float]:
         }
         for pid, p in enumerate(parts)
     ]
+    # 4. Evaluate on the global test set, as the round's step 7b does
+    domains = participating_domains(
+        dataset_info(cfg.data_args()), [p.domain for p in parts]
+    )
+    test = (
+        global_test_set(cfg.data_args(), domains, GLOBAL_TEST_PER_CLASS)
+        if domains
+        else None
+    )
+    glob, glob_per_domain = (
+        test.score(predict(model, test.images)) if test is not None else (None, {})
+    )
     wall = time.perf_counter() - t0
     res = {
         "method": ORACLE,
         "clients": clients,
         "mean_accuracy": sum(c["accuracy"] for c in clients) / len(clients),
+        "global_accuracy": glob,
+        "global_accuracy_per_domain": glob_per_domain,
+        "global_test_size": len(test) if test is not None else 0,
         "upload_bytes_per_client": None,
         "timings_s": {"total": round(wall, 3)},
         "num_train_examples": len(y),
@@ -579,7 +690,19 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         f"Flower runs, {wall.get('centralized', 0):.0f} s centralized oracle, "
         f"{wall.get('fid_proxy', 0):.0f} s FID-proxy)",
         "",
-        "## Accuracy",
+        "## Accuracy on the global test set",
+        "",
+        "The dataset's test split in the domain of every client, balanced over "
+        "classes: the global model (for `local`, each client's own model, mean "
+        f"over clients; for `{ORACLE}`, the model trained on the union).",
+        "",
+        format_global_table(summary),
+        "",
+        "### Per domain (global accuracy %)",
+        "",
+        format_global_domain_table(summary),
+        "",
+        "## Per-client accuracy (each client's own held-out split)",
         "",
         format_table(summary),
         "",
@@ -716,13 +839,18 @@ def run_flower_methods(
             rec = record_from_results(m, seed, run.results, run.wall_s, error=run.error)
             if rec["ok"]:
                 say(
-                    f"        mean acc {rec['mean_accuracy']:.4f}, upload "
+                    f"        global acc {_acc(rec['global_accuracy'])}, mean client "
+                    f"acc {rec['mean_accuracy']:.4f}, upload "
                     f"{nbytes(rec['upload_bytes_per_client'])} B/client, "
                     f"{run.wall_s:.1f} s"
                 )
             else:
                 say(f"        FAILED: {rec['error']}\n{log_tail(run.log_path, 15)}")
             on_record(rec)
+
+
+def _acc(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -791,7 +919,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             res, wall = run_centralized(build_cfg(base | {"seed": seed}), args.clients)
             say(
-                f"{ORACLE} (in-process) seed={seed}: mean acc "
+                f"{ORACLE} (in-process) seed={seed}: global acc "
+                f"{_acc(res['global_accuracy'])}, mean client acc "
                 f"{res['mean_accuracy']:.4f}, {wall:.1f} s"
             )
             add(record_from_results(ORACLE, seed, res, wall, "in-process"))
@@ -810,7 +939,11 @@ def main(argv: list[str] | None = None) -> int:
     # 4. Report
     report["wall_time_s"]["total"] = round(time.perf_counter() - t_start, 1)
     write_report(out, report)
-    print("\n" + format_table(report["summary"]))
+    print("\nAccuracy on the global test set")
+    print(format_global_table(report["summary"]))
+    print("\n" + format_global_domain_table(report["summary"]))
+    print("\nPer-client accuracy (own held-out splits)")
+    print(format_table(report["summary"]))
     print("\n" + format_domain_table(report["summary"]))
     if report.get("fid_proxy"):
         print("\nFID-proxy per domain (lower is better)")

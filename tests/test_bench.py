@@ -19,10 +19,18 @@ from bench.flower_runs import (
 )
 
 
-def fake_results(mean: float, accs: list[float], upload: float = 0.0) -> dict:
+def fake_results(
+    mean: float, accs: list[float], upload: float = 0.0, glob: float | None = None
+) -> dict:
     domains = ["inverted", "thick", "thin", "rotated"]
     return {
         "mean_accuracy": mean,
+        # the global test set: its domains at glob -/+ 0.1
+        "global_accuracy": glob,
+        "global_accuracy_per_domain": (
+            {} if glob is None else {"inverted": glob - 0.1, "thick": glob + 0.1}
+        ),
+        "global_test_size": 0 if glob is None else 2000,
         "upload_bytes_per_client": upload,
         "upload_bytes_per_class": None,
         "timings_s": {"total": 10.0},
@@ -37,14 +45,19 @@ def fake_results(mean: float, accs: list[float], upload: float = 0.0) -> dict:
 def records() -> list[dict]:
     rec = A.record_from_results
     return [
-        # oscar: per-run means 0.5, 0.7, 0.9 -> mean 0.7, sample std 0.2
-        rec("oscar", 0, fake_results(0.5, [0.4, 0.6]), 20.0),
-        rec("oscar", 1, fake_results(0.7, [0.6, 0.8]), 30.0),
-        rec("oscar", 2, fake_results(0.9, [0.8, 1.0]), 40.0),
-        # centralized oracle: 0.8 and 1.0 -> mean 0.9, std sqrt(0.02)
-        rec("centralized", 0, fake_results(0.8, [0.8, 0.8]), 2.0, "in-process"),
-        rec("centralized", 1, fake_results(1.0, [1.0, 1.0]), 4.0, "in-process"),
-        # fedavg: one run failed, one ok
+        # oscar: per-run means 0.5, 0.7, 0.9 -> mean 0.7, sample std 0.2;
+        # global 0.4, 0.5, 0.6 -> mean 0.5, sample std 0.1
+        rec("oscar", 0, fake_results(0.5, [0.4, 0.6], glob=0.4), 20.0),
+        rec("oscar", 1, fake_results(0.7, [0.6, 0.8], glob=0.5), 30.0),
+        rec("oscar", 2, fake_results(0.9, [0.8, 1.0], glob=0.6), 40.0),
+        # centralized oracle: 0.8 and 1.0 -> mean 0.9, std sqrt(0.02); global 0.8
+        rec(
+            "centralized", 0, fake_results(0.8, [0.8, 0.8], glob=0.8), 2.0, "in-process"
+        ),
+        rec(
+            "centralized", 1, fake_results(1.0, [1.0, 1.0], glob=0.8), 4.0, "in-process"
+        ),
+        # fedavg: one run failed, one ok without a global test set
         rec("fedavg", 0, None, 50.0, error="boom"),
         rec("fedavg", 1, fake_results(0.3, [0.2, 0.4], upload=1000.0), 60.0),
     ]
@@ -54,6 +67,12 @@ def test_record_keeps_what_the_benchmark_needs():
     r = A.record_from_results("oscar", 3, fake_results(0.5, [0.4, 0.6], 768.0), 12.345)
     assert r["ok"] and r["seed"] == 3 and r["wall_s"] == 12.35
     assert r["mean_accuracy"] == 0.5 and r["upload_bytes_per_client"] == 768.0
+    assert r["global_accuracy"] is None and r["global_accuracy_per_domain"] == {}
+    g = A.record_from_results("oscar", 3, fake_results(0.5, [0.4, 0.6], glob=0.3), 1.0)
+    assert g["global_accuracy"] == 0.3 and g["global_test_size"] == 2000
+    assert g["global_accuracy_per_domain"] == pytest.approx(
+        {"inverted": 0.2, "thick": 0.4}
+    )
     assert [c["accuracy"] for c in r["clients"]] == [0.4, 0.6]
     bad = A.record_from_results("oscar", 0, {"mean_accuracy": None}, 1.0)
     assert not bad["ok"] and "mean_accuracy" in bad["error"]
@@ -83,6 +102,14 @@ def test_aggregate_mean_std_gap_by_hand(records):
     assert f["mean_accuracy"] == pytest.approx(0.3) and f["std"] is None
     assert f["gap_to_oracle"] == pytest.approx(-0.6)
     assert f["upload_bytes_per_client"] == 1000.0 and f["wall_s_per_run"] == 60.0
+    # the headline: global accuracy over seeds
+    assert o["global_accuracy"] == pytest.approx(0.5)
+    assert o["global_std"] == pytest.approx(0.1) and o["global_seeds"] == 3
+    assert o["global_per_domain"] == pytest.approx({"inverted": 0.4, "thick": 0.6})
+    assert c["global_accuracy"] == pytest.approx(0.8) and c["global_std"] == 0.0
+    assert o["global_gap_to_oracle"] == pytest.approx(-0.3)
+    assert f["global_accuracy"] is None and f["global_seeds"] == 0
+    assert f["global_gap_to_oracle"] is None
 
 
 def test_aggregate_without_oracle_has_no_gap(records):
@@ -104,6 +131,18 @@ def test_tables(records):
     dom = A.format_domain_table(s).splitlines()
     assert dom[0] == "| method | inverted | thick |"
     assert dom[2] == "| oscar | 60.0 | 80.0 |"
+    head = A.format_global_table(s).splitlines()
+    assert head[0].startswith("| method | global acc (%) | std (%) | gap to oracle")
+    assert head[2] == "| oscar | 50.0 | 10.0 | -30.0 | 0 | 30.0 |"
+    assert head[3] == (
+        "| fedavg (1 failed) (1 without global acc) | n/a | n/a | n/a | 1,000 | 60.0 |"
+    )
+    assert head[4].startswith(
+        "| centralized (oracle, in-process) | 80.0 | 0.0 | 0 (reference)"
+    )
+    gdom = A.format_global_domain_table(s).splitlines()
+    assert gdom[0] == "| method | inverted | thick |"
+    assert gdom[2] == "| oscar | 40.0 | 60.0 |" and gdom[3] == "| fedavg | n/a | n/a |"
 
 
 def test_report_cells_and_statistics_by_hand():
@@ -177,6 +216,10 @@ def test_plot_and_report_files(records, tmp_path):
     md = (tmp_path / "out" / "accuracy.md").read_text()
     assert "`python -m bench accuracy --quick`" in md
     assert "| oscar | 70.0 | 20.0 | -20.0 |" in md and "fedavg seed 0: boom" in md
+    assert "| oscar | 50.0 | 10.0 | -30.0 |" in md
+    assert md.index("## Accuracy on the global test set") < md.index(
+        "## Per-client accuracy"
+    )
     assert json.loads((tmp_path / "out" / "accuracy.json").read_text())["summary"][
         "oscar"
     ]["std"]

@@ -50,7 +50,7 @@ def test_mnist_global_test_set_is_balanced_with_the_same_digits_in_every_domain(
     assert len(set(ids.tolist())) == 30 and ids.tolist() == sorted(ids.tolist())
     assert torch.equal(torch.as_tensor(labels[ids]), blocks[0])
     inverted, thick = test.images[:30], test.images[30:60]
-    assert torch.allclose(inverted, -render_style(raw[ids], "plain", 16))
+    assert torch.allclose(inverted, -render_style(raw[ids], "plain", 16), atol=1e-6)
     assert torch.equal(thick, render_style(raw[ids], "thick", 16))
 
 

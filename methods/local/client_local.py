@@ -34,7 +34,8 @@ def global_metrics(job: ClientJob, model: nn.Module) -> dict[str, float]:
     the same set, in the domains of every partition of the federation (as far as
     the dataset tells a client); none where the dataset has no test split."""
     args = job.cfg.data_args()
-    test = global_test_set(args, federation_domains(args, job.num_partitions))
+    domains = federation_domains(args, job.num_partitions)
+    test = global_test_set(args, domains) if domains else None
     if test is None:
         return {}
     return test.metrics(predict(model, test.images))
