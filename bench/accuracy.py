@@ -55,9 +55,12 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "class-names": {"method": "class-names"},
     "fedavg": {"method": "fedavg"},
     "local": {"method": "local"},
+    "feddisc": {"method": "feddisc"},
     ORACLE: None,
 }
-DEFAULT_METHODS = ("oscar", "oscar-oracle", "class-names", "fedavg", "local", ORACLE)
+DEFAULT_METHODS = (
+    "oscar", "oscar-oracle", "feddisc", "class-names", "fedavg", "local", ORACLE,
+)  # fmt: skip
 
 # --quick: the default world (partition, domains, image size, generator, guidance,
 # steps, epochs) with fewer examples per client and fewer synthetic images per

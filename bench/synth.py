@@ -408,8 +408,13 @@ def main(argv: list[str] | None = None) -> int:
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()}, "
                f"{os.cpu_count()} CPU cores, torch {torch.__version__}")  # fmt: skip
-    report: dict[str, Any] = {"machine": machine, "args": vars(args), "notes": []}
     out = Path(args.out)
+    # parts not run this time keep their numbers from the last report
+    previous = out / "synth.json"
+    report: dict[str, Any] = (
+        json.loads(previous.read_text()) if previous.is_file() else {}
+    )
+    report |= {"machine": machine, "args": vars(args), "notes": []}
     t_all = time.perf_counter()
     if "pipeline" in parts:
         runs = (
@@ -443,8 +448,13 @@ def main(argv: list[str] | None = None) -> int:
         from bench.accuracy import QUICK
 
         over = (dict(QUICK) if args.quick else {}) | {"min-clients": args.clients}
-        rows: list[dict[str, Any]] = []
-        for s in [int(x) for x in args.seeds.split(",")]:
+        seeds = [int(x) for x in args.seeds.split(",")]
+        # earlier seeds of the same settings are kept; the seeds run now replace theirs
+        rows: list[dict[str, Any]] = [
+            r for r in report.get("quality_runs", [])
+            if r["seed"] not in seeds and r["setting"] in settings
+        ]  # fmt: skip
+        for s in seeds:
             rows += quality_seed(s, settings, args.clients, over)
             report["quality_runs"] = rows
             report["quality"] = summarize_quality(rows)

@@ -141,3 +141,40 @@ def load_captioner(
     )
     processor = load_pretrained(AutoProcessor, path, "captioner")
     return GenerativeCaptioner(model, processor)
+
+
+@dataclass
+class ImageEncoder:
+    """CLIP image tower: images in ``[-1, 1]`` -> L2-normalised projected
+    embeddings ``[N, D]`` (the space CLIP's pooled text embeddings live in, up to
+    the modality gap)."""
+
+    model: Any
+    processor_cfg: dict | None = None
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        out = []
+        for i in range(0, len(images), batch_size):
+            px = prepare_pixels(
+                images[i : i + batch_size], self.model, self.processor_cfg
+            )
+            emb = self.model.get_image_features(pixel_values=px.to(self.model.dtype))
+            out.append(F.normalize(getattr(emb, "pooler_output", emb).float(), dim=-1))
+        return torch.cat(out) if out else torch.empty(0)
+
+
+def load_image_encoder(name: str, device: torch.device | str = "cpu") -> ImageEncoder:
+    """The image tower of a CLIP checkpoint (``embedded``: the stack's dual encoder)."""
+    from transformers import CLIPModel
+
+    path = resolve_model(name, "image-encoder", "clip")
+    model = load_pretrained(CLIPModel, path, "image-encoder").to(device).eval()
+    proc_file = Path(path) / "preprocessor_config.json"
+    proc = json.loads(proc_file.read_text()) if proc_file.is_file() else None
+    if proc is None and not Path(path).exists():  # a hub CLIP: OpenAI's statistics
+        proc = {
+            "image_mean": [0.4815, 0.4578, 0.4082],
+            "image_std": [0.2686, 0.2613, 0.2758],
+        }
+    return ImageEncoder(model, proc)

@@ -76,10 +76,10 @@ class RunConfig(KeysModel):
     # Synthesis
     images_per_class: int = Field(16, ge=1, le=100_000)
     guidance_scale: float = Field(3.0, ge=1.0, le=50.0)
-    num_inference_steps: int = Field(20, ge=1, le=1000)
-    scheduler: Scheduler = "ddim"
+    num_inference_steps: int = Field(10, ge=1, le=1000)
+    scheduler: Scheduler = "dpm"
     synth_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
-    guidance_cutoff: float = Field(1.0, gt=0, le=1)
+    guidance_cutoff: float = Field(0.5, gt=0, le=1)
     decoder: str = ""
     compile: bool = False
     synth_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"

@@ -191,6 +191,12 @@ class DatasetSource(Protocol):
         self, args: DataArgs, num_partitions: int
     ) -> tuple[str, ...]: ...
 
+    def public_pairs(
+        self, args: DataArgs, n: int
+    ) -> tuple[torch.Tensor, list[str]] | None:
+        """Public images with captions (never a client's), or None."""
+        ...
+
     def global_test(
         self, args: DataArgs, domains: tuple[str, ...], per_class: int
     ) -> GlobalTestSet | None: ...
@@ -351,6 +357,21 @@ class MnistSource:
             dict.fromkeys(names[p % len(names)] for p in range(num_partitions))
         )
 
+    def public_pairs(self, args: DataArgs, n: int) -> tuple[torch.Tensor, list[str]]:
+        """The public half of MNIST (what the embedded stack was pretrained on) in
+        its styles, with their templated captions."""
+        styled = mnist_world.public_styled_set(args.image_size, seed=args.seed)
+        g = np.random.default_rng(args.seed)
+        idx = np.sort(g.choice(len(styled.labels), size=min(n, len(styled.labels)),
+                               replace=False))  # fmt: skip
+        caps = [
+            mnist_world.caption(
+                int(styled.labels[i]), styled.styles[i], int(i) % 4, int(i) % 2
+            )
+            for i in idx
+        ]
+        return styled.images[idx], caps
+
     def global_test(
         self, args: DataArgs, domains: tuple[str, ...], per_class: int
     ) -> GlobalTestSet:
@@ -485,6 +506,9 @@ class HuggingFaceSource:
         """Which partition holds which domain only the clients know: all of them."""
         return self.info(args).domains or ("plain",)
 
+    def public_pairs(self, args: DataArgs, n: int) -> None:
+        return None
+
     def global_test(
         self, args: DataArgs, domains: tuple[str, ...], per_class: int
     ) -> GlobalTestSet | None:
@@ -568,6 +592,9 @@ class ImageFolderSource:
         self, args: DataArgs, num_partitions: int
     ) -> tuple[str, ...]:
         return ()  # the server does not read the clients' folders
+
+    def public_pairs(self, args: DataArgs, n: int) -> None:
+        return None
 
     def global_test(
         self, args: DataArgs, domains: tuple[str, ...], per_class: int
@@ -654,6 +681,13 @@ def _global_test_set(
             f"({', '.join(known_domains(info))})"
         )
     return src.global_test(args, domains, per_class)
+
+
+def public_pairs(
+    args: DataArgs, n: int = 2000
+) -> tuple[torch.Tensor, list[str]] | None:
+    """Up to ``n`` public (image, caption) pairs the server may use, or None."""
+    return get_source(args.dataset).public_pairs(args, n)
 
 
 def load_client_data(

@@ -101,15 +101,21 @@ def load_generator(
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     path = resolve_model(name, "generator", "generator")
-    unet = load_pretrained(UNet2DConditionModel, path, "generator", subfolder="unet")
+    # load in the target dtype (casting a loaded model with .to(dtype) is what
+    # diffusers warns about for modules kept in float32)
+    unet = load_pretrained(
+        UNet2DConditionModel, path, "generator", subfolder="unet", torch_dtype=dtype
+    )
     base = load_pretrained(DDPMScheduler, path, "generator", subfolder="scheduler")
     vae = None
     local = Path(path)
     has_vae = (local / "vae").is_dir() if local.exists() else True
     if has_vae:
         vae = (
-            load_pretrained(AutoencoderKL, path, "generator", subfolder="vae")
-            .to(device, dtype)
+            load_pretrained(
+                AutoencoderKL, path, "generator", subfolder="vae", torch_dtype=dtype
+            )
+            .to(device)
             .eval()
         )
     cond_file = local / "conditioning.json"
@@ -118,7 +124,7 @@ def load_generator(
         if cond_file.is_file()
         else "sequence"  # Stable Diffusion checkpoints attend to the token sequence
     )
-    unet = unet.to(device, dtype).eval()
+    unet = unet.to(device).eval()
     if torch.device(device).type == "cuda":  # NHWC convolutions on tensor cores
         unet = unet.to(memory_format=torch.channels_last)
     return Generator(
@@ -141,7 +147,11 @@ def load_decoder(
     from diffusers import AutoencoderTiny
 
     path = resolve_model(name, "decoder", "decoder")
-    return load_pretrained(AutoencoderTiny, path, "decoder").to(device, dtype).eval()
+    return (
+        load_pretrained(AutoencoderTiny, path, "decoder", torch_dtype=dtype)
+        .to(device)
+        .eval()
+    )
 
 
 def generator_fingerprint(unet: Any) -> str:

@@ -196,3 +196,68 @@ def feature_stats(feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 def fid_proxy(real_feats: torch.Tensor, fake_feats: torch.Tensor) -> float:
     """Fréchet distance between two feature sets (the FID-proxy)."""
     return frechet_distance(*feature_stats(real_feats), *feature_stats(fake_feats))
+
+
+def kmeans(
+    x: torch.Tensor, k: int, seed: int = 0, iters: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means with k-means++ seeding (Arthur & Vassilvitskii 2007).
+
+    ``x`` ``[N, D]``; returns ``(centres [k', D], assignment [N])`` with
+    ``k' = min(k, N)``. Deterministic for a seed (FedDISC's clustering of a
+    class's image features; its code uses sklearn's KMeans, unseeded). An empty
+    cluster keeps its previous centre.
+    """
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"kmeans: x must be [N, D] with N >= 1, got {tuple(x.shape)}")
+    if k < 1:
+        raise ValueError(f"kmeans: k={k} must be >= 1")
+    x = x.double()
+    k = min(k, len(x))
+    g = torch.Generator().manual_seed(seed)
+    # 1. k-means++: each next centre drawn with probability ~ squared distance
+    centres = [x[int(torch.randint(len(x), (1,), generator=g))]]
+    for _ in range(1, k):
+        d2 = torch.cdist(x, torch.stack(centres)).min(1).values ** 2
+        if float(d2.sum()) <= 0:
+            centres.append(x[int(torch.randint(len(x), (1,), generator=g))])
+        else:
+            centres.append(x[int(torch.multinomial(d2 / d2.sum(), 1, generator=g))])
+    c = torch.stack(centres)
+    # 2. Lloyd iterations: assign to the nearest centre, move centres to their means
+    assign = torch.cdist(x, c).argmin(1)
+    for _ in range(iters):
+        for j in range(k):
+            members = x[assign == j]
+            if len(members):
+                c[j] = members.mean(0)
+        new = torch.cdist(x, c).argmin(1)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return c.float(), assign
+
+
+def fit_linear_map(
+    x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3
+) -> torch.Tensor:
+    """Ridge regression ``y ~ [x, 1] W``; returns ``W`` ``[D_x + 1, D_y]``.
+
+    ``W = (X^T X + ridge I)^{-1} X^T Y`` with ``X = [x, 1]`` (the bias row is not
+    penalised). Used to carry CLIP image embeddings into the region of the text
+    embeddings a text-conditioned generator was trained on (the modality gap).
+    """
+    if x.ndim != 2 or y.ndim != 2 or len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"fit_linear_map: x {tuple(x.shape)} and y {tuple(y.shape)}")
+    X = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    reg = ridge * torch.eye(X.shape[1], dtype=torch.float64)
+    reg[-1, -1] = 0.0
+    return torch.linalg.solve(X.T @ X + reg, X.T @ y.double()).float()
+
+
+def apply_linear_map(
+    x: torch.Tensor, w: torch.Tensor, normalize: bool = True
+) -> torch.Tensor:
+    """``[x, 1] W``, optionally L2-normalised per row (pooled CLIP embeddings are)."""
+    y = torch.cat([x.float(), torch.ones(*x.shape[:-1], 1)], -1) @ w
+    return torch.nn.functional.normalize(y, dim=-1) if normalize else y

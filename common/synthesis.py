@@ -208,6 +208,7 @@ def _denoise(
     guidance_scale: float,
     num_inference_steps: int,
     guidance_cutoff: float,
+    extras: list[tuple[torch.Tensor, float]] | None = None,
 ) -> torch.Tensor:
     """Steps 3-4 for one batch: x_T from the images' generators, then the loop."""
     scheduler = gen.scheduler
@@ -221,19 +222,28 @@ def _denoise(
         {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters
         else {}
     )  # fmt: skip
-    guided = guidance_scale != 1.0
-    context = torch.cat([u.expand(b, -1, -1), c]) if guided else c
+    extras = extras or []
+    guided = guidance_scale != 1.0 or bool(extras)
+    context = (
+        torch.cat([u.expand(b, -1, -1), c, *(e for e, _ in extras)]) if guided else c
+    )
+    n_ctx = 2 + len(extras)
     # the unconditional pass stops after this many steps (diffusers' CFG cut-off)
     cutoff = math.ceil(guidance_cutoff * len(scheduler.timesteps))
     # 4. Denoising loop with classifier-free guidance (Ho & Salimans 2022):
-    #    eps = eps(x, 0) + w (eps(x, c) - eps(x, 0)); at w = 1 that is eps(x, c).
+    #    eps = eps(x, 0) + w (eps(x, c) - eps(x, 0)) + sum_k w_k (eps(x, c_k) - eps(x, 0))
+    #    (extra terms: composable guidance, e.g. FedDISC, FedDEO); at w = 1 with no
+    #    extra term that is eps(x, c) and the unconditional pass is skipped.
     for i, t in enumerate(scheduler.timesteps):
         if guided and i < cutoff:
-            xin = scheduler.scale_model_input(torch.cat([x, x]), t)
-            eps_u, eps_c = gen.unet(xin, t, encoder_hidden_states=context).sample.chunk(
-                2
+            xin = scheduler.scale_model_input(torch.cat([x] * n_ctx), t)
+            eps_all = gen.unet(xin, t, encoder_hidden_states=context).sample.chunk(
+                n_ctx
             )
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
+            eps_u = eps_all[0]
+            eps = eps_u + guidance_scale * (eps_all[1] - eps_u)
+            for (_, w), eps_k in zip(extras, eps_all[2:], strict=True):
+                eps = eps + w * (eps_k - eps_u)
         else:
             xin = scheduler.scale_model_input(x, t)
             eps = gen.unet(xin, t, encoder_hidden_states=c).sample
@@ -260,9 +270,13 @@ def sample(
     static_shapes: bool = False,
     memory: MemoryModel | None = None,
     free_bytes: int | None = None,
+    extra_conds: list[tuple[torch.Tensor, float]] | None = None,
     progress: Callable[[int], Any] | None = None,
 ) -> torch.Tensor:
     """Sample one image per row of ``cond`` ``[N, L, D]``.
+
+    ``extra_conds``: further guidance terms ``(cond_k [N, L, D], w_k)`` added as
+    ``w_k (eps(x, c_k) - eps(x, 0))`` (composable guidance).
 
     Returns ``[N, C, H, W]`` on the CPU: images in ``[-1, 1]`` (decoded by the VAE,
     or ``decoder``, for latent diffusion), resized on the device to
@@ -275,6 +289,13 @@ def sample(
     # 1. Check inputs and plan the batch
     check_inputs(gen, cond, uncond, guidance_scale, num_inference_steps, batch_size,
                  guidance_cutoff)  # fmt: skip
+    extra_conds = list(extra_conds or [])
+    for k, (e, w) in enumerate(extra_conds):
+        if tuple(e.shape) != tuple(cond.shape) or not torch.isfinite(e).all() or w < 0:
+            raise ValueError(
+                f"extra_conds[{k}]: shape {tuple(e.shape)} must equal cond's "
+                f"{tuple(cond.shape)}, finite, with weight {w} >= 0"
+            )
     u = uncond[:1].to(gen.device, gen.dtype)
     batch, chunk = _plan(
         gen, cond, uncond, guidance_scale, batch_size, memory, free_bytes
@@ -285,12 +306,15 @@ def sample(
         b = min(batch, len(cond) - start)
         rows = range(first_index + start, first_index + start + b)
         c = cond[start : start + b]
+        ex = [(e[start : start + b], w) for e, w in extra_conds]
         if static_shapes and b < batch:  # pad with copies; their images are dropped
-            c = torch.cat([c, c[-1:].expand(batch - b, -1, -1)])
+            c = _pad(c, batch)
+            ex = [(_pad(e, batch), w) for e, w in ex]
             rows = range(rows.start, rows.start + batch)
+        ex = [(e.to(gen.device, gen.dtype), w) for e, w in ex]
         try:
             x = _denoise(gen, c.to(gen.device, gen.dtype), u, image_generators(seed, rows),
-                         guidance_scale, num_inference_steps, guidance_cutoff)[:b]  # fmt: skip
+                         guidance_scale, num_inference_steps, guidance_cutoff, ex)[:b]  # fmt: skip
             # 5. Decode latents in chunks, clamp, convert on the device
             if output == "images":
                 x, chunk = _decode_chunks(gen, decoder, x, chunk)
@@ -310,6 +334,10 @@ def sample(
     if not out:
         return torch.empty(0, *gen.sample_shape)
     return torch.cat(out)
+
+
+def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.cat([t, t[-1:].expand(n - len(t), *t.shape[1:])])
 
 
 def _plan(
@@ -458,12 +486,14 @@ def sample_on_workers(
 
     base = kwargs.pop("first_index", 0)
     kwargs.pop("progress", None)
+    extras = kwargs.pop("extra_conds", None) or []
     parts = shards(len(cond), workers)
     actors = [SynthesisWorker.remote(spec) for _ in parts]  # type: ignore[attr-defined]
     futures = [
-        a.sample.remote(cond[lo:hi], uncond, kwargs | {"first_index": base + lo})
+        a.sample.remote(cond[lo:hi], uncond, kwargs | {
+            "first_index": base + lo, "extra_conds": [(e[lo:hi], w) for e, w in extras]})
         for a, (lo, hi) in zip(actors, parts, strict=True)
-    ]
+    ]  # fmt: skip
     try:
         return torch.cat(ray.get(futures))
     finally:

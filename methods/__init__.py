@@ -17,6 +17,7 @@ from common.config import ConfigError, RunConfig, all_keys, parse_config
 from .base import OneShotMethod
 from .class_names import ClassNames
 from .fedavg import FedAvg
+from .feddisc import FedDisc
 from .local import Local
 from .lora import Lora
 from .oscar import Oscar
@@ -29,6 +30,7 @@ METHODS: dict[str, type[OneShotMethod]] = {
         ClassNames,
         Local,
         Lora,
+        FedDisc,
     )
 }
 

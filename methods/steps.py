@@ -79,18 +79,22 @@ def synthesize_set(
     out: ServerOutput,
     desc: str = "synthesize",
     guidance_scale: float | None = None,
+    extra_conds: list[tuple[torch.Tensor, float]] | None = None,
 ) -> torch.Tensor:
     """Sample one image per row of ``conds`` ``[M, L, D]``; keep a few per cell.
 
     ``owners`` is the partition id each row comes from (-1: no client);
-    ``guidance_scale`` overrides ``guidance-scale`` (1.0: the conditional model).
-    Returns uint8 images in the dataset's format (channels, image-size).
+    ``guidance_scale`` overrides ``guidance-scale`` (1.0: the conditional model);
+    ``extra_conds`` adds guidance terms (``common.synthesis.sample``). Returns uint8 images in the dataset's format (channels, image-size).
     """
     cfg = ctx.cfg
     w = cfg.guidance_scale if guidance_scale is None else guidance_scale
     log(INFO, "Synthesizing %d images on %s (%s), %d steps, guidance %.1f",
         len(conds), ctx.device, ctx.dtype, cfg.num_inference_steps, w)  # fmt: skip
-    images, seconds = sample_images(ctx, conds, desc=desc, guidance_scale=w)
+    over: dict[str, Any] = {"guidance_scale": w}
+    if extra_conds:
+        over["extra_conds"] = extra_conds
+    images, seconds = sample_images(ctx, conds, desc=desc, **over)
     out.timings["synthesize"] = out.timings.get("synthesize", 0.0) + seconds
     for o in owners.unique().tolist():
         for c in labels.unique().tolist():

@@ -89,3 +89,33 @@ def test_fid_proxy_zero_for_identical_sets_and_grows_with_shift():
     f = torch.randn(500, 4)
     assert fid_proxy(f, f) == pytest.approx(0.0, abs=1e-6)
     assert fid_proxy(f, f + 2.0) == pytest.approx(16.0, rel=1e-3)  # 4 dims x 2^2
+
+
+def test_kmeans_finds_separated_blobs_and_is_seeded():
+    from common.maths import kmeans
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 2, generator=g) * 0.1 + torch.tensor([5.0, 0.0])
+    b = torch.randn(20, 2, generator=g) * 0.1 + torch.tensor([-5.0, 0.0])
+    x = torch.cat([a, b])
+    c, assign = kmeans(x, 2, seed=3)
+    got = sorted(c.tolist())
+    torch.testing.assert_close(torch.tensor(got[0]), b.mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(got[1]), a.mean(0), atol=1e-5, rtol=0)
+    assert len(set(assign[:30].tolist())) == 1 and len(set(assign[30:].tolist())) == 1
+    c2, _ = kmeans(x, 2, seed=3)
+    assert torch.equal(c, c2)
+    assert kmeans(x[:3], 5)[0].shape == (3, 2)  # k' = min(k, N)
+
+
+def test_linear_map_recovers_a_known_affine_map():
+    from common.maths import apply_linear_map, fit_linear_map
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=g)
+    w_true = torch.tensor([[1.0, 2.0], [0.0, -1.0], [3.0, 0.5], [0.25, -0.75]])  # +bias
+    y = torch.cat([x, torch.ones(200, 1)], 1) @ w_true
+    w = fit_linear_map(x, y, ridge=0.0)
+    torch.testing.assert_close(w, w_true, atol=1e-4, rtol=0)
+    out = apply_linear_map(x[:4], w)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(4), atol=1e-5, rtol=0)

@@ -166,3 +166,24 @@ def test_two_ray_workers_give_the_same_images(tiny_stack_dir):
             torch.testing.assert_close(x, ref, atol=1e-5, rtol=0)
     finally:
         ray.shutdown()
+
+
+def test_extra_guidance_terms_compose(gens):
+    """eps_u + w (eps_c - eps_u) + w2 (eps_c - eps_u) is guidance at w + w2; a term
+    with weight 0 changes nothing."""
+    gen = gens["ddim"]
+    cond, uncond = _cond(3), torch.zeros(1, 1, 16)
+    kw = dict(num_inference_steps=2, seed=2)
+    both = sample(
+        gen, cond, uncond, guidance_scale=2.0, extra_conds=[(cond, 1.5)], **kw
+    )
+    plain = sample(gen, cond, uncond, guidance_scale=3.5, **kw)
+    torch.testing.assert_close(both, plain, atol=1e-5, rtol=0)
+    other = _cond(6)[3:]
+    zero = sample(
+        gen, cond, uncond, guidance_scale=2.0, extra_conds=[(other, 0.0)], **kw
+    )
+    torch.testing.assert_close(zero, sample(gen, cond, uncond, guidance_scale=2.0, **kw),
+                               atol=1e-5, rtol=0)  # fmt: skip
+    with pytest.raises(ValueError, match="extra_conds"):
+        sample(gen, cond, uncond, extra_conds=[(_cond(2), 1.0)])

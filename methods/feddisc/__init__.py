@@ -1,0 +1,3 @@
+from .server_feddisc import FedDisc
+
+__all__ = ["FedDisc"]
