@@ -261,3 +261,20 @@ def apply_linear_map(
     """``[x, 1] W``, optionally L2-normalised per row (pooled CLIP embeddings are)."""
     y = torch.cat([x.float(), torch.ones(*x.shape[:-1], 1)], -1) @ w
     return torch.nn.functional.normalize(y, dim=-1) if normalize else y
+
+
+def apportion(n: int, weights: list[float]) -> list[int]:
+    """Split ``n`` items in proportion to ``weights`` (largest remainder, Hamilton):
+    integers that sum to ``n``, each within one of ``n w_i / sum w``; ties go to
+    the earlier weight. E.g. ``apportion(10, [1, 1, 1]) == [4, 3, 3]``."""
+    if n < 0 or not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(
+            f"apportion: n={n} >= 0 and weights {weights} >= 0, positive sum"
+        )
+    total = float(sum(weights))
+    quotas = [n * w / total for w in weights]
+    out = [int(q) for q in quotas]
+    order = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - out[i]), i))
+    for i in order[: n - sum(out)]:
+        out[i] += 1
+    return out

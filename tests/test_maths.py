@@ -119,3 +119,14 @@ def test_linear_map_recovers_a_known_affine_map():
     torch.testing.assert_close(w, w_true, atol=1e-4, rtol=0)
     out = apply_linear_map(x[:4], w)
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(4), atol=1e-5, rtol=0)
+
+
+def test_apportion_by_hand():
+    from common.maths import apportion
+
+    assert apportion(10, [1, 1, 1]) == [4, 3, 3]
+    assert apportion(16, [3, 1]) == [12, 4]
+    assert apportion(5, [0, 2, 1]) == [0, 3, 2]  # quotas 0, 3.33, 1.67
+    assert sum(apportion(7, [0.2, 0.3, 0.5])) == 7
+    with pytest.raises(ValueError):
+        apportion(3, [0, 0])

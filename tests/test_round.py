@@ -313,3 +313,31 @@ def test_resume_refuses_uploads_of_another_method(tiny_stack, fast_config):
     _run(fast_config)
     with pytest.raises(ResumeError, match="method='fedavg'"):
         _run(fast_config | {"method": "local"})
+
+
+def test_oscar_prototypes_per_class_stay_within_2kb_per_class(tiny_stack, fast_config):
+    from safetensors.torch import load_file
+
+    fast_config.update({"method": "oscar", "prototypes-per-class": 3, "run-name": "k3"})
+    _, res = _run(fast_config)
+    assert res["num_clients"] == 3 and not res["rejected"]
+    assert 0 < res["upload_bytes_per_class"] <= 2048
+    from pathlib import Path
+
+    uploads = Path(fast_config["output-dir"]) / "k3" / "uploads"
+    files = sorted(uploads.glob("upload-*.safetensors"))
+    ids = load_file(str(files[0]))["class_ids"]
+    assert int(torch.bincount(ids).max()) <= 3 and len(ids) > len(ids.unique())
+    # the synthetic set keeps its size: images-per-class per (client, class)
+    classes = sum(len(load_file(str(f))["class_ids"].unique()) for f in files)
+    assert res["num_synthetic"] == classes * fast_config["images-per-class"]
+
+
+def test_oscar_rejects_more_vectors_per_class_than_configured(tiny_stack, fast_config):
+    fast_config.update({"method": "oscar"})  # prototypes-per-class = 1
+
+    def repeat_class(t):
+        return t | {"class_ids": torch.zeros_like(t["class_ids"])}
+
+    _, res = _run(fast_config, nodes=3, tamper={1: _tamper_embeddings(repeat_class)})
+    assert res["num_clients"] == 2 and "repeats" in res["rejected"][0]["reason"]

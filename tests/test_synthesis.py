@@ -187,3 +187,30 @@ def test_extra_guidance_terms_compose(gens):
                                atol=1e-5, rtol=0)  # fmt: skip
     with pytest.raises(ValueError, match="extra_conds"):
         sample(gen, cond, uncond, extra_conds=[(_cond(2), 1.0)])
+
+
+def test_generator_spec_rebuilds_the_attached_lora_adapter(tiny_stack_dir):
+    """What a Ray worker builds from a spec samples the same images as the
+    adapted generator it was taken from (the merged LoRA adapter travels)."""
+    from common.lora import attach_lora, get_lora_state, set_lora_state
+    from common.synthesis import GeneratorSpec
+
+    gen = load_generator(str(tiny_stack_dir / "generator"), "ddim")
+    attach_lora(gen.unet, 2, 2.0, ["to_q", "to_v"], seed=0)
+    state = {
+        k: v + 0.05 if ".lora_B." in k else v
+        for k, v in get_lora_state(gen.unet).items()
+    }
+    set_lora_state(gen.unet, state, 2, 2.0, ["to_q", "to_v"])
+    spec = GeneratorSpec.of(gen, "ddim", "fp32")
+    assert spec.lora is not None and spec.lora[1:] == (2, 2.0, ["to_q", "to_v"])
+    rebuilt, decoder = spec.build(torch.device("cpu"))
+    cond, uncond = _cond(3), torch.zeros(1, 1, 16)
+    kw = dict(num_inference_steps=2, seed=4)
+    torch.testing.assert_close(sample(rebuilt, cond, uncond, **kw),
+                               sample(gen, cond, uncond, **kw), atol=1e-5, rtol=0)  # fmt: skip
+    base = load_generator(str(tiny_stack_dir / "generator"), "ddim")
+    assert not torch.equal(
+        sample(base, cond, uncond, **kw), sample(gen, cond, uncond, **kw)
+    )
+    assert decoder is None

@@ -15,10 +15,11 @@ import torch
 
 from common.config import RunConfig
 from common.datasets import ClientData
-from common.maths import per_class_mean, private_class_means
+from common.maths import kmeans, per_class_mean, private_class_means
 
 from ..base import ClientJob, ClientResult
 from . import payload_oscar as P
+from .config_oscar import OscarConfig
 
 
 @dataclass
@@ -64,7 +65,14 @@ def embed_classes(cfg: RunConfig, data: ClientData, seed: int = 0) -> EmbedResul
     t0 = time.perf_counter()
     emb = encode_captions(cfg, caps)
     sigma = 0.0
-    if cfg.dp_epsilon > 0:
+    k = cfg.options(OscarConfig).prototypes_per_class
+    if k > 1:
+        if cfg.dp_epsilon > 0:
+            raise ValueError(
+                "prototypes-per-class > 1 has no privacy guard; set dp-epsilon=0"
+            )
+        ids, means, counts = class_prototypes(emb, data.train_labels, k, seed)
+    elif cfg.dp_epsilon > 0:
         g = torch.Generator().manual_seed(seed)
         ids, means, counts, sigma = private_class_means(
             emb, data.train_labels, data.num_classes,
@@ -79,6 +87,24 @@ def embed_classes(cfg: RunConfig, data: ClientData, seed: int = 0) -> EmbedResul
         encode_s=time.perf_counter() - t0,
         dp_sigma=sigma,
     )
+
+
+def class_prototypes(
+    emb: torch.Tensor, labels: torch.Tensor, k: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Up to ``k`` k-means centres per class of the caption embeddings ``[N, L, D]``:
+    ``(class_ids [M], centres [M, L, D], counts [M])``, empty clusters dropped."""
+    ids, centres, counts = [], [], []
+    for c in labels.unique().tolist():
+        x = emb[labels == c]
+        flat = x.reshape(len(x), -1)
+        cent, assign = kmeans(flat, k, seed=seed + c)
+        n = torch.bincount(assign, minlength=len(cent))
+        keep = n > 0
+        centres.append(cent[keep].reshape(-1, *x.shape[1:]))
+        counts.append(n[keep])
+        ids += [c] * int(keep.sum())
+    return torch.tensor(ids, dtype=torch.int64), torch.cat(centres), torch.cat(counts)
 
 
 def collect(job: ClientJob) -> ClientResult:

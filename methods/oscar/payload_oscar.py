@@ -1,9 +1,11 @@
-"""OSCAR's payload: one conditioning vector per class, the one place its layout is
+"""OSCAR's payload: conditioning vectors per class, the one place its layout is
 written (client packs with ``layout``, server reads with ``unpack``).
 
-``{prefix}mean``       float16 ``[K, tokens, dim]``: per-class mean embedding
-``{prefix}class_ids``  int64 ``[K]``: distinct ids in ``[0, num-classes)``
-``{prefix}counts``     int64 ``[K]``: images behind each mean, positive
+``{prefix}mean``       float16 ``[K, tokens, dim]``: per-class mean embedding (or,
+                       with ``prototypes-per-class`` > 1, k-means centres)
+``{prefix}class_ids``  int64 ``[K]``: ids in ``[0, num-classes)``, each at most
+                       ``per_class`` times
+``{prefix}counts``     int64 ``[K]``: images behind each vector, positive
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def unpack(
     tokens: int,
     dim: int,
     prefix: str = "",
+    per_class: int = 1,
 ) -> ClassEmbeddings:
     """Read and check the layout; ``PayloadError`` names what is wrong."""
     mean = C.require(tensors, f"{prefix}mean", "embeddings payload")
@@ -53,7 +56,22 @@ def unpack(
             f"embedding shape {tuple(mean.shape)} != [K, {tokens}, {dim}] "
             "(wrong text encoder or embedding kind?)"
         )
-    C.check_int_ids(ids, "class_ids", num_classes)
+    if per_class == 1:
+        C.check_int_ids(ids, "class_ids", num_classes)
+    else:
+        if ids.dtype != torch.int64 or ids.ndim != 1:
+            raise PayloadError(
+                f"class_ids must be 1-d int64, got {ids.dtype} {tuple(ids.shape)}"
+            )
+        bad = [i for i in ids.tolist() if not 0 <= i < num_classes]
+        if bad:
+            raise PayloadError(
+                f"class_ids has value(s) {bad[:5]} outside [0, {num_classes})"
+            )
+        if len(ids) and int(torch.bincount(ids).max()) > per_class:
+            raise PayloadError(
+                f"more than prototypes-per-class={per_class} vectors for one class"
+            )
     if counts.dtype != torch.int64 or counts.ndim != 1:
         raise PayloadError(
             f"counts must be 1-d int64, got {counts.dtype} {tuple(counts.shape)}"

@@ -20,9 +20,10 @@ from common.config import ConfigError
 from common.contract import PayloadError, Reply
 
 from ..base import ClientResult, OneShotMethod, ServerContext, ServerOutput
-from ..steps import per_class_rows, synthesize_set, train_global
+from ..steps import synthesize_set, train_global
 from . import client_oscar
 from . import payload_oscar as P
+from .config_oscar import OscarConfig
 
 
 def embedding_shape(ctx: ServerContext) -> tuple[int, int]:
@@ -39,8 +40,26 @@ def check_embedding_kind(ctx: ServerContext) -> None:
         )
 
 
+def class_rows(
+    e: P.ClassEmbeddings, owner: int, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` conditioning rows per uploaded class: its vectors in proportion to
+    their counts (largest remainder), ``(conds, labels, owners)``."""
+    from common.maths import apportion
+
+    conds, labels = [], []
+    for c in e.class_ids.unique().tolist():
+        mine = e.class_ids == c
+        reps = apportion(n, e.counts[mine].tolist())
+        conds.append(e.means[mine].float().repeat_interleave(torch.tensor(reps), dim=0))
+        labels += [c] * n
+    y = torch.tensor(labels, dtype=torch.int64)
+    return torch.cat(conds), y, torch.full_like(y, owner)
+
+
 class Oscar(OneShotMethod):
     name = "oscar"
+    config = OscarConfig
     collect_type = "train.embed"
     payload_key = P.RECORD
 
@@ -50,6 +69,14 @@ class Oscar(OneShotMethod):
 
     def check(self, ctx: ServerContext) -> None:
         check_embedding_kind(ctx)
+        if (
+            ctx.cfg.options(OscarConfig).prototypes_per_class > 1
+            and ctx.cfg.dp_epsilon > 0
+        ):
+            raise ConfigError(
+                "prototypes-per-class > 1 with dp-epsilon > 0: the privacy guard covers "
+                "per-class means only; set dp-epsilon=0 or prototypes-per-class=1"
+            )
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
         if reply.meta.get("embedding") != ctx.cfg.embedding:
@@ -57,20 +84,19 @@ class Oscar(OneShotMethod):
                 f"embedding kind {reply.meta.get('embedding')!r} != {ctx.cfg.embedding!r}"
             )
         tokens, dim = embedding_shape(ctx)
-        P.unpack(reply.tensors, num_classes=ctx.num_classes, tokens=tokens, dim=dim)
+        P.unpack(reply.tensors, num_classes=ctx.num_classes, tokens=tokens, dim=dim,
+                 per_class=ctx.cfg.options(OscarConfig).prototypes_per_class)  # fmt: skip
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         out = ServerOutput()
         tokens, dim = embedding_shape(ctx)
+        k = ctx.cfg.options(OscarConfig).prototypes_per_class
         rows = [
-            per_class_rows(
-                e.means, e.class_ids, r.partition_id, ctx.cfg.images_per_class
-            )
+            class_rows(P.unpack(r.tensors, num_classes=ctx.num_classes, tokens=tokens,
+                                dim=dim, per_class=k), r.partition_id,
+                       ctx.cfg.images_per_class)
             for r in replies
-            for e in [
-                P.unpack(r.tensors, num_classes=ctx.num_classes, tokens=tokens, dim=dim)
-            ]
-        ]
+        ]  # fmt: skip
         conds, labels, owners = (torch.cat(parts) for parts in zip(*rows, strict=True))
         images = synthesize_set(ctx, conds, labels, owners, out)
         train_global(ctx, images, labels, out)
@@ -82,7 +108,7 @@ class Oscar(OneShotMethod):
 
 
 def classes_uploaded(replies: list[Reply], key: str = "class_ids") -> dict[str, Any]:
-    """Upload bytes per uploaded class (the 2 KB-per-class budget)."""
-    n = sum(len(r.tensors[key]) for r in replies if key in r.tensors)
+    """Upload bytes per uploaded (client, class) (the 2 KB-per-class budget)."""
+    n = sum(len(r.tensors[key].unique()) for r in replies if key in r.tensors)
     total = sum(r.upload_bytes for r in replies)
     return {"upload_bytes_per_class": total / n if n else None}
