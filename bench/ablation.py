@@ -21,6 +21,19 @@ from typing import Any
 
 from bench.report import md_table, mean, num, pyplot, save_figure, std, write_json
 
+# Attempts at closing the gap to the centralized model, each measured by itself
+# against the defaults on the same seeds (a new federation each: some change what
+# the clients upload).
+ATTEMPTS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "prototypes-per-class=3": {"prototypes-per-class": 3},
+    "images-per-class=50": {"images-per-class": 50},
+    "prototypes-per-class=3, images-per-class=50": {
+        "prototypes-per-class": 3,
+        "images-per-class": 50,
+    },
+}
+
 SWEEPS: dict[str, tuple[str, tuple[float, ...]]] = {
     "images per class": ("images-per-class", (5, 10, 20, 30, 50)),
     "guidance scale": ("guidance-scale", (1.0, 2.0, 3.0, 5.0, 7.5)),
@@ -139,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default=None, help="default: 0 with --quick, else 0,1,2")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--out", default="bench-results")
+    p.add_argument(
+        "--attempts",
+        action="store_true",
+        help="only the gap-closing attempts (ATTEMPTS), not the sweeps",
+    )
     args = p.parse_args(argv)
     seeds = parse_seeds(args.seeds or ("0" if args.quick else "0,1,2"))
     over = (dict(QUICK) if args.quick else {}) | {"min-clients": args.clients}
@@ -152,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         "the clients' uploads are computed once per seed and shared by every variant"]}  # fmt: skip
     t0 = time.perf_counter()
     out = Path(args.out)
+    if args.attempts:
+        return run_attempts(args, seeds, over, machine, out)
     for seed in seeds:
         base = default_run_config() | over | {"seed": seed}
         fed = federation(base, args.clients)
@@ -166,4 +186,79 @@ def main(argv: list[str] | None = None) -> int:
             report["wall_s"] = time.perf_counter() - t0
             write_report(out, report)
     say(f"ablation done in {time.perf_counter() - t0:.0f} s; {out / 'ablation.md'}")
+    return 0
+
+
+def summarize_attempts(
+    rows: list[dict[str, Any]], oracle: dict[int, float]
+) -> list[dict[str, Any]]:
+    """Per attempt: mean ± std, paired difference to the defaults, gap to the oracle."""
+    out = []
+    seeds = sorted({r["seed"] for r in rows})
+    by = {(r["variant"], r["seed"]): r for r in rows}
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        mine = [by[(name, s)] for s in seeds if (name, s) in by]
+        paired = [by[(name, s)]["global_accuracy"] - by[("defaults", s)]["global_accuracy"]
+                  for s in seeds if (name, s) in by and ("defaults", s) in by]  # fmt: skip
+        gaps = [by[(name, s)]["global_accuracy"] - oracle[s] for s in seeds
+                if (name, s) in by and s in oracle]  # fmt: skip
+        out.append({
+            "attempt": name, "seeds": len(mine),
+            "global_accuracy": mean(r["global_accuracy"] for r in mine),
+            "global_accuracy_std": std([r["global_accuracy"] for r in mine]),
+            "d_vs_defaults": mean(paired), "d_per_seed": paired,
+            "better_in": sum(d > 0 for d in paired),
+            "gap_to_centralized": mean(gaps),
+            "upload_bytes_per_class": mean(r.get("upload_bytes_per_class") for r in mine),
+        })  # fmt: skip
+    return out
+
+
+def run_attempts(args: Any, seeds: list[int], over: dict[str, Any], machine: str,
+                 out: Path) -> int:  # fmt: skip
+    """Each attempt with its own uploads, on the same seeds, against the centralized
+    model of the accuracy bench (``run_centralized``: the same global test set)."""
+    from bench.accuracy import build_cfg, default_run_config, run_centralized
+    from bench.inprocess import federation, run_variant, say
+
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    oracle: dict[int, float] = {}
+    for seed in seeds:
+        base = default_run_config() | over | {"seed": seed}
+        central, _ = run_centralized(build_cfg(base), args.clients)
+        oracle[seed] = central["global_accuracy"]
+        for name, a in ATTEMPTS.items():
+            fed = federation(base | a, args.clients)
+            per_class = [
+                len(u.embeddings.class_ids)
+                and 2
+                * u.embeddings.means[0].numel()
+                * len(u.embeddings.class_ids)
+                / len(u.embeddings.class_ids.unique())
+                for u in fed.uploads
+            ]  # fp16 bytes of the vectors of one (client, class)
+            row = run_variant(fed, {}, name) | {
+                "upload_bytes_per_class": mean(per_class)
+            }
+            rows.append(row)
+            report = {"machine": machine, "seeds": seeds, "overrides": over, "runs": rows,
+                      "centralized": oracle, "wall_s": time.perf_counter() - t0,
+                      "summary": summarize_attempts(rows, oracle)}  # fmt: skip
+            write_json(out / "gap_attempts.json", report)
+            lines = ["# Closing the gap to the centralized model (global test set)", "",
+                     f"Machine: {machine}; seeds {seeds}; overrides {over}; "
+                     f"wall {report['wall_s']:.0f} s.", ""]  # fmt: skip
+            lines.append(md_table(
+                ["attempt", "global acc %", "Δ vs defaults (points)", "better in",
+                 "gap to centralized (points)", "vector bytes per (client, class)"],
+                [[a["attempt"],
+                  f"{100 * (a['global_accuracy'] or 0):.1f} ± {100 * (a['global_accuracy_std'] or 0):.1f}",
+                  num(100 * (a["d_vs_defaults"] or 0), "{:+.1f}"),
+                  f"{a['better_in']}/{len(a['d_per_seed'])}",
+                  num(100 * (a["gap_to_centralized"] or 0), "{:+.1f}"),
+                  num(a["upload_bytes_per_class"], "{:.0f}")] for a in report["summary"]],
+            ))  # fmt: skip
+            (out / "gap_attempts.md").write_text("\n".join(lines) + "\n")
+    say(f"attempts done in {time.perf_counter() - t0:.0f} s; {out / 'gap_attempts.md'}")
     return 0
