@@ -52,7 +52,7 @@ ORACLE = "centralized"
 METHODS: dict[str, dict[str, Any] | None] = {
     "oscar": {"method": "oscar"},
     "oscar-oracle": {"method": "oscar", "captioner": "oracle"},
-    "oscar-dp": {"method": "oscar", "dp-epsilon": 1.0},
+    "oscar-dp": {"method": "oscar", "dp-epsilon": 1.0, "prototypes-per-class": 1},
     "class-names": {"method": "class-names"},
     "fedavg": {"method": "fedavg"},
     "local": {"method": "local"},
@@ -63,14 +63,14 @@ DEFAULT_METHODS = (
     "oscar", "oscar-oracle", "feddisc", "class-names", "fedavg", "local", ORACLE,
 )  # fmt: skip
 
-# --quick: the default world (partition, domains, image size, generator, guidance,
-# steps, epochs) with fewer examples per client and fewer synthetic images per
-# class; smaller batches keep the number of optimizer steps up on the smaller sets.
-# Measured on the 2-core CPU: 3 seeds x 6 methods + the FID-proxy in ~15 minutes
-# (sampling ~12 img/s; ~20 s of Flower start-up per run).
+# --quick: the default world (partition, domains, image size, generator, sampler,
+# images per class, epochs) with fewer examples per client; smaller batches keep
+# the number of optimizer steps up on the smaller sets. Measured on the 2-core
+# CPU: 3 seeds x 6 Flower methods + centralized + the FID-proxy in ~11 minutes at
+# images-per-class 12 (DPM-Solver++ 10 steps, ~40 img/s; ~20 s of Flower
+# start-up per run); the default images-per-class 50 costs more sampling.
 QUICK: dict[str, Any] = {
     "max-examples-per-client": 600,
-    "images-per-class": 12,
     "train-batch-size": 32,
 }
 QUICK_FID_PER_CLASS = 16

@@ -74,7 +74,7 @@ class RunConfig(KeysModel):
     embedding: Embedding = "pooled"
     caption_with_labels: bool = True
     # Synthesis
-    images_per_class: int = Field(16, ge=1, le=100_000)
+    images_per_class: int = Field(50, ge=1, le=100_000)
     guidance_scale: float = Field(3.0, ge=1.0, le=50.0)
     num_inference_steps: int = Field(10, ge=1, le=1000)
     scheduler: Scheduler = "dpm"

@@ -334,7 +334,7 @@ def test_oscar_prototypes_per_class_stay_within_2kb_per_class(tiny_stack, fast_c
 
 
 def test_oscar_rejects_more_vectors_per_class_than_configured(tiny_stack, fast_config):
-    fast_config.update({"method": "oscar"})  # prototypes-per-class = 1
+    fast_config.update({"method": "oscar", "prototypes-per-class": 1})
 
     def repeat_class(t):
         return t | {"class_ids": torch.zeros_like(t["class_ids"])}

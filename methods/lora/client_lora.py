@@ -40,7 +40,8 @@ def train_client_lora(cfg: RunConfig, data: ClientData, seed: int) -> LoraResult
     from common.text_encoder import load_text_encoder
 
     lcfg = cfg.options(LoraConfig)
-    emb = embed_classes(cfg, data, seed=seed)
+    # one caption mean per class: the server samples each client's classes with them
+    emb = embed_classes(cfg, data, seed=seed, prototypes=1)
     t0 = time.perf_counter()
     gen = load_generator(cfg.generator, "ddpm")
     fingerprint = gen.fingerprint()
@@ -140,7 +141,7 @@ def evaluate(job: ClientJob) -> dict[str, float]:
             job.memory[P.EMB + "counts"],
         )
     else:
-        emb = embed_classes(job.cfg, job.data, seed=job.seed).embeddings
+        emb = embed_classes(job.cfg, job.data, seed=job.seed, prototypes=1).embeddings
     adapter = {k: v.float() for k, v in P.adapter_of(job.arrays[P.RECORD]).items()}
     fid = fid_proxy_of_adapter(
         job.cfg, job.data, emb, adapter, int(job.config["lora-rank"]),

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from flwr.common.logger import log
 
-from common.config import ConfigError
 from common.contract import PayloadError, Reply
 from common.lora import attach_lora, get_lora_state, set_lora_state, train_lora
 from common.lora_merge import merge_adapters
@@ -56,14 +55,7 @@ class Lora(OneShotMethod):
         return client_lora.evaluate(job)
 
     def check(self, ctx: ServerContext) -> None:
-        from ..oscar.config_oscar import OscarConfig
-
         check_embedding_kind(ctx)
-        if ctx.cfg.options(OscarConfig).prototypes_per_class != 1:
-            raise ConfigError(
-                "method='lora' uploads one caption mean per class: set "
-                "prototypes-per-class=1"
-            )
         lcfg = ctx.cfg.options(LoraConfig)
         self.fingerprint = ctx.generator.fingerprint()
         # The adapter every client must send: keys and shapes of rank lora-rank.

@@ -59,13 +59,20 @@ def encode_captions(cfg: RunConfig, captions: list[str]) -> torch.Tensor:
     return table[torch.tensor([index[c] for c in captions], dtype=torch.long)]
 
 
-def embed_classes(cfg: RunConfig, data: ClientData, seed: int = 0) -> EmbedResult:
-    """OSCAR client: caption -> CLIP text embedding -> per-class mean (-> DP noise)."""
+def embed_classes(
+    cfg: RunConfig, data: ClientData, seed: int = 0, prototypes: int | None = None
+) -> EmbedResult:
+    """OSCAR client: caption -> CLIP text embedding -> per-class mean (-> DP noise),
+    or ``prototypes`` k-means centres per class (default: prototypes-per-class)."""
     caps, cap_s = caption_images(cfg, data)
     t0 = time.perf_counter()
     emb = encode_captions(cfg, caps)
     sigma = 0.0
-    k = cfg.options(OscarConfig).prototypes_per_class
+    k = (
+        cfg.options(OscarConfig).prototypes_per_class
+        if prototypes is None
+        else prototypes
+    )
     if k > 1:
         if cfg.dp_epsilon > 0:
             raise ValueError(
