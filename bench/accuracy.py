@@ -285,14 +285,14 @@ def aggregate(
 # ---------------------------------------------------------------- tables and plot
 
 
-def format_global_table(
-    summary: dict[str, dict[str, Any]], oracle: str = ORACLE
-) -> str:
-    """The headline, Markdown: method | global acc | std | gap to oracle | upload
-    B/client | wall s/run (global acc: on the global test set)."""
+def _accuracy_table(
+    summary: dict[str, dict[str, Any]], oracle: str, label: str, acc: str, sd: str,
+    gap_key: str, seeds_key: str | None,
+) -> str:  # fmt: skip
+    """method | <label> | std | gap to oracle | upload B/client | wall s/run."""
     header = [
         "method",
-        "global acc (%)",
+        label,
         "std (%)",
         "gap to oracle (pp)",
         "upload B/client",
@@ -303,20 +303,26 @@ def format_global_table(
         name = f"{m} (oracle, in-process)" if m == oracle else m
         gap = (
             "0 (reference)"
-            if m == oracle and s["global_accuracy"] is not None
-            else pct(s["global_gap_to_oracle"], True)
+            if m == oracle and s[acc] is not None
+            else pct(s[gap_key], True)
         )
         up = "n/a (raw data)" if m == oracle else nbytes(s["upload_bytes_per_client"])
         wall = "n/a" if s["wall_s_per_run"] is None else f"{s['wall_s_per_run']:.1f}"
         failed = f" ({len(s['failed_seeds'])} failed)" if s["failed_seeds"] else ""
-        missing = len(s["seeds"]) - s["global_seeds"]
+        missing = len(s["seeds"]) - s[seeds_key] if seeds_key else 0
         if missing:  # a run without a global test set (e.g. an image folder)
             failed += f" ({missing} without global acc)"
-        rows.append(
-            [f"{name}{failed}", pct(s["global_accuracy"]), pct(s["global_std"]), gap,
-             up, wall]
-        )  # fmt: skip
+        rows.append([f"{name}{failed}", pct(s[acc]), pct(s[sd]), gap, up, wall])
     return md_table(header, rows)
+
+
+def format_global_table(
+    summary: dict[str, dict[str, Any]], oracle: str = ORACLE
+) -> str:
+    """The headline, Markdown: method | global acc | std | gap to oracle | upload
+    B/client | wall s/run (global acc: on the global test set)."""
+    return _accuracy_table(summary, oracle, "global acc (%)", "global_accuracy",
+                           "global_std", "global_gap_to_oracle", "global_seeds")  # fmt: skip
 
 
 def format_global_domain_table(summary: dict[str, dict[str, Any]]) -> str:
@@ -334,29 +340,8 @@ def format_global_domain_table(summary: dict[str, dict[str, Any]]) -> str:
 def format_table(summary: dict[str, dict[str, Any]], oracle: str = ORACLE) -> str:
     """Per-client accuracy (each client's held-out split), Markdown: method | mean
     acc | std | gap to oracle | upload B/client | wall s/run."""
-    header = [
-        "method",
-        "mean acc (%)",
-        "std (%)",
-        "gap to oracle (pp)",
-        "upload B/client",
-        "wall s/run",
-    ]
-    rows = []
-    for m, s in summary.items():
-        name = f"{m} (oracle, in-process)" if m == oracle else m
-        gap = (
-            "0 (reference)"
-            if m == oracle and s["mean_accuracy"] is not None
-            else pct(s["gap_to_oracle"], True)
-        )
-        up = "n/a (raw data)" if m == oracle else nbytes(s["upload_bytes_per_client"])
-        wall = "n/a" if s["wall_s_per_run"] is None else f"{s['wall_s_per_run']:.1f}"
-        failed = f" ({len(s['failed_seeds'])} failed)" if s["failed_seeds"] else ""
-        rows.append(
-            [f"{name}{failed}", pct(s["mean_accuracy"]), pct(s["std"]), gap, up, wall]
-        )
-    return md_table(header, rows)
+    return _accuracy_table(summary, oracle, "mean acc (%)", "mean_accuracy", "std",
+                           "gap_to_oracle", None)  # fmt: skip
 
 
 def domains_of(summary: dict[str, dict[str, Any]]) -> list[str]:
