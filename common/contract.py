@@ -296,8 +296,11 @@ def check_float(t: torch.Tensor, name: str) -> None:
         raise PayloadError(f"tensor {name!r} contains NaN or Inf")
 
 
-def check_int_ids(t: torch.Tensor, name: str, hi: int) -> list[int]:
-    """A 1-d int64 tensor of distinct ids in ``[0, hi)``."""
+def check_int_ids(
+    t: torch.Tensor, name: str, hi: int, max_repeat: int = 1, what: str = ""
+) -> list[int]:
+    """A 1-d int64 tensor of ids in ``[0, hi)``, none more than ``max_repeat``
+    times (1: distinct); ``what`` names the key that sets ``max_repeat``."""
     if t.dtype != torch.int64:
         raise PayloadError(f"{name} has dtype {t.dtype}, expected int64")
     if t.ndim != 1:
@@ -306,8 +309,13 @@ def check_int_ids(t: torch.Tensor, name: str, hi: int) -> list[int]:
     bad = [i for i in ids if not 0 <= i < hi]
     if bad:
         raise PayloadError(f"{name} has value(s) {bad[:5]} outside [0, {hi})")
-    if len(set(ids)) != len(ids):
+    most = max((ids.count(i) for i in set(ids)), default=0)
+    if max_repeat == 1 and most > 1:
         raise PayloadError(f"{name} repeats an id")
+    if most > max_repeat:
+        raise PayloadError(
+            f"{most} entries for one id in {name}, more than {what}={max_repeat}"
+        )
     return ids
 
 

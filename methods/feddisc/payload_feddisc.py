@@ -47,19 +47,8 @@ def unpack(
             f"centres have shape {tuple(centres.shape)}, expected [M, 1, {dim}] "
             "(another image encoder?)"
         )
-    if ids.dtype != torch.int64 or ids.ndim != 1 or len(ids) != len(centres):
-        raise PayloadError(
-            f"class_ids must be int64 [{len(centres)}], got {ids.dtype} {tuple(ids.shape)}"
-        )
-    bad = [i for i in ids.tolist() if not 0 <= i < num_classes]
-    if bad:
-        raise PayloadError(
-            f"class_ids has value(s) {bad[:5]} outside [0, {num_classes})"
-        )
-    counts = torch.bincount(ids, minlength=num_classes)
-    if int(counts.max()) > max_per_class:
-        raise PayloadError(
-            f"{int(counts.max())} centres for one class, more than feddisc-clusters={max_per_class}"
-        )
+    C.check_int_ids(ids, "class_ids", num_classes, max_per_class, "feddisc-clusters")
+    if len(ids) != len(centres):
+        raise PayloadError(f"{len(ids)} class ids for {len(centres)} centres")
     C.check_float(centres, "centres")
     return Prototypes(centres, ids)

@@ -56,22 +56,7 @@ def unpack(
             f"embedding shape {tuple(mean.shape)} != [K, {tokens}, {dim}] "
             "(wrong text encoder or embedding kind?)"
         )
-    if per_class == 1:
-        C.check_int_ids(ids, "class_ids", num_classes)
-    else:
-        if ids.dtype != torch.int64 or ids.ndim != 1:
-            raise PayloadError(
-                f"class_ids must be 1-d int64, got {ids.dtype} {tuple(ids.shape)}"
-            )
-        bad = [i for i in ids.tolist() if not 0 <= i < num_classes]
-        if bad:
-            raise PayloadError(
-                f"class_ids has value(s) {bad[:5]} outside [0, {num_classes})"
-            )
-        if len(ids) and int(torch.bincount(ids).max()) > per_class:
-            raise PayloadError(
-                f"more than prototypes-per-class={per_class} vectors for one class"
-            )
+    C.check_int_ids(ids, "class_ids", num_classes, per_class, "prototypes-per-class")
     if counts.dtype != torch.int64 or counts.ndim != 1:
         raise PayloadError(
             f"counts must be 1-d int64, got {counts.dtype} {tuple(counts.shape)}"
