@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 # A diffusers model with PeftAdapterMixin (UNet2DConditionModel). Typed Any: mypy
-# does not see diffusers' ModelMixin as an nn.Module, as in common/foundation.py.
+# does not see diffusers' ModelMixin as an nn.Module (as in common/generator.py).
 UNet = Any
 
 ADAPTER = "default"
