@@ -118,9 +118,11 @@ def tensors(draw) -> torch.Tensor:
         for i, v in enumerate(vals):
             flat[i] = float(v)
         t = flat.reshape(shape)
-    with torch.no_grad():
-        return t.to(dtype) if dtype.is_floating_point or dtype.is_complex else \
-            torch.nan_to_num(t, 0, 0, 0).clamp(-100, 100).to(dtype)  # fmt: skip
+    if dtype.is_floating_point or dtype.is_complex:
+        return t.to(dtype)
+    # integer kinds: finite values inside the dtype's range (uint8 and bool: >= 0)
+    lo = 0 if dtype in (torch.uint8, torch.bool) else -100
+    return torch.nan_to_num(t, 0.0, 0.0, 0.0).round().clamp(lo, 100).to(dtype)
 
 
 @st.composite
