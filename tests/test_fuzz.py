@@ -163,8 +163,14 @@ def mutation(draw, parts: dict) -> dict:
                     t.view(-1)[0] = draw(
                         st.sampled_from([float("nan"), float("inf"), 6e4])
                     )
-                elif t.numel():
-                    t.view(-1)[0] = draw(st.sampled_from([-1, 10**6, 2**40]))
+                elif t.numel():  # an out-of-range id, inside the dtype's own range
+                    v = draw(st.sampled_from([-1, 10**6, 2**40]))
+                    if t.dtype == torch.bool:
+                        v = not bool(t.view(-1)[0])
+                    else:
+                        info = torch.iinfo(t.dtype)
+                        v = max(info.min, min(info.max, v))
+                    t.view(-1)[0] = v
                 parts["arrays"][rec][key] = t
         elif what == "drop-record":
             rec = draw(st.sampled_from(["meta", "metrics", *parts["arrays"]]))
