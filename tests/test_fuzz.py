@@ -159,7 +159,7 @@ def mutation(draw, parts: dict) -> dict:
                 parts["arrays"][rec][key] = draw(tensors())
             else:  # keep dtype and shape, poison one value
                 t = parts["arrays"][rec][key].clone()
-                if t.numel() and t.is_floating_point():
+                if t.numel() and (t.is_floating_point() or t.is_complex()):
                     t.view(-1)[0] = draw(
                         st.sampled_from([float("nan"), float("inf"), 6e4])
                     )
