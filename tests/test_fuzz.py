@@ -208,7 +208,10 @@ def test_validation_is_total_under_mutation(genuine, name):
               suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(st.data())
     def check(data):
-        parts = data.draw(mutation(base))
+        try:
+            parts = data.draw(mutation(base))
+        except (RuntimeError, TypeError, ValueError, OverflowError):
+            return  # a case torch cannot even build (nothing a client could send)
         built = _build(parts)
         if built is None:
             return
