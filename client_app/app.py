@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from common import contract as C
 from common.config import RunConfig
 from common.datasets import ClientData, load_client_data
+from common.models import ARCHS
 from methods import METHODS, build_config
 from methods.base import ClientJob
 
@@ -42,6 +43,12 @@ def _job(msg: Message, context: Context) -> ClientJob:
     data_path = context.node_config.get("data-path")
     if data_path:
         cfg = cfg.model_copy(update={"dataset": str(data_path)})
+    # ... and may train its own classifier architecture (model-heterogeneous FL).
+    node_classifier = str(context.node_config.get("classifier", "") or "")
+    if node_classifier and node_classifier not in ARCHS:
+        raise ValueError(
+            f"node-config classifier={node_classifier!r} is not one of {', '.join(ARCHS)}"
+        )
     pid = int(context.node_config["partition-id"])
     n = int(context.node_config["num-partitions"])
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -56,6 +63,7 @@ def _job(msg: Message, context: Context) -> ClientJob:
             k: C.from_array_record(rec) for k, rec in msg.content.array_records.items()
         },
         memory=C.from_array_record(memory) if memory is not None else {},
+        node_classifier=node_classifier,
     )
 
 

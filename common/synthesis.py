@@ -141,6 +141,46 @@ def is_oom(e: BaseException) -> bool:
 # ---------------------------------------------------------------- sampling
 
 
+@dataclass(frozen=True)
+class LatentGuidance:
+    """Gradient guidance of the latent by a differentiable loss on the predicted
+    clean image (classifier guidance as FedLMG/FedCADO does it, Yang et al. 2025).
+
+    At every step, before the normal guided step: predict ``x0`` from ``x_t`` and
+    the guided ``eps`` (VP: ``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``), decode it
+    (VAE or decoder, then the dataset format of ``resize_to``), and move the latent
+    against the gradient of the loss: ``x_t <- x_t - step * grad_x loss(x0)``.
+    ``warmup`` extra such moves happen at the first step with ``warmup=True`` (the
+    method's loss may differ there, e.g. FedLMG's BN-only warm-up).
+
+    ``loss(images, rows, warmup)`` returns one loss per image ``[b]``: ``rows`` are
+    the images' global indices (a method looks up labels and models by them).
+    Losses are per image, so the gradients, like the noise, do not depend on the
+    batch the image is sampled in.
+    """
+
+    loss: Callable[[torch.Tensor, range, bool], torch.Tensor]
+    step: float = 1.0
+    warmup: int = 0
+    until: float = 1.0  # fraction of the steps that are guided (1: all)
+
+
+def predicted_x0(
+    scheduler: Any, x: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """The clean sample a VP scheduler's model output predicts at ``t`` (DDPM Eq. 15):
+    epsilon: ``(x - sqrt(1 - a_t) eps) / sqrt(a_t)``; v: ``sqrt(a_t) x - sqrt(1 - a_t) v``."""
+    a = scheduler.alphas_cumprod.to(x.device)[int(t)].to(x.dtype)
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "epsilon":
+        return (x - (1 - a).sqrt() * model_out) / a.sqrt()
+    if kind == "v_prediction":
+        return a.sqrt() * x - (1 - a).sqrt() * model_out
+    if kind == "sample":
+        return model_out
+    raise ValueError(f"latent guidance: prediction_type={kind!r} is not supported")
+
+
 def check_inputs(
     gen: Generator,
     cond: torch.Tensor,
@@ -209,8 +249,14 @@ def _denoise(
     num_inference_steps: int,
     guidance_cutoff: float,
     extras: list[tuple[torch.Tensor, float]] | None = None,
+    latent_guidance: LatentGuidance | None = None,
+    to_images: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rows: range | None = None,
 ) -> torch.Tensor:
-    """Steps 3-4 for one batch: x_T from the images' generators, then the loop."""
+    """Steps 3-4 for one batch: x_T from the images' generators, then the loop.
+
+    ``to_images`` maps denoised samples to images (decode, dataset format) for
+    ``latent_guidance``; ``rows`` are the batch's global image indices."""
     scheduler = gen.scheduler
     b = len(c)
     # 2. Prepare timesteps (resets multistep schedulers' state)
@@ -230,11 +276,12 @@ def _denoise(
     n_ctx = 2 + len(extras)
     # the unconditional pass stops after this many steps (diffusers' CFG cut-off)
     cutoff = math.ceil(guidance_cutoff * len(scheduler.timesteps))
+
     # 4. Denoising loop with classifier-free guidance (Ho & Salimans 2022):
     #    eps = eps(x, 0) + w (eps(x, c) - eps(x, 0)) + sum_k w_k (eps(x, c_k) - eps(x, 0))
     #    (extra terms: composable guidance, e.g. FedDISC, FedDEO); at w = 1 with no
     #    extra term that is eps(x, c) and the unconditional pass is skipped.
-    for i, t in enumerate(scheduler.timesteps):
+    def model_eps(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
         if guided and i < cutoff:
             xin = scheduler.scale_model_input(torch.cat([x] * n_ctx), t)
             eps_all = gen.unet(xin, t, encoder_hidden_states=context).sample.chunk(
@@ -244,9 +291,31 @@ def _denoise(
             eps = eps_u + guidance_scale * (eps_all[1] - eps_u)
             for (_, w), eps_k in zip(extras, eps_all[2:], strict=True):
                 eps = eps + w * (eps_k - eps_u)
-        else:
-            xin = scheduler.scale_model_input(x, t)
-            eps = gen.unet(xin, t, encoder_hidden_states=c).sample
+            return eps
+        xin = scheduler.scale_model_input(x, t)
+        return gen.unet(xin, t, encoder_hidden_states=c).sample
+
+    guide = latent_guidance
+    n_guided = 0 if guide is None else math.ceil(guide.until * len(scheduler.timesteps))
+
+    def guide_step(
+        x: torch.Tensor, t: torch.Tensor, i: int, warmup: bool
+    ) -> torch.Tensor:
+        # x_t <- x_t - step * grad_x loss(D(x0_hat(x_t, eps(x_t))))  (FedLMG)
+        assert guide is not None and to_images is not None and rows is not None
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            x0 = predicted_x0(scheduler, xg, model_eps(xg, t, i), t)
+            loss = guide.loss(to_images(x0), rows, warmup)[: len(rows)].sum()
+            (grad,) = torch.autograd.grad(loss, xg)
+        return (x - guide.step * grad.to(x.dtype)).detach()
+
+    for i, t in enumerate(scheduler.timesteps):
+        if guide is not None and i < n_guided:
+            for _ in range(guide.warmup if i == 0 else 0):
+                x = guide_step(x, t, i, warmup=True)
+            x = guide_step(x, t, i, warmup=False)
+        eps = model_eps(x, t, i)
         x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
     return x
 
@@ -271,12 +340,15 @@ def sample(
     memory: MemoryModel | None = None,
     free_bytes: int | None = None,
     extra_conds: list[tuple[torch.Tensor, float]] | None = None,
+    latent_guidance: LatentGuidance | None = None,
     progress: Callable[[int], Any] | None = None,
 ) -> torch.Tensor:
     """Sample one image per row of ``cond`` ``[N, L, D]``.
 
     ``extra_conds``: further guidance terms ``(cond_k [N, L, D], w_k)`` added as
-    ``w_k (eps(x, c_k) - eps(x, 0))`` (composable guidance).
+    ``w_k (eps(x, c_k) - eps(x, 0))`` (composable guidance). ``latent_guidance``:
+    a loss on the predicted clean image steers every step (``LatentGuidance``;
+    it sees images in the format of ``resize_to``).
 
     Returns ``[N, C, H, W]`` on the CPU: images in ``[-1, 1]`` (decoded by the VAE,
     or ``decoder``, for latent diffusion), resized on the device to
@@ -297,6 +369,11 @@ def sample(
                 f"{tuple(cond.shape)}, finite, with weight {w} >= 0"
             )
     u = uncond[:1].to(gen.device, gen.dtype)
+
+    def to_images(z: torch.Tensor) -> torch.Tensor:
+        x = z if gen.vae is None and decoder is None else _decode(gen, decoder, z)
+        return to_dataset_format(x, *resize_to) if resize_to is not None else x
+
     batch, chunk = _plan(
         gen, cond, uncond, guidance_scale, batch_size, memory, free_bytes
     )
@@ -314,7 +391,8 @@ def sample(
         ex = [(e.to(gen.device, gen.dtype), w) for e, w in ex]
         try:
             x = _denoise(gen, c.to(gen.device, gen.dtype), u, image_generators(seed, rows),
-                         guidance_scale, num_inference_steps, guidance_cutoff, ex)[:b]  # fmt: skip
+                         guidance_scale, num_inference_steps, guidance_cutoff, ex,
+                         latent_guidance, to_images, rows)[:b]  # fmt: skip
             # 5. Decode latents in chunks, clamp, convert on the device
             if output == "images":
                 x, chunk = _decode_chunks(gen, decoder, x, chunk)
@@ -466,6 +544,11 @@ def sample_on_workers(
     """
     import ray
 
+    if kwargs.get("latent_guidance") is not None:
+        raise ValueError(
+            "latent_guidance runs in the server process (its loss holds the clients' "
+            "models); sample without workers (synth-workers=1)"
+        )
     if not ray.is_initialized():
         ray.init(address=ray_address or None, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)  # fmt: skip

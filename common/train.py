@@ -29,8 +29,13 @@ def train_classifier(
     augment_shifts: bool = True,
     progress: bool = False,
     desc: str = "train classifier",
+    soft_targets: torch.Tensor | None = None,
 ) -> list[float]:
     """Train with AdamW + one-cycle schedule; returns the mean loss per epoch.
+
+    ``soft_targets`` ``[N, K]`` (teacher probabilities) adds knowledge distillation:
+    ``loss = CE(z, y) + mean_i sum_k -q_ik log softmax(z_i)_k`` (Hinton et al. 2015
+    at temperature 1, as FedLMG's ``md``/``sd`` aggregations).
 
     The whole set moves to ``device`` once (uint8 images stay uint8 there and are
     converted per batch); batches, shifts and the forward pass all run on the
@@ -48,6 +53,13 @@ def train_classifier(
     if cuda:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     images, labels = images.to(device), labels.to(device)
+    if soft_targets is not None:
+        if tuple(soft_targets.shape[:1]) != (len(labels),):
+            raise ValueError(
+                f"train_classifier: soft_targets {tuple(soft_targets.shape)} for "
+                f"{len(labels)} images"
+            )
+        soft_targets = soft_targets.float().to(device)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = max(1, (len(images) + batch_size - 1) // batch_size)
@@ -69,7 +81,10 @@ def train_classifier(
                 x = x.contiguous(memory_format=torch.channels_last)
             y = labels[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = F.cross_entropy(model(x).float(), y)
+                logits = model(x).float()
+                loss = F.cross_entropy(logits, y)
+                if soft_targets is not None:
+                    loss = loss + soft_cross_entropy(logits, soft_targets[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -79,6 +94,11 @@ def train_classifier(
         history.append(total / n)
         bar.set_postfix(loss=f"{history[-1]:.3f}")
     return history
+
+
+def soft_cross_entropy(logits: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``mean_i sum_k -q_ik log softmax(logits_i)_k``: cross-entropy to soft labels."""
+    return -(q * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:

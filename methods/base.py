@@ -51,6 +51,8 @@ class ClientJob:
     arrays: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     # what this node uploaded earlier in the run (kept in the node's state)
     memory: dict[str, torch.Tensor] = field(default_factory=dict)
+    # a SuperNode's node-config `classifier` (model-heterogeneous methods)
+    node_classifier: str = ""
 
     @property
     def seed(self) -> int:

@@ -16,7 +16,13 @@ import torch
 from flwr.common.logger import log
 
 from common.models import build_classifier
-from common.synthesis import GeneratorSpec, from_uint8, sample_on_workers, synthesize
+from common.synthesis import (
+    GeneratorSpec,
+    LatentGuidance,
+    from_uint8,
+    sample_on_workers,
+    synthesize,
+)
 from common.train import train_classifier
 
 from .base import ServerContext, ServerOutput
@@ -55,6 +61,9 @@ def sample_images(
         "as_uint8": True,
     }
     workers = synth_workers(ctx)
+    if workers > 1 and over.get("latent_guidance") is not None:
+        log(INFO, "Latent guidance holds the clients' models: sampling in-process")
+        workers = 1
     if workers > 1:
         t0 = time.perf_counter()
         log(INFO, "Synthesis sharded over %d Ray workers", workers)
@@ -80,12 +89,15 @@ def synthesize_set(
     desc: str = "synthesize",
     guidance_scale: float | None = None,
     extra_conds: list[tuple[torch.Tensor, float]] | None = None,
+    latent_guidance: LatentGuidance | None = None,
 ) -> torch.Tensor:
     """Sample one image per row of ``conds`` ``[M, L, D]``; keep a few per cell.
 
     ``owners`` is the partition id each row comes from (-1: no client);
     ``guidance_scale`` overrides ``guidance-scale`` (1.0: the conditional model);
-    ``extra_conds`` adds guidance terms (``common.synthesis.sample``). Returns uint8 images in the dataset's format (channels, image-size).
+    ``extra_conds`` adds guidance terms, ``latent_guidance`` a loss on the predicted
+    image (``common.synthesis.sample``). Returns uint8 images in the dataset's
+    format (channels, image-size).
     """
     cfg = ctx.cfg
     w = cfg.guidance_scale if guidance_scale is None else guidance_scale
@@ -94,6 +106,8 @@ def synthesize_set(
     over: dict[str, Any] = {"guidance_scale": w}
     if extra_conds:
         over["extra_conds"] = extra_conds
+    if latent_guidance is not None:
+        over["latent_guidance"] = latent_guidance
     images, seconds = sample_images(ctx, conds, desc=desc, **over)
     out.timings["synthesize"] = out.timings.get("synthesize", 0.0) + seconds
     for o in owners.unique().tolist():
@@ -116,9 +130,14 @@ def per_class_rows(
 
 
 def train_global(
-    ctx: ServerContext, images: torch.Tensor, labels: torch.Tensor, out: ServerOutput
+    ctx: ServerContext,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    out: ServerOutput,
+    soft_targets: torch.Tensor | None = None,
 ) -> None:
-    """Train the global classifier on the synthetic set (server device)."""
+    """Train the global classifier on the synthetic set (server device);
+    ``soft_targets``: teacher probabilities distilled beside the labels."""
     cfg = ctx.cfg
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -127,6 +146,7 @@ def train_global(
         model, images, labels, epochs=cfg.train_epochs,
         batch_size=cfg.train_batch_size, lr=cfg.learning_rate, seed=cfg.seed,
         device=ctx.device, progress=True, desc="train global classifier",
+        soft_targets=soft_targets,
     )  # fmt: skip
     out.model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     out.arch = cfg.classifier

@@ -1,0 +1,3 @@
+from .server_fedlmg import FedLmg
+
+__all__ = ["FedLmg"]

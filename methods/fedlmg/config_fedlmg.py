@@ -1,0 +1,43 @@
+"""FedLMG's own keys (defaults: the paper's code where the CPU budget allows)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from common.config import KeysModel
+from common.models import ARCHS
+
+
+class FedLmgConfig(KeysModel):
+    # how the global model learns from the guided images: ft = cross-entropy (the
+    # code's default), md = + soft labels of the averaged client ensemble, sd = +
+    # soft labels of the client model that guided each image
+    fedlmg_aggregation: Literal["ft", "md", "sd"] = "ft"
+    # x_t <- x_t - step * grad (code: 1)
+    fedlmg_guidance_step: float = Field(1.0, gt=0, le=1000)
+    # weight of the BN-statistic term beside the cross-entropy (code: 0.1)
+    fedlmg_bn_weight: float = Field(0.1, ge=0, le=1000)
+    # BN-only moves of the latent at t = T before sampling (code: 10)
+    fedlmg_warmup_steps: int = Field(10, ge=0, le=100)
+    # fraction of the sampling steps that are classifier-guided (code: all)
+    fedlmg_guided_fraction: float = Field(1.0, gt=0, le=1)
+    # clients' classifiers, by partition id modulo the list (empty: `classifier`);
+    # a SuperNode's node-config `classifier` overrides it
+    fedlmg_client_classifiers: str = ""
+
+    @field_validator("fedlmg_client_classifiers")
+    @classmethod
+    def _archs(cls, v: str) -> str:
+        bad = [a for a in v.split(",") if a.strip() and a.strip() not in ARCHS]
+        if bad:
+            raise ValueError(
+                f"fedlmg-client-classifiers={v!r}: {bad} not in {', '.join(ARCHS)}"
+            )
+        return v
+
+    def client_classifiers(self) -> list[str]:
+        return [
+            a.strip() for a in self.fedlmg_client_classifiers.split(",") if a.strip()
+        ]
