@@ -602,7 +602,58 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--threads", type=int, default=2, help="torch threads (default: %(default)s)"
     )
+    p.add_argument(
+        "--stage",
+        choices=("all", "feddiff"),
+        default="all",
+        help="all: the whole stack, FedDiff's folder last; feddiff: only "
+        "<out>/feddiff/ (weight pool, autoencoder, latent DDPM; default: %(default)s)",
+    )
+    p.add_argument(
+        "--feddiff-params",
+        default=None,
+        help="the parameter subset FedDiff generates (comma-separated names or module "
+        "prefixes of the classifier; default: the last batch norm and the head)",
+    )
+    p.add_argument(
+        "--classifier",
+        default="cnn",
+        help="the classifier FedDiff's weight pool is trained for (default: %(default)s)",
+    )
     return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- FedDiff
+
+
+def build_feddiff_stage(args: argparse.Namespace, out: Path) -> dict:
+    """FedDiff (methods/feddiff): a weight pool of the classifier trained with SGD on
+    the public split, an autoencoder over its parameter subset and a latent DDPM,
+    saved under ``<out>/feddiff/``. The pool is ranked on the public held-out images
+    (the same split as the other stages': never a client's data)."""
+    from methods.feddiff.model_feddiff import BuildSettings, build_feddiff
+
+    s = BuildSettings()
+    if args.quick:
+        s = BuildSettings(pool_steps=60, ae_steps=30, denoiser_train_steps=30)
+    if args.feddiff_params:
+        s.params = args.feddiff_params
+    sch = QUICK if args.quick else Schedule()
+    full = public_styled_set(image_size=IMAGE_SIZE, plain_fraction=0.6, seed=args.seed)
+    n_pub = min(sch.num_public, len(full.labels))
+    n_train = n_pub - sch.num_heldout
+    ho = slice(n_train, min(n_pub, n_train + s.eval_images))
+    log(f"feddiff: {args.classifier} on {n_train} public images, pool ranked on "
+        f"{ho.stop - ho.start} held-out ones; generated subset {s.params!r}")  # fmt: skip
+    torch.manual_seed(args.seed)
+    cfg = build_feddiff(
+        out / "feddiff", full.images[:n_train], full.labels[:n_train],
+        full.images[ho], full.labels[ho], s, arch=args.classifier, in_channels=1,
+        num_classes=NUM_CLASSES, seed=args.seed, log=log,
+    )  # fmt: skip
+    log(f"feddiff done in {cfg['wall_s']['total']:.0f} s; "
+        f"{folder_size(out / 'feddiff') / 1e6:.2f} MB")  # fmt: skip
+    return cfg
 
 
 def count(model) -> int:
@@ -708,6 +759,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.use_deterministic_algorithms(True, warn_only=True)
     wall: dict[str, float] = {}
+    if args.stage == "feddiff":
+        build_feddiff_stage(args, out)
+        return 0
 
     # 1. Public split: styled images, (class, style) groups, captions
     t0 = time.perf_counter()
@@ -733,6 +787,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         wall.update({k: previous["wall_s"][k] for k in ("clip", "generator", "judge")})
         log(f"--eval-only: evaluating the stack in {out}")
+
+    if not args.eval_only:
+        t0 = time.perf_counter()
+        build_feddiff_stage(args, out)
+        wall["feddiff"] = time.perf_counter() - t0
 
     # 5. Evaluation, through the loaders the apps use
     t0 = time.perf_counter()

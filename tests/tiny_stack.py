@@ -24,7 +24,32 @@ def make_tiny_stack(root: Path, cond_dim: int = 16) -> Path:
     )
     save_generator(root / "generator", unet, sched, "pooled")
     save_classifier(SmallCNN(1, 10, width=8), root / "judge", "cnn", 1, 10)
+    make_tiny_feddiff(root / "feddiff")
     return root
+
+
+def tiny_feddiff_settings():
+    """FedDiff's builder with tiny settings (seconds): 15 pool checkpoints."""
+    from methods.feddiff.model_feddiff import BuildSettings
+
+    return BuildSettings(
+        pool_steps=30, save_every=2, batch=32, sgd_lr=0.05,
+        latent=16, ae_channels=(4, 8), ae_steps=120, ae_batch=15, ae_lr=3e-3,
+        denoiser_channels=8, denoiser_blocks=2, denoiser_train_steps=30,
+    )  # fmt: skip
+
+
+def make_tiny_feddiff(out: Path) -> dict:
+    """FedDiff's pool, autoencoder and latent DDPM, built by the same function as
+    the embedded ones (``python -m bench pretrain --stage feddiff``), tiny."""
+    from common.data import public_styled_set
+    from methods.feddiff.model_feddiff import build_feddiff
+
+    full = public_styled_set(image_size=16, seed=0)
+    return build_feddiff(
+        out, full.images[:1000], full.labels[:1000], full.images[-200:],
+        full.labels[-200:], tiny_feddiff_settings(), seed=0,
+    )  # fmt: skip
 
 
 def make_tiny_sd(root: Path) -> Path:

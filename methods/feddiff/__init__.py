@@ -1,0 +1,3 @@
+from .server_feddiff import FedDiff
+
+__all__ = ["FedDiff"]
