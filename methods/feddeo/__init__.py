@@ -1,0 +1,3 @@
+from .server_feddeo import FedDeo
+
+__all__ = ["FedDeo"]
