@@ -57,10 +57,31 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "fedavg": {"method": "fedavg"},
     "local": {"method": "local"},
     "feddisc": {"method": "feddisc"},
+    "feddeo": {"method": "feddeo"},
+    "fedlmg": {"method": "fedlmg"},
+    "fedlmg-hetero": {"method": "fedlmg", "fedlmg-client-classifiers": "cnn,resnet18"},
+    "dense": {"method": "dense"},
+    "feddiff": {"method": "feddiff"},
     ORACLE: None,
 }
 DEFAULT_METHODS = (
-    "oscar", "oscar-oracle", "feddisc", "class-names", "fedavg", "local", ORACLE,
+    "oscar", "oscar-oracle", "feddisc", "feddeo", "fedlmg", "class-names", "fedavg",
+    "dense", "feddiff", "local", ORACLE,
+)  # fmt: skip
+# Rows read from a method's results.json (computed in the same run, same seed):
+# FedDiff's references (the pool's best model alone; the clients' average with the
+# generated subset taken from the pool's best).
+REFERENCES = {
+    "feddiff:pool-best": ("feddiff", "pool-best"),
+    "feddiff:average-with-pool-subset": ("feddiff", "average-with-pool-subset"),
+}
+# Paired per-seed differences of global accuracy reported (A, B): every diffusion
+# method against the prompt-only baseline, the model-based ones against averaging.
+PAIRS = (
+    ("oscar", "class-names"), ("feddisc", "class-names"), ("feddeo", "class-names"),
+    ("fedlmg", "class-names"), ("fedlmg", "fedavg"), ("fedlmg-hetero", "fedavg"),
+    ("dense", "fedavg"), ("feddiff", "fedavg"), ("feddiff", "feddiff:pool-best"),
+    ("feddiff", "feddiff:average-with-pool-subset"),
 )  # fmt: skip
 
 # --quick: the default world (partition, domains, image size, generator, sampler,
@@ -96,12 +117,6 @@ NOTES = (
 
 
 # ---------------------------------------------------------------- configuration
-
-
-@functools.cache
-def _pyproject_defaults() -> tuple[tuple[str, Any], ...]:
-    with open(REPO_ROOT / "pyproject.toml", "rb") as f:
-        return tuple(tomllib.load(f)["tool"]["flwr"]["app"]["config"].items())
 
 
 @functools.cache
@@ -187,6 +202,15 @@ def record_from_results(
         for c in results.get("clients", [])
     ]
     glob = results.get("global_accuracy")
+    per_image = [
+        (c.get("metrics") or {}).get("client-s-per-image")
+        for c in results.get("clients", [])
+    ]
+    refs = {
+        name: (results.get(m) or {}).get("references", {}).get(key)
+        for name, (m, key) in REFERENCES.items()
+        if m == method
+    }
     return rec | {
         "ok": True,
         "mean_accuracy": float(results["mean_accuracy"]),
@@ -199,6 +223,11 @@ def record_from_results(
         "upload_bytes_per_class": results.get("upload_bytes_per_class"),
         "server_timings_s": results.get("timings_s", {}),
         "device": results.get("device", "cpu"),
+        "client_s_per_image": mean(per_image),
+        "client_s": mean(
+            (c.get("metrics") or {}).get("client-s") for c in results.get("clients", [])
+        ),  # fmt: skip
+        "references": {k: v for k, v in refs.items() if v is not None},
         "clients": clients,
     }
 
@@ -264,6 +293,7 @@ def aggregate(
             },
             "upload_bytes_per_client": mean(uploads),
             "wall_s_per_run": mean(r.get("wall_s") for r in ok),
+            "client_s_per_image": mean(r.get("client_s_per_image") for r in ok),
             "server_s_per_run": mean(
                 (r.get("server_timings_s") or {}).get("total") for r in ok
             ),
@@ -296,6 +326,7 @@ def _accuracy_table(
         "std (%)",
         "gap to oracle (pp)",
         "upload B/client",
+        "client s/image",
         "wall s/run",
     ]
     rows = []
@@ -312,8 +343,69 @@ def _accuracy_table(
         missing = len(s["seeds"]) - s[seeds_key] if seeds_key else 0
         if missing:  # a run without a global test set (e.g. an image folder)
             failed += f" ({missing} without global acc)"
-        rows.append([f"{name}{failed}", pct(s[acc]), pct(s[sd]), gap, up, wall])
+        cps = s.get("client_s_per_image")
+        cost = "n/a" if cps is None else f"{cps:.2g}"
+        rows.append([f"{name}{failed}", pct(s[acc]), pct(s[sd]), gap, up, cost, wall])
     return md_table(header, rows)
+
+
+def seed_accuracies(records: list[dict[str, Any]], name: str) -> dict[int, float]:
+    """Global accuracy per seed of a benchmarked method or a reference row."""
+    if name in REFERENCES:
+        m, _ = REFERENCES[name]
+        return {
+            r["seed"]: float(r["references"][name])
+            for r in records
+            if r["method"] == m and r.get("ok") and name in (r.get("references") or {})
+        }
+    return {
+        r["seed"]: float(r["global_accuracy"])
+        for r in records
+        if r["method"] == name and r.get("ok") and r.get("global_accuracy") is not None
+    }
+
+
+def paired_differences(
+    records: list[dict[str, Any]], pairs: Sequence[tuple[str, str]] = PAIRS
+) -> list[dict[str, Any]]:
+    """Per pair (A, B): A - B in global accuracy per common seed, their mean, and
+    in how many seeds A is above B. Pairs with no common seed are left out."""
+    out = []
+    for a, b in pairs:
+        acc_a, acc_b = seed_accuracies(records, a), seed_accuracies(records, b)
+        seeds = sorted(set(acc_a) & set(acc_b))
+        if not seeds:
+            continue
+        diffs = [acc_a[s] - acc_b[s] for s in seeds]
+        out.append({
+            "a": a, "b": b, "seeds": seeds, "diffs": diffs,
+            "mean_diff": sum(diffs) / len(diffs),
+            "wins": sum(d > 0 for d in diffs),
+        })  # fmt: skip
+    return out
+
+
+def reference_rows(records: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for name in REFERENCES:
+        accs = list(seed_accuracies(records, name).values())
+        if accs:
+            rows.append([name, pct(mean(accs)), pct(std(accs)), str(len(accs))])
+    return rows
+
+
+def format_paired_table(paired: list[dict[str, Any]]) -> str:
+    """Markdown: A vs B | mean A - B (pp) | per seed (pp) | A above B."""
+    rows = [
+        [
+            f"{p['a']} vs {p['b']}",
+            pct(p["mean_diff"], True),
+            ", ".join(f"{s}: {100 * d:+.1f}" for s, d in zip(p["seeds"], p["diffs"], strict=True)),
+            f"{p['wins']}/{len(p['seeds'])}",
+        ]
+        for p in paired
+    ]  # fmt: skip
+    return md_table(["pair", "mean diff (pp)", "per seed (pp)", "A above B"], rows)
 
 
 def format_global_table(
@@ -700,6 +792,23 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         "",
         format_global_table(summary),
         "",
+        "### Paired per-seed differences (global accuracy)",
+        "",
+        format_paired_table(paired_differences(report["runs"])),
+        "",
+        *(
+            [
+                "### References computed inside the runs (global accuracy %)",
+                "",
+                md_table(
+                    ["reference", "global acc (%)", "std (%)", "seeds"],
+                    reference_rows(report["runs"]),
+                ),  # fmt: skip
+                "",
+            ]
+            if reference_rows(report["runs"])
+            else []
+        ),
         "### Per domain (global accuracy %)",
         "",
         format_global_domain_table(summary),
@@ -943,6 +1052,8 @@ def main(argv: list[str] | None = None) -> int:
     write_report(out, report)
     print("\nAccuracy on the global test set")
     print(format_global_table(report["summary"]))
+    print("\nPaired per-seed differences (global accuracy)")
+    print(format_paired_table(paired_differences(report["runs"])))
     print("\n" + format_global_domain_table(report["summary"]))
     print("\nPer-client accuracy (own held-out splits)")
     print(format_table(report["summary"]))

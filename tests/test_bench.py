@@ -123,8 +123,8 @@ def test_tables(records):
     lines = table.splitlines()
     assert lines[0].startswith("| method | mean acc")
     assert "gap to oracle" in lines[0] and "upload B/client" in lines[0]
-    assert lines[2] == "| oscar | 70.0 | 20.0 | -20.0 | 0 | 30.0 |"
-    assert lines[3] == "| fedavg (1 failed) | 30.0 | n/a | -60.0 | 1,000 | 60.0 |"
+    assert lines[2] == "| oscar | 70.0 | 20.0 | -20.0 | 0 | n/a | 30.0 |"
+    assert lines[3] == "| fedavg (1 failed) | 30.0 | n/a | -60.0 | 1,000 | n/a | 60.0 |"
     assert lines[4].startswith(
         "| centralized (oracle, in-process) | 90.0 | 14.1 | 0 (reference)"
     )
@@ -133,9 +133,9 @@ def test_tables(records):
     assert dom[2] == "| oscar | 60.0 | 80.0 |"
     head = A.format_global_table(s).splitlines()
     assert head[0].startswith("| method | global acc (%) | std (%) | gap to oracle")
-    assert head[2] == "| oscar | 50.0 | 10.0 | -30.0 | 0 | 30.0 |"
+    assert head[2] == "| oscar | 50.0 | 10.0 | -30.0 | 0 | n/a | 30.0 |"
     assert head[3] == (
-        "| fedavg (1 failed) (1 without global acc) | n/a | n/a | n/a | 1,000 | 60.0 |"
+        "| fedavg (1 failed) (1 without global acc) | n/a | n/a | n/a | 1,000 | n/a | 60.0 |"
     )
     assert head[4].startswith(
         "| centralized (oracle, in-process) | 80.0 | 0.0 | 0 (reference)"
@@ -357,3 +357,38 @@ def test_one_local_run_through_flower(tiny_stack, tmp_path):
     rec = A.record_from_results("local", 0, run.results, run.wall_s)
     assert rec["ok"] and 0.0 <= rec["mean_accuracy"] <= 1.0
     assert not _superlink_processes(sim.flwr_home)  # stopped on exit
+
+
+def test_paired_differences_by_hand_including_in_run_references():
+    def rec(method, seed, acc, refs=None, ok=True):
+        r = A.record_from_results(
+            method, seed,
+            {"mean_accuracy": 0.5, "global_accuracy": acc, "clients": [
+                {"partition_id": 0, "accuracy": 0.5,
+                 "metrics": {"client-s": 2.0, "client-s-per-image": 0.01}}],
+             "feddiff": {"references": refs or {}}},
+            1.0,
+        )  # fmt: skip
+        return r if ok else r | {"ok": False}
+
+    runs = [
+        rec("feddiff", 0, 0.60, {"pool-best": 0.70}),
+        rec("feddiff", 1, 0.80, {"pool-best": 0.50}),
+        rec("feddiff", 2, 0.90, {"pool-best": 0.10}, ok=False),  # failed: left out
+        rec("fedavg", 0, 0.50),
+        rec("fedavg", 1, 0.85),
+    ]
+    assert runs[0]["client_s_per_image"] == 0.01 and runs[0]["client_s"] == 2.0
+    assert runs[0]["references"] == {"feddiff:pool-best": 0.70}
+    paired = {(p["a"], p["b"]): p for p in A.paired_differences(runs)}
+    p = paired[("feddiff", "fedavg")]
+    assert p["seeds"] == [0, 1] and p["wins"] == 1
+    assert p["diffs"] == pytest.approx([0.10, -0.05]) and p[
+        "mean_diff"
+    ] == pytest.approx(0.025)
+    q = paired[("feddiff", "feddiff:pool-best")]
+    assert q["diffs"] == pytest.approx([-0.10, 0.30]) and q["wins"] == 1
+    assert ("oscar", "class-names") not in paired  # no common seed: no row
+    table = A.format_paired_table(A.paired_differences(runs))
+    assert "feddiff vs fedavg | +2.5 | 0: +10.0, 1: -5.0 | 1/2" in table
+    assert A.reference_rows(runs) == [["feddiff:pool-best", "60.0", "14.1", "2"]]
