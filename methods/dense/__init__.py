@@ -1,0 +1,3 @@
+from .server_dense import Dense
+
+__all__ = ["Dense"]
