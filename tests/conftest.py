@@ -53,6 +53,7 @@ def fast_config(tmp_path) -> dict:
             "min-clients": 2,
             "lora-steps": 2,
             "lora-samples-per-class": 2,
+            "fedlmg-images-per-class": 3,
         }
     )
     return rc

@@ -108,7 +108,7 @@ def test_clients_of_two_architectures_in_one_round(
         "fedlmg-client-classifiers": "cnn,resnet18",
         "fedlmg-aggregation": aggregation,
         "fedlmg-warmup-steps": 1,
-        "images-per-class": 2,
+        "fedlmg-images-per-class": 2,
     }
     grid = FakeGrid(client_app, 3, fast_config)
     res = run_one_shot(grid, build_config(fast_config), f"lmg-{aggregation}")

@@ -19,10 +19,14 @@ class FedLmgConfig(KeysModel):
     fedlmg_guidance_step: float = Field(1.0, gt=0, le=1000)
     # weight of the BN-statistic term beside the cross-entropy (code: 0.1)
     fedlmg_bn_weight: float = Field(0.1, ge=0, le=1000)
-    # BN-only moves of the latent at t = T before sampling (code: 10)
-    fedlmg_warmup_steps: int = Field(10, ge=0, le=100)
-    # fraction of the sampling steps that are classifier-guided (code: all)
-    fedlmg_guided_fraction: float = Field(1.0, gt=0, le=1)
+    # images per (client, class the client has examples of) (paper: 30)
+    fedlmg_images_per_class: int = Field(30, ge=1, le=100_000)
+    # BN-only moves of the latent at t = T before sampling (code: 10; each costs a
+    # UNet forward and backward per image, so the CPU default is 2)
+    fedlmg_warmup_steps: int = Field(2, ge=0, le=100)
+    # fraction of the sampling steps that are classifier-guided (code: all; the
+    # CPU default guides the first half, where the image's layout is decided)
+    fedlmg_guided_fraction: float = Field(0.5, gt=0, le=1)
     # clients' classifiers, by partition id modulo the list (empty: `classifier`);
     # a SuperNode's node-config `classifier` overrides it
     fedlmg_client_classifiers: str = ""

@@ -144,7 +144,7 @@ class FedLmg(OneShotMethod):
         out = ServerOutput()
         opts = ctx.cfg.options(FedLmgConfig)
         assert ctx.info is not None
-        n = ctx.cfg.images_per_class
+        n = opts.fedlmg_images_per_class
         models = self._models(replies, ctx)
         # 1. One row per image: every (client, class the client has seen)
         prompts = ctx.text_encoder.encode(
