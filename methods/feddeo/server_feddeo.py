@@ -120,8 +120,6 @@ class FedDeo(OneShotMethod):
             **{f"description_{k}": round(v, 6) for k, v in drift.items()},
             "loss_before": _mean_metric(replies, "feddeo-loss-before"),
             "loss_after": _mean_metric(replies, "feddeo-loss-after"),
-            "client_s": _mean_metric(replies, "client-s"),
-            "client_s_per_image": _mean_metric(replies, "client-s-per-image"),
         }
         return out
 
