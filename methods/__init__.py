@@ -16,8 +16,12 @@ from common.config import ConfigError, RunConfig, all_keys, parse_config
 
 from .base import OneShotMethod
 from .class_names import ClassNames
+from .dense import Dense
 from .fedavg import FedAvg
+from .feddeo import FedDeo
+from .feddiff import FedDiff
 from .feddisc import FedDisc
+from .fedlmg import FedLmg
 from .local import Local
 from .lora import Lora
 from .oscar import Oscar
@@ -31,6 +35,10 @@ METHODS: dict[str, type[OneShotMethod]] = {
         Local,
         Lora,
         FedDisc,
+        FedLmg,
+        FedDeo,
+        FedDiff,
+        Dense,
     )
 }
 
