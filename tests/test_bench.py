@@ -375,13 +375,15 @@ def test_paired_differences_by_hand_including_in_run_references():
         rec("feddiff", 0, 0.60, {"pool-best": 0.70}),
         rec("feddiff", 1, 0.80, {"pool-best": 0.50}),
         rec("feddiff", 2, 0.90, {"pool-best": 0.10}, ok=False),  # failed: left out
+        rec("dense", 0, 0.60),
+        rec("dense", 1, 0.80),
         rec("fedavg", 0, 0.50),
         rec("fedavg", 1, 0.85),
     ]
     assert runs[0]["client_s_per_image"] == 0.01 and runs[0]["client_s"] == 2.0
     assert runs[0]["references"] == {"feddiff:pool-best": 0.70}
     paired = {(p["a"], p["b"]): p for p in A.paired_differences(runs)}
-    p = paired[("feddiff", "fedavg")]
+    p = paired[("dense", "fedavg")]
     assert p["seeds"] == [0, 1] and p["wins"] == 1
     assert p["diffs"] == pytest.approx([0.10, -0.05]) and p[
         "mean_diff"
@@ -390,5 +392,5 @@ def test_paired_differences_by_hand_including_in_run_references():
     assert q["diffs"] == pytest.approx([-0.10, 0.30]) and q["wins"] == 1
     assert ("oscar", "class-names") not in paired  # no common seed: no row
     table = A.format_paired_table(A.paired_differences(runs))
-    assert "feddiff vs fedavg | +2.5 | 0: +10.0, 1: -5.0 | 1/2" in table
+    assert "dense vs fedavg | +2.5 | 0: +10.0, 1: -5.0 | 1/2" in table
     assert A.reference_rows(runs) == [["feddiff:pool-best", "60.0", "14.1", "2"]]
