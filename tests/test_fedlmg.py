@@ -147,3 +147,44 @@ def test_teacher_soft_labels_ensemble_for_md_and_own_model_for_sd():
     assert m._teacher(models, images, labels, owners, "ft", ctx)[0] is None
     # own-model argmax: image 0 ties -> class 0 (right), 1 right, 2 wrong
     assert agree == pytest.approx(2 / 3)
+
+
+def test_guidance_runs_through_the_vae_of_a_latent_stable_diffusion_generator(
+    fast_config, tmp_path
+):
+    """The hub path: a tiny SD-format generator (latents [4, 4, 4] decoded to 3x8x8
+    by its VAE): the client models' loss is taken on VAE-decoded predictions, and the
+    round's outputs are well formed."""
+    from tiny_stack import make_tiny_sd
+
+    from common.contract import Reply
+    from common.datasets import dataset_info
+    from methods.base import ServerContext
+    from methods.fedlmg import FedLmg
+
+    sd = make_tiny_sd(tmp_path / "sd")
+    over = {"method": "fedlmg", "generator": str(sd), "text-encoder": str(sd),
+            "embedding": "sequence", "fedlmg-images-per-class": 2,
+            "fedlmg-warmup-steps": 1, "scheduler": "ddim"}  # fmt: skip
+    cfg = build_config(fast_config | over)
+    ctx = ServerContext(cfg, tmp_path, info=dataset_info(cfg.data_args()))
+    method = FedLmg()
+    method.check(ctx)
+    torch.manual_seed(0)
+    replies = [
+        Reply(1, 0, 14, 1000, {"arch": "cnn"}, {}, _payload("cnn")),
+        Reply(2, 1, 14, 1000, {"arch": "resnet18"}, {}, _payload("resnet18")),
+    ]
+    for r in replies:
+        method.validate(r, ctx)
+    decoded: list[tuple[int, ...]] = []
+    hook = ctx.generator.vae.decoder.register_forward_hook(
+        lambda m, a, o: decoded.append(tuple(a[0].shape[1:]))
+    )
+    out = method.server_work(replies, ctx)
+    hook.remove()
+    assert decoded and set(decoded) == {(4, 4, 4)}  # latents through the VAE
+    assert out.extra["num_synthetic"] == 2 * 2 * 2  # 2 clients x 2 classes x 2
+    assert out.model_state is not None
+    assert all(torch.isfinite(v.float()).all() for v in out.model_state.values())
+    assert out.samples and all(s.shape[1:] == (1, 16, 16) for s in out.samples.values())
