@@ -77,6 +77,14 @@ class FedDisc(OneShotMethod):
         from common.captioner import load_image_encoder
 
         check_embedding_kind(ctx)
+        if ctx.generator.embedding != "pooled":
+            raise ConfigError(
+                f"method='feddisc' conditions on one vector per centre (a pooled CLIP "
+                f"embedding), and generator={ctx.cfg.generator!r} attends to token "
+                f"sequences (embedding={ctx.generator.embedding!r}); use a pooled "
+                "generator such as the embedded one (image-embedding generators, "
+                "unCLIP, are not supported yet)"
+            )
         opts = ctx.cfg.options(FedDiscConfig)
         pairs = public_pairs(ctx.cfg.data_args(), opts.feddisc_map_pairs)
         if pairs is None:
