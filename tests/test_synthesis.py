@@ -257,5 +257,5 @@ def test_latent_guidance_steers_images_per_image_and_reproducibly(gens):
     torch.testing.assert_close(same, plain, atol=1e-5, rtol=0)
     # `until` guides only the first fraction of the steps
     seen.clear()
-    sample(gen, cond, uncond, latent_guidance=LatentGuidance(bright, until=0.34), **kw)
+    sample(gen, cond, uncond, latent_guidance=LatentGuidance(bright, until=0.3), **kw)
     assert len(seen) == 1
