@@ -62,14 +62,13 @@ from flwr.app import RecordDict
 from flwr.common.logger import log
 from torch import nn
 
-from common import contract as C
 from common.contract import PayloadError, Reply
 from common.models import build_classifier
 from common.train import augment
 
 from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
 from ..fedavg import payload_fedavg as P
-from ..fedavg.server_fedavg import initial_state
+from ..fedavg.server_fedavg import initial_state, send_initial_state
 from ..steps import SAMPLES_PER_CELL
 from . import client_dense
 from .config_dense import DenseConfig
@@ -433,12 +432,7 @@ class Dense(OneShotMethod):
         return client_dense.collect(job)
 
     def collect_content(self, ctx: ServerContext) -> RecordDict:
-        content = super().collect_content(ctx)
-        # Unknown classes (an image folder): clients build the same initial
-        # model from the run seed and their class count.
-        if ctx.info is not None:
-            content[P.RECORD] = C.to_array_record(initial_state(ctx))
-        return content
+        return send_initial_state(super().collect_content(ctx), ctx)
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
         _check_running_var(P.unpack(reply.tensors, initial_state(ctx)))

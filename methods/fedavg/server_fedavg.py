@@ -19,6 +19,15 @@ from . import client_fedavg
 from . import payload_fedavg as P
 
 
+def send_initial_state(content: RecordDict, ctx: ServerContext) -> RecordDict:
+    """The shared initial weights go down with the request. Unknown classes (an
+    image folder): clients build the same initial model from the run seed and
+    their class count."""
+    if ctx.info is not None:
+        content[P.RECORD] = C.to_array_record(initial_state(ctx))
+    return content
+
+
 def initial_state(ctx: ServerContext) -> dict[str, torch.Tensor]:
     torch.manual_seed(ctx.cfg.seed)
     model = build_classifier(ctx.cfg.classifier, ctx.channels, ctx.num_classes)
@@ -35,12 +44,7 @@ class FedAvg(OneShotMethod):
         return client_fedavg.collect(job)
 
     def collect_content(self, ctx: ServerContext) -> RecordDict:
-        content = super().collect_content(ctx)
-        # Unknown classes (an image folder): clients build the same initial
-        # model from the run seed and their class count.
-        if ctx.info is not None:
-            content[P.RECORD] = C.to_array_record(initial_state(ctx))
-        return content
+        return send_initial_state(super().collect_content(ctx), ctx)
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
         P.unpack(reply.tensors, initial_state(ctx))
