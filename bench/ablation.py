@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
     import platform
 
-    from bench.accuracy import QUICK, default_run_config, parse_seeds
+    from bench.accuracy import QUICK_WORLD, default_run_config, parse_seeds
     from bench.inprocess import federation, run_variant, say
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     seeds = parse_seeds(args.seeds)
-    over = (dict(QUICK) if args.quick else {}) | {"min-clients": args.clients}
+    over = (dict(QUICK_WORLD) if args.quick else {}) | {"min-clients": args.clients}
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores"
     report: dict[str, Any] = {"machine": machine, "seeds": seeds, "quick": args.quick,
                               "overrides": over, "runs": [], "notes": [

@@ -149,7 +149,8 @@ class LatentGuidance:
     At every step, before the normal guided step: predict ``x0`` from ``x_t`` and
     the guided ``eps`` (VP: ``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``), decode it
     (VAE or decoder, then the dataset format of ``resize_to``), and move the latent
-    against the gradient of the loss: ``x_t <- x_t - step * grad_x loss(x0)``.
+    against the gradient of the loss: ``x_t <- x_t - step * grad_x loss(x0)``, or with
+    ``normalize`` by ``step`` noise standard deviations along it (``guidance_move``).
     ``warmup`` extra such moves happen at the first step with ``warmup=True`` (the
     method's loss may differ there, e.g. FedLMG's BN-only warm-up).
 
@@ -163,6 +164,10 @@ class LatentGuidance:
     step: float = 1.0
     warmup: int = 0
     until: float = 1.0  # fraction of the steps that are guided (1: all)
+    # move each image by ``step`` noise standard deviations (``sqrt(1 - a_t)``) per
+    # element (root mean square) along its gradient's direction, instead of
+    # ``step * grad``: a step that means the same in any latent space and scale
+    normalize: bool = False
 
 
 def predicted_x0(
@@ -179,6 +184,23 @@ def predicted_x0(
     if kind == "sample":
         return model_out
     raise ValueError(f"latent guidance: prediction_type={kind!r} is not supported")
+
+
+def guidance_move(
+    grad: torch.Tensor, step: float, alpha_bar: torch.Tensor | float, normalize: bool
+) -> torch.Tensor:
+    """What ``LatentGuidance`` subtracts from ``x_t`` (``[b, ...]``): ``step * grad``,
+    or with ``normalize`` each image's gradient direction scaled to a root mean
+    square of ``step * sqrt(1 - alpha_bar_t)`` per element (``step`` noise standard
+    deviations at ``t``); a zero gradient gives no move."""
+    if not normalize:
+        return step * grad
+    rms = grad.flatten(1).pow(2).mean(1).sqrt()
+    scale = torch.where(rms > 0, 1.0 / rms.clamp_min(1e-30), torch.zeros_like(rms))
+    sigma = (
+        1.0 - torch.as_tensor(alpha_bar, dtype=grad.dtype, device=grad.device)
+    ).sqrt()
+    return grad * (step * sigma * scale).view(-1, *[1] * (grad.ndim - 1))
 
 
 def check_inputs(
@@ -308,7 +330,10 @@ def _denoise(
             x0 = predicted_x0(scheduler, xg, model_eps(xg, t, i), t)
             loss = guide.loss(to_images(x0), rows, warmup)[: len(rows)].sum()
             (grad,) = torch.autograd.grad(loss, xg)
-        return (x - guide.step * grad.to(x.dtype)).detach()
+        a = scheduler.alphas_cumprod.to(x.device)[int(t)]
+        return (
+            x - guidance_move(grad.to(x.dtype), guide.step, a, guide.normalize)
+        ).detach()
 
     for i, t in enumerate(scheduler.timesteps):
         if guide is not None and i < n_guided:

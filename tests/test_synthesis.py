@@ -259,3 +259,41 @@ def test_latent_guidance_steers_images_per_image_and_reproducibly(gens):
     seen.clear()
     sample(gen, cond, uncond, latent_guidance=LatentGuidance(bright, until=0.3), **kw)
     assert len(seen) == 1
+
+
+def test_guidance_move_by_hand():
+    from common.synthesis import guidance_move
+
+    g = torch.tensor([[[3.0, 4.0]], [[0.0, 0.0]], [[1.0, -1.0]]])  # [3, 1, 2]
+    # raw: step * grad
+    torch.testing.assert_close(guidance_move(g, 0.5, 0.36, False), 0.5 * g)
+    # rms per image: sqrt((9 + 16) / 2) = 5 / sqrt(2); sqrt(1 - 0.36) = 0.8
+    # -> move = g / (5 / sqrt 2) * 0.5 * 0.8; the zero gradient stays zero;
+    # [1, -1] has rms 1 -> [0.4, -0.4]
+    out = guidance_move(g, 0.5, torch.tensor(0.36), True)
+    r2 = 2**0.5
+    want = torch.tensor(
+        [[[3 * r2 / 5 * 0.4, 4 * r2 / 5 * 0.4]], [[0.0, 0.0]], [[0.4, -0.4]]]
+    )
+    torch.testing.assert_close(out, want)
+    # each image moves step * sigma in root mean square, whatever its gradient's size
+    big = guidance_move(g * 1e6, 0.5, 0.36, True)
+    torch.testing.assert_close(big, want)
+
+
+def test_normalized_latent_guidance_is_batch_independent(gens):
+    from common.synthesis import LatentGuidance
+
+    gen = gens["ddim"]
+    cond, uncond = _cond(4), torch.zeros(1, 1, 16)
+    kw = dict(guidance_scale=2.0, num_inference_steps=3, seed=5)
+    plain = sample(gen, cond, uncond, **kw)
+
+    def bright(images, rows, warmup):
+        return ((images - 1.0) ** 2).flatten(1).sum(1)
+
+    steer = LatentGuidance(bright, step=0.3, normalize=True)
+    a = sample(gen, cond, uncond, latent_guidance=steer, batch_size=4, **kw)
+    b = sample(gen, cond, uncond, latent_guidance=steer, batch_size=1, **kw)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert a.mean() > plain.mean() + 0.05

@@ -177,7 +177,8 @@ class FedLmg(OneShotMethod):
 
         guide = LatentGuidance(loss, step=opts.fedlmg_guidance_step,
                                warmup=opts.fedlmg_warmup_steps,
-                               until=opts.fedlmg_guided_fraction)  # fmt: skip
+                               until=opts.fedlmg_guided_fraction,
+                               normalize=opts.fedlmg_guidance_norm == "rms")  # fmt: skip
         images = synthesize_set(ctx, cond, y, o, out, desc="synthesize (model-guided)",
                                 latent_guidance=guide)  # fmt: skip
         # 3. Soft labels for md / sd, then the global model
