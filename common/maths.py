@@ -252,7 +252,12 @@ def fit_linear_map(
     X = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
     reg = ridge * torch.eye(X.shape[1], dtype=torch.float64)
     reg[-1, -1] = 0.0
-    return torch.linalg.solve(X.T @ X + reg, X.T @ y.double()).float()
+    # X^T Y a block of columns at a time: y may be a flattened token sequence
+    # (77 x 1024 columns for SD 2.1), too large to hold in float64 at once
+    xty = torch.cat(
+        [X.T @ y[:, j : j + 4096].double() for j in range(0, y.shape[1], 4096)], 1
+    )
+    return torch.linalg.solve(X.T @ X + reg, xty).float()
 
 
 def apply_linear_map(

@@ -72,12 +72,21 @@ class ClientJob:
 
 @dataclass
 class ClientResult:
-    """What a client sends up, before packing: the payload is one flat dict."""
+    """What a client sends up, before packing: the payload is one flat dict.
+
+    Where a method reports ``client-s`` and ``num-examples`` but not
+    ``client-s-per-image``, the cost per training example is added, so every
+    method's client cost reads the same way in results.json."""
 
     metrics: dict[str, float]
     payload: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     half: bool = False  # send floating tensors as fp16
+
+    def __post_init__(self) -> None:
+        m = self.metrics
+        if "client-s" in m and m.get("num-examples") and "client-s-per-image" not in m:
+            m["client-s-per-image"] = m["client-s"] / m["num-examples"]
 
 
 def classifier_accuracy(

@@ -119,6 +119,12 @@ def test_linear_map_recovers_a_known_affine_map():
     torch.testing.assert_close(w, w_true, atol=1e-4, rtol=0)
     out = apply_linear_map(x[:4], w)
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(4), atol=1e-5, rtol=0)
+    # a target wider than one block of columns (a flattened token sequence):
+    # each column is fitted on its own, so block j equals the narrow fit
+    wide = torch.cat([y] * 4500, 1)  # 9,000 columns: blocks of 4,096
+    ww = fit_linear_map(x, wide, ridge=0.0)
+    assert ww.shape == (4, 9000)
+    torch.testing.assert_close(ww[:, 8190:8200], w_true.repeat(1, 5), atol=1e-4, rtol=0)
 
 
 def test_apportion_by_hand():

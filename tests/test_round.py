@@ -49,6 +49,10 @@ def test_every_method_completes_and_writes_results(
     assert on_disk["num_clients"] == 3 and not on_disk["rejected"]
     assert {c["partition_id"] for c in on_disk["clients"]} == {0, 1, 2}
     assert all(0.0 <= c["accuracy"] <= 1.0 for c in on_disk["clients"])
+    # every client that did work reports its cost per training example too
+    for c in on_disk["clients"]:
+        m = c.get("metrics") or {}
+        assert "client-s" not in m or m["client-s-per-image"] > 0, (method, m)
     assert (run_dir / "accuracy_per_client.png").is_file()
     # exactly one collect message per node: one round, no second one
     collect = METHODS[method].collect_type

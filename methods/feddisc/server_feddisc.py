@@ -10,7 +10,11 @@ the image embedding plus the class name:
 * the embedded generator is conditioned on pooled CLIP *text* embeddings, so each
   image-embedding centre is carried into the text-embedding region by a ridge
   map fitted on public (image, caption) pairs from the dataset registry (for
-  MNIST the public split the stack was pretrained on), then L2-normalised; the
+  MNIST the public split the stack was pretrained on), then L2-normalised (with a
+  Stable-Diffusion generator, ``embedding="sequence"``, the map's target is the
+  caption's whole token sequence ``[L, D]`` the UNet attends to, flattened, not
+  normalised; unCLIP generators conditioned on image embeddings directly are
+  not supported); the
   modality gap this bridges is measured on held-out public pairs and reported
   in results.json (``feddisc.modality_gap``); the class name is not a separate
   condition (the generator takes one vector);
@@ -49,17 +53,20 @@ from .config_feddisc import FedDiscConfig
 def modality_gap(
     img: torch.Tensor, txt: torch.Tensor, mapped: torch.Tensor
 ) -> dict[str, float]:
-    """Paired cosine and centroid distance of image vs text embeddings, raw and mapped."""
+    """Paired cosine and centroid distance of image vs text embeddings, raw (where
+    both live in one space: a pooled generator) and mapped."""
 
     def cos(a: torch.Tensor, b: torch.Tensor) -> float:
         return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
 
-    return {
-        "paired_cosine_raw": cos(img, txt),
+    gap = {
         "paired_cosine_mapped": cos(mapped, txt),
-        "centroid_distance_raw": float((img.mean(0) - txt.mean(0)).norm()),
         "centroid_distance_mapped": float((mapped.mean(0) - txt.mean(0)).norm()),
     }
+    if img.shape[-1] == txt.shape[-1]:
+        gap["paired_cosine_raw"] = cos(img, txt)
+        gap["centroid_distance_raw"] = float((img.mean(0) - txt.mean(0)).norm())
+    return gap
 
 
 class FedDisc(OneShotMethod):
@@ -77,14 +84,6 @@ class FedDisc(OneShotMethod):
         from common.captioner import load_image_encoder
 
         check_embedding_kind(ctx)
-        if ctx.generator.embedding != "pooled":
-            raise ConfigError(
-                f"method='feddisc' conditions on one vector per centre (a pooled CLIP "
-                f"embedding), and generator={ctx.cfg.generator!r} attends to token "
-                f"sequences (embedding={ctx.generator.embedding!r}); use a pooled "
-                "generator such as the embedded one (image-embedding generators, "
-                "unCLIP, are not supported yet)"
-            )
         opts = ctx.cfg.options(FedDiscConfig)
         pairs = public_pairs(ctx.cfg.data_args(), opts.feddisc_map_pairs)
         if pairs is None:
@@ -99,13 +98,23 @@ class FedDisc(OneShotMethod):
             ctx.cfg.captioner if ctx.cfg.captioner != "oracle" else "embedded"
         )
         img = load_image_encoder(encoder_name).encode(images)
-        txt = ctx.text_encoder.encode(captions, "pooled")[:, 0, :]
+        # pooled: one unit vector [D]; sequence (Stable Diffusion): the whole
+        # [L, D] token sequence the UNet attends to, flattened, not normalised
+        seq = ctx.text_encoder.encode(captions, ctx.cfg.embedding)
+        self.cond_shape = tuple(seq.shape[1:])
+        self.normalize = ctx.cfg.embedding == "pooled"
+        txt = seq.flatten(1)
         cut = max(1, int(0.8 * len(img)))
         self.map = fit_linear_map(img[:cut], txt[:cut])
         self.image_dim = int(img.shape[1])
         held = img[cut:] if len(img) > cut else img
         self.gap = modality_gap(held, txt[len(txt) - len(held):],
-                                apply_linear_map(held, self.map))  # fmt: skip
+                                self._to_text(held).flatten(1))  # fmt: skip
+
+    def _to_text(self, img: torch.Tensor) -> torch.Tensor:
+        """Image embeddings ``[n, D_img]`` -> generator conditioning ``[n, L, D]``."""
+        y = apply_linear_map(img.float(), self.map, normalize=self.normalize)
+        return y.view(len(img), *self.cond_shape)
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
         P.unpack(
@@ -121,21 +130,19 @@ class FedDisc(OneShotMethod):
         for r in replies:
             p = P.unpack(r.tensors, num_classes=ctx.num_classes, dim=self.image_dim,
                          max_per_class=opts.feddisc_clusters)  # fmt: skip
-            centres = apply_linear_map(p.centres[:, 0, :].float(), self.map)
+            centres = self._to_text(p.centres[:, 0, :])
             for c in p.class_ids.unique().tolist():
                 mine = centres[p.class_ids == c]
-                client_feature = apply_linear_map(
-                    p.centres[p.class_ids == c, 0, :].float().mean(0, keepdim=True),
-                    self.map,
+                client_feature = self._to_text(
+                    p.centres[p.class_ids == c, 0, :].float().mean(0, keepdim=True)
                 )
                 # n images over the m centres, round-robin
                 reps = [n // len(mine) + (j < n % len(mine)) for j in range(len(mine))]
                 conds.append(mine.repeat_interleave(torch.tensor(reps), dim=0))
-                domain_conds.append(client_feature.expand(n, -1))
+                domain_conds.append(client_feature.expand(n, -1, -1))
                 labels += [c] * n
                 owners += [r.partition_id] * n
-        cond = torch.cat(conds)[:, None, :]
-        domain = torch.cat(domain_conds)[:, None, :]
+        cond, domain = torch.cat(conds), torch.cat(domain_conds)
         y, o = torch.tensor(labels), torch.tensor(owners)
         images = synthesize_set(
             ctx, cond, y, o, out, guidance_scale=opts.feddisc_guidance,
