@@ -67,10 +67,10 @@ from common.models import build_classifier
 from common.train import augment
 
 from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
+from ..fedavg import client_fedavg
 from ..fedavg import payload_fedavg as P
 from ..fedavg.server_fedavg import initial_state, send_initial_state
 from ..steps import SAMPLES_PER_CELL
-from . import client_dense
 from .config_dense import DenseConfig
 
 # ---------------------------------------------------------------- maths (pure)
@@ -429,7 +429,8 @@ class Dense(OneShotMethod):
 
     @staticmethod
     def client_collect(job: ClientJob) -> ClientResult:
-        return client_dense.collect(job)
+        # one-shot FedAvg's local training, once (client-s, client-s-per-image)
+        return client_fedavg.collect(job)
 
     def collect_content(self, ctx: ServerContext) -> RecordDict:
         return send_initial_state(super().collect_content(ctx), ctx)

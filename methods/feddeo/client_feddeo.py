@@ -205,7 +205,6 @@ def collect(job: ClientJob) -> ClientResult:
         | {
             "num-examples": float(n),
             "client-s": seconds,
-            "client-s-per-image": seconds / max(1, n),
         },
         half=True,
     )

@@ -48,7 +48,6 @@ def collect(job: ClientJob) -> ClientResult:
         metrics={
             "num-examples": float(len(job.data.train_labels)),
             "client-s": time.perf_counter() - t0,
-            "client-s-per-image": (time.perf_counter() - t0) / max(1, len(emb)),
         },
         half=True,
     )

@@ -34,7 +34,6 @@ def collect(job: ClientJob) -> ClientResult:
         metrics={
             "num-examples": float(len(job.data.train_labels)),
             "client-s": seconds,
-            "client-s-per-image": seconds / max(1, len(job.data.train_labels)),
         },
         meta={"arch": arch},
     )
