@@ -9,6 +9,7 @@ evaluation that follows in the same run.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context, Message
@@ -37,6 +38,21 @@ def client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> Clien
     )  # fmt: skip
 
 
+def node_partition(node_config: Any, own_data: bool) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` of a benchmark split, or
+    ``(NO_PARTITION, 0)`` for a device with its own data (node config
+    ``data-path``): a device cannot know the fleet's size, and needs not."""
+    if "partition-id" in node_config and "num-partitions" in node_config:
+        return int(node_config["partition-id"]), int(node_config["num-partitions"])
+    if own_data:
+        return C.NO_PARTITION, 0
+    raise ValueError(
+        "node config has neither data-path (the device's own data) nor "
+        "partition-id and num-partitions (a benchmark split of the run's dataset); "
+        "start the SuperNode with --node-config \"data-path='/path/to/images'\""
+    )
+
+
 def _job(msg: Message, context: Context) -> ClientJob:
     cfg = build_config(context.run_config)
     # A real SuperNode may point at its own data (node config data-path).
@@ -49,15 +65,17 @@ def _job(msg: Message, context: Context) -> ClientJob:
         raise ValueError(
             f"node-config classifier={node_classifier!r} is not one of {', '.join(ARCHS)}"
         )
-    pid = int(context.node_config["partition-id"])
-    n = int(context.node_config["num-partitions"])
+    pid, n = node_partition(context.node_config, bool(data_path))
+    if pid == C.NO_PARTITION:  # the device's own data, all of it
+        cfg = cfg.model_copy(update={"partition": "iid"})
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     memory = context.state.array_records.get(MEMORY)
     return ClientJob(
         cfg=cfg,
         partition_id=pid,
         num_partitions=n,
-        data=client_data(cfg, pid, n),
+        data=client_data(cfg, max(pid, 0), max(n, 1)),
+        node_id=int(context.node_id),
         config=dict(msg.content.config_records.get(C.KEY_CONFIG, {})),
         arrays={
             k: C.from_array_record(rec) for k, rec in msg.content.array_records.items()

@@ -75,6 +75,7 @@ class RunConfig(KeysModel):
     caption_with_labels: bool = True
     # Synthesis
     images_per_class: int = Field(50, ge=1, le=100_000)
+    synth_budget: int = Field(5000, ge=0)
     guidance_scale: float = Field(3.0, ge=1.0, le=50.0)
     num_inference_steps: int = Field(10, ge=1, le=1000)
     scheduler: Scheduler = "dpm"
@@ -96,8 +97,10 @@ class RunConfig(KeysModel):
     seed: int = 0
     # The round
     min_clients: int = Field(2, ge=1)
-    wait_for_nodes_s: float = Field(120.0, gt=0)
-    round_timeout_s: float = Field(1800.0, gt=0)
+    collect_window_s: float = Field(600.0, gt=0)
+    target_clients: int = Field(0, ge=0)
+    collect_quiet_s: float = Field(10.0, ge=0)
+    evaluate_timeout_s: float = Field(600.0, gt=0)
     max_upload_mb: float = Field(64.0, gt=0)
     max_weight_share: float = Field(0.5, gt=0, le=1)
     output_dir: str = "outputs"

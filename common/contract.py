@@ -37,6 +37,7 @@ MAX_PARTITIONS = 1 << 20
 MAX_EXAMPLES = 10**9
 MAX_STRING = 64 * 1024  # one meta string (class names of a large dataset fit)
 MAX_CLASSES = 100_000
+NO_PARTITION = -1  # Reply.partition_id of a device that declared none
 FLOAT_DTYPES = (torch.float16, torch.float32, torch.bfloat16, torch.float64)
 
 
@@ -119,6 +120,8 @@ class Reply:
     """What the server keeps of one client's reply after validation."""
 
     node_id: int
+    # the client's id in the round: its partition of a benchmark split, or one the
+    # round assigns to a device with its own data (NO_PARTITION until then)
     partition_id: int
     num_examples: int
     upload_bytes: int
@@ -237,8 +240,11 @@ def _unpack_reply(
             f"schema={_short(meta.get('schema'))}, expected {SCHEMA_VERSION} "
             "(client and server run different versions of the app)"
         )
-    partition_id = _int_field(
-        meta.get("partition-id"), "partition-id", 0, MAX_PARTITIONS
+    # A device with its own data declares no partition: the round assigns its id.
+    partition_id = (
+        _int_field(meta["partition-id"], "partition-id", 0, MAX_PARTITIONS)
+        if "partition-id" in meta
+        else NO_PARTITION
     )
     if "num-examples" not in metrics:
         raise PayloadError("metric 'num-examples' is missing")

@@ -53,16 +53,23 @@ class ClientJob:
     memory: dict[str, torch.Tensor] = field(default_factory=dict)
     # a SuperNode's node-config `classifier` (model-heterogeneous methods)
     node_classifier: str = ""
+    # Flower's node id (a device with its own data has no partition id)
+    node_id: int = 0
 
     @property
     def seed(self) -> int:
-        return self.cfg.seed * 1000 + self.partition_id
+        who = self.partition_id if self.partition_id >= 0 else self.node_id % 1_000_003
+        return self.cfg.seed * 1000 + who
 
     def meta(self) -> dict[str, Any]:
-        """The envelope's description of this client's data."""
-        return {
-            "partition-id": self.partition_id,
-            "num-partitions": self.num_partitions,
+        """The envelope's description of this client's data (a device with its
+        own data declares no partition: the round identifies it by its node)."""
+        part = (
+            {"partition-id": self.partition_id, "num-partitions": self.num_partitions}
+            if self.partition_id >= 0
+            else {}
+        )
+        return part | {
             "domain": self.data.domain,
             "num-classes": self.data.num_classes,
             "class-names": ",".join(self.data.class_names),

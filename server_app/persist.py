@@ -1,11 +1,13 @@
-"""Nothing lost on a crash: accepted uploads and the server's output are written
-atomically, with SHA-256 checksums, before the next step starts. Re-running with
-the same ``run-name`` resumes from them without asking any client again.
+"""Nothing lost on a crash: every upload is written atomically, with a SHA-256
+checksum, the moment it arrives (``Journal``), and the server's output before the
+push. Re-running with the same ``run-name`` resumes: the collection window goes
+on where it was (nodes already heard from are not asked again), and a finished
+server work is not redone.
 
-The manifest (``uploads/manifest.json``) carries its own checksum over every
-entry, so an edited or half-written manifest is detected; upload file names are
-the server's own (``upload-<i>.safetensors``) and must stay inside ``uploads/``.
-Resumed uploads are validated again by the method before use (``round.screen``).
+The journal's lines are chained by checksums, so an edited, dropped or reordered
+line is detected; upload file names are the server's own
+(``upload-<seq>.safetensors``) and must stay inside ``uploads/``. Resumed uploads
+are validated again by the method before use (``round.screen``).
 """
 
 from __future__ import annotations
@@ -15,17 +17,18 @@ import json
 import os
 import re
 import tempfile
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.common.logger import log
 from safetensors.torch import load_file, save_file
 
 from common.contract import Reply
 from methods.base import ServerOutput
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 2
+JOURNAL = "journal.jsonl"
 UPLOAD_FILE = re.compile(r"upload-\d{1,7}\.safetensors")
 
 
@@ -81,105 +84,174 @@ def _load_tensors(path: Path, sha256: str, fix: str) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def save_uploads(
-    run_dir: Path,
-    method: str,
-    replies: list[Reply],
-    rejected: list[dict],
-    missing: list[dict],
-) -> Path:
-    """Persist every accepted reply; the manifest is written last and marks completion."""
-    up = run_dir / "uploads"
-    up.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for i, r in enumerate(replies):
-        name = f"upload-{i}.safetensors" if r.tensors else ""
-        entries.append(
-            {
-                "file": name,
-                "sha256": _save_tensors(up / name, r.tensors) if r.tensors else "",
-                "node_id": r.node_id,
-                "partition_id": r.partition_id,
-                "num_examples": r.num_examples,
-                "upload_bytes": r.upload_bytes,
-                "meta": r.meta,
-                "metrics": r.metrics,
-            }
+class Journal:
+    """The collection window's append-only journal: ``uploads/journal.jsonl``.
+
+    One JSON line per event, each with the SHA-256 of its own body and of the
+    line before it (a chain: an edited, dropped or reordered line is detected).
+    Lines are appended and fsynced one at a time, so a crash loses at most the
+    event being written; a torn last line is dropped on reading (that upload
+    was never acknowledged: its node is asked again). An upload's tensors are
+    written atomically to ``upload-<seq>.safetensors`` (checksummed) before its
+    line. Events:
+
+    * ``open``: ``method``, ``window_start`` (wall-clock seconds);
+    * ``asked``: ``node_id`` (the collect message went to that node);
+    * ``upload``: ``node_id``, ``file``, ``sha256`` and the envelope;
+    * ``rejected``: ``node_id``, ``reason`` (client error, bad envelope);
+    * ``lost``: ``node_id``, ``reason`` (the node went away: it may be asked again);
+    * ``late``: ``node_id``, ``upload_bytes`` (a reply after the close, not used);
+    * ``closed``: ``reason`` (no event of the window follows).
+    """
+
+    def __init__(self, run_dir: Path, method: str, resume: bool = True) -> None:
+        """``resume=False``: a run without a ``run-name`` starts a new journal
+        (its folder is named by Flower's run id, new for every run)."""
+        self.dir = run_dir / "uploads"
+        self.path = self.dir / JOURNAL
+        self.method = method
+        self.events: list[dict[str, Any]] = []
+        self._last = ""  # the checksum of the last line (the chain)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            self.path.unlink(missing_ok=True)
+        if self.path.is_file():
+            self._read()
+
+    # ---- reading
+    @property
+    def fix(self) -> str:
+        return (
+            f"start a new run-name, or delete {self.dir} to collect the uploads "
+            "again"
         )
-    body = {
-        "version": MANIFEST_VERSION,
-        "method": method,
-        "replies": entries,
-        "rejected": rejected,
-        "missing": missing,
-    }
-    manifest = up / MANIFEST
-    atomic_write_json(manifest, body | {"checksum": _digest(body)})
-    return manifest
+
+    def _read(self) -> None:
+        raw = self.path.read_bytes()
+        lines = raw.split(b"\n")
+        complete, tail = lines[:-1], lines[-1]
+        if tail:  # a torn write: the line was never finished
+            log(WARNING, "%s: dropping an unfinished last line (%d bytes)",
+                self.path, len(tail))  # fmt: skip
+        prev = ""
+        for i, line in enumerate(complete):
+            try:
+                e = json.loads(line)
+                checksum = e.pop("checksum")
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise ResumeError(
+                    f"{self.path}: line {i + 1} is not a journal entry ({err}); "
+                    f"{self.fix}"
+                ) from None
+            if e.get("prev") != prev or checksum != _digest(e):
+                raise ResumeError(
+                    f"{self.path}: line {i + 1} does not match its checksum: the "
+                    f"journal was altered; {self.fix}"
+                )
+            prev = checksum
+            self.events.append(e)
+        self._last = prev
+        if tail:  # rewrite without the torn line, so appends stay whole lines
+            atomic_write_bytes(self.path, b"".join(x + b"\n" for x in complete))
+        opened = self.opened
+        if opened is not None and opened.get("method") != self.method:
+            raise ResumeError(
+                f"{self.path} holds uploads of method={opened.get('method')!r}, this "
+                f"run is method={self.method!r}; start a new run-name"
+            )
+
+    @property
+    def opened(self) -> dict[str, Any] | None:
+        return next((e for e in self.events if e["event"] == "open"), None)
+
+    @property
+    def closed(self) -> bool:
+        return any(e["event"] == "closed" for e in self.events)
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == kind]
+
+    # ---- writing
+    def append(self, event: str, **fields: Any) -> dict[str, Any]:
+        body = {"seq": len(self.events), "event": event, **fields, "prev": self._last}
+        checksum = _digest(body)
+        line = json.dumps(body | {"checksum": checksum}, default=str) + "\n"
+        with open(self.path, "ab") as f:
+            f.write(line.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        self._last = checksum
+        body = json.loads(json.dumps(body, default=str))  # as it reads back
+        self.events.append(body)
+        return body
+
+    def open(self, window_start: float) -> None:
+        if self.opened is None:
+            self.append("open", method=self.method, window_start=window_start)
+
+    def upload(self, r: Reply, at: float) -> None:
+        """Persist one accepted envelope: its tensors first, then its line."""
+        seq = len(self.events)
+        name = f"upload-{seq}.safetensors" if r.tensors else ""
+        digest = _save_tensors(self.dir / name, r.tensors) if r.tensors else ""
+        self.append(
+            "upload", node_id=r.node_id, file=name, sha256=digest,
+            partition_id=r.partition_id, num_examples=r.num_examples,
+            upload_bytes=r.upload_bytes, meta=r.meta, metrics=r.metrics, at=at,
+        )  # fmt: skip
+
+    def replies(self) -> list[Reply]:
+        """Every persisted upload, its file checked against its checksum."""
+        out = []
+        for e in self.of("upload"):
+            try:
+                name = str(e["file"])
+                tensors: dict[str, torch.Tensor] = {}
+                if name:
+                    path = (self.dir / name).resolve()
+                    if not UPLOAD_FILE.fullmatch(name) or path.parent != self.dir.resolve():
+                        raise ResumeError(
+                            f"{self.path} names a file outside {self.dir}: {name!r}"
+                        )
+                    tensors = _load_tensors(path, e["sha256"], self.fix)
+                out.append(
+                    Reply(
+                        node_id=int(e["node_id"]),
+                        partition_id=int(e["partition_id"]),
+                        num_examples=int(e["num_examples"]),
+                        upload_bytes=int(e["upload_bytes"]),
+                        meta=dict(e["meta"]),
+                        metrics={k: float(v) for k, v in e["metrics"].items()},
+                        tensors=tensors,
+                    )
+                )
+            except ResumeError:
+                raise
+            except Exception as err:
+                raise ResumeError(
+                    f"{self.path}: entry {e.get('seq')} is malformed ({err!r}); "
+                    f"{self.fix}"
+                ) from None
+        return out
 
 
 def load_uploads(
     run_dir: Path, method: str
 ) -> tuple[list[Reply], list[dict], list[dict]] | None:
-    """The persisted uploads of an interrupted run, or ``None`` if there are none.
-
-    Raises ``ResumeError`` naming the file when anything does not check out.
-    """
-    up = run_dir / "uploads"
-    manifest = up / MANIFEST
-    if not manifest.is_file():
+    """The uploads of a closed collection window, or ``None`` if there is none:
+    ``(replies, rejected, missing)`` as the journal recorded them (before the
+    round's cross-checks). Raises ``ResumeError`` naming the file when anything
+    does not check out."""
+    if not (run_dir / "uploads" / JOURNAL).is_file():
         return None
-    fix = (
-        f"start a new run-name, or delete {up} to collect the uploads again "
-        "(drop one client: remove its entry and file, then fix the checksum)"
-    )
-    try:
-        m = json.loads(manifest.read_text())
-        body = {
-            k: m[k] for k in ("version", "method", "replies", "rejected", "missing")
-        }
-        checksum = m["checksum"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ResumeError(
-            f"{manifest} is not a valid manifest ({err}); {fix}"
-        ) from None
-    if checksum != _digest(body):
-        raise ResumeError(
-            f"{manifest} does not match its checksum: it was altered; {fix}"
-        )
-    if body["method"] != method:
-        raise ResumeError(
-            f"{manifest} holds uploads of method={body['method']!r}, this run is "
-            f"method={method!r}; start a new run-name"
-        )
-    replies = []
-    for i, e in enumerate(body["replies"]):
-        try:
-            name = str(e["file"])
-            tensors: dict[str, torch.Tensor] = {}
-            if name:
-                path = (up / name).resolve()
-                if not UPLOAD_FILE.fullmatch(name) or path.parent != up.resolve():
-                    raise ResumeError(f"{manifest} names a file outside {up}: {name!r}")
-                tensors = _load_tensors(path, e["sha256"], fix)
-            replies.append(
-                Reply(
-                    node_id=int(e["node_id"]),
-                    partition_id=int(e["partition_id"]),
-                    num_examples=int(e["num_examples"]),
-                    upload_bytes=int(e["upload_bytes"]),
-                    meta=dict(e["meta"]),
-                    metrics={k: float(v) for k, v in e["metrics"].items()},
-                    tensors=tensors,
-                )
-            )
-        except ResumeError:
-            raise
-        except Exception as err:
-            raise ResumeError(
-                f"{manifest}: entry {i} is malformed ({err!r}); {fix}"
-            ) from None
-    return replies, list(body["rejected"]), list(body["missing"])
+    j = Journal(run_dir, method)
+    if not j.closed:
+        return None
+    rejected = [
+        {k: e[k] for k in ("node_id", "reason", "partition_id") if k in e}
+        for e in j.of("rejected")
+    ]
+    return j.replies(), rejected, [dict(e) for e in j.of("missing")]
 
 
 # ---------------------------------------------------------------- server output

@@ -40,12 +40,17 @@ def report(
     timings: dict[str, float],
     download: dict[str, int],
     global_eval: dict[str, Any] | None = None,
+    fleet: dict[str, Any] | None = None,
+    final: bool = True,
 ) -> dict[str, Any]:
     """results.json, the plots and the per-client table of one round.
 
     Everything taken from a client is escaped and truncated (``safe_text``): a
     rejected client's reply can hold anything, and the report must not fail.
-    ``global_eval``: the ``global_*`` entries (``round.evaluate_global``).
+    ``global_eval``: the ``global_*`` entries (``round.evaluate_global``);
+    ``fleet``: the collection window's account of the nodes; ``final=False``
+    writes results.json alone (before the push: a push that never ends loses
+    no result).
     """
     cfg = ctx.cfg
     clients: list[dict[str, Any]] = []
@@ -96,6 +101,8 @@ def report(
         "clients": clients,
         "rejected": got.rejected,
         "missing": got.missing,
+        # the collection window: nodes asked, valid, rejected, missing, late
+        "fleet": fleet or {},
         "mean_accuracy": sum(accs) / len(accs) if accs else None,
         "global_accuracy": None,  # (round.evaluate_global fills these in)
         "global_accuracy_per_domain": {},
@@ -121,16 +128,54 @@ def report(
         **out.extra,
     }
     write_results(ctx.run_dir, res)
+    if not final:  # written before the push: results.json only
+        return res
     domains = {c["partition_id"]: c.get("domain") or "" for c in clients
                if not _pid_key(c)[0]}  # fmt: skip
     plot_accuracy(ctx.run_dir, clients, f"{cfg.method} on {safe_text(cfg.dataset, 40)}")
     plot_samples(ctx.run_dir, out.samples, ctx.class_names, domains)
-    log(INFO, "\n%s", format_table(clients))
+    log(INFO, "\n%s", format_table(clients) if len(clients) <= TABLE_ROWS
+        else format_domain_table(clients))  # fmt: skip
     log(INFO, "mean client accuracy %s, global accuracy %s on %d test images, "
         "upload %d B total; results in %s", res["mean_accuracy"],
         res.get("global_accuracy"), res.get("global_test_size", 0),
         res["upload_bytes_total"], ctx.run_dir / "results.json")  # fmt: skip
     return res
+
+
+TABLE_ROWS = 20  # above this many clients the log summarizes them by domain
+PLOT_BARS = 24  # above this many clients the accuracy plot shows domains
+GRID_ROWS = 12  # above this many clients the sample grid shows a few per domain
+
+
+def format_domain_table(clients: list[dict[str, Any]]) -> str:
+    """The per-client table summarized by domain (fleets; results.json keeps all)."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for c in clients:
+        by.setdefault(safe_text(c.get("domain") or "-", 20), []).append(c)
+    head = (f"{'domain':>12} {'clients':>7} {'used':>5} {'excluded':>8} "
+            f"{'examples':>9} {'upload B':>11} {'mean acc':>8}")  # fmt: skip
+    rows = [head, "-" * len(head)]
+    for d in sorted(by):
+        cs = by[d]
+        used = [c for c in cs if c.get("status") in ("ok", "no evaluation")]
+        accs = [c["accuracy"] for c in used if isinstance(c.get("accuracy"), float)]
+        acc_s = f"{sum(accs) / len(accs):8.4f}" if accs else f"{'-':>8}"
+        rows.append(
+            f"{d:>12} {len(cs):>7} {len(used):>5} {len(cs) - len(used):>8} "
+            f"{sum(c.get('num_examples', 0) for c in cs):>9} "
+            f"{sum(c.get('upload_bytes', 0) for c in cs):>11} {acc_s}"
+        )
+    excluded: dict[str, int] = {}
+    for c in clients:
+        status = str(c.get("status", ""))
+        if status.startswith("excluded"):
+            key = status[:80]
+            excluded[key] = excluded.get(key, 0) + 1
+    for why, n in sorted(excluded.items(), key=lambda kv: -kv[1])[:10]:
+        rows.append(f"  {n} x {why}")
+    rows.append(f"({len(clients)} clients; each is listed in results.json)")
+    return "\n".join(rows)
 
 
 def format_table(clients: list[dict[str, Any]]) -> str:
@@ -161,17 +206,28 @@ def plot_accuracy(
     if not rows:
         return None
     rows.sort(key=lambda c: c["partition_id"])
-    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(rows) + 2), 3.2))
-    names = [
-        f"{c['partition_id']}\n{safe_text(c.get('domain') or '', 20)}" for c in rows
-    ]
     accs = [c["accuracy"] for c in rows]
-    bars = ax.bar(names, accs, color="#4C72B0")
-    ax.bar_label(bars, labels=[f"{a:.2f}" for a in accs], fontsize=8)
     mean = sum(accs) / len(accs)
+    if len(rows) > PLOT_BARS:  # a fleet: one box of client accuracies per domain
+        doms = sorted({safe_text(c.get("domain") or "-", 20) for c in rows})
+        groups = [[c["accuracy"] for c in rows
+                   if safe_text(c.get("domain") or "-", 20) == d] for d in doms]  # fmt: skip
+        fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(doms) + 2), 3.2))
+        ax.boxplot(groups, showmeans=True)
+        ax.set_xticks(range(1, len(doms) + 1),
+                      [f"{d}\n({len(g)} clients)" for d, g in zip(doms, groups, strict=True)])  # fmt: skip
+        ax.set_xlabel("domain")
+    else:
+        fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(rows) + 2), 3.2))
+        names = [
+            f"{c['partition_id']}\n{safe_text(c.get('domain') or '', 20)}"
+            for c in rows
+        ]
+        bars = ax.bar(names, accs, color="#4C72B0")
+        ax.bar_label(bars, labels=[f"{a:.2f}" for a in accs], fontsize=8)
+        ax.set_xlabel("client (partition, domain)")
     ax.axhline(mean, color="k", ls="--", lw=1, label=f"mean {mean:.3f}")
     ax.set_ylim(0, 1.05)
-    ax.set_xlabel("client (partition, domain)")
     ax.set_ylabel("held-out accuracy")
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
@@ -195,6 +251,12 @@ def plot_samples(
     if not samples:
         return None
     owners = sorted({o for o, _ in samples})
+    if len(owners) > GRID_ROWS:  # a fleet: the first few clients of each domain
+        per_domain = max(1, GRID_ROWS // max(1, len(set(domains.values()))))
+        kept: list[int] = []
+        for d in sorted(set(domains.get(o, "") for o in owners)):
+            kept += [o for o in owners if domains.get(o, "") == d][:per_domain]
+        owners = sorted(kept)[:GRID_ROWS]
     classes = sorted({c for _, c in samples})
     k = max(len(v) for v in samples.values())
     per_row = min(k, 3)

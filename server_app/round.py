@@ -1,11 +1,15 @@
 """The one-shot round, as numbered steps in one place.
 
-    0. check the config against the models -> 1. wait for nodes
-    -> 2. send the collect message -> 3. collect replies -> 4. validate
-    -> 5. persist -> 6. server work -> 7. push back and evaluate
-    -> 7b. evaluate on the global test set -> 8. report
+    0. check the config against the models
+    -> 1. collection window: ask each node as it connects, screen and persist
+          each reply as it arrives (``server_app.collect``)
+    -> 2. validate every persisted upload (cross-checks, the method's checks)
+    -> 3. server work (checkpointed) -> 4. evaluate on the global test set
+    -> 5. report -> 6. push back to the contributors and take their evaluations
+    -> 7. report again
 
-There is no second round: clients are asked for their upload exactly once. The
+There is no second round: a device is asked for its upload once (again only if
+it lost contact before answering, or the server died before it answered). The
 round names no method and no dataset: it calls the method's interface
 (``methods.base.OneShotMethod``) and the dataset registry (``common.datasets``).
 """
@@ -40,6 +44,7 @@ from methods import get_method
 from methods.base import OneShotMethod, ServerContext, ServerOutput
 
 from . import persist, results
+from .collect import POLL_S, Clock, RealClock, run_window, take_late
 
 
 class RoundError(RuntimeError):
@@ -69,62 +74,6 @@ def run_dir_for(cfg: RunConfig, run_id: int | str) -> Path:
     return run_dir
 
 
-def wait_for_nodes(grid: Grid, min_nodes: int, timeout_s: float) -> list[int]:
-    """Wait until ``min_nodes`` SuperNodes are connected (or the timeout passes)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= min_nodes:
-            return nodes
-        if time.monotonic() >= deadline:
-            raise RoundError(
-                f"only {len(nodes)} node(s) connected after wait-for-nodes-s={timeout_s}; "
-                f"min-clients={min_nodes}"
-            )
-        log(INFO, "Waiting for nodes: %d connected, %d required", len(nodes), min_nodes)
-        time.sleep(1.0)
-
-
-def unpack_replies(
-    method: OneShotMethod, sent: list[int], raw: list[Message], ctx: ServerContext
-) -> Collected:
-    """Envelopes of the raw replies, in node order; one reply per node counts."""
-    out = Collected()
-    by_node: dict[int, list[Message]] = defaultdict(list)
-    for msg in raw:
-        by_node[int(msg.metadata.src_node_id)].append(msg)
-    for node in sorted(by_node):
-        msg = by_node[node][0]
-        if len(by_node[node]) > 1:
-            log(WARNING, "Node %s replied %d times; only its first reply counts",
-                node, len(by_node[node]))  # fmt: skip
-        if msg.has_error():
-            out.reject(node, f"client error {msg.error.code}: "
-                       f"{C.safe_text(msg.error.reason, 300)}")  # fmt: skip
-            continue
-        try:
-            out.replies.append(
-                C.unpack_reply(
-                    node, msg.content, method.payload_key, ctx.max_upload_bytes
-                )
-            )
-        except PayloadError as e:
-            out.reject(node, str(e), _claimed_partition(msg))
-    for node in sorted(set(sent) - set(by_node)):
-        out.missing.append(
-            {"node_id": node, "reason": "no reply within round-timeout-s"}
-        )
-        log(WARNING, "No reply from node %s", node)
-    return out
-
-
-def _claimed_partition(msg: Message) -> Any:
-    try:
-        return msg.content.config_records[C.KEY_META].get("partition-id")
-    except Exception:
-        return None
-
-
 def learn_classes(ctx: ServerContext, replies: list[Reply]) -> DatasetInfo:
     """The dataset registry's classes, or the plurality over validated envelopes."""
     if ctx.info is not None:
@@ -149,12 +98,23 @@ def screen(method: OneShotMethod, ctx: ServerContext, got: Collected) -> Collect
     Used on fresh replies and again on persisted ones when a run resumes.
     """
     out = Collected(rejected=list(got.rejected), missing=list(got.missing))
+    # One upload per node: the first one counts (a node is asked once).
+    seen: set[int] = set()
+    firsts = []
+    for r in got.replies:
+        if r.node_id in seen:
+            log(WARNING, "Node %s uploaded twice; only its first upload counts",
+                r.node_id)  # fmt: skip
+            continue
+        seen.add(r.node_id)
+        firsts.append(r)
     # A partition id claimed by two nodes: neither can be trusted with it.
     claims: dict[int, list[int]] = defaultdict(list)
-    for r in got.replies:
-        claims[r.partition_id].append(r.node_id)
+    for r in firsts:
+        if r.partition_id != C.NO_PARTITION:
+            claims[r.partition_id].append(r.node_id)
     candidates = []
-    for r in got.replies:
+    for r in firsts:
         if len(claims[r.partition_id]) > 1:
             out.reject(r.node_id, f"partition-id {r.partition_id} is claimed by nodes "
                        f"{sorted(claims[r.partition_id])}; all claims rejected",
@@ -164,15 +124,7 @@ def screen(method: OneShotMethod, ctx: ServerContext, got: Collected) -> Collect
     ctx.info = learn_classes(ctx, candidates)
     for r in candidates:
         try:
-            if r.class_names is not None and r.class_names != ctx.info.class_names:
-                raise PayloadError(
-                    f"class-names {C.safe_text(','.join(r.class_names))!r} disagree "
-                    f"with the dataset's {C.safe_text(','.join(ctx.info.class_names))!r}"
-                )
-            if r.channels is not None and r.channels != ctx.info.channels:
-                raise PayloadError(
-                    f"channels={r.channels}, the dataset has {ctx.info.channels}"
-                )
+            check_classes(r, ctx.info)
             method.validate(r, ctx)
         except PayloadError as e:
             out.reject(r.node_id, str(e), r.partition_id)
@@ -182,8 +134,48 @@ def screen(method: OneShotMethod, ctx: ServerContext, got: Collected) -> Collect
                        f"{C.safe_text(e)}", r.partition_id)  # fmt: skip
             continue
         out.replies.append(r)
+    assign_client_ids(out.replies)
     out.replies.sort(key=lambda r: r.partition_id)
     return out
+
+
+def assign_client_ids(replies: list[Reply]) -> None:
+    """Devices with their own data declare no partition: they get the ids after
+    the largest declared one, in node-id order (the same on every resume)."""
+    declared = [r.partition_id for r in replies if r.partition_id != C.NO_PARTITION]
+    nxt = max(declared, default=-1) + 1
+    for r in sorted(replies, key=lambda r: r.node_id):
+        if r.partition_id == C.NO_PARTITION:
+            r.meta["client-id-assigned"] = True
+            r.partition_id = nxt
+            nxt += 1
+
+
+def precheck(method: OneShotMethod, ctx: ServerContext) -> Any:
+    """The checks one upload can get on arrival (toward ``target-clients``): the
+    dataset's classes and the method's validation, where the classes are known."""
+
+    def check(r: Reply) -> str | None:
+        if ctx.info is None:
+            return None  # classes come from the vote at the close
+        try:
+            check_classes(r, ctx.info)
+            method.validate(r, ctx)
+        except Exception as e:
+            return str(e)
+        return None
+
+    return check
+
+
+def check_classes(r: Reply, info: DatasetInfo) -> None:
+    if r.class_names is not None and r.class_names != info.class_names:
+        raise PayloadError(
+            f"class-names {C.safe_text(','.join(r.class_names))!r} disagree "
+            f"with the dataset's {C.safe_text(','.join(info.class_names))!r}"
+        )
+    if r.channels is not None and r.channels != info.channels:
+        raise PayloadError(f"channels={r.channels}, the dataset has {info.channels}")
 
 
 def clients_global_accuracy(
@@ -278,8 +270,15 @@ def evaluate_global(
     }
 
 
-def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any]:
-    """Run the whole one-shot round; returns the results dict (also written to disk)."""
+def run_one_shot(
+    grid: Grid, cfg: RunConfig, run_id: int | str, clock: Clock | None = None
+) -> dict[str, Any]:
+    """Run the whole one-shot round; returns the results dict (also written to disk).
+
+    ``clock``: wall-clock time and sleeping; by default the grid's own (the
+    in-process harness has a virtual one), else the real clock.
+    """
+    clock = clock or getattr(grid, "clock", None) or RealClock()
     t_start = time.perf_counter()
     method = get_method(cfg.method)
     run_dir = run_dir_for(cfg, run_id)
@@ -292,41 +291,38 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
     # 0. Fail fast on a config the method cannot run (before any client works)
     method.check(ctx)
 
-    resumed = persist.load_uploads(run_dir, method.name) if cfg.run_name else None
-    if resumed is not None:
-        log(INFO, "Resuming from %d persisted uploads: no client is asked again",
-            len(resumed[0]))  # fmt: skip
-        got = screen(method, ctx, Collected(*resumed))
-        timings["collect"] = 0.0
-        download["collect"] = 0
+    # 1. The collection window: each node asked as it connects, each reply
+    # screened and persisted as it arrives; resumed from the journal if any
+    journal = persist.Journal(run_dir, method.name, resume=bool(cfg.run_name))
+    content = method.collect_content(ctx)
+    download["collect"] = C.record_nbytes(content)
+    window: dict[str, Any] = {"reason": "resumed after the close", "outstanding": {}}
+    t0 = time.perf_counter()
+    if journal.closed:
+        log(INFO, "The collection window of this run closed before: no client is "
+            "asked again")  # fmt: skip
     else:
-        t0 = time.perf_counter()
-        # 1. Wait for at least min-clients nodes
-        nodes = wait_for_nodes(grid, cfg.min_clients, cfg.wait_for_nodes_s)
-        log(INFO, "%d nodes connected", len(nodes))
-        # 2. Send the collect message with the method's instructions
-        content = method.collect_content(ctx)
-        download["collect"] = C.record_nbytes(content)
-        msgs = [
-            Message(content, dst_node_id=n, message_type=method.collect_type)
-            for n in nodes
-        ]
-        # 3. Collect replies until all arrived or round-timeout-s passed
-        raw = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout_s))
-        # 4. Validate: envelopes, then cross-checks, classes and the method's checks
-        got = screen(method, ctx, unpack_replies(method, nodes, raw, ctx))
-        timings["collect"] = time.perf_counter() - t0
-        # 5. Persist the accepted uploads before any server work
-        persist.save_uploads(
-            run_dir, method.name, got.replies, got.rejected, got.missing
-        )
+        window = run_window(
+            grid, journal, content=content, message_type=method.collect_type,
+            payload_key=method.payload_key, max_upload_bytes=ctx.max_upload_bytes,
+            window_s=cfg.collect_window_s, target_clients=cfg.target_clients,
+            quiet_s=cfg.collect_quiet_s, precheck=precheck(method, ctx), clock=clock,
+        )  # fmt: skip
+    timings["collect"] = time.perf_counter() - t0
+
+    # 2. Validate every persisted upload: cross-checks, classes, the method's checks
+    loaded = persist.load_uploads(run_dir, method.name)
+    assert loaded is not None  # the window closed above
+    got = screen(method, ctx, Collected(*loaded))
+    fleet = fleet_summary(journal, got)
     if len(got.replies) < cfg.min_clients:
         raise RoundError(
-            f"{len(got.replies)} valid replies < min-clients={cfg.min_clients}; "
-            f"rejected: {got.rejected}; missing: {got.missing}"
+            f"{len(got.replies)} valid uploads < min-clients={cfg.min_clients} when "
+            f"the collection window closed ({fleet['closed_reason']}); rejected: "
+            f"{got.rejected}; missing: {got.missing}"
         )
 
-    # 6. Server work (synthesize and train, merge, aggregate), checkpointed
+    # 3. Server work (synthesize and train, merge, aggregate), checkpointed
     out = persist.load_output(run_dir) if cfg.run_name else None
     if out is not None:
         log(INFO, "Loaded the persisted server output: server work is not repeated")
@@ -334,20 +330,73 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
         out = method.server_work(got.replies, ctx)
         persist.save_output(run_dir, out)
     timings.update(out.timings)
+    take_late(grid, journal, window["outstanding"], clock.time())
 
-    # 7. Push the global model to every node and collect their evaluations
-    evals: dict[int, dict[str, Any]] = {}  # by node id
-    if method.evaluate_type is not None:
-        t0 = time.perf_counter()
-        content = method.push_content(out, ctx)
-        download["push"] = C.record_nbytes(content)
-        nodes = sorted(grid.get_node_ids())
-        msgs = [
-            Message(content, dst_node_id=n, message_type=method.evaluate_type)
-            for n in nodes
-        ]
-        for msg in grid.send_and_receive(msgs, timeout=cfg.round_timeout_s):
-            node = int(msg.metadata.src_node_id)
+    # 4. Evaluate the global model on the global test set (every participating
+    # domain, balanced over classes); it never waits for the clients
+    t0 = time.perf_counter()
+    global_eval = evaluate_global(method, ctx, got, out, {})
+    timings["global_evaluate"] = time.perf_counter() - t0
+
+    # 5. Report before the push: a push that never ends loses no result
+    def report(evals: dict[int, dict[str, Any]], final: bool) -> dict[str, Any]:
+        timings["total"] = time.perf_counter() - t_start
+        fleet.update(fleet_summary(journal, got))
+        ge = global_eval if out.model_state is not None else evaluate_global(
+            method, ctx, got, out, evals
+        )
+        return results.report(method, ctx, got, out, evals, timings, download,
+                              ge, fleet, final=final)  # fmt: skip
+
+    if method.evaluate_type is None:
+        return report({}, final=True)
+    report({}, final=False)
+
+    # 6. Push the global model to every contributor still connected; take their
+    # evaluations as they arrive (up to evaluate-timeout-s)
+    t0 = time.perf_counter()
+    content = method.push_content(out, ctx)
+    download["push"] = C.record_nbytes(content)
+    evals = push_and_evaluate(
+        grid, content, method.evaluate_type, [r.node_id for r in got.replies],
+        ctx, cfg.evaluate_timeout_s, clock,
+    )  # fmt: skip
+    take_late(grid, journal, window["outstanding"], clock.time())
+    timings["evaluate"] = time.perf_counter() - t0
+
+    # 7. Report: results.json, plots and the per-client table
+    return report(evals, final=True)
+
+
+def push_and_evaluate(
+    grid: Grid,
+    content: Any,
+    message_type: str,
+    contributors: list[int],
+    ctx: ServerContext,
+    timeout_s: float,
+    clock: Clock,
+) -> dict[int, dict[str, Any]]:
+    """Push to the contributors that are connected; pull their evaluations as
+    they arrive, until all answered or ``timeout_s`` passed."""
+    connected = set(int(n) for n in grid.get_node_ids())
+    nodes = [n for n in contributors if n in connected]
+    gone = len(contributors) - len(nodes)
+    log(INFO, "Pushing the global model to %d contributors (%d no longer connected)",
+        len(nodes), gone)  # fmt: skip
+    msgs = [Message(content, dst_node_id=n, message_type=message_type) for n in nodes]
+    outstanding = {
+        str(mid): n
+        for n, mid in zip(nodes, grid.push_messages(msgs), strict=True)
+        if mid is not None
+    }
+    evals: dict[int, dict[str, Any]] = {}
+    end = clock.time() + timeout_s
+    while outstanding and clock.time() < end:
+        for msg in grid.pull_messages(list(outstanding)):
+            node = outstanding.pop(str(msg.metadata.reply_to_message_id), None)
+            if node is None:
+                continue
             if msg.has_error():
                 log(WARNING, "Evaluation failed on node %s: %s", node,
                     C.safe_text(msg.error.reason, 300))  # fmt: skip
@@ -361,14 +410,30 @@ def run_one_shot(grid: Grid, cfg: RunConfig, run_id: int | str) -> dict[str, Any
                 "partition_id": r.partition_id,
                 "domain": C.safe_text(r.meta.get("domain", ""), 40),
             }
-        timings["evaluate"] = time.perf_counter() - t0
+        if outstanding:
+            clock.sleep(POLL_S)
+    if outstanding:
+        log(WARNING, "%d contributors did not return an evaluation within "
+            "evaluate-timeout-s", len(outstanding))  # fmt: skip
+    return evals
 
-    # 7b. Evaluate the global model on the global test set (every participating
-    # domain, balanced over classes: the clients' splits carry their label skew)
-    t0 = time.perf_counter()
-    global_eval = evaluate_global(method, ctx, got, out, evals)
-    timings["global_evaluate"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
 
-    # 8. Report: results.json, plots and the per-client table
-    return results.report(method, ctx, got, out, evals, timings, download, global_eval)
+def fleet_summary(journal: persist.Journal, got: Collected) -> dict[str, Any]:
+    """results.json's ``fleet``: which nodes were asked, and what became of them."""
+    asked = sorted({int(e["node_id"]) for e in journal.of("asked")})
+    closed = journal.of("closed")
+    return {
+        "asked": asked,
+        "valid": sorted(r.node_id for r in got.replies),
+        "rejected": sorted({int(e["node_id"]) for e in got.rejected}),
+        "missing": sorted({int(e["node_id"]) for e in got.missing}),
+        "late": sorted({int(e["node_id"]) for e in journal.of("late")}),
+        "lost_contact": sorted({int(e["node_id"]) for e in journal.of("lost")}),
+        "times_asked": len(journal.of("asked")),
+        "closed_reason": closed[0].get("reason") if closed else None,
+        "window_s": (
+            round(float(closed[0]["at"]) - float(journal.opened["window_start"]), 3)
+            if closed and journal.opened
+            else None
+        ),
+    }

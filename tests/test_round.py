@@ -60,10 +60,15 @@ def test_every_method_completes_and_writes_results(
     # what a method synthesizes shows in the sample grid
     assert (run_dir / "synthetic_samples.png").is_file() == ("num_synthetic" in on_disk)
     # the uploads the method declares are what was persisted
-    manifest = json.loads((run_dir / "uploads" / "manifest.json").read_text())
-    assert manifest["method"] == method and len(manifest["replies"]) == 3
-    assert all(bool(e["file"]) == bool(METHODS[method].payload_key)
-               for e in manifest["replies"])  # fmt: skip
+    journal = [
+        json.loads(line)
+        for line in (run_dir / "uploads" / "journal.jsonl").read_text().splitlines()
+    ]
+    assert journal[0]["event"] == "open" and journal[0]["method"] == method
+    uploads = [e for e in journal if e["event"] == "upload"]
+    assert len(uploads) == 3
+    assert all(bool(e["file"]) == bool(METHODS[method].payload_key) for e in uploads)
+    assert on_disk["fleet"]["asked"] == on_disk["fleet"]["valid"] == grid.nodes
 
 
 def test_oscar_uploads_at_most_2kb_per_class(tiny_stack, fast_config):
@@ -139,8 +144,10 @@ def test_bad_payload_rejected_round_completes(hook, reason, tiny_stack, fast_con
     assert len(res["rejected"]) == 1 and reason in res["rejected"][0]["reason"]
     excluded = [c for c in res["clients"] if c["status"].startswith("excluded")]
     assert len(excluded) == 1 and reason in excluded[0]["status"]
-    assert excluded[0]["partition_id"] == 1  # still named, and still evaluated
-    assert excluded[0]["accuracy"] is not None
+    assert excluded[0]["node_id"] == 102  # partition 1's node, still named
+    # the global model goes to contributors only: the rejected node gets nothing
+    assert excluded[0]["accuracy"] is None
+    assert res["fleet"]["rejected"] == [102] and res["fleet"]["valid"] == [101, 103]
     assert res["mean_accuracy"] is not None
 
 
