@@ -1,8 +1,9 @@
 """Pure maths of the one-shot round: no Flower, no I/O.
 
 Per-class averaging (OSCAR uploads), weighted averaging of model weights
-(one-shot FedAvg), the Gaussian mechanism for the privacy guard, and the
-Fréchet distance behind the FID-proxy.
+(one-shot FedAvg), the Gaussian mechanism for the privacy guard, the
+Fréchet distance behind the FID-proxy, and the synthesis budget's weighted
+k-means and apportionment.
 """
 
 from __future__ import annotations
@@ -199,38 +200,65 @@ def fid_proxy(real_feats: torch.Tensor, fake_feats: torch.Tensor) -> float:
 
 
 def kmeans(
-    x: torch.Tensor, k: int, seed: int = 0, iters: int = 100
+    x: torch.Tensor,
+    k: int,
+    seed: int = 0,
+    iters: int = 100,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means with k-means++ seeding (Arthur & Vassilvitskii 2007).
 
     ``x`` ``[N, D]``; returns ``(centres [k', D], assignment [N])`` with
     ``k' = min(k, N)``. Deterministic for a seed (FedDISC's clustering of a
     class's image features; its code uses sklearn's KMeans, unseeded). An empty
-    cluster keeps its previous centre.
+    cluster keeps its previous centre. ``weights`` ``[N]`` (sklearn's
+    ``sample_weight``, >= 0 with a positive sum): seeding draws point ``i`` with
+    probability ``~ w_i d_i^2`` and each centre is its members' weighted mean,
+    ``c_j = sum_i w_i x_i / sum_i w_i``; ``None`` is the unweighted algorithm
+    (the same draws as before weights existed).
     """
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"kmeans: x must be [N, D] with N >= 1, got {tuple(x.shape)}")
     if k < 1:
         raise ValueError(f"kmeans: k={k} must be >= 1")
+    w = None if weights is None else weights.double()
+    if w is not None and (
+        w.shape != (len(x),) or not torch.isfinite(w).all() or (w < 0).any()
+        or float(w.sum()) <= 0
+    ):  # fmt: skip
+        raise ValueError(
+            f"kmeans: weights must be [{len(x)}], finite, >= 0 with a positive sum; "
+            f"got shape {tuple(w.shape)}"
+        )
     x = x.double()
     k = min(k, len(x))
     g = torch.Generator().manual_seed(seed)
-    # 1. k-means++: each next centre drawn with probability ~ squared distance
-    centres = [x[int(torch.randint(len(x), (1,), generator=g))]]
+
+    def draw(p: torch.Tensor | None) -> int:
+        """One index ~ ``p`` (unnormalised); ``None``: uniform (or ~ w)."""
+        if p is None and w is None:
+            return int(torch.randint(len(x), (1,), generator=g))
+        p = w if p is None else p
+        assert p is not None
+        return int(torch.multinomial(p / p.sum(), 1, generator=g))
+
+    # 1. k-means++: each next centre drawn with probability ~ (w) squared distance
+    centres = [x[draw(None)]]
     for _ in range(1, k):
         d2 = torch.cdist(x, torch.stack(centres)).min(1).values ** 2
-        if float(d2.sum()) <= 0:
-            centres.append(x[int(torch.randint(len(x), (1,), generator=g))])
-        else:
-            centres.append(x[int(torch.multinomial(d2 / d2.sum(), 1, generator=g))])
+        p = d2 if w is None else d2 * w
+        centres.append(x[draw(None if float(p.sum()) <= 0 else p)])
     c = torch.stack(centres)
     # 2. Lloyd iterations: assign to the nearest centre, move centres to their means
     assign = torch.cdist(x, c).argmin(1)
     for _ in range(iters):
         for j in range(k):
-            members = x[assign == j]
-            if len(members):
-                c[j] = members.mean(0)
+            mine = assign == j
+            if w is None:
+                if mine.any():
+                    c[j] = x[mine].mean(0)
+            elif float(w[mine].sum()) > 0:
+                c[j] = (w[mine, None] * x[mine]).sum(0) / w[mine].sum()
         new = torch.cdist(x, c).argmin(1)
         if torch.equal(new, assign):
             break
@@ -283,3 +311,92 @@ def apportion(n: int, weights: list[float]) -> list[int]:
     for i in order[: n - sum(out)]:
         out[i] += 1
     return out
+
+
+def allocate_budget(budget: int, requested: list[int]) -> list[int]:
+    """Share ``budget`` images among groups that asked for ``requested`` (the
+    classes of a synthetic set): ``requested`` itself when it fits (or
+    ``budget == 0``: unlimited); else one each, and the rest in proportion to
+    what each asked beyond its first (``apportion``), so every group keeps at
+    least one and none gets more than it asked; with fewer images than groups,
+    ``apportion(budget, requested)`` (some get none). E.g.
+    ``allocate_budget(6, [10, 4, 1]) == [3, 2, 1]``: one each, the 3 left over
+    in proportion to ``[9, 3, 0]`` (quotas ``[2.25, 0.75, 0]``) -> ``[2, 1, 0]``.
+    """
+    if budget < 0 or any(r < 0 for r in requested):
+        raise ValueError(f"allocate_budget: budget={budget} and {requested} >= 0")
+    total = sum(requested)
+    if budget == 0 or total <= budget:
+        return list(requested)
+    live = [i for i, r in enumerate(requested) if r > 0]
+    out = [0] * len(requested)
+    if budget < len(live):
+        got = apportion(budget, [float(requested[i]) for i in live])
+    else:
+        rest = apportion(budget - len(live), [requested[i] - 1.0 for i in live])
+        got = [1 + a for a in rest]
+    for i, g in zip(live, got, strict=True):
+        out[i] = g
+    return out
+
+
+def capped_unit_weights(
+    weights: torch.Tensor, owners: torch.Tensor, max_share: float
+) -> torch.Tensor:
+    """Units' weights ``[M]`` with no owner above ``max_share`` of the total.
+
+    Each owner's total (the sum of its units' weights) is capped with
+    ``cap_shares`` (the cap one-shot FedAvg applies) and spread back over its
+    units in proportion to their weights; the result sums to 1. E.g. owners
+    ``[0, 0, 1, 2]``, weights ``[3, 5, 1, 1]``, cap 0.5 -> owner shares
+    ``[0.5, 0.25, 0.25]`` -> ``[0.1875, 0.3125, 0.25, 0.25]``.
+    """
+    if weights.shape != owners.shape or weights.ndim != 1:
+        raise ValueError(
+            f"weights {tuple(weights.shape)} and owners {tuple(owners.shape)} "
+            "must be the same [M]"
+        )
+    ids, inverse = owners.unique(return_inverse=True)
+    w = weights.double()
+    totals = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, w)
+    shares = torch.tensor(cap_shares(totals.tolist(), max_share), dtype=torch.float64)
+    return w / totals[inverse] * shares[inverse]
+
+
+def reduce_conditions(
+    vectors: torch.Tensor, weights: torch.Tensor, k: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """At most ``k`` weighted representatives of conditioning vectors ``[M, ...]``.
+
+    Weighted k-means (``kmeans`` with ``weights``, k-means++ seeding from a
+    generator seeded by ``seed``) over the flattened vectors: each centre is the
+    weighted mean of its cluster, ``c_j = sum_i w_i v_i / sum_i w_i``, and weighs
+    ``W_j = sum_i w_i``. Returns ``(centres [k', ...], centre_weights [k'],
+    assignment [M])`` (float32 centres, float64 weights), empty clusters dropped
+    (``k' <= min(k, M)``); with ``k >= M`` the vectors themselves, each its own
+    centre. The synthesis budget's reduction of a class's many clients to a few
+    conditions (``methods.steps.budget_rows``).
+    """
+    m = len(vectors)
+    if m == 0 or weights.shape != (m,):
+        raise ValueError(
+            f"reduce_conditions: vectors {tuple(vectors.shape)} need M >= 1 and "
+            f"weights [M], got {tuple(weights.shape)}"
+        )
+    if k < 1:
+        raise ValueError(f"reduce_conditions: k={k} must be >= 1")
+    w = weights.double()
+    if not torch.isfinite(w).all() or (w <= 0).any():
+        raise ValueError("reduce_conditions: weights must be finite and > 0")
+    if k >= m:
+        return vectors.float(), w, torch.arange(m)
+    centres, assign = kmeans(vectors.reshape(m, -1), k, seed=seed, weights=w)
+    cw = torch.zeros(len(centres), dtype=torch.float64).index_add_(0, assign, w)
+    keep = torch.nonzero(cw > 0).flatten()
+    remap = torch.full((len(centres),), -1, dtype=torch.int64)
+    remap[keep] = torch.arange(len(keep))
+    return (
+        centres[keep].reshape(len(keep), *vectors.shape[1:]),
+        cw[keep],
+        remap[assign],
+    )

@@ -1,20 +1,30 @@
 """Server steps shared by the synthesis-based methods.
 
-``synthesize_set``: a labelled conditioning set -> images through the one
-synthesis engine (``common.synthesis``), in the clients' image format, with a few
-kept per (client, class) for the sample grid. ``train_global``: the global
-classifier on the synthetic set.
+``class_units`` / ``CondUnits``: what a method would sample, one distinct
+condition per unit with the images it gets; ``budget_rows``: that set bounded
+to ``synth-budget`` images; ``synthesize_set``: a labelled conditioning set ->
+images through the one synthesis engine (``common.synthesis``), in the clients'
+image format, with a few kept per (client, class) for the sample grid.
+``train_global``: the global classifier on the synthetic set.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass, replace
 from logging import INFO
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from flwr.common.logger import log
 
+from common.maths import (
+    allocate_budget,
+    apportion,
+    capped_unit_weights,
+    reduce_conditions,
+)
 from common.models import build_classifier
 from common.synthesis import (
     GeneratorSpec,
@@ -78,6 +88,185 @@ def sample_images(
     return synthesize(
         ctx.sampling_generator, conds, ctx.uncond, desc=desc, decoder=ctx.decoder, **kw
     )
+
+
+@dataclass
+class CondUnits:
+    """A synthetic set before it is expanded to rows: one distinct condition per
+    unit and how many images (``rows``) it gets.
+
+    ``owners``: the partition id the unit comes from (-1: no client);
+    ``weights`` (> 0): how much of its class the unit stands for (its owner's
+    num-examples times the unit's share of that client's class); ``extras``:
+    further per-unit conditions aligned with ``conds`` (FedDISC's domain feature).
+    """
+
+    conds: torch.Tensor  # [U, ...]
+    labels: torch.Tensor  # [U] int64
+    owners: torch.Tensor  # [U] int64
+    weights: torch.Tensor  # [U] float64
+    rows: torch.Tensor  # [U] int64
+    extras: tuple[torch.Tensor, ...] = ()
+
+    @staticmethod
+    def cat(parts: list[CondUnits]) -> CondUnits:
+        extras = zip(*(p.extras for p in parts), strict=True)
+        return CondUnits(
+            torch.cat([p.conds for p in parts]), torch.cat([p.labels for p in parts]),
+            torch.cat([p.owners for p in parts]), torch.cat([p.weights for p in parts]),
+            torch.cat([p.rows for p in parts]), tuple(torch.cat(e) for e in extras),
+        )  # fmt: skip
+
+    def select(self, idx: torch.Tensor) -> CondUnits:
+        return CondUnits(
+            self.conds[idx], self.labels[idx], self.owners[idx], self.weights[idx],
+            self.rows[idx], tuple(e[idx] for e in self.extras),
+        )  # fmt: skip
+
+    def expand(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Each unit repeated ``rows`` times: ``(conds, labels, owners, extras)``."""
+        r = self.rows
+        return (
+            self.conds.repeat_interleave(r, dim=0),
+            self.labels.repeat_interleave(r),
+            self.owners.repeat_interleave(r),
+            [e.repeat_interleave(r, dim=0) for e in self.extras],
+        )
+
+
+def class_units(
+    vectors: torch.Tensor,
+    class_ids: torch.Tensor,
+    owner: int,
+    n: int,
+    weight: float,
+    counts: torch.Tensor | None = None,
+    extras: tuple[torch.Tensor, ...] = (),
+) -> CondUnits:
+    """One client's upload as units: one per vector of ``vectors`` ``[K, ...]``.
+
+    Each class gets ``n`` images spread over its vectors in proportion to
+    ``counts`` (all equal when ``None``: m vectors get ``n // m`` or one more,
+    the earlier ones first), by largest remainder; a vector weighs ``weight``
+    (the client's num-examples) times its share of the class. Classes in
+    ascending order; ``extras`` ``[K, ...]`` follow their vectors.
+    """
+    order, rows, weights = [], [], []
+    for c in class_ids.unique().tolist():
+        idx = torch.nonzero(class_ids == c).flatten()
+        share = (
+            torch.ones(len(idx), dtype=torch.float64)
+            if counts is None
+            else counts[idx].double()
+        )
+        rows += apportion(n, share.tolist())
+        weights.append(weight * share / share.sum())
+        order.append(idx)
+    idx = torch.cat(order)
+    labels = class_ids[idx].to(torch.int64)
+    return CondUnits(
+        vectors[idx].float(), labels, torch.full_like(labels, owner),
+        torch.cat(weights), torch.tensor(rows, dtype=torch.int64),
+        tuple(e[idx].float() for e in extras),
+    )  # fmt: skip
+
+
+def _heaviest_owner(owners: torch.Tensor, weights: torch.Tensor) -> int:
+    """The owner with the most total weight (ties: the smallest id)."""
+    ids, inverse = owners.unique(return_inverse=True)
+    totals = torch.zeros(len(ids), dtype=torch.float64).index_add_(
+        0, inverse, weights.double()
+    )
+    return int(ids[int(totals.argmax())])
+
+
+def budget_rows(
+    ctx: ServerContext,
+    units: CondUnits,
+    out: ServerOutput,
+    represent: Literal["centres", "clients"] = "centres",
+) -> CondUnits:
+    """Bound a synthetic set to ``synth-budget`` images (0: unlimited).
+
+    Within the budget the units come back unchanged. Over it, per class ``c``
+    with ``R_c`` requested rows over ``M_c`` units:
+
+    1. the budget is shared over the classes in proportion to ``R_c``, one image
+       each first (``allocate_budget``): class ``c`` keeps ``b_c <= R_c``;
+    2. it keeps ``k_c = min(b_c, ceil(M_c b_c / R_c))`` representatives, as many
+       units' worth as rows' worth, so a representative gets about the images a
+       unit did;
+    3. the units' weights are capped per owner at ``max-weight-share``
+       (``capped_unit_weights``, one-shot FedAvg's cap); ``represent="centres"``:
+       the representatives are the centres of a weighted k-means of the class's
+       conditions (``reduce_conditions``; extras concatenated, so a centre is a
+       pair), each owned, for the sample grid, by the owner of most weight in
+       its cluster; ``"clients"``: ``k_c`` of the units drawn without
+       replacement with probability ~ weight from a generator seeded by
+       ``seed + c``, in their order (conditions that are not vectors: FedLMG's
+       guiding classifiers, of different architectures);
+    4. the ``b_c`` images go one to each representative and the rest in
+       proportion to their weights (largest remainder).
+
+    Records ``out.extra["synth_budget"]``: ``budget``, ``requested`` and ``used``
+    images, and ``representatives`` (units that get images, per class id).
+    """
+    budget = ctx.cfg.synth_budget
+    classes = units.labels.unique().tolist()
+    requested = [int(units.rows[units.labels == c].sum()) for c in classes]
+    allowed = allocate_budget(budget, requested)
+    kept = units
+    if allowed != requested:
+        parts = []
+        for c, r_c, b_c in zip(classes, requested, allowed, strict=True):
+            if b_c == 0:  # a budget below the number of classes
+                continue
+            sub = units.select(torch.nonzero(units.labels == c).flatten())
+            if b_c == r_c:
+                parts.append(sub)
+                continue
+            m = len(sub.labels)
+            k = min(m, b_c, math.ceil(m * b_c / r_c))
+            w = capped_unit_weights(sub.weights, sub.owners, ctx.cfg.max_weight_share)
+            if represent == "clients":
+                g = torch.Generator().manual_seed(ctx.cfg.seed + c)
+                pick = torch.multinomial(w, k, replacement=False, generator=g).sort()
+                rep = replace(sub.select(pick.values), weights=w[pick.values])
+            else:
+                flat = [sub.conds.flatten(1), *(e.flatten(1) for e in sub.extras)]
+                centres, cw, assign = reduce_conditions(
+                    torch.cat(flat, 1), w, k, seed=ctx.cfg.seed + c
+                )
+                pieces = centres.split([f.shape[1] for f in flat], dim=1)
+                kc = len(centres)
+                rep = CondUnits(
+                    pieces[0].reshape(kc, *sub.conds.shape[1:]),
+                    torch.full((kc,), c, dtype=torch.int64),
+                    torch.tensor([_heaviest_owner(sub.owners[assign == j],
+                                                  w[assign == j]) for j in range(kc)],
+                                 dtype=torch.int64),
+                    cw, torch.zeros(kc, dtype=torch.int64),
+                    tuple(p.reshape(kc, *e.shape[1:])
+                          for p, e in zip(pieces[1:], sub.extras, strict=True)),
+                )  # fmt: skip
+            rest = apportion(b_c - len(rep.labels), rep.weights.tolist())
+            parts.append(replace(rep, rows=torch.tensor([1 + a for a in rest])))
+        kept = CondUnits.cat(parts)
+        log(INFO, "synth-budget %d: %d images requested, %d kept on %d of %d "
+            "conditions", budget, sum(requested), int(kept.rows.sum()),
+            int((kept.rows > 0).sum()), len(units.labels))  # fmt: skip
+    out.extra["synth_budget"] = {
+        "budget": budget,
+        "requested": sum(requested),
+        "used": int(kept.rows.sum()),
+        # str keys: results.json and the resumed output read the same
+        "representatives": {
+            str(c): int(((kept.labels == c) & (kept.rows > 0)).sum()) for c in classes
+        },
+    }
+    return kept
 
 
 def synthesize_set(

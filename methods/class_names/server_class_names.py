@@ -11,7 +11,7 @@ from common.contract import Reply
 
 from ..base import OneShotMethod, ServerContext, ServerOutput
 from ..oscar.server_oscar import check_embedding_kind
-from ..steps import synthesize_set, train_global
+from ..steps import CondUnits, budget_rows, synthesize_set, train_global
 
 
 class ClassNames(OneShotMethod):
@@ -23,13 +23,19 @@ class ClassNames(OneShotMethod):
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         out = ServerOutput()
         assert ctx.info is not None  # the round learned the classes before this
-        # Same synthetic-set size as OSCAR: images-per-class per client per class.
+        # Same synthetic-set size as OSCAR: images-per-class per client per class,
+        # one prompt per class (no clients to reduce: synth-budget lowers the
+        # images per class)
         n = ctx.cfg.images_per_class * max(1, len(replies))
         prompts = [ctx.info.class_prompt(c) for c in range(ctx.num_classes)]
         emb = ctx.text_encoder.encode(prompts, ctx.cfg.embedding)
-        cond = emb.repeat_interleave(n, dim=0)
-        y = torch.arange(ctx.num_classes).repeat_interleave(n)
-        images = synthesize_set(ctx, cond, y, torch.full_like(y, -1), out)
+        k = ctx.num_classes
+        units = CondUnits(
+            emb, torch.arange(k), torch.full((k,), -1),
+            torch.ones(k, dtype=torch.float64), torch.full((k,), n),
+        )  # fmt: skip
+        cond, y, owners, _ = budget_rows(ctx, units, out).expand()
+        images = synthesize_set(ctx, cond, y, owners, out)
         train_global(ctx, images, y, out)
         out.extra["num_synthetic"] = len(y)
         return out

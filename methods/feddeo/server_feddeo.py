@@ -38,7 +38,7 @@ from common.contract import PayloadError, Reply
 
 from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
 from ..oscar.server_oscar import check_embedding_kind, classes_uploaded, embedding_shape
-from ..steps import per_class_rows, synthesize_set, train_global
+from ..steps import CondUnits, budget_rows, class_units, synthesize_set, train_global
 from . import client_feddeo
 from . import payload_feddeo as P
 from .config_feddeo import FedDeoConfig
@@ -94,13 +94,17 @@ class FedDeo(OneShotMethod):
         class_emb = ctx.text_encoder.encode(prompts, ctx.cfg.embedding)
 
         # 2. n rows per (client, class): its description and its class prompt
-        descs, inits, rows = [], [], []
+        #    (within synth-budget: over it, k-means centres of a class's descriptions)
+        descs, inits, parts = [], [], []
         for r in replies:
             p = P.unpack(r.tensors, num_classes=ctx.num_classes, tokens=tokens, dim=dim)
             descs.append(p.descriptions.float())
             inits.append(class_emb[p.class_ids])
-            rows.append(per_class_rows(p.descriptions, p.class_ids, r.partition_id, n))
-        cond, labels, owners = (torch.cat(parts) for parts in zip(*rows, strict=True))
+            parts.append(
+                class_units(p.descriptions, p.class_ids, r.partition_id, n,
+                            r.num_examples)
+            )  # fmt: skip
+        cond, labels, owners, _ = budget_rows(ctx, CondUnits.cat(parts), out).expand()
         class_cond = class_emb[labels]
 
         # 3. Sample: eps = eps_u + s2 (eps_desc - eps_u) + s1 (eps_class - eps_u)

@@ -44,7 +44,7 @@ from common.maths import apply_linear_map, fit_linear_map
 
 from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
 from ..oscar.server_oscar import check_embedding_kind
-from ..steps import synthesize_set, train_global
+from ..steps import CondUnits, budget_rows, class_units, synthesize_set, train_global
 from . import client_feddisc
 from . import payload_feddisc as P
 from .config_feddisc import FedDiscConfig
@@ -125,25 +125,25 @@ class FedDisc(OneShotMethod):
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         out = ServerOutput()
         opts = ctx.cfg.options(FedDiscConfig)
-        n = ctx.cfg.images_per_class
-        conds, domain_conds, labels, owners = [], [], [], []
+        parts = []
         for r in replies:
             p = P.unpack(r.tensors, num_classes=ctx.num_classes, dim=self.image_dim,
                          max_per_class=opts.feddisc_clusters)  # fmt: skip
             centres = self._to_text(p.centres[:, 0, :])
+            # each centre's domain feature: the mean of the client's centres of
+            # its class, carried over the same map
+            domain = torch.empty_like(centres)
             for c in p.class_ids.unique().tolist():
-                mine = centres[p.class_ids == c]
-                client_feature = self._to_text(
-                    p.centres[p.class_ids == c, 0, :].float().mean(0, keepdim=True)
+                mine = p.class_ids == c
+                domain[mine] = self._to_text(
+                    p.centres[mine, 0, :].float().mean(0, keepdim=True)
                 )
-                # n images over the m centres, round-robin
-                reps = [n // len(mine) + (j < n % len(mine)) for j in range(len(mine))]
-                conds.append(mine.repeat_interleave(torch.tensor(reps), dim=0))
-                domain_conds.append(client_feature.expand(n, -1, -1))
-                labels += [c] * n
-                owners += [r.partition_id] * n
-        cond, domain = torch.cat(conds), torch.cat(domain_conds)
-        y, o = torch.tensor(labels), torch.tensor(owners)
+            # images-per-class images over the m centres of a class, round-robin
+            parts.append(class_units(centres, p.class_ids, r.partition_id,
+                                     ctx.cfg.images_per_class, r.num_examples,
+                                     extras=(domain,)))  # fmt: skip
+        units = budget_rows(ctx, CondUnits.cat(parts), out)
+        cond, y, o, (domain,) = units.expand()
         images = synthesize_set(
             ctx, cond, y, o, out, guidance_scale=opts.feddisc_guidance,
             extra_conds=[(domain, opts.feddisc_guidance)],

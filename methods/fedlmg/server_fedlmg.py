@@ -47,7 +47,7 @@ from common.synthesis import LatentGuidance
 
 from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
 from ..oscar.server_oscar import check_embedding_kind
-from ..steps import synthesize_set, train_global
+from ..steps import CondUnits, budget_rows, synthesize_set, train_global
 from . import client_fedlmg
 from . import payload_fedlmg as P
 from .config_fedlmg import FedLmgConfig
@@ -146,18 +146,25 @@ class FedLmg(OneShotMethod):
         assert ctx.info is not None
         n = opts.fedlmg_images_per_class
         models = self._models(replies, ctx)
-        # 1. One row per image: every (client, class the client has seen)
+        # 1. One row per image: every (client, class the client has seen); over
+        #    synth-budget, a weighted draw of a class's clients (a guiding model is
+        #    a network, of the client's own architecture: nothing to average)
         prompts = ctx.text_encoder.encode(
             [ctx.info.class_prompt(c) for c in range(ctx.num_classes)],
             ctx.cfg.embedding,
         )
-        labels, owners = [], []
+        labels, owners, weights = [], [], []
         for r in replies:
-            for c in self._unpack(r, ctx).classes:
-                labels += [c] * n
-                owners += [r.partition_id] * n
-        y, o = torch.tensor(labels), torch.tensor(owners)
-        cond = prompts[y]
+            classes = self._unpack(r, ctx).classes
+            labels += classes
+            owners += [r.partition_id] * len(classes)
+            weights += [float(r.num_examples)] * len(classes)
+        cells = torch.tensor(labels, dtype=torch.int64)
+        units = CondUnits(
+            prompts[cells], cells, torch.tensor(owners, dtype=torch.int64),
+            torch.tensor(weights, dtype=torch.float64), torch.full_like(cells, n),
+        )  # fmt: skip
+        cond, y, o, _ = budget_rows(ctx, units, out, represent="clients").expand()
         # 2. The guidance loss: each image's own client model
         guiding = {pid: GuidingModel(m) for pid, m in models.items()}
         y_dev = y.to(ctx.device)

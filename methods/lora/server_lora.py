@@ -33,7 +33,15 @@ from common.synthesis import sample
 
 from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
 from ..oscar.server_oscar import check_embedding_kind, classes_uploaded, embedding_shape
-from ..steps import engine_kwargs, per_class_rows, synthesize_set, train_global
+from ..steps import (
+    CondUnits,
+    budget_rows,
+    class_units,
+    engine_kwargs,
+    per_class_rows,
+    synthesize_set,
+    train_global,
+)
 from . import client_lora
 from . import payload_lora as P
 from .config_lora import LoraConfig
@@ -189,16 +197,16 @@ class Lora(OneShotMethod):
         # 1. Merge the adapters
         merged, rank, alpha = self.merge(replies, ctx, out)
         # 2. Synthesize with the merged generator, each client's classes and captions
+        #    (within synth-budget: over it, k-means centres of a class's captions)
         set_lora_state(ctx.generator.unet, merged, rank, alpha, lcfg.target_list)
-        rows = []
+        parts = []
         for r in replies:
             emb = self.unpack(r, ctx)[1]
-            rows.append(
-                per_class_rows(
-                    emb.means, emb.class_ids, r.partition_id, ctx.cfg.images_per_class
-                )
-            )
-        conds, labels, owners = (torch.cat(parts) for parts in zip(*rows, strict=True))
+            parts.append(
+                class_units(emb.means, emb.class_ids, r.partition_id,
+                            ctx.cfg.images_per_class, r.num_examples)
+            )  # fmt: skip
+        conds, labels, owners, _ = budget_rows(ctx, CondUnits.cat(parts), out).expand()
         images = synthesize_set(ctx, conds, labels, owners, out)
         ctx.generator.unet.unload_lora()
         # 3. Train the global classifier on the synthetic set

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from common.config import ConfigError
 from common.contract import PayloadError, Reply
 
 from ..base import ClientResult, OneShotMethod, ServerContext, ServerOutput
-from ..steps import synthesize_set, train_global
+from ..steps import CondUnits, budget_rows, class_units, synthesize_set, train_global
 from . import client_oscar
 from . import payload_oscar as P
 from .config_oscar import OscarConfig
@@ -38,23 +36,6 @@ def check_embedding_kind(ctx: ServerContext) -> None:
             f"embedding={ctx.cfg.embedding!r} but generator={ctx.cfg.generator!r} is "
             f"conditioned on {gen.embedding!r} embeddings; set embedding={gen.embedding!r}"
         )
-
-
-def class_rows(
-    e: P.ClassEmbeddings, owner: int, n: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``n`` conditioning rows per uploaded class: its vectors in proportion to
-    their counts (largest remainder), ``(conds, labels, owners)``."""
-    from common.maths import apportion
-
-    conds, labels = [], []
-    for c in e.class_ids.unique().tolist():
-        mine = e.class_ids == c
-        reps = apportion(n, e.counts[mine].tolist())
-        conds.append(e.means[mine].float().repeat_interleave(torch.tensor(reps), dim=0))
-        labels += [c] * n
-    y = torch.tensor(labels, dtype=torch.int64)
-    return torch.cat(conds), y, torch.full_like(y, owner)
 
 
 class Oscar(OneShotMethod):
@@ -91,13 +72,16 @@ class Oscar(OneShotMethod):
         out = ServerOutput()
         tokens, dim = embedding_shape(ctx)
         k = ctx.cfg.options(OscarConfig).prototypes_per_class
-        rows = [
-            class_rows(P.unpack(r.tensors, num_classes=ctx.num_classes, tokens=tokens,
-                                dim=dim, per_class=k), r.partition_id,
-                       ctx.cfg.images_per_class)
-            for r in replies
-        ]  # fmt: skip
-        conds, labels, owners = (torch.cat(parts) for parts in zip(*rows, strict=True))
+        # images-per-class per (client, class), over its vectors by their counts
+        parts = []
+        for r in replies:
+            e = P.unpack(r.tensors, num_classes=ctx.num_classes, tokens=tokens,
+                         dim=dim, per_class=k)  # fmt: skip
+            parts.append(class_units(e.means, e.class_ids, r.partition_id,
+                                     ctx.cfg.images_per_class, r.num_examples,
+                                     counts=e.counts))  # fmt: skip
+        units = CondUnits.cat(parts)
+        conds, labels, owners, _ = budget_rows(ctx, units, out).expand()
         images = synthesize_set(ctx, conds, labels, owners, out)
         train_global(ctx, images, labels, out)
         out.extra["num_synthetic"] = len(labels)
