@@ -234,7 +234,10 @@ PAYLOADS = {
     "fedavg-cnn": "FedAvg: small CNN, fp32",
     "fedavg-resnet18": "FedAvg: ResNet-18, fp32",
 }
-COMMON = "max-examples-per-client=300 min-clients={n} round-timeout-s=1800"
+COMMON = (
+    "max-examples-per-client=300 min-clients={n} target-clients={n} "
+    "collect-window-s=1800"
+)
 
 
 def measure(

@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -49,7 +50,8 @@ class Device:
     node_id: int
     node_config: dict[str, Any]
     arrive_s: float = 0.0  # connects this long after the start
-    reply_s: float = 0.0  # its reply reaches the SuperLink this long after it is asked
+    reply_s: float = 0.0  # its upload reaches the SuperLink this long after it is asked
+    evaluate_s: float = 0.0  # the same for its evaluation of the pushed model
     silent: bool = False  # never replies (crashed, out of battery)
     leave_s: float | None = None  # disconnects this long after the start
     tamper: Tamper | None = None  # rewrites its upload (None from it: no reply)
@@ -148,7 +150,8 @@ class InProcessGrid(Grid):
             reply = self._deliver(msg)
             if reply is not None:
                 d = self.devices[msg.metadata.dst_node_id]
-                self._pending[mid] = _Pending(self.clock.time() + d.reply_s, reply)
+                delay = d.evaluate_s if _is_evaluation(msg) else d.reply_s
+                self._pending[mid] = _Pending(self.clock.time() + delay, reply)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -188,16 +191,25 @@ class InProcessGrid(Grid):
             state=self.states[node],
             run_config=dict(self.run_config),
         )
-        reply = self.client_app(msg, ctx)
+        try:
+            reply = self.client_app(msg, ctx)
+        except Exception as e:  # as a SuperNode reports a ClientApp exception
+            reply = Message(
+                Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                      f"{e.__class__.__name__}: {e}"),
+                reply_to=msg,
+            )  # fmt: skip
         # Uploads are tampered with; evaluation replies go through untouched.
-        if d.tamper is not None and not msg.metadata.message_type.startswith(
-            "evaluate"
-        ):
+        if d.tamper is not None and not _is_evaluation(msg):
             reply = d.tamper(reply, msg)
             if reply is None:  # the node never answers
                 return None
         reply.metadata.__dict__["_src_node_id"] = node  # the SuperLink sets it
         return reply
+
+
+def _is_evaluation(msg: Message) -> bool:
+    return msg.metadata.message_type.startswith("evaluate")
 
 
 def run_round(

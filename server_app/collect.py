@@ -147,9 +147,7 @@ def run_window(
         new = sorted(
             n
             for n in nodes
-            if n not in st.heard
-            and n not in pending
-            and st.lost.get(n, 0) < MAX_ASKS
+            if n not in st.heard and n not in pending and st.lost.get(n, 0) < MAX_ASKS
         )
         if new:
             msgs = [

@@ -122,8 +122,7 @@ class Journal:
     @property
     def fix(self) -> str:
         return (
-            f"start a new run-name, or delete {self.dir} to collect the uploads "
-            "again"
+            f"start a new run-name, or delete {self.dir} to collect the uploads again"
         )
 
     def _read(self) -> None:
@@ -209,7 +208,10 @@ class Journal:
                 tensors: dict[str, torch.Tensor] = {}
                 if name:
                     path = (self.dir / name).resolve()
-                    if not UPLOAD_FILE.fullmatch(name) or path.parent != self.dir.resolve():
+                    if (
+                        not UPLOAD_FILE.fullmatch(name)
+                        or path.parent != self.dir.resolve()
+                    ):
                         raise ResumeError(
                             f"{self.path} names a file outside {self.dir}: {name!r}"
                         )

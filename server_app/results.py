@@ -144,7 +144,7 @@ def report(
 
 
 TABLE_ROWS = 20  # above this many clients the log summarizes them by domain
-PLOT_BARS = 24  # above this many clients the accuracy plot shows domains
+PLOT_BARS = 20  # above this many clients the accuracy plot shows domains
 GRID_ROWS = 12  # above this many clients the sample grid shows a few per domain
 
 
@@ -220,8 +220,7 @@ def plot_accuracy(
     else:
         fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(rows) + 2), 3.2))
         names = [
-            f"{c['partition_id']}\n{safe_text(c.get('domain') or '', 20)}"
-            for c in rows
+            f"{c['partition_id']}\n{safe_text(c.get('domain') or '', 20)}" for c in rows
         ]
         bars = ax.bar(names, accs, color="#4C72B0")
         ax.bar_label(bars, labels=[f"{a:.2f}" for a in accs], fontsize=8)

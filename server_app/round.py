@@ -342,8 +342,13 @@ def run_one_shot(
     def report(evals: dict[int, dict[str, Any]], final: bool) -> dict[str, Any]:
         timings["total"] = time.perf_counter() - t_start
         fleet.update(fleet_summary(journal, got))
-        ge = global_eval if out.model_state is not None else evaluate_global(
-            method, ctx, got, out, evals
+        for m in got.missing:
+            if m["node_id"] in fleet["late"]:
+                m["reason"] = "replied after the window closed (late): not used"
+        ge = (
+            global_eval
+            if out.model_state is not None
+            else evaluate_global(method, ctx, got, out, evals)
         )
         return results.report(method, ctx, got, out, evals, timings, download,
                               ge, fleet, final=final)  # fmt: skip
@@ -421,13 +426,15 @@ def push_and_evaluate(
 def fleet_summary(journal: persist.Journal, got: Collected) -> dict[str, Any]:
     """results.json's ``fleet``: which nodes were asked, and what became of them."""
     asked = sorted({int(e["node_id"]) for e in journal.of("asked")})
+    late = {int(e["node_id"]) for e in journal.of("late")}
     closed = journal.of("closed")
     return {
         "asked": asked,
         "valid": sorted(r.node_id for r in got.replies),
         "rejected": sorted({int(e["node_id"]) for e in got.rejected}),
-        "missing": sorted({int(e["node_id"]) for e in got.missing}),
-        "late": sorted({int(e["node_id"]) for e in journal.of("late")}),
+        # a late node was missing at the close; it is listed once, as late
+        "missing": sorted({int(e["node_id"]) for e in got.missing} - late),
+        "late": sorted(late),
         "lost_contact": sorted({int(e["node_id"]) for e in journal.of("lost")}),
         "times_asked": len(journal.of("asked")),
         "closed_reason": closed[0].get("reason") if closed else None,

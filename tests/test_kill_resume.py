@@ -63,6 +63,11 @@ def _round(rc: dict, mode: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+def _journal(run_dir: Path) -> list[dict]:
+    text = (run_dir / "uploads" / "journal.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
 def _comparable(res: dict) -> dict:
     res = json.loads(json.dumps(res))
     res.pop("timings_s")
@@ -97,8 +102,9 @@ def test_killed_run_resumes_to_the_same_results(method, tiny_stack, fast_config)
         assert k.returncode == -signal.SIGKILL, (mode, k.stderr[-2000:])
         run_dir = out / mode
         assert not (run_dir / "results.json").exists()
-        manifest = json.loads((run_dir / "uploads" / "manifest.json").read_text())
-        assert len(manifest["replies"]) == 3 and manifest["method"] == method
+        journal = _journal(run_dir)
+        assert journal[0]["method"] == method and journal[-1]["event"] == "closed"
+        assert len([e for e in journal if e["event"] == "upload"]) == 3
 
         again = _round(killed, "resume")
         assert again.returncode == 0, (mode, again.stderr[-2000:])
