@@ -653,6 +653,7 @@ def generator_fid(
     from common.models import load_classifier
     from common.synthesis import sample as engine_sample
     from common.synthesis import to_dataset_format
+    from common.synthesis_settings import SynthesisSettings
     from common.text_encoder import load_text_encoder
     from common.train import features, predict
     from common.weights import embedded_dir
@@ -666,16 +667,11 @@ def generator_fid(
     uncond = enc.encode([""], cfg.embedding)
     judge = load_classifier(embedded_dir() / "judge")
 
+    # the run's sampler settings, guidance cut-off included; each call its own seed
+    settings = SynthesisSettings.from_config(cfg, static_shapes=False)
+
     def sample(cond: torch.Tensor, s: int) -> torch.Tensor:
-        x = engine_sample(
-            gen,
-            cond,
-            uncond,
-            guidance_scale=cfg.guidance_scale,
-            num_inference_steps=cfg.num_inference_steps,
-            seed=s,
-            batch_size=cfg.synth_batch_size,
-        )
+        x = engine_sample(gen, cond, uncond, **settings.replace(seed=s).kwargs())
         return to_dataset_format(x, 1, cfg.image_size)
 
     # 1. Real images: a client part (captioned) and a disjoint reference part
@@ -750,8 +746,7 @@ def generator_fid(
         "real_images_per_domain": n_ref,
         "client_images_per_domain": num_client_images,
         "features": "judge classifier embed() (penultimate layer)",
-        "guidance_scale": cfg.guidance_scale,
-        "num_inference_steps": cfg.num_inference_steps,
+        **{k: v for k, v in settings.kwargs().items() if k != "seed"},
         "seed": seed,
         "wall_s": round(time.perf_counter() - t0, 1),
     }

@@ -357,6 +357,7 @@ def evaluate_samples(
 ) -> tuple[dict, torch.Tensor, float]:
     """Class-conditioned samples per (style, class), recognised by the judge and the captioner."""
     from common.synthesis import sample
+    from common.synthesis_settings import SynthesisSettings
     from common.train import predict
 
     means = group_mean_conditions(bank, table)
@@ -371,10 +372,9 @@ def evaluate_samples(
     y = torch.as_tensor(labels)
     t0 = time.perf_counter()
     with tqdm(total=len(cond), desc="sample", mininterval=10) as bar:
-        x = sample(
-            gen, cond, uncond, guidance_scale=sch.guidance_scale,
-            num_inference_steps=sch.eval_steps, seed=seed, progress=bar.update,
-        )  # fmt: skip
+        settings = SynthesisSettings(guidance_scale=sch.guidance_scale,
+                                     num_inference_steps=sch.eval_steps, seed=seed)  # fmt: skip
+        x = sample(gen, cond, uncond, progress=bar.update, **settings.kwargs())
     per_img = (time.perf_counter() - t0) / len(cond)
     pred = predict(judge, x)
     ok = (pred == y).numpy()
@@ -403,6 +403,7 @@ def evaluate_class_names(
 ) -> dict:
     """FGL-style prompts from the class name alone should give the dominant plain style."""
     from common.synthesis import sample
+    from common.synthesis_settings import SynthesisSettings
     from common.train import predict
 
     prompts = [class_name_prompt(c) for c in range(NUM_CLASSES)]
@@ -410,8 +411,9 @@ def evaluate_class_names(
     n = sch.eval_samples
     cond = emb.repeat_interleave(n, 0)
     y = torch.arange(NUM_CLASSES).repeat_interleave(n)
-    x = sample(gen, cond, uncond, guidance_scale=sch.guidance_scale,
-                   num_inference_steps=sch.eval_steps, seed=seed + 1)  # fmt: skip
+    settings = SynthesisSettings(guidance_scale=sch.guidance_scale,
+                                 num_inference_steps=sch.eval_steps, seed=seed + 1)  # fmt: skip
+    x = sample(gen, cond, uncond, **settings.kwargs())
     ret = retrieval_metrics(captioner, x, y, ["plain"] * len(y), table)["with_label"]
     return {
         "prompt_example": prompts[3],

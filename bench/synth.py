@@ -144,6 +144,7 @@ def compare_pipeline(
 ) -> dict[str, Any]:  # fmt: skip
     """Engine vs StableDiffusionPipeline, alternated ``reps`` times."""
     from common.synthesis import image_generators, sample
+    from common.synthesis_settings import SynthesisSettings
 
     gen, pipe = build_sd(kind, px, device, dtype)
     tokens, dim = (77, 768) if kind == "sd15" else (16, 64)
@@ -164,8 +165,9 @@ def compare_pipeline(
     engine_bs: int | str = "auto" if device.type == "cuda" else batch
 
     def engine() -> torch.Tensor:
-        x = sample(gen, cond, uncond, guidance_scale=guidance, num_inference_steps=steps,
-                   seed=0, batch_size=engine_bs)  # fmt: skip
+        settings = SynthesisSettings(guidance_scale=guidance,
+                                     num_inference_steps=steps, batch_size=engine_bs)  # fmt: skip
+        x = sample(gen, cond, uncond, **settings.kwargs())
         return (x + 1) / 2
 
     def diffusers_pipe() -> torch.Tensor:
@@ -219,13 +221,15 @@ def compare_workers(workers: list[int], n: int, steps: int) -> list[dict[str, An
     from common.data import class_name_prompt
     from common.generator import load_generator
     from common.synthesis import GeneratorSpec, sample, sample_on_workers
+    from common.synthesis_settings import SynthesisSettings
     from common.text_encoder import load_text_encoder
 
     gen = load_generator("embedded", "ddim")
     enc = load_text_encoder("embedded")
     cond = enc.encode([class_name_prompt(i % 10) for i in range(n)], "pooled")
     uncond = enc.encode([""], "pooled")
-    kw = dict(guidance_scale=3.0, num_inference_steps=steps, seed=0, batch_size=64)
+    kw = SynthesisSettings(guidance_scale=3.0, num_inference_steps=steps,
+                           batch_size=64).kwargs()  # fmt: skip
     t0 = time.perf_counter()
     ref = sample(gen, cond, uncond, **kw)
     rows = [

@@ -33,24 +33,12 @@ from common.synthesis import (
     sample_on_workers,
     synthesize,
 )
+from common.synthesis_settings import SAMPLER_KEYS, SynthesisSettings
 from common.train import train_classifier
 
 from .base import ServerContext, ServerOutput
 
 SAMPLES_PER_CELL = 6  # images kept per (client, class) for the sample grid
-
-
-def engine_kwargs(ctx: ServerContext, **over: Any) -> dict[str, Any]:
-    """The engine's settings from the run config (``over`` wins)."""
-    cfg = ctx.cfg
-    return {
-        "guidance_scale": cfg.guidance_scale,
-        "num_inference_steps": cfg.num_inference_steps,
-        "guidance_cutoff": cfg.guidance_cutoff,
-        "seed": cfg.seed,
-        "batch_size": cfg.synth_batch_size,
-        "static_shapes": cfg.compile,
-    } | over
 
 
 def synth_workers(ctx: ServerContext) -> int:
@@ -65,11 +53,14 @@ def sample_images(
     ctx: ServerContext, conds: torch.Tensor, desc: str = "synthesize", **over: Any
 ) -> tuple[torch.Tensor, float]:
     """Conditioning rows -> uint8 images in the dataset's format, on this process's
-    device or sharded over Ray workers (``synth-workers``); ``(images, seconds)``."""
-    kw = engine_kwargs(ctx, **over) | {
-        "resize_to": (ctx.channels, ctx.cfg.image_size),
-        "as_uint8": True,
-    }
+    device or sharded over Ray workers (``synth-workers``); ``(images, seconds)``.
+
+    ``over``: sampler settings that differ from the run's (``SAMPLER_KEYS``, e.g.
+    a method's own guidance scale) and the engine's other arguments
+    (``extra_conds``, ``latent_guidance``)."""
+    settings = {k: over.pop(k) for k in list(over) if k in SAMPLER_KEYS}
+    kw = SynthesisSettings.from_config(ctx.cfg, **settings).kwargs() | over
+    kw |= {"resize_to": (ctx.channels, ctx.cfg.image_size), "as_uint8": True}
     workers = synth_workers(ctx)
     if workers > 1 and over.get("latent_guidance") is not None:
         log(INFO, "Latent guidance holds the clients' models: sampling in-process")
@@ -288,11 +279,13 @@ def synthesize_set(
     image (``common.synthesis.sample``). Returns uint8 images in the dataset's
     format (channels, image-size).
     """
-    cfg = ctx.cfg
-    w = cfg.guidance_scale if guidance_scale is None else guidance_scale
+    over: dict[str, Any] = {}
+    if guidance_scale is not None:
+        over["guidance_scale"] = guidance_scale
+    settings = SynthesisSettings.from_config(ctx.cfg, **over)
     log(INFO, "Synthesizing %d images on %s (%s), %d steps, guidance %.1f",
-        len(conds), ctx.device, ctx.dtype, cfg.num_inference_steps, w)  # fmt: skip
-    over: dict[str, Any] = {"guidance_scale": w}
+        len(conds), ctx.device, ctx.dtype, settings.num_inference_steps,
+        settings.guidance_scale)  # fmt: skip
     if extra_conds:
         over["extra_conds"] = extra_conds
     if latent_guidance is not None:

@@ -108,6 +108,7 @@ def fid_proxy_of_adapter(
     from common.maths import fid_proxy
     from common.models import load_classifier
     from common.synthesis import sample, to_dataset_format
+    from common.synthesis_settings import SynthesisSettings
     from common.text_encoder import load_text_encoder
     from common.train import features
     from common.weights import embedded_dir
@@ -118,11 +119,9 @@ def fid_proxy_of_adapter(
         set_lora_state(gen.unet, adapter, rank, alpha, lcfg.target_list)
     uncond = load_text_encoder(cfg.text_encoder).encode([""], cfg.embedding)
     cond = emb.means.float().repeat_interleave(lcfg.lora_samples_per_class, dim=0)
-    fake = sample(
-        gen, cond, uncond, guidance_scale=cfg.guidance_scale,
-        num_inference_steps=cfg.num_inference_steps, seed=seed,
-        batch_size=cfg.synth_batch_size,
-    )  # fmt: skip
+    # the run's sampler settings (guidance cut-off included), this client's seed
+    settings = SynthesisSettings.from_config(cfg, seed=seed, static_shapes=False)
+    fake = sample(gen, cond, uncond, **settings.kwargs())
     fake = to_dataset_format(fake, data.channels, cfg.image_size)
     judge = load_classifier(embedded_dir() / "judge")
     return fid_proxy(features(judge, data.test_images), features(judge, fake))

@@ -30,6 +30,7 @@ from common.lora import attach_lora, get_lora_state, set_lora_state, train_lora
 from common.lora_merge import merge_adapters
 from common.maths import cap_shares
 from common.synthesis import sample
+from common.synthesis_settings import SynthesisSettings
 
 from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
 from ..oscar.server_oscar import check_embedding_kind, classes_uploaded, embedding_shape
@@ -37,7 +38,6 @@ from ..steps import (
     CondUnits,
     budget_rows,
     class_units,
-    engine_kwargs,
     per_class_rows,
     synthesize_set,
     train_global,
@@ -172,7 +172,9 @@ class Lora(OneShotMethod):
             # guided twice once the corrected adapter samples with CFG
             latents.append(
                 sample(gen, cond, ctx.uncond,
-                       **engine_kwargs(ctx, guidance_scale=1.0, static_shapes=False),
+                       **SynthesisSettings.from_config(
+                           ctx.cfg, guidance_scale=1.0, static_shapes=False
+                       ).kwargs(),
                        output="latents")
             )  # fmt: skip
             conds.append(cond)
