@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploy import procs
+from deploy import local_superlink, procs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,27 +99,8 @@ def parse_run_config_string(text: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- SuperLink processes
 
 
-def _superlink_processes(flwr_home: Path) -> list[Any]:
-    """Simulation SuperLinks started from ``flwr_home`` (found by their database path)."""
-    home = str(flwr_home.resolve())
-
-    def match(cmd: list[str]) -> bool:
-        line = " ".join(cmd)
-        return "flower-superlink" in line and "--simulation" in cmd and home in line
-
-    return procs.find_processes(match)
-
-
-def stop_superlinks(flwr_home: Path, timeout_s: float = 10.0) -> list[int]:
-    """Stop the simulation SuperLinks of ``flwr_home`` and all their children.
-
-    Returns the stopped process ids (SuperLinks first). Only processes whose
-    command line names this ``FLWR_HOME`` are touched.
-    """
-    trees = [procs.process_tree(link.pid) for link in _superlink_processes(flwr_home)]
-    found = [p for tree in trees for p in tree]
-    procs.stop_processes(found, timeout_s)
-    return [p.pid for p in found]
+_superlink_processes = local_superlink.superlink_processes
+stop_superlinks = local_superlink.stop_superlinks
 
 
 # ---------------------------------------------------------------- runs
