@@ -133,15 +133,21 @@ def supernode_command(
     transport: str = "rest",
     supernode_bin: str = "flower-supernode",
     extra_node_config: str = "",
+    node_config: str | None = None,
 ) -> list[str]:
-    """``flower-supernode`` dialing ``superlink`` over TLS, with its partition."""
+    """``flower-supernode`` dialing ``superlink`` over TLS, with its partition.
+
+    ``node_config``, if given, replaces the partition's node config (e.g.
+    ``data-path="/data"``: a device with its own data and no partition).
+    """
     cmd = [supernode_bin]
     if transport == "grpc-rere":
         cmd.append("--grpc-rere")  # flwr <= 1.39 only
     cmd += ["--superlink", superlink, "--root-certificates", str(root_cert)]
     if private_key is not None:
         cmd += ["--auth-supernode-private-key", str(private_key)]
-    node_config = f"partition-id={partition_id} num-partitions={num_partitions}"
+    if node_config is None:
+        node_config = f"partition-id={partition_id} num-partitions={num_partitions}"
     if extra_node_config:
         node_config += " " + extra_node_config
     cmd += [
@@ -281,6 +287,9 @@ class Cluster(StartStop):
         nodes' ``PATH`` so that its SuperExec and ClientApp are the same flwr.
     extra_node_config
         Appended to every node's ``--node-config`` (e.g. ``data-path="/data"``).
+    node_configs
+        Node i's own ``--node-config`` instead of its partition, for the i given
+        (e.g. ``{3: 'data-path="/data"'}``: a device with its own data).
     """
 
     def __init__(
@@ -295,6 +304,7 @@ class Cluster(StartStop):
         port: int = 0,
         supernode_bin: str = "flower-supernode",
         extra_node_config: str = "",
+        node_configs: Mapping[int, str] | None = None,
     ) -> None:
         if nodes < 1:
             raise ValueError(f"nodes={nodes} must be >= 1")
@@ -309,6 +319,7 @@ class Cluster(StartStop):
         self.project_root = Path(project_root).resolve()
         self.supernode_bin = supernode_bin
         self.extra_node_config = extra_node_config
+        self.node_configs = dict(node_configs or {})
 
         self.certs_dir = self.workdir / "certs"
         self.keys_dir = self.workdir / "keys"
@@ -358,6 +369,7 @@ class Cluster(StartStop):
             private_key=(key or self.node_key(i)) if self.auth else None,
             transport=self.transport, supernode_bin=self.supernode_bin,
             extra_node_config=self.extra_node_config,
+            node_config=self.node_configs.get(i),
         )  # fmt: skip
 
     def supernode_env(self) -> dict[str, str]:
@@ -426,8 +438,15 @@ class Cluster(StartStop):
 
     # -- lifecycle
 
-    def start(self, timeout_s: float = 120.0) -> None:
-        """Make certs and keys, start the SuperLink, register and start the nodes."""
+    def start(self, timeout_s: float = 120.0, online: int | None = None) -> None:
+        """Make certs and keys, start the SuperLink, register and start the nodes.
+
+        ``online``: start only SuperNodes ``0 .. online-1`` now; every node is
+        registered, the others join later with :meth:`start_node`.
+        """
+        online = self.nodes if online is None else online
+        if not 0 <= online <= self.nodes:
+            raise ValueError(f"online={online} must be in [0, nodes={self.nodes}]")
         check_supernode_transport(self.transport, self.supernode_bin)
         self._refuse_running_keep()
         for d in (self.certs_dir, self.keys_dir, self.logs_dir, self.flwr_home):
@@ -462,12 +481,30 @@ class Cluster(StartStop):
                     self._check_call(register_command(pub), f"register-node-{i}")
             # 6. The SuperNodes; wait until the SuperLink lists all of them online.
             env = self.supernode_env()
-            for i in range(self.nodes):
+            for i in range(online):
                 self._spawn(f"supernode-{i}", self.supernode_cmd(i), env)
-            self._wait_nodes_online(timeout_s)
+            self._wait_nodes_online(timeout_s, online)
         except BaseException:
             self.stop()
             raise
+
+    def start_node(self, i: int, timeout_s: float = 120.0) -> None:
+        """Start SuperNode ``i`` (one :meth:`start` left out); wait until it is online."""
+        name = f"supernode-{i}"
+        if not 0 <= i < self.nodes or any(p.name == name for p in self._procs):
+            raise ValueError(
+                f"node={i}: must be in [0, nodes={self.nodes}) and not running yet"
+            )
+        self._spawn(name, self.supernode_cmd(i), self.supernode_env())
+        self._wait_nodes_online(timeout_s, self._running_nodes())
+
+    def _running_nodes(self) -> int:
+        return sum(p.name.startswith("supernode-") for p in self._procs)
+
+    @property
+    def superlink_pid(self) -> int | None:
+        """The SuperLink's pid (its SuperExec and the ServerApps are descendants)."""
+        return next((p.popen.pid for p in self._procs if p.name == "superlink"), None)
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """Stop every process started here: SuperNodes first, then the SuperLink."""
@@ -537,6 +574,19 @@ class Cluster(StartStop):
         status = self.run_status(run_id) if run_id is not None else None
         return AppRun(cmd, rc, out, run_id, status, log_path)
 
+    def submit_app(self, run_config: str = "") -> int:
+        """``flwr run <project> <connection>`` without ``--stream``: start the run
+        and return its id at once (follow it with :meth:`run_status`)."""
+        cmd = run_command(self.project_root, CONNECTION, run_config)
+        cmd.remove("--stream")
+        self._runs += 1
+        self._check_call(cmd, f"run-{self._runs}")
+        log = (self.logs_dir / f"run-{self._runs}.log").read_text()
+        run_id = _run_id(log)
+        if run_id is None:
+            raise RuntimeError(f"`{shlex.join(cmd)}` printed no run id:\n{log[-2000:]}")
+        return run_id
+
     def run_status(self, run_id: int) -> str | None:
         """The run's status from ``flwr ls --run-id``, e.g. ``finished:completed``."""
         res = self._cli(
@@ -547,8 +597,16 @@ class Cluster(StartStop):
 
     def node_statuses(self) -> list[str]:
         """Status of every node the SuperLink knows (``flwr supernode ls``)."""
+        return [status for _, status in self.node_list()]
+
+    def node_list(self) -> list[tuple[int, str]]:
+        """``(node id, status)`` of every node the SuperLink knows, in the order
+        they were registered (with auth: entry i is ``keys/node-i``)."""
         res = self._cli(["flwr", "supernode", "ls", CONNECTION, "--format", "json"])
-        return [n.get("status", "") for n in _json_out(res.stdout).get("nodes") or []]
+        return [
+            (int(n.get("node-id", 0)), n.get("status", ""))
+            for n in _json_out(res.stdout).get("nodes") or []
+        ]
 
     def start_unregistered_node(self, timeout: float = 60.0) -> NodeExit:
         """Start one more SuperNode whose key was never registered; report its end.
@@ -620,7 +678,8 @@ class Cluster(StartStop):
                 f"within {timeout_s:.0f} s; see {self.logs_dir / 'superlink.log'}"
             )
 
-    def _wait_nodes_online(self, timeout_s: float) -> None:
+    def _wait_nodes_online(self, timeout_s: float, expected: int | None = None) -> None:
+        expected = self.nodes if expected is None else expected
         online = 0
 
         def ready() -> bool:
@@ -629,11 +688,11 @@ class Cluster(StartStop):
                 if p.name.startswith("supernode-"):
                     check_running(p.name, p.popen, self.logs_dir / f"{p.name}.log")
             online = self.node_statuses().count("online")
-            return online >= self.nodes
+            return online >= expected
 
         if not wait_until(ready, timeout_s, 2.0):
             raise TimeoutError(
-                f"{online}/{self.nodes} SuperNodes online after {timeout_s:.0f} s; "
+                f"{online}/{expected} SuperNodes online after {timeout_s:.0f} s; "
                 f"see {self.logs_dir}/supernode-*.log"
             )
 

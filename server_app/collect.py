@@ -209,31 +209,17 @@ def take_reply(
 ) -> None:
     """One reply: a lost node (asked again if it returns), a rejection, or an
     upload persisted before anything else happens."""
-    mid = str(msg.metadata.reply_to_message_id)
-    node = st.outstanding.pop(mid, None)
+    node = st.outstanding.pop(str(msg.metadata.reply_to_message_id), None)
     if node is None:
         return  # not ours (already taken)
-    src = int(msg.metadata.src_node_id) if msg.metadata.src_node_id else node
-    if msg.has_error():
-        if msg.error.code in LOST_CONTACT:
-            st.lost[node] = st.lost.get(node, 0) + 1
-            journal.append("lost", node_id=node, at=now,
-                           reason=C.safe_text(msg.error.reason, 200))  # fmt: skip
-            return
-        st.heard.add(node)
-        st.rejected += 1
-        journal.append("rejected", node_id=node, at=now,
-                       reason=f"client error {msg.error.code}: "
-                       f"{C.safe_text(msg.error.reason, 300)}")  # fmt: skip
+    if msg.has_error() and msg.error.code in LOST_CONTACT:
+        st.lost[node] = st.lost.get(node, 0) + 1
+        journal.append("lost", node_id=node, at=now,
+                       reason=C.safe_text(msg.error.reason, 200))  # fmt: skip
         return
     st.heard.add(node)
-    if src != node:  # the SuperLink routes replies; a mismatch is not ours to trust
-        st.rejected += 1
-        journal.append("rejected", node_id=node, at=now,
-                       reason=f"reply came from node {src}, asked node {node}")  # fmt: skip
-        return
     try:
-        r = C.unpack_reply(node, msg.content, payload_key, max_upload_bytes)
+        r = check_envelope(msg, node, payload_key, max_upload_bytes)
     except PayloadError as e:
         st.rejected += 1
         journal.append("rejected", node_id=node, reason=str(e), at=now,
@@ -241,9 +227,23 @@ def take_reply(
         return
     journal.upload(r, at=now)
     st.uploads += 1
-    why = precheck(r)
-    if why is None:
+    if precheck(r) is None:
         st.valid += 1
+
+
+def check_envelope(
+    msg: Message, node: int, payload_key: str | None, max_upload_bytes: int
+) -> Reply:
+    """The reply of ``node`` as a ``Reply``, or ``PayloadError`` with the reason
+    (a client error, a reply from another node, a malformed envelope)."""
+    if msg.has_error():
+        raise PayloadError(
+            f"client error {msg.error.code}: {C.safe_text(msg.error.reason, 300)}"
+        )
+    src = int(msg.metadata.src_node_id) if msg.metadata.src_node_id else node
+    if src != node:  # the SuperLink routes replies; a mismatch is not ours to trust
+        raise PayloadError(f"reply came from node {src}, asked node {node}")
+    return C.unpack_reply(node, msg.content, payload_key, max_upload_bytes)
 
 
 def claimed_partition(msg: Message) -> dict[str, Any]:

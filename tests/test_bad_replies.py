@@ -83,13 +83,14 @@ def _lora_retype(dtype):
 
 # (case id, method, extra run config, hook, text the rejection reason contains)
 CORPUS = [
-    # a rejected reply whose partition-id is missing, a string or a list
+    # a rejected reply whose partition-id is missing (a device with its own data
+    # declares none: rejected for its NaN, not its identity), a string or a list
     (
         "pid-missing",
         "oscar",
         {},
         _and(_meta("partition-id", _DROP), _nan_mean),
-        "partition-id=None",
+        "NaN or Inf",
     ),
     ("pid-string", "oscar", {}, _meta("partition-id", "evil"), "is not an integer"),
     ("pid-list", "oscar", {}, _meta("partition-id", [1, 2]), "partition-id"),
@@ -322,30 +323,52 @@ def _resume(rc):
     return run_one_shot(FakeGrid(client_app, 3, rc), build_config(rc), "x")
 
 
-def test_resume_refuses_an_altered_manifest(tiny_stack, fast_config):
+def _lines(up: Path) -> list[dict]:
+    return [json.loads(x) for x in (up / "journal.jsonl").read_text().splitlines()]
+
+
+def _rewrite(up: Path, lines: list[dict], rechain: bool) -> None:
+    """Write journal lines back; ``rechain``: recompute every checksum, as a
+    forger who read persist.py would."""
+    from server_app.persist import _digest
+
+    prev = ""
+    out = []
+    for e in lines:
+        body = {k: v for k, v in e.items() if k != "checksum"}
+        if rechain:
+            body["prev"] = prev
+            e = body | {"checksum": _digest(body)}
+            prev = e["checksum"]
+        out.append(json.dumps(e))
+    (up / "journal.jsonl").write_text("\n".join(out) + "\n")
+
+
+def _upload_line(lines: list[dict]) -> dict:
+    return next(e for e in lines if e["event"] == "upload")
+
+
+def test_resume_refuses_an_altered_journal(tiny_stack, fast_config):
     rc, up = _persisted(fast_config, "altered")
-    m = json.loads((up / "manifest.json").read_text())
-    m["replies"][0]["num_examples"] += 1  # a flipped digit
-    (up / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ResumeError, match="manifest.json does not match its checksum"):
+    lines = _lines(up)
+    _upload_line(lines)["num_examples"] += 1  # a flipped digit
+    _rewrite(up, lines, rechain=False)
+    with pytest.raises(ResumeError, match="journal.jsonl: line .* does not match its"):
         _resume(rc)
 
 
-def test_resume_refuses_a_manifest_that_is_not_json(tiny_stack, fast_config):
+def test_resume_refuses_a_journal_that_is_not_json(tiny_stack, fast_config):
     rc, up = _persisted(fast_config, "garbled")
-    (up / "manifest.json").write_text("{ not json")
-    with pytest.raises(ResumeError, match="is not a valid manifest.*new run-name"):
+    (up / "journal.jsonl").write_text("{ not json\n")
+    with pytest.raises(ResumeError, match="not a journal entry.*new run-name"):
         _resume(rc)
 
 
 def test_resume_refuses_a_file_outside_uploads(tiny_stack, fast_config):
-    from server_app.persist import _digest
-
     rc, up = _persisted(fast_config, "escape")
-    m = json.loads((up / "manifest.json").read_text())
-    m["replies"][0]["file"] = "../../../../etc/passwd"
-    m["checksum"] = _digest({k: v for k, v in m.items() if k != "checksum"})
-    (up / "manifest.json").write_text(json.dumps(m))
+    lines = _lines(up)
+    _upload_line(lines)["file"] = "../../../../etc/passwd"
+    _rewrite(up, lines, rechain=True)
     with pytest.raises(ResumeError, match="outside"):
         _resume(rc)
 
@@ -356,18 +379,15 @@ def test_resume_revalidates_every_upload(tiny_stack, fast_config):
 
     from safetensors.torch import load_file, save_file
 
-    from server_app.persist import _digest
-
     rc, up = _persisted(fast_config, "revalidate")
-    m = json.loads((up / "manifest.json").read_text())
-    entry = m["replies"][0]
+    lines = _lines(up)
+    entry = _upload_line(lines)
     tensors = load_file(str(up / entry["file"]))
     key = next(k for k, v in tensors.items() if v.is_floating_point())
     tensors[key] = tensors[key] * float("nan")
     save_file(tensors, str(up / entry["file"]))
     entry["sha256"] = hashlib.sha256((up / entry["file"]).read_bytes()).hexdigest()
-    m["checksum"] = _digest({k: v for k, v in m.items() if k != "checksum"})
-    (up / "manifest.json").write_text(json.dumps(m))
+    _rewrite(up, lines, rechain=True)
     for f in (up.parent / "checkpoints").iterdir():
         f.unlink()
     res = _resume(rc)

@@ -3,7 +3,7 @@
 Starting from a genuine reply of the real ClientApp, hypothesis mutates what a
 client controls (meta, metrics, arrays: keys, dtypes, shapes, values, whole
 records) and feeds it through the server's validation exactly as the round does
-(``unpack_replies`` then ``screen``). The invariant: validation never raises; a
+(``check_envelope``, the journal, then ``screen``). The invariant: validation never raises; a
 reply is either accepted (and then unpacks again cleanly) or rejected with a
 reason. ``tests/test_bad_replies.py`` drives hand-made bad replies through the
 whole round.
@@ -22,10 +22,13 @@ from hypothesis import strategies as st
 
 from client_app.app import app as client_app
 from common import contract as C
+from common.contract import PayloadError
 from common.datasets import dataset_info
 from methods import METHODS, build_config, get_method
 from methods.base import ServerContext
-from server_app.round import screen, unpack_replies
+from server_app.collect import check_envelope
+from server_app.persist import Journal
+from server_app.round import Collected, screen
 
 CASES = 120  # generated cases per method (the issue asks for at least 100)
 NODE = 4242
@@ -186,9 +189,19 @@ def mutation(draw, parts: dict) -> dict:
 
 
 def _validate(method, ctx, content: RecordDict):
+    """As the round does: the envelope on arrival, the journal, then ``screen``."""
     msg = Message(content, dst_node_id=0, message_type=method.collect_type)
     msg.metadata.__dict__["_src_node_id"] = NODE
-    return screen(method, ctx, unpack_replies(method, [NODE], [msg], ctx))
+    got = Collected()
+    try:
+        r = check_envelope(msg, NODE, method.payload_key, ctx.max_upload_bytes)
+    except PayloadError as e:
+        got.reject(NODE, str(e))
+        return screen(method, ctx, got)
+    journal = Journal(ctx.run_dir, method.name, resume=False)
+    journal.upload(r, at=0.0)
+    got.replies = journal.replies()
+    return screen(method, ctx, got)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
