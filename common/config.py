@@ -76,6 +76,7 @@ class RunConfig(KeysModel):
     # Synthesis
     images_per_class: int = Field(50, ge=1, le=100_000)
     synth_budget: int = Field(5000, ge=0)
+    save_synthetic: bool = False
     guidance_scale: float = Field(3.0, ge=1.0, le=50.0)
     num_inference_steps: int = Field(10, ge=1, le=1000)
     scheduler: Scheduler = "dpm"

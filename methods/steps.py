@@ -270,6 +270,7 @@ def synthesize_set(
     guidance_scale: float | None = None,
     extra_conds: list[tuple[torch.Tensor, float]] | None = None,
     latent_guidance: LatentGuidance | None = None,
+    source: str | None = None,
 ) -> torch.Tensor:
     """Sample one image per row of ``conds`` ``[M, L, D]``; keep a few per cell.
 
@@ -278,7 +279,20 @@ def synthesize_set(
     ``extra_conds`` adds guidance terms, ``latent_guidance`` a loss on the predicted
     image (``common.synthesis.sample``). Returns uint8 images in the dataset's
     format (channels, image-size).
+
+    With ``save-synthetic`` the set is saved at ``<run-dir>/synthetic/``
+    (``common.synthetic_set``), each row's ``source`` being ``source`` (what
+    conditioned it, e.g. ``"oscar:embedding"``; default: the method's name), and
+    ``out.extra["synthetic_set"]`` records its path and rows. The first call of
+    a server work replaces a set left by an earlier attempt of the round; a
+    further call with the same ``out`` appends its rows, so the folder holds
+    everything the method sampled.
     """
+    from common.synthetic_set import SYNTHETIC_DIR, check_rows, save_synthetic_set
+
+    save = ctx.cfg.save_synthetic
+    if save:  # fail before sampling, not after
+        check_rows(labels, owners, source or ctx.cfg.method, ctx.class_names)
     over: dict[str, Any] = {}
     if guidance_scale is not None:
         over["guidance_scale"] = guidance_scale
@@ -299,6 +313,15 @@ def synthesize_set(
                 out.samples[(int(o), int(c))] = from_uint8(
                     images[idx[:SAMPLES_PER_CELL]]
                 )
+    if save:
+        prior = out.extra.get("synthetic_set")
+        path = save_synthetic_set(
+            ctx.run_dir / SYNTHETIC_DIR, images, labels, owners,
+            source or ctx.cfg.method, ctx.class_names, append=prior is not None,
+        )  # fmt: skip
+        rows = len(labels) + (int(prior["rows"]) if prior else 0)
+        out.extra["synthetic_set"] = {"path": str(path), "rows": rows}
+        log(INFO, "Synthetic set (%d images) saved to %s", rows, path)
     return images
 
 

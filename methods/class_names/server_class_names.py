@@ -35,7 +35,7 @@ class ClassNames(OneShotMethod):
             torch.ones(k, dtype=torch.float64), torch.full((k,), n),
         )  # fmt: skip
         cond, y, owners, _ = budget_rows(ctx, units, out).expand()
-        images = synthesize_set(ctx, cond, y, owners, out)
+        images = synthesize_set(ctx, cond, y, owners, out, source="class-names:prompt")
         train_global(ctx, images, y, out)
         out.extra["num_synthetic"] = len(y)
         return out

@@ -113,6 +113,7 @@ class FedDeo(OneShotMethod):
             ctx, cond, labels, owners, out,
             guidance_scale=opts.feddeo_description_guidance,
             extra_conds=extra if opts.feddeo_class_guidance > 0 else None,
+            source="feddeo:description",
         )  # fmt: skip
 
         # 4. The global classifier on the union

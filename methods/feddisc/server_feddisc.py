@@ -146,7 +146,7 @@ class FedDisc(OneShotMethod):
         cond, y, o, (domain,) = units.expand()
         images = synthesize_set(
             ctx, cond, y, o, out, guidance_scale=opts.feddisc_guidance,
-            extra_conds=[(domain, opts.feddisc_guidance)],
+            extra_conds=[(domain, opts.feddisc_guidance)], source="feddisc:prototype",
         )  # fmt: skip
         train_global(ctx, images, y, out)
         out.extra["num_synthetic"] = len(y)

@@ -187,7 +187,7 @@ class FedLmg(OneShotMethod):
                                until=opts.fedlmg_guided_fraction,
                                normalize=opts.fedlmg_guidance_norm == "rms")  # fmt: skip
         images = synthesize_set(ctx, cond, y, o, out, desc="synthesize (model-guided)",
-                                latent_guidance=guide)  # fmt: skip
+                                latent_guidance=guide, source="fedlmg:guided")  # fmt: skip
         # 3. Soft labels for md / sd, then the global model
         soft, agree = self._teacher(models, images, y, o, opts.fedlmg_aggregation, ctx)
         train_global(ctx, images, y, out, soft_targets=soft)

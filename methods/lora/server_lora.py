@@ -209,7 +209,9 @@ class Lora(OneShotMethod):
                             ctx.cfg.images_per_class, r.num_examples)
             )  # fmt: skip
         conds, labels, owners, _ = budget_rows(ctx, CondUnits.cat(parts), out).expand()
-        images = synthesize_set(ctx, conds, labels, owners, out)
+        images = synthesize_set(
+            ctx, conds, labels, owners, out, source="lora:merged-adapter"
+        )
         ctx.generator.unet.unload_lora()
         # 3. Train the global classifier on the synthetic set
         train_global(ctx, images, labels, out)

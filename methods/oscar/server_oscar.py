@@ -82,7 +82,9 @@ class Oscar(OneShotMethod):
                                      counts=e.counts))  # fmt: skip
         units = CondUnits.cat(parts)
         conds, labels, owners, _ = budget_rows(ctx, units, out).expand()
-        images = synthesize_set(ctx, conds, labels, owners, out)
+        images = synthesize_set(
+            ctx, conds, labels, owners, out, source="oscar:caption-embedding"
+        )
         train_global(ctx, images, labels, out)
         out.extra["num_synthetic"] = len(labels)
         return out
