@@ -185,13 +185,17 @@ def run_window(
         clock.sleep(POLL_S)
     now = clock.time()
     log(INFO, "%s", st.status(now - start, window_s, len(st.asked)))
-    # 5. Close: outstanding nodes are missing (a later reply is late, not used)
-    for node in sorted(set(st.outstanding.values())):
-        journal.append("missing", node_id=node, at=now,
-                       reason=f"no reply before the window closed ({reason})")  # fmt: skip
-    for node in sorted(set(st.lost) - st.heard - set(st.outstanding.values())):
-        journal.append("missing", node_id=node, at=now,
-                       reason=f"lost contact {st.lost[node]} time(s), not heard from")  # fmt: skip
+    # 5. Close: every node asked and not heard from is missing (a reply that
+    # comes later is late, not used)
+    waiting = set(st.outstanding.values())
+    for node in sorted(set(st.asked) - st.heard):
+        if node in waiting:
+            why = f"no reply before the window closed ({reason})"
+        elif node in st.lost:
+            why = f"lost contact {st.lost[node]} time(s), not heard from"
+        else:  # asked by a server that died; not seen again before the close
+            why = "asked before the server restarted; not heard from"
+        journal.append("missing", node_id=node, at=now, reason=why)
     journal.append("closed", reason=reason, at=now, outstanding=st.outstanding)
     log(INFO, "Collection window closed (%s) after %.0f s", reason, now - start)
     return {"reason": reason, "outstanding": dict(st.outstanding),

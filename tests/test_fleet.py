@@ -164,9 +164,9 @@ from deploy.inprocess import Device, VirtualClock, run_round
 from server_app import persist
 
 rc, start, kill_after = json.loads(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
-arrivals = [0.0, 10.0, 20.0, 30.0, 40.0]
-devices = [Device(101 + p, {"partition-id": p, "num-partitions": 5}, arrive_s=a)
-           for p, a in enumerate(arrivals)]
+spec = json.loads(sys.argv[4])  # per device: [arrive_s, reply_s]
+devices = [Device(101 + p, {"partition-id": p, "num-partitions": len(spec)},
+                  arrive_s=a, reply_s=r) for p, (a, r) in enumerate(spec)]
 if kill_after:
     real = persist.Journal.upload
     count = {"n": 0}
@@ -179,18 +179,22 @@ if kill_after:
 # The devices connect at times measured from the window's own start (1e9).
 clock = VirtualClock(start)
 res, grid = run_round(
-    [Device(d.node_id, d.node_config, arrive_s=d.arrive_s - (start - 1e9))
-     for d in devices], rc, clock=clock)
+    [Device(d.node_id, d.node_config, arrive_s=d.arrive_s - (start - 1e9),
+            reply_s=d.reply_s) for d in devices], rc, clock=clock)
 print("SENT " + json.dumps(grid.sent))
 """
 
 
+SPREAD = [[0.0, 0.0], [10.0, 0.0], [20.0, 0.0], [30.0, 0.0], [40.0, 0.0]]
+
+
 def _window_round(
-    rc: dict, start: float, kill_after: int
+    rc: dict, start: float, kill_after: int, spec: list = SPREAD
 ) -> subprocess.CompletedProcess:
     env = os.environ | {"OMP_NUM_THREADS": "1"}
+    args = [json.dumps(rc), str(start), str(kill_after), json.dumps(spec)]
     return subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(rc), str(start), str(kill_after)],
+        [sys.executable, "-c", SCRIPT, *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 
@@ -229,6 +233,25 @@ def test_killed_in_mid_window_resumes_losing_nothing_asking_nobody_twice(
         105,
     ]
     assert res["fleet"]["window_s"] == pytest.approx(100.0, abs=1.5)
+
+
+@pytest.mark.timeout(600)
+def test_resumed_after_the_window_ended_closes_at_once(tiny_stack, fast_config):
+    """Killed while 103's reply is on its way; back after the window's end: the
+    window closes at once with the two uploads it had, 103 listed as missing."""
+    rc = _config(fast_config, **{"collect-window-s": 100.0, "run-name": "late"})
+    spec = [[0.0, 0.0], [0.0, 0.0], [0.0, 50.0]]
+    k = _window_round(rc, 1e9, kill_after=2, spec=spec)
+    assert k.returncode == -signal.SIGKILL, k.stderr[-2000:]
+    again = _window_round(rc, 1e9 + 200.0, kill_after=0, spec=spec)
+    assert again.returncode == 0, again.stderr[-2000:]
+    sent = json.loads(again.stdout.split("SENT ", 1)[1])
+    assert [n for n, t in sent if t == COLLECT] == []
+    res = json.loads((Path(rc["output-dir"]) / "late" / "results.json").read_text())
+    assert res["fleet"]["valid"] == [101, 102] and res["fleet"]["missing"] == [103]
+    assert res["missing"][0]["reason"] == (
+        "asked before the server restarted; not heard from"
+    )
 
 
 def test_a_torn_last_line_is_dropped_and_an_edited_one_refused(tmp_path):
