@@ -45,6 +45,7 @@ from methods.base import OneShotMethod, ServerContext, ServerOutput
 
 from . import persist, results
 from .collect import POLL_S, Clock, RealClock, run_window, take_late
+from .outputs import resolve_output_dir
 
 
 class RoundError(RuntimeError):
@@ -66,8 +67,13 @@ class Collected:
 
 
 def run_dir_for(cfg: RunConfig, run_id: int | str) -> Path:
-    """``<output-dir>/<run-name or run id>``; never outside ``output-dir``."""
-    root = Path(cfg.output_dir).expanduser().resolve()
+    """``<output-dir>/<run-name or run id>``, absolute; never outside ``output-dir``.
+
+    A relative ``output-dir`` is resolved against the project directory the run
+    came from, or refused (``ConfigError``) where Flower does not let the
+    ServerApp know it (``server_app.outputs``).
+    """
+    root = resolve_output_dir(cfg.output_dir)
     run_dir = (root / (cfg.run_name or str(run_id))).resolve()
     if run_dir.parent != root:
         raise RoundError(f"run folder {run_dir} is not inside output-dir {root}")
