@@ -4,12 +4,14 @@ The adapter lives inside the UNet through diffusers' PEFT integration
 (``unet.add_adapter``, which calls ``peft.inject_adapter_in_model``); it is moved
 between client and server as a peft state dict (``<prefix>.lora_A.weight`` /
 ``<prefix>.lora_B.weight``, no adapter name), the format ``common.lora_merge``
-merges. LoRA: Hu et al. 2021, ``W x + (alpha / r)·B A x``.
+merges. LoRA: Hu et al. 2021, ``W x + (alpha / r)·B A x``. An adapter leaves the
+project in diffusers' LoRA format (``save_diffusers_lora`` / ``load_diffusers_lora``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -358,3 +360,135 @@ def train_lora(
 def adapter_nbytes(state: dict[str, Tensor]) -> int:
     """Size of an adapter state dict in bytes (what a client uploads)."""
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+# ---------------------------------------------------------------- export
+
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+UNET_PREFIX = "unet."  # diffusers' key prefix of a pipeline's UNet adapter
+_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+
+
+def _adapter_modules(state: dict[str, Tensor], rank: int) -> list[str]:
+    """The adapted modules of a peft state dict; checks its pairs and ``rank``."""
+    suffixes = (".lora_A.weight", ".lora_B.weight")
+    bad = [k for k in state if not k.endswith(suffixes)]
+    if bad:
+        raise ValueError(
+            f"LoRA state keys {bad[:3]} are not '<module>.lora_A.weight' / "
+            "'<module>.lora_B.weight' (a peft state dict without adapter name, as "
+            "get_lora_state returns)"
+        )
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    for m in modules:
+        a, b = state.get(m + suffixes[0]), state.get(m + suffixes[1])
+        if a is None or b is None:
+            raise ValueError(f"LoRA state has lora_A or lora_B of {m!r} but not both")
+        if a.shape[0] != rank or b.shape[1] != rank:
+            raise ValueError(
+                f"LoRA state of {m!r}: lora_A {tuple(a.shape)}, lora_B "
+                f"{tuple(b.shape)} do not have rank={rank}; pass the rank the state "
+                "was built with"
+            )
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise ValueError(f"LoRA state of {m!r} contains NaN or Inf")
+    return modules
+
+
+def save_diffusers_lora(
+    path: str | Path, state: dict[str, Tensor], rank: int, alpha: float
+) -> Path:
+    """Write a UNet adapter as diffusers writes LoRA weights, for diffusers' loaders.
+
+    ``<path>/pytorch_lora_weights.safetensors`` holds the peft keys prefixed
+    ``unet.`` (``unet.<module>.lora_A.weight``) and, in its header, diffusers'
+    adapter metadata (``r``, ``lora_alpha``, ``target_modules`` = the adapted
+    modules' full names): the format of ``StableDiffusionPipeline.save_lora_weights``
+    (written by it), loaded without conversion by
+    ``pipeline.load_lora_weights(path)`` or, on a bare UNet,
+    ``unet.load_lora_adapter(path, weight_name=LORA_WEIGHTS, prefix="unet")``
+    (without ``weight_name`` it looks for a ``.bin`` file).
+
+    The scale ``alpha / rank`` is folded into ``lora_B`` and the metadata says
+    ``lora_alpha = r``: a loader that ignores the metadata (diffusers before
+    0.35, other tools) assumes exactly that, so every loader applies
+    ``ΔW = (alpha / rank)·B A``, the update this project's adapter applies.
+
+    Parameters
+    ----------
+    path : str or Path
+        Folder to write into (created).
+    state : dict of str to Tensor
+        A peft state dict without adapter name (``get_lora_state``).
+    rank, alpha : int, float
+        ``r`` and ``lora_alpha`` the state was built with.
+
+    Returns
+    -------
+    Path
+        The weights file.
+    """
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    # 1. Check inputs
+    if rank < 1:
+        raise ValueError(f"rank={rank} must be >= 1")
+    if not alpha > 0:
+        raise ValueError(f"alpha={alpha} must be > 0")
+    if not state:
+        raise ValueError("LoRA state is empty; nothing to save")
+    modules = _adapter_modules(state, rank)
+
+    # 2. Fold the scale into B: (alpha / r)·B A = (s·B) A with lora_alpha = r
+    s = float(alpha) / rank
+    layers: dict[str, nn.Module | Tensor] = {}
+    for k, v in state.items():
+        v = v.detach().to("cpu", torch.float32)
+        fold = s != 1.0 and k.endswith(".lora_B.weight")
+        layers[k] = (v * s if fold else v).contiguous()
+
+    # 3. Write with diffusers' own writer (its key prefix and metadata header)
+    metadata = {"r": int(rank), "lora_alpha": int(rank), "target_modules": modules}
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        str(path), unet_lora_layers=layers, unet_lora_adapter_metadata=metadata
+    )
+    return Path(path) / LORA_WEIGHTS
+
+
+def load_diffusers_lora(
+    path: str | Path,
+) -> tuple[dict[str, Tensor], int, float, list[str]]:
+    """``(state, rank, alpha, targets)`` of a UNet adapter in diffusers' format.
+
+    Reads what ``save_diffusers_lora`` writes (a folder or the file itself);
+    ``set_lora_state(unet, *load_diffusers_lora(path))`` puts it on a UNet for
+    this project's sampler. Without adapter metadata, ``alpha = rank`` (diffusers'
+    convention).
+    """
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / LORA_WEIGHTS
+    if not file.is_file():
+        raise FileNotFoundError(f"no LoRA weights at {file}")
+    with safe_open(str(file), framework="pt") as f:
+        header = f.metadata() or {}
+    state = {
+        k[len(UNET_PREFIX) :]: v
+        for k, v in load_file(str(file)).items()
+        if k.startswith(UNET_PREFIX)
+    }
+    if not state:
+        raise ValueError(f"{file} holds no '{UNET_PREFIX}' LoRA keys")
+    meta = json.loads(header.get(_METADATA_KEY, "{}"))
+    ranks = {int(v.shape[0]) for k, v in state.items() if k.endswith(".lora_A.weight")}
+    rank = int(meta.get(UNET_PREFIX + "r", max(ranks, default=0)))
+    alpha = float(meta.get(UNET_PREFIX + "lora_alpha", rank))
+    modules = _adapter_modules(state, rank)
+    targets = list(meta.get(UNET_PREFIX + "target_modules", modules))
+    return state, rank, alpha, sorted(targets)

@@ -43,7 +43,7 @@ from common.datasets import (
 from methods import get_method
 from methods.base import OneShotMethod, ServerContext, ServerOutput
 
-from . import persist, results
+from . import artifacts, persist, results
 from .collect import POLL_S, Clock, RealClock, run_window, take_late
 from .outputs import resolve_output_dir
 
@@ -335,6 +335,8 @@ def run_one_shot(
     else:
         out = method.server_work(got.replies, ctx)
         persist.save_output(run_dir, out)
+    # the global model in the formats users' tools load (rewritten on a resume)
+    artifacts.save_global_model(run_dir, out, ctx, method.name)
     timings.update(out.timings)
     take_late(grid, journal, window["outstanding"], clock.time())
 
@@ -343,6 +345,7 @@ def run_one_shot(
     t0 = time.perf_counter()
     global_eval = evaluate_global(method, ctx, got, out, {})
     timings["global_evaluate"] = time.perf_counter() - t0
+    artifacts.record_global_accuracy(run_dir, global_eval["global_accuracy"])
 
     # 5. Report before the push: a push that never ends loses no result
     def report(evals: dict[int, dict[str, Any]], final: bool) -> dict[str, Any]:
