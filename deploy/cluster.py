@@ -264,8 +264,9 @@ class Cluster(StartStop):
     workdir
         Holds ``certs/``, ``keys/``, ``flwr-home/`` (``FLWR_HOME``),
         ``logs/*.log``, ``superlink.db`` and, for ``--keep``, ``stop.sh``. The
-        SuperLink runs here, so the ServerApp's relative paths (e.g. the default
-        ``output-dir``) land here too.
+        SuperLink runs here. A deployed ServerApp refuses a relative
+        ``output-dir``: runs started here get ``output-dir=<workdir>/outputs``
+        unless their run config names one.
     nodes
         Number of SuperNodes; node i gets ``partition-id=i num-partitions=nodes``.
     transport
@@ -498,6 +499,48 @@ class Cluster(StartStop):
         self._spawn(name, self.supernode_cmd(i), self.supernode_env())
         self._wait_nodes_online(timeout_s, self._running_nodes())
 
+    def kill_superlink(self) -> int:
+        """SIGKILL the SuperLink (by its pid) and reap it, as its parent (a shell,
+        systemd) would; returns the pid. Its SuperExec and ServerApps are left to
+        themselves: they watch the SuperLink's pid, which stays taken until it
+        is reaped, so an unreaped SuperLink keeps them running."""
+        link = next((p for p in self._procs if p.name == "superlink"), None)
+        if link is None or link.popen.poll() is not None:
+            raise RuntimeError("no SuperLink started here is running")
+        link.popen.send_signal(signal.SIGKILL)
+        link.popen.wait(timeout=10)
+        return link.popen.pid
+
+    def restart_superlink(self, timeout_s: float = 120.0) -> int:
+        """Start the SuperLink again after it died: same ``--database``, port,
+        certificates and auth; no node is registered again. Returns its pid.
+
+        The dead SuperLink's log is kept as ``logs/superlink.<n>.log``
+        (n = 1, 2, ...); the new one logs to ``logs/superlink.log``. Raises
+        ``RuntimeError`` if the SuperLink started here is still running.
+        """
+        old = next((p for p in self._procs if p.name == "superlink"), None)
+        if old is not None:
+            try:
+                old.popen.wait(timeout=10)  # reap it (it was just killed)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(
+                    f"the SuperLink (pid {old.popen.pid}) still runs; stop it first"
+                ) from None
+            old.log.close()
+            self._procs.remove(old)
+        n = 1
+        while (self.logs_dir / f"superlink.{n}.log").exists():
+            n += 1
+        log = self.logs_dir / "superlink.log"
+        if log.exists():
+            log.rename(self.logs_dir / f"superlink.{n}.log")
+        link = self._spawn(
+            "superlink", self.superlink_cmd(), self.env | self.superlink_env()
+        )
+        self._wait_superlink(link.popen, timeout_s)  # stop() ends it on a timeout
+        return link.popen.pid
+
     def _running_nodes(self) -> int:
         return sum(p.name.startswith("supernode-") for p in self._procs)
 
@@ -551,7 +594,7 @@ class Cluster(StartStop):
         """
         self._runs += 1
         log_path = self.logs_dir / f"run-{self._runs}.log"
-        cmd = run_command(self.project_root, CONNECTION, run_config)
+        cmd = run_command(self.project_root, CONNECTION, self._with_output(run_config))
         lines: list[str] = []
         with open(log_path, "w") as log:
             proc, reader = start_copied(
@@ -574,10 +617,18 @@ class Cluster(StartStop):
         status = self.run_status(run_id) if run_id is not None else None
         return AppRun(cmd, rc, out, run_id, status, log_path)
 
+    def _with_output(self, run_config: str) -> str:
+        """``run_config`` with an absolute ``output-dir`` (a deployed ServerApp
+        refuses a relative one): ``<workdir>/outputs`` unless it names one."""
+        if "output-dir" in run_config:
+            return run_config
+        out = f'output-dir="{self.workdir.resolve() / "outputs"}"'
+        return f"{run_config} {out}".strip()
+
     def submit_app(self, run_config: str = "") -> int:
         """``flwr run <project> <connection>`` without ``--stream``: start the run
         and return its id at once (follow it with :meth:`run_status`)."""
-        cmd = run_command(self.project_root, CONNECTION, run_config)
+        cmd = run_command(self.project_root, CONNECTION, self._with_output(run_config))
         cmd.remove("--stream")
         self._runs += 1
         self._check_call(cmd, f"run-{self._runs}")
