@@ -84,6 +84,38 @@ def _load_tensors(path: Path, sha256: str, fix: str) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+_LOCKS: dict[str, int] = {}  # folder -> the open, locked file of this process
+
+
+def lock_run(folder: Path) -> None:
+    """Hold an exclusive lock on ``folder`` for the life of this process.
+
+    Two ServerApps on one run-name (a killed one that survived, and its
+    re-run) would both write the journal and ask nodes twice: the second is
+    refused. The kernel drops the lock when the holder dies, however it dies.
+    """
+    import fcntl
+
+    key = str(folder.resolve())
+    if key in _LOCKS:
+        return
+    path = folder / "lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ResumeError(
+            f"{folder} is in use by another ServerApp (pid {holder}): a run with "
+            "this run-name is still running. Stop it (`flwr stop <run-id>`) or wait "
+            "for it to end, or use another run-name"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _LOCKS[key] = fd
+
+
 class Journal:
     """The collection window's append-only journal: ``uploads/journal.jsonl``.
 
@@ -113,6 +145,7 @@ class Journal:
         self.events: list[dict[str, Any]] = []
         self._last = ""  # the checksum of the last line (the chain)
         self.dir.mkdir(parents=True, exist_ok=True)
+        lock_run(self.dir)
         if not resume:
             self.path.unlink(missing_ok=True)
         if self.path.is_file():

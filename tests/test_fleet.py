@@ -276,3 +276,28 @@ def test_a_torn_last_line_is_dropped_and_an_edited_one_refused(tmp_path):
     Journal(other, "oscar").open(1e9)
     with pytest.raises(ResumeError, match="method='oscar'"):
         Journal(other, "fedavg")
+
+
+def test_a_second_serverapp_on_one_run_name_is_refused(tmp_path):
+    """A killed ServerApp that survived (e.g. its SuperLink was not reaped) and
+    its re-run must not both write one journal: the second is refused."""
+    from server_app.persist import Journal, ResumeError
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; "
+         "from server_app.persist import Journal; "
+         "Journal(Path(sys.argv[1]), 'oscar'); print('held', flush=True); "
+         "time.sleep(60)", str(tmp_path)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(
+            ResumeError, match=f"in use by another ServerApp \\(pid {holder.pid}\\)"
+        ):
+            Journal(tmp_path, "oscar")
+    finally:
+        holder.kill()
+        holder.wait()
+    Journal(tmp_path, "oscar").open(1e9)  # the lock died with its holder
