@@ -11,6 +11,7 @@ COMMANDS = {
     "lora": "bench.lora",
     "synth": "bench.synth",
     "ablation": "bench.ablation",
+    "fleet": "bench.fleet",
 }
 
 
