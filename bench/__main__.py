@@ -1,4 +1,5 @@
-"""``python -m bench <command>``: pretrain | accuracy | lora | synth | ablation."""
+"""``python -m bench <command>``: pretrain | accuracy | lora | synth | ablation | fleet |
+simulation."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ COMMANDS = {
     "synth": "bench.synth",
     "ablation": "bench.ablation",
     "fleet": "bench.fleet",
+    "simulation": "bench.simulation",
 }
 
 
