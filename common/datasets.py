@@ -217,7 +217,6 @@ def _partition_indices(
     classes_per_client = args.classes_per_client
     from datasets import Dataset
     from flwr_datasets.partitioner import (
-        DirichletPartitioner,
         IidPartitioner,
         PathologicalPartitioner,
     )
@@ -239,14 +238,7 @@ def _partition_indices(
     if partition == "iid":
         part = IidPartitioner(num_partitions=num_partitions)
     elif partition == "dirichlet":
-        part = DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=alpha,
-            min_partition_size=10,
-            self_balancing=True,
-            seed=seed,
-        )
+        return _dirichlet_indices(ds, num_partitions, alpha, seed, partition_id)
     elif partition == "pathological":
         part = PathologicalPartitioner(
             num_partitions=num_partitions,
@@ -261,6 +253,42 @@ def _partition_indices(
         )
     part.dataset = ds
     return np.asarray(part.load_partition(partition_id)["idx"])
+
+
+def _dirichlet_indices(
+    ds: Any, num_partitions: int, alpha: float, seed: int, partition_id: int
+) -> np.ndarray:
+    """flwr-datasets' Dirichlet partition with at least 10 examples a partition;
+    where 10 cannot be drawn (1,000 partitions of 30,000 images: the partitioner
+    gives up after 10 attempts), at least 5, then 2 (a train and a test image).
+    The same seed gives the same partitions at every size that worked before."""
+    import warnings
+
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    for min_size in (10, 5, 2):
+        part = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=min_size,
+            self_balancing=True,
+            seed=seed,
+        )
+        part.dataset = ds
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # one per retry
+                return np.asarray(part.load_partition(partition_id)["idx"])
+        except ValueError:
+            if min_size == 2:
+                raise ValueError(
+                    f"partition='dirichlet' cannot give {num_partitions} partitions "
+                    f"of {len(ds)} examples at least 2 examples each with "
+                    f"dirichlet-alpha={alpha}; use fewer clients, a larger alpha, or "
+                    "partition='iid'"
+                ) from None
+    raise AssertionError("unreachable")
 
 
 def _split_train_test(

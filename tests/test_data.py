@@ -146,3 +146,21 @@ def test_dataset_registry_resolves_every_kind(tmp_path):
 def test_unopenable_dataset_names_the_value(tmp_path):
     with pytest.raises(FileNotFoundError, match="no/such-dataset"):
         load_client_data("no/such-dataset", "iid", 0, 2)
+
+
+def test_dirichlet_partitions_a_thousand_clients():
+    """flwr-datasets gives up on 1,000 Dirichlet partitions of the 30,000-image
+    client pool with at least 10 examples each; the split falls back to at least
+    5, then 2, and every partition can be loaded (the fleet's size)."""
+    import numpy as np
+
+    from common.datasets import DataArgs, _partition_indices
+
+    labels = np.repeat(np.arange(10), 3000)
+    args = DataArgs("mnist-domains", partition="dirichlet", alpha=0.5, seed=0)
+    sizes = [len(_partition_indices(labels, None, args, p, 1000)) for p in (0, 999)]
+    assert min(sizes) >= 2
+    # sizes that worked before keep their partitions (min_partition_size 10)
+    small = [_partition_indices(labels, None, args, p, 4) for p in range(4)]
+    assert min(len(x) for x in small) >= 10
+    assert len(np.unique(np.concatenate(small))) == len(labels)
