@@ -163,7 +163,7 @@ def test_a_round_with_save_synthetic_writes_the_set_it_trains_on(
     ds = datasets.load_from_disk(str(run_dir / SYNTHETIC_DIR))
     assert len(ds) == n
     assert ds.features["label"].names == on_disk["class_names"]
-    assert set(ds["source"]) == {"oscar"}
+    assert set(ds["source"]) == {"oscar:caption-embedding"}  # what conditioned them
     assert set(ds["client"]) <= {-1, 0, 1, 2}
     assert np.asarray(ds[0]["image"]).shape == (16, 16)  # mnist-domains: L, 16 px
     # the default: nothing is written
