@@ -62,27 +62,36 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
             mine = [r for r in rows if r["variant"] == f"{key}={value}"]
             if not mine:
                 continue
-            out[sweep].append({
-                "value": value, "seeds": len(mine),
-                **{m: mean(r[m] for r in mine) for m in
-                   ("global_accuracy", "accuracy", "fid_proxy", "img_s")},
-                **{f"{m}_std": std([r[m] for r in mine if r[m] is not None]) for m in
-                   ("global_accuracy", "accuracy", "fid_proxy")},
-            })  # fmt: skip
+            out[sweep].append(
+                {
+                    "value": value,
+                    "seeds": len(mine),
+                    **{
+                        m: mean(r[m] for r in mine)
+                        for m in ("global_accuracy", "accuracy", "fid_proxy", "img_s")
+                    },
+                    **{
+                        f"{m}_std": std([r[m] for r in mine if r[m] is not None])
+                        for m in ("global_accuracy", "accuracy", "fid_proxy")
+                    },
+                }
+            )
     return out
 
 
-def levels_off(
-    points: list[dict[str, Any]], metric: str = "global_accuracy"
-) -> dict[str, Any]:
+def levels_off(points: list[dict[str, Any]], metric: str = "global_accuracy") -> dict[str, Any]:
     """Gain 5 -> 30 and 30 -> 50 images per class; levels off if the second is under
     a fifth of the first (or negative)."""
     at = {p["value"]: p[metric] for p in points if p[metric] is not None}
     if not {5, 30, 50} <= set(at):
         return {"checked": False}
     early, late = at[30] - at[5], at[50] - at[30]
-    return {"checked": True, "gain_5_to_30": early, "gain_30_to_50": late,
-            "levels_off": late < 0.2 * early if early > 0 else None}  # fmt: skip
+    return {
+        "checked": True,
+        "gain_5_to_30": early,
+        "gain_30_to_50": late,
+        "levels_off": late < 0.2 * early if early > 0 else None,
+    }
 
 
 def plot(out: Path, summary: dict[str, list[dict[str, Any]]]) -> Path:
@@ -90,20 +99,18 @@ def plot(out: Path, summary: dict[str, list[dict[str, Any]]]) -> Path:
     fig, axes = plt.subplots(1, len(summary), figsize=(4.2 * len(summary), 3.4))
     for ax, (sweep, points) in zip(axes, summary.items(), strict=True):
         xs = [p["value"] for p in points]
-        for metric, label, color in (("global_accuracy", "global test set", "#C44E52"),
-                                     ("accuracy", "clients' held-out", "#4C72B0")):  # fmt: skip
+        for metric, label, color in (
+            ("global_accuracy", "global test set", "#C44E52"),
+            ("accuracy", "clients' held-out", "#4C72B0"),
+        ):
             ys = [100 * (p[metric] or 0) for p in points]
             err = [100 * (p[f"{metric}_std"] or 0) for p in points]
-            ax.errorbar(
-                xs, ys, yerr=err, marker="o", capsize=3, label=label, color=color
-            )
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label, color=color)
         ax.set_xlabel(sweep)
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(
-        "OSCAR ablations in the embedded world (mean ± std over seeds)", fontsize=10
-    )
+    fig.suptitle("OSCAR ablations in the embedded world (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out / "ablation.png")
 
@@ -112,17 +119,30 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "ablation.json", report)
     summary = report["summary"]
-    lines = ["# OSCAR ablations (embedded stack)", "", f"Machine: {report['machine']}; "
-             f"seeds {report['seeds']}; wall {report.get('wall_s', 0):.0f} s.", ""]  # fmt: skip
+    lines = [
+        "# OSCAR ablations (embedded stack)",
+        "",
+        f"Machine: {report['machine']}; "
+        f"seeds {report['seeds']}; wall {report.get('wall_s', 0):.0f} s.",
+        "",
+    ]
     for sweep, points in summary.items():
         lines += [f"## Accuracy against {sweep}", ""]
-        lines.append(md_table(
-            [sweep, "global acc %", "client acc %", "FID-proxy", "img/s"],
-            [[str(p["value"]),
-              f"{100 * (p['global_accuracy'] or 0):.1f} ± {100 * (p['global_accuracy_std'] or 0):.1f}",
-              f"{100 * (p['accuracy'] or 0):.1f} ± {100 * (p['accuracy_std'] or 0):.1f}",
-              num(p["fid_proxy"]), num(p["img_s"], "{:.1f}")] for p in points],
-        ))  # fmt: skip
+        lines.append(
+            md_table(
+                [sweep, "global acc %", "client acc %", "FID-proxy", "img/s"],
+                [
+                    [
+                        str(p["value"]),
+                        f"{100 * (p['global_accuracy'] or 0):.1f} ± {100 * (p['global_accuracy_std'] or 0):.1f}",
+                        f"{100 * (p['accuracy'] or 0):.1f} ± {100 * (p['accuracy_std'] or 0):.1f}",
+                        num(p["fid_proxy"]),
+                        num(p["img_s"], "{:.1f}"),
+                    ]
+                    for p in points
+                ],
+            )
+        )
         lines.append("")
     lo = report.get("levels_off", {})
     if lo.get("checked"):
@@ -132,9 +152,7 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
             f"{100 * lo['gain_30_to_50']:+.1f} from 30 to 50: "
             f"{'levels off' if lo['levels_off'] else 'does not level off'}."
         )
-    lines += ["", "![ablations](ablation.png)", ""] + [
-        f"- {n}" for n in report["notes"]
-    ]
+    lines += ["", "![ablations](ablation.png)", ""] + [f"- {n}" for n in report["notes"]]
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     if any(summary.values()):
         plot(out, summary)
@@ -162,13 +180,20 @@ def main(argv: list[str] | None = None) -> int:
     seeds = parse_seeds(args.seeds)
     over = (dict(QUICK_WORLD) if args.quick else {}) | {"min-clients": args.clients}
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores"
-    report: dict[str, Any] = {"machine": machine, "seeds": seeds, "quick": args.quick,
-                              "overrides": over, "runs": [], "notes": [
-        "global acc: the global classifier on the MNIST test digits rendered in every "
-        "client's domain (100 per class and domain); client acc: mean over clients of "
-        "their held-out splits; FID-proxy: each client's synthetic images against its "
-        "held-out images (judge features), mean over clients",
-        "the clients' uploads are computed once per seed and shared by every variant"]}  # fmt: skip
+    report: dict[str, Any] = {
+        "machine": machine,
+        "seeds": seeds,
+        "quick": args.quick,
+        "overrides": over,
+        "runs": [],
+        "notes": [
+            "global acc: the global classifier on the MNIST test digits rendered in every "
+            "client's domain (100 per class and domain); client acc: mean over clients of "
+            "their held-out splits; FID-proxy: each client's synthetic images against its "
+            "held-out images (judge features), mean over clients",
+            "the clients' uploads are computed once per seed and shared by every variant",
+        ],
+    }
     t0 = time.perf_counter()
     out = Path(args.out)
     if args.attempts:
@@ -205,24 +230,33 @@ def summarize_attempts(
     by = {(r["variant"], r["seed"]): r for r in rows}
     for name in dict.fromkeys(r["variant"] for r in rows):
         mine = [by[(name, s)] for s in seeds if (name, s) in by]
-        paired = [by[(name, s)]["global_accuracy"] - by[("defaults", s)]["global_accuracy"]
-                  for s in seeds if (name, s) in by and ("defaults", s) in by]  # fmt: skip
-        gaps = [by[(name, s)]["global_accuracy"] - oracle[s] for s in seeds
-                if (name, s) in by and s in oracle]  # fmt: skip
-        out.append({
-            "attempt": name, "seeds": len(mine),
-            "global_accuracy": mean(r["global_accuracy"] for r in mine),
-            "global_accuracy_std": std([r["global_accuracy"] for r in mine]),
-            "d_vs_defaults": mean(paired), "d_per_seed": paired,
-            "better_in": sum(d > 0 for d in paired),
-            "gap_to_centralized": mean(gaps),
-            "upload_bytes_per_class": mean(r.get("upload_bytes_per_class") for r in mine),
-        })  # fmt: skip
+        paired = [
+            by[(name, s)]["global_accuracy"] - by[("defaults", s)]["global_accuracy"]
+            for s in seeds
+            if (name, s) in by and ("defaults", s) in by
+        ]
+        gaps = [
+            by[(name, s)]["global_accuracy"] - oracle[s]
+            for s in seeds
+            if (name, s) in by and s in oracle
+        ]
+        out.append(
+            {
+                "attempt": name,
+                "seeds": len(mine),
+                "global_accuracy": mean(r["global_accuracy"] for r in mine),
+                "global_accuracy_std": std([r["global_accuracy"] for r in mine]),
+                "d_vs_defaults": mean(paired),
+                "d_per_seed": paired,
+                "better_in": sum(d > 0 for d in paired),
+                "gap_to_centralized": mean(gaps),
+                "upload_bytes_per_class": mean(r.get("upload_bytes_per_class") for r in mine),
+            }
+        )
     return out
 
 
-def run_attempts(args: Any, seeds: list[int], over: dict[str, Any], machine: str,
-                 out: Path) -> int:  # fmt: skip
+def run_attempts(args: Any, seeds: list[int], over: dict[str, Any], machine: str, out: Path) -> int:
     """Each attempt with its own uploads, on the same seeds, against the centralized
     model of the accuracy bench (``run_centralized``: the same global test set)."""
     from bench.accuracy import build_cfg, default_run_config, run_centralized
@@ -245,27 +279,48 @@ def run_attempts(args: Any, seeds: list[int], over: dict[str, Any], machine: str
                 / len(u.embeddings.class_ids.unique())
                 for u in fed.uploads
             ]  # fp16 bytes of the vectors of one (client, class)
-            row = run_variant(fed, {}, name) | {
-                "upload_bytes_per_class": mean(per_class)
-            }
+            row = run_variant(fed, {}, name) | {"upload_bytes_per_class": mean(per_class)}
             rows.append(row)
-            report = {"machine": machine, "seeds": seeds, "overrides": over, "runs": rows,
-                      "centralized": oracle, "wall_s": time.perf_counter() - t0,
-                      "summary": summarize_attempts(rows, oracle)}  # fmt: skip
+            report = {
+                "machine": machine,
+                "seeds": seeds,
+                "overrides": over,
+                "runs": rows,
+                "centralized": oracle,
+                "wall_s": time.perf_counter() - t0,
+                "summary": summarize_attempts(rows, oracle),
+            }
             write_json(out / "gap_attempts.json", report)
-            lines = ["# Closing the gap to the centralized model (global test set)", "",
-                     f"Machine: {machine}; seeds {seeds}; overrides {over}; "
-                     f"wall {report['wall_s']:.0f} s.", ""]  # fmt: skip
-            lines.append(md_table(
-                ["attempt", "global acc %", "Δ vs defaults (points)", "better in",
-                 "gap to centralized (points)", "vector bytes per (client, class)"],
-                [[a["attempt"],
-                  f"{100 * (a['global_accuracy'] or 0):.1f} ± {100 * (a['global_accuracy_std'] or 0):.1f}",
-                  num(100 * (a["d_vs_defaults"] or 0), "{:+.1f}"),
-                  f"{a['better_in']}/{len(a['d_per_seed'])}",
-                  num(100 * (a["gap_to_centralized"] or 0), "{:+.1f}"),
-                  num(a["upload_bytes_per_class"], "{:.0f}")] for a in report["summary"]],
-            ))  # fmt: skip
+            lines = [
+                "# Closing the gap to the centralized model (global test set)",
+                "",
+                f"Machine: {machine}; seeds {seeds}; overrides {over}; "
+                f"wall {report['wall_s']:.0f} s.",
+                "",
+            ]
+            lines.append(
+                md_table(
+                    [
+                        "attempt",
+                        "global acc %",
+                        "Δ vs defaults (points)",
+                        "better in",
+                        "gap to centralized (points)",
+                        "vector bytes per (client, class)",
+                    ],
+                    [
+                        [
+                            a["attempt"],
+                            f"{100 * (a['global_accuracy'] or 0):.1f} ± {100 * (a['global_accuracy_std'] or 0):.1f}",
+                            num(100 * (a["d_vs_defaults"] or 0), "{:+.1f}"),
+                            f"{a['better_in']}/{len(a['d_per_seed'])}",
+                            num(100 * (a["gap_to_centralized"] or 0), "{:+.1f}"),
+                            num(a["upload_bytes_per_class"], "{:.0f}"),
+                        ]
+                        for a in report["summary"]
+                    ],
+                )
+            )
             (out / "gap_attempts.md").write_text("\n".join(lines) + "\n")
     say(f"attempts done in {time.perf_counter() - t0:.0f} s; {out / 'gap_attempts.md'}")
     return 0

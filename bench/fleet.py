@@ -120,9 +120,7 @@ def default_run_config() -> dict[str, Any]:
 
 def bench_config(quick: bool, over: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run config of every round: defaults, the bench's keys, --quick's."""
-    return (
-        default_run_config() | BENCH_KEYS | (QUICK_KEYS if quick else {}) | (over or {})
-    )
+    return default_run_config() | BENCH_KEYS | (QUICK_KEYS if quick else {}) | (over or {})
 
 
 # ---------------------------------------------------------------- the fleet
@@ -143,9 +141,7 @@ class FleetPlan:
     @property
     def on_time(self) -> list[int]:
         off = set(self.silent) | set(self.late)
-        return [
-            FIRST_NODE_ID + p for p in range(self.n) if FIRST_NODE_ID + p not in off
-        ]
+        return [FIRST_NODE_ID + p for p in range(self.n) if FIRST_NODE_ID + p not in off]
 
     def devices(self, shift_s: float = 0.0) -> list[Device]:
         """The devices for a grid whose clock starts ``shift_s`` after the first
@@ -184,19 +180,20 @@ def plan_fleet(n: int, window_s: float = WINDOW_S, seed: int = 0) -> FleetPlan:
     for p in late:  # the reply reaches the server 2-20 s after the window's end
         reply[p] = window_s - arrive[p] + rng.uniform(*LATE_S)
     return FleetPlan(
-        n, window_s,
-        tuple(float(x) for x in arrive), tuple(float(x) for x in reply),
+        n,
+        window_s,
+        tuple(float(x) for x in arrive),
+        tuple(float(x) for x in reply),
         tuple(float(x) for x in evaluate),
-        tuple(FIRST_NODE_ID + p for p in silent), tuple(FIRST_NODE_ID + p for p in late),
-    )  # fmt: skip
+        tuple(FIRST_NODE_ID + p for p in silent),
+        tuple(FIRST_NODE_ID + p for p in late),
+    )
 
 
 # ---------------------------------------------------------------- the pool
 
 
-def record_pool(
-    run_config: dict[str, Any], pool: int, pool_dir: Path
-) -> dict[str, Any]:
+def record_pool(run_config: dict[str, Any], pool: int, pool_dir: Path) -> dict[str, Any]:
     """The real ClientApp's collect on partitions ``0..pool-1`` of a ``pool``-way
     split, through the in-process Grid; each reply's content saved as Flower's
     wire format (``partition-<p>.pb``) with ``pool.json``."""
@@ -247,9 +244,7 @@ class ReplayClient:
     replayed: the device answers with its envelope and ``num-examples`` only.
     """
 
-    def __init__(
-        self, pool: Sequence[bytes], collect_type: str, evaluate_type: str | None
-    ) -> None:
+    def __init__(self, pool: Sequence[bytes], collect_type: str, evaluate_type: str | None) -> None:
         if not pool:
             raise ValueError("an empty pool: record at least one reply")
         self.pool = list(pool)
@@ -259,9 +254,7 @@ class ReplayClient:
     @classmethod
     def load(cls, pool_dir: Path) -> ReplayClient:
         info = json.loads((pool_dir / "pool.json").read_text())
-        pool = [
-            (pool_dir / f"partition-{p}.pb").read_bytes() for p in range(info["pool"])
-        ]
+        pool = [(pool_dir / f"partition-{p}.pb").read_bytes() for p in range(info["pool"])]
         return cls(pool, info["collect_type"], info["evaluate_type"])
 
     def reply_content(self, partition_id: int, num_partitions: int) -> Any:
@@ -327,18 +320,21 @@ def play_round(spec: dict[str, Any]) -> dict[str, Any]:
         real_upload(self, r, at)
         received["n"] += 1
         if received["n"] == kill_after:
-            write_json(report_path, {
-                "killed": True, "uploads_received": received["n"], "killed_at": at,
-                "seconds": time.perf_counter() - t0,
-            })  # fmt: skip
+            write_json(
+                report_path,
+                {
+                    "killed": True,
+                    "uploads_received": received["n"],
+                    "killed_at": at,
+                    "seconds": time.perf_counter() - t0,
+                },
+            )
             os.kill(os.getpid(), signal.SIGKILL)
 
     persist.Journal.upload = counted_upload  # type: ignore[method-assign]
     try:
         clock = VirtualClock(float(spec["clock_start"]))
-        _, grid = run_round(
-            plan.devices(shift), spec["run_config"], "fleet", clock, client
-        )
+        _, grid = run_round(plan.devices(shift), spec["run_config"], "fleet", clock, client)
     finally:
         persist.Journal.upload = real_upload  # type: ignore[method-assign]
     out = {
@@ -386,8 +382,11 @@ def spawn(kind: str, spec: dict[str, Any], work: Path, timeout_s: float) -> Proc
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "bench.fleet", f"--_{kind}", str(spec_path)],
-            cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            cwd=work,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         watchdog = threading.Timer(timeout_s, proc.kill)
         watchdog.start()
         try:
@@ -397,8 +396,7 @@ def spawn(kind: str, spec: dict[str, Any], work: Path, timeout_s: float) -> Proc
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped: Popen must not wait
     if time.perf_counter() - t0 >= timeout_s:  # the watchdog's SIGKILL
         raise RuntimeError(
-            f"{name} ran past --timeout-s {timeout_s:g}; log {log_path}:\n"
-            f"{_log_tail(log_path)}"
+            f"{name} ran past --timeout-s {timeout_s:g}; log {log_path}:\n{_log_tail(log_path)}"
         )
     # ru_maxrss is in KiB on Linux, bytes on macOS
     scale = 2**20 if sys.platform == "darwin" else 2**10
@@ -456,9 +454,14 @@ def _round(
     """One round (process) of run ``name``; ``(its report, the process)``."""
     if fresh:
         shutil.rmtree(bench.runs / name, ignore_errors=True)
-    rc = bench.run_config | (over or {}) | {
-        "output-dir": str(bench.runs), "run-name": name,
-    }  # fmt: skip
+    rc = (
+        bench.run_config
+        | (over or {})
+        | {
+            "output-dir": str(bench.runs),
+            "run-name": name,
+        }
+    )
     tag = f"{name}-{'killed' if kill_after else 'run'}-{clock_start - CLOCK_START:.0f}"
     spec = {
         "name": tag,
@@ -500,9 +503,7 @@ def _images(res: dict[str, Any]) -> tuple[int | None, int | None]:
 def run_size(bench: Bench, n: int) -> dict[str, Any]:
     """The three rounds of fleet size ``n``; one row of the report."""
     plan = plan_fleet(n, float(bench.run_config["collect-window-s"]), bench.seed)
-    collect_type = json.loads((bench.pool_dir / "pool.json").read_text())[
-        "collect_type"
-    ]
+    collect_type = json.loads((bench.pool_dir / "pool.json").read_text())["collect_type"]
     row: dict[str, Any] = {
         "n": n,
         "replayed_from_pool": bench.pool,
@@ -551,10 +552,12 @@ def run_size(bench: Bench, n: int) -> dict[str, Any]:
         "global_accuracy_budget": res.get("global_accuracy"),
         "global_accuracy_per_domain_budget": res.get("global_accuracy_per_domain"),
     }
-    say(f"N={n}: {row['uploads_used']} used, {len(row['late'])} late, "
+    say(
+        f"N={n}: {row['uploads_used']} used, {len(row['late'])} late, "
         f"{len(row['missing'])} missing; collect {collect_s:.1f} s, server work "
         f"{row['server_work_s']:.1f} s, peak RSS {num(row['peak_rss_mb'], '{:.0f}')} "
-        f"MB, global acc {pct(row['global_accuracy_budget'])}%")  # fmt: skip
+        f"MB, global acc {pct(row['global_accuracy_budget'])}%"
+    )
 
     # 2. Killed in mid-window, resumed with the same run-name
     row["kill"] = kill_and_resume(bench, n, plan, collect_type)
@@ -573,9 +576,7 @@ def _asked_twice(sent: list[Any], collect_type: str) -> list[int]:
     return sorted(twice)
 
 
-def kill_and_resume(
-    bench: Bench, n: int, plan: FleetPlan, collect_type: str
-) -> dict[str, Any]:
+def kill_and_resume(bench: Bench, n: int, plan: FleetPlan, collect_type: str) -> dict[str, Any]:
     """SIGKILL the server once the journal holds about half the eventual uploads;
     run it again (same run-name) on a clock ``RESTART_S`` past the kill."""
     name = f"n{n}-kill"
@@ -583,9 +584,7 @@ def kill_and_resume(
     say(f"N={n}: kill after {k} uploads, then resume ...")
     first, p1 = _round(bench, name, plan, kill_after=k)
     before = _journal(bench.runs / name)
-    heard_1 = {
-        int(e["node_id"]) for e in before if e["event"] in ("upload", "rejected")
-    }
+    heard_1 = {int(e["node_id"]) for e in before if e["event"] in ("upload", "rejected")}
     uploads_1 = sum(e["event"] == "upload" for e in before)
     killed_at = float(first["killed_at"])
     again = killed_at + RESTART_S
@@ -606,26 +605,20 @@ def kill_and_resume(
         "lost": received - in_journal,
         "journal_prefix_kept": after[: len(before)] == before,
         "asked_twice": sorted(heard_1 & set(asked_2)),
-        "uploaded_twice": sorted(
-            {x for x in upload_nodes if upload_nodes.count(x) > 1}
-        ),
+        "uploaded_twice": sorted({x for x in upload_nodes if upload_nodes.count(x) > 1}),
         "asked_again": sorted(set(asked_2) - heard_1),
         "uploads_used": res["num_clients"],
         "late": res["fleet"]["late"],
         "missing": res["fleet"]["missing"],
         "window_s": res["fleet"]["window_s"],
         "global_accuracy": res.get("global_accuracy"),
-        "peak_rss_mb": max(
-            (p.peak_rss_mb or 0.0 for p in (p1, p2) if p is not None), default=None
-        ),
+        "peak_rss_mb": max((p.peak_rss_mb or 0.0 for p in (p1, p2) if p is not None), default=None),
         "process_wall_s": [round(p.wall_s, 1) for p in (p1, p2) if p is not None],
         "process_cpu_s": [round(p.cpu_s, 1) for p in (p1, p2) if p is not None],
     }
 
 
-def no_budget(
-    bench: Bench, n: int, plan: FleetPlan, row: dict[str, Any]
-) -> dict[str, Any]:
+def no_budget(bench: Bench, n: int, plan: FleetPlan, row: dict[str, Any]) -> dict[str, Any]:
     """``synth-budget=0`` if the requested images fit ``max_unbudgeted``, else
     the seconds it would take at the budget round's rates (this CPU)."""
     requested = row["images_requested"]
@@ -634,8 +627,10 @@ def no_budget(
     if requested and used:
         est = requested * (row["synthesize_s"] + row["train_s"]) / used
     if requested is None or requested > bench.max_unbudgeted:
-        say(f"N={n}: synth-budget=0 not run ({requested} images, ~{num(est, '{:.0f}')}"
-            " s on this CPU)")  # fmt: skip
+        say(
+            f"N={n}: synth-budget=0 not run ({requested} images, ~{num(est, '{:.0f}')}"
+            " s on this CPU)"
+        )
         return {
             "run": False,
             "images_requested": requested,
@@ -686,14 +681,11 @@ def run_fleet(
     t_start = time.perf_counter()
 
     # 1. The pool of genuine replies (its own process: not the server's memory)
-    bench = Bench(
-        run_config, work, work / "pool", pool, isolate, max_unbudgeted, timeout_s
-    )
+    bench = Bench(run_config, work, work / "pool", pool, isolate, max_unbudgeted, timeout_s)
     shutil.rmtree(bench.pool_dir, ignore_errors=True)
     say(f"recording {pool} genuine ClientApp replies (a {pool}-way split) ...")
     rc = run_config | {"output-dir": str(work / "pool-run")}
-    spec = {"name": "pool", "run_config": rc, "pool": pool,
-            "pool_dir": str(bench.pool_dir)}  # fmt: skip
+    spec = {"name": "pool", "run_config": rc, "pool": pool, "pool_dir": str(bench.pool_dir)}
     pool_proc = None
     if isolate:
         pool_proc = spawn("record", spec, work, timeout_s)
@@ -712,8 +704,7 @@ def run_fleet(
         "num_partitions": pool,
         "partition": run_config["partition"],
     }
-    say(f"pool: {sum(pool_info['client_s']):.1f} s of client work, "
-        f"{pool_info['wall_s']} s wall")  # fmt: skip
+    say(f"pool: {sum(pool_info['client_s']):.1f} s of client work, {pool_info['wall_s']} s wall")
 
     # 2. Each size: uninterrupted, killed and resumed, without the budget
     rows = [run_size(bench, n) for n in sizes]
@@ -757,56 +748,66 @@ def check(report: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"check": name, "ok": bool(ok), "detail": detail})
 
     lost = {r["n"]: r["kill"]["lost"] for r in rows}
-    add("0 uploads lost at every N (kill + resume)", all(v == 0 for v in lost.values()),
-        f"lost per N: {lost}")  # fmt: skip
+    add(
+        "0 uploads lost at every N (kill + resume)",
+        all(v == 0 for v in lost.values()),
+        f"lost per N: {lost}",
+    )
     twice = {
-        r["n"]: sorted(
-            set(r["kill"]["asked_twice"]) | set(r["asked_twice_uninterrupted"])
-        )
+        r["n"]: sorted(set(r["kill"]["asked_twice"]) | set(r["asked_twice_uninterrupted"]))
         for r in rows
     }
     dup = {r["n"]: r["kill"]["uploaded_twice"] for r in rows}
-    add("no device asked twice",
+    add(
+        "no device asked twice",
         all(not v for v in twice.values()) and all(not v for v in dup.values()),
-        f"asked twice per N: {twice}; uploaded twice: {dup}")  # fmt: skip
+        f"asked twice per N: {twice}; uploaded twice: {dup}",
+    )
     kept = {r["n"]: r["kill"]["journal_prefix_kept"] for r in rows}
-    add("the resumed journal keeps every line of the killed one", all(kept.values()),
-        f"{kept}")  # fmt: skip
+    add("the resumed journal keeps every line of the killed one", all(kept.values()), f"{kept}")
     same = {r["n"]: (r["kill"]["uploads_used"], r["uploads_used"]) for r in rows}
-    add("kill + resume used every upload the uninterrupted round did",
+    add(
+        "kill + resume used every upload the uninterrupted round did",
         all(a == b for a, b in same.values()),
-        f"(resumed, uninterrupted) per N: {same}")  # fmt: skip
+        f"(resumed, uninterrupted) per N: {same}",
+    )
     listed = {}
     for r in rows:
         d = r["designed"]
         listed[r["n"]] = (
             r["late"] == d["late"]
             and r["missing"] == d["silent"]
-            and sorted(r["kill"]["late"] + r["kill"]["missing"])
-            == sorted(d["late"] + d["silent"])
+            and sorted(r["kill"]["late"] + r["kill"]["missing"]) == sorted(d["late"] + d["silent"])
             and r["uploads_used"] == d["on_time"]
         )
-    add("late and missing devices listed (as designed)", all(listed.values()),
-        "; ".join(f"N={r['n']}: late {len(r['late'])}/{len(r['designed']['late'])}, "
-                  f"missing {len(r['missing'])}/{len(r['designed']['silent'])}"
-                  for r in rows))  # fmt: skip
+    add(
+        "late and missing devices listed (as designed)",
+        all(listed.values()),
+        "; ".join(
+            f"N={r['n']}: late {len(r['late'])}/{len(r['designed']['late'])}, "
+            f"missing {len(r['missing'])}/{len(r['designed']['silent'])}"
+            for r in rows
+        ),
+    )
     small, big = rows[0], rows[-1]
     if len(rows) > 1:
         ratio = big["server_work_s"] / max(small["server_work_s"], 1e-9)
-        add(f"server work at N={big['n']} within {WORK_RATIO_LIMIT:g}x of "
-            f"N={small['n']} (synth-budget)", ratio <= WORK_RATIO_LIMIT,
-            f"{big['server_work_s']:.1f} s / {small['server_work_s']:.1f} s = "
-            f"{ratio:.2f}x")  # fmt: skip
-    rss = max(
-        [v for v in (big["peak_rss_mb"], big["kill"]["peak_rss_mb"]) if v] or [0.0]
-    )
-    add(f"peak RSS at N={big['n']} below {RSS_LIMIT_MB / 1024:g} GB",
+        add(
+            f"server work at N={big['n']} within {WORK_RATIO_LIMIT:g}x of "
+            f"N={small['n']} (synth-budget)",
+            ratio <= WORK_RATIO_LIMIT,
+            f"{big['server_work_s']:.1f} s / {small['server_work_s']:.1f} s = {ratio:.2f}x",
+        )
+    rss = max([v for v in (big["peak_rss_mb"], big["kill"]["peak_rss_mb"]) if v] or [0.0])
+    add(
+        f"peak RSS at N={big['n']} below {RSS_LIMIT_MB / 1024:g} GB",
         0 < rss < RSS_LIMIT_MB if big["peak_rss_mb"] is not None else True,
-        f"{rss:.0f} MB" if big["peak_rss_mb"] is not None
-        else "not measured (rounds ran in the bench's own process)")  # fmt: skip
+        f"{rss:.0f} MB"
+        if big["peak_rss_mb"] is not None
+        else "not measured (rounds ran in the bench's own process)",
+    )
     binds = {r["n"]: r["budget_binds"] for r in rows}
-    add("the budget binds at every N (server work bounded alike)",
-        all(binds.values()), f"{binds}")  # fmt: skip
+    add("the budget binds at every N (server work bounded alike)", all(binds.values()), f"{binds}")
     return out
 
 
@@ -825,25 +826,41 @@ def format_table(report: dict[str, Any]) -> str:
     rows = []
     for r in report["rows"]:
         k = r["kill"]
-        rows.append([
-            f"{r['n']:,}", str(r["genuine_clients"]),
-            f"{r['uploads_used']} / {r['uploads_received']}",
-            f"{k['received']} / {k['in_final_journal']} / {k['lost']}",
-            str(len(k["asked_twice"]) + len(r["asked_twice_uninterrupted"])),
-            str(len(r["late"])), str(len(r["missing"])),
-            _ms(r["collect_s_per_upload"]), num(r["server_work_s"], "{:.1f}"),
-            num(r["peak_rss_mb"], "{:,.0f}"),
-            f"{r['images_requested']:,} -> {r['images_used']:,}",
-            pct(r["global_accuracy_budget"]), _acc_cell(r["no_budget"]),
-        ])  # fmt: skip
+        rows.append(
+            [
+                f"{r['n']:,}",
+                str(r["genuine_clients"]),
+                f"{r['uploads_used']} / {r['uploads_received']}",
+                f"{k['received']} / {k['in_final_journal']} / {k['lost']}",
+                str(len(k["asked_twice"]) + len(r["asked_twice_uninterrupted"])),
+                str(len(r["late"])),
+                str(len(r["missing"])),
+                _ms(r["collect_s_per_upload"]),
+                num(r["server_work_s"], "{:.1f}"),
+                num(r["peak_rss_mb"], "{:,.0f}"),
+                f"{r['images_requested']:,} -> {r['images_used']:,}",
+                pct(r["global_accuracy_budget"]),
+                _acc_cell(r["no_budget"]),
+            ]
+        )
     return md_table(
-        ["N", "genuine clients", "uploads used / received",
-         "kill+resume: received / in journal / lost", "asked twice", "late",
-         "missing", "collect ms / upload", "server work s", "peak RSS MB",
-         "synthetic images requested -> used", "global acc % (budget)",
-         "global acc % (no budget)"],
+        [
+            "N",
+            "genuine clients",
+            "uploads used / received",
+            "kill+resume: received / in journal / lost",
+            "asked twice",
+            "late",
+            "missing",
+            "collect ms / upload",
+            "server work s",
+            "peak RSS MB",
+            "synthetic images requested -> used",
+            "global acc % (budget)",
+            "global acc % (no budget)",
+        ],
         rows,
-    )  # fmt: skip
+    )
 
 
 def _ws(wall: Any, cpu: Any) -> str:
@@ -856,14 +873,16 @@ def format_time_table(report: dict[str, Any]) -> str:
     for r in report["rows"]:
         k, nb = r["kill"], r["no_budget"]
         kill = " + ".join(
-            _ws(w, c)
-            for w, c in zip(k["process_wall_s"], k["process_cpu_s"], strict=True)
+            _ws(w, c) for w, c in zip(k["process_wall_s"], k["process_cpu_s"], strict=True)
         )
-        rows.append([
-            f"N={r['n']:,}", _ws(r["process_wall_s"], r["process_cpu_s"]), kill,
-            _ws(nb.get("process_wall_s"), nb.get("process_cpu_s")) if nb["run"]
-            else "not run",
-        ])  # fmt: skip
+        rows.append(
+            [
+                f"N={r['n']:,}",
+                _ws(r["process_wall_s"], r["process_cpu_s"]),
+                kill,
+                _ws(nb.get("process_wall_s"), nb.get("process_cpu_s")) if nb["run"] else "not run",
+            ]
+        )
     return md_table(["", "with the budget", "killed + resumed", "synth-budget=0"], rows)
 
 
@@ -884,7 +903,8 @@ def write_outputs(out: Path, report: dict[str, Any]) -> None:
         f"dataset `{rc['dataset']}`; machine: {m['processor'] or m['machine']}, "
         f"{m['cpu_count']} CPU cores; wall time {report['wall_s']:.0f} s",
         f"* --quick changes only: `{QUICK_KEYS}`, and synth-budget=0 runs up to "
-        f"{report['max_unbudgeted']:,} requested images" if quick
+        f"{report['max_unbudgeted']:,} requested images"
+        if quick
         else f"* full default config (--quick would set `{QUICK_KEYS}`); "
         f"synth-budget=0 runs up to {report['max_unbudgeted']:,} requested images",
         f"* every round: `{ {k: rc[k] for k in BENCH_KEYS} }`",
@@ -928,8 +948,7 @@ def write_outputs(out: Path, report: dict[str, Any]) -> None:
         "",
         "## Checks",
         "",
-        *[f"- [{'x' if c['ok'] else ' '}] {c['check']}: {c['detail']}"
-          for c in report["checks"]],
+        *[f"- [{'x' if c['ok'] else ' '}] {c['check']}: {c['detail']}" for c in report["checks"]],
         "",
         "## Time of each process (wall s / CPU s)",
         "",
@@ -937,10 +956,9 @@ def write_outputs(out: Path, report: dict[str, Any]) -> None:
         "",
         "## Late and missing devices (node ids)",
         "",
-        *[f"- N={r['n']}: late {r['late']}; missing {r['missing']}"
-          for r in report["rows"]],
+        *[f"- N={r['n']}: late {r['late']}; missing {r['missing']}" for r in report["rows"]],
         "",
-    ]  # fmt: skip
+    ]
     (out / "fleet.md").write_text("\n".join(md))
     plot(report, out / "fleet.png")
 
@@ -955,14 +973,16 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     ns = [r["n"] for r in rows]
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
     panels = [
-        ("collect ms per upload", {"": [1000 * (r["collect_s_per_upload"] or 0)
-                                        for r in rows]}),
+        ("collect ms per upload", {"": [1000 * (r["collect_s_per_upload"] or 0) for r in rows]}),
         ("server work s (synth-budget)", {"": [r["server_work_s"] for r in rows]}),
-        ("peak RSS of the server round, MB", {
-            "uninterrupted": [r["peak_rss_mb"] or 0 for r in rows],
-            "kill + resume": [r["kill"]["peak_rss_mb"] or 0 for r in rows],
-        }),
-    ]  # fmt: skip
+        (
+            "peak RSS of the server round, MB",
+            {
+                "uninterrupted": [r["peak_rss_mb"] or 0 for r in rows],
+                "kill + resume": [r["kill"]["peak_rss_mb"] or 0 for r in rows],
+            },
+        ),
+    ]
     for ax, (title, series) in zip(axes, panels, strict=False):
         for label, ys in series.items():
             ax.plot(ns, ys, "o-", label=label or None)
@@ -976,8 +996,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         ax.minorticks_off()
     ax = axes[3]
     ax.plot(ns, [r["global_accuracy_budget"] for r in rows], "o-", label="budget")
-    nb = [(r["n"], r["no_budget"]["global_accuracy"]) for r in rows
-          if r["no_budget"]["run"]]  # fmt: skip
+    nb = [(r["n"], r["no_budget"]["global_accuracy"]) for r in rows if r["no_budget"]["run"]]
     if nb:
         ax.plot(*zip(*nb, strict=True), "s--", label="no budget")
     ax.set_xscale("log")
@@ -1049,9 +1068,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="scratch folder for run folders and logs (default: a new "
         "temporary one, removed at the end)",
     )
-    p.add_argument(
-        "--timeout-s", type=float, default=3600.0, help="limit per round process"
-    )
+    p.add_argument("--timeout-s", type=float, default=3600.0, help="limit per round process")
     return p
 
 
@@ -1077,12 +1094,12 @@ def main(argv: list[str] | None = None) -> int:
     if max_unbudgeted is None:
         max_unbudgeted = QUICK_MAX_UNBUDGETED if args.quick else FULL_MAX_UNBUDGETED
     out = Path(args.out).expanduser().resolve()
-    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(
-        prefix="fleet-"))  # fmt: skip
-    say(f"fleet: {'quick' if args.quick else 'full'}, sizes {sizes}, pool "
-        f"{args.pool}, work {work} -> {out}")  # fmt: skip
-    report = run_fleet(sizes, run_config, work, args.pool, True,
-                       max_unbudgeted, args.timeout_s)  # fmt: skip
+    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="fleet-"))
+    say(
+        f"fleet: {'quick' if args.quick else 'full'}, sizes {sizes}, pool "
+        f"{args.pool}, work {work} -> {out}"
+    )
+    report = run_fleet(sizes, run_config, work, args.pool, True, max_unbudgeted, args.timeout_s)
     if not args.work:  # kept when a round failed: its log is there
         shutil.rmtree(work, ignore_errors=True)
     report |= {"argv": argv, "quick": args.quick}

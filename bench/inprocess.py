@@ -67,9 +67,7 @@ def run_variant(fed: Federation, over: dict[str, Any], label: str) -> dict[str, 
     cfg = build_config(fed.base | over)
     ctx = ServerContext(cfg, Path("."), info=dataset_info(cfg.data_args()))
     parts = [
-        per_class_rows(
-            u.embeddings.means, u.embeddings.class_ids, pid, cfg.images_per_class
-        )
+        per_class_rows(u.embeddings.means, u.embeddings.class_ids, pid, cfg.images_per_class)
         for pid, u in enumerate(fed.uploads)
     ]
     conds, labels, owners = (torch.cat(p) for p in zip(*parts, strict=True))
@@ -80,24 +78,27 @@ def run_variant(fed: Federation, over: dict[str, Any], label: str) -> dict[str, 
     accs, fids = [], []
     for pid, d in enumerate(fed.datas):
         accs.append(classifier_accuracy(out.model_state, out.arch, ctx.num_classes, d))
-        fids.append(
-            fid_proxy(
-                fed.real_features[pid], features(fed.judge, images[owners == pid])
-            )
-        )
+        fids.append(fid_proxy(fed.real_features[pid], features(fed.judge, images[owners == pid])))
     global_acc, per_domain = None, {}
     if fed.test is not None:
         model = build_classifier(out.arch, ctx.channels, ctx.num_classes)
         model.load_state_dict(out.model_state)
         global_acc, per_domain = fed.test.score(predict(model, fed.test.images))
     row = {
-        "variant": label, "seed": cfg.seed, "images": len(labels),
+        "variant": label,
+        "seed": cfg.seed,
+        "images": len(labels),
         "img_s": len(labels) / out.timings["synthesize"],
-        "synthesize_s": out.timings["synthesize"], "train_s": out.timings["train"],
-        "global_accuracy": global_acc, "global_accuracy_per_domain": per_domain,
-        "accuracy": sum(accs) / len(accs), "fid_proxy": sum(fids) / len(fids),
-    }  # fmt: skip
-    say(f"seed {cfg.seed} {label}: {row['img_s']:.1f} img/s, global acc "
+        "synthesize_s": out.timings["synthesize"],
+        "train_s": out.timings["train"],
+        "global_accuracy": global_acc,
+        "global_accuracy_per_domain": per_domain,
+        "accuracy": sum(accs) / len(accs),
+        "fid_proxy": sum(fids) / len(fids),
+    }
+    say(
+        f"seed {cfg.seed} {label}: {row['img_s']:.1f} img/s, global acc "
         f"{global_acc if global_acc is None else round(global_acc, 3)}, client acc "
-        f"{row['accuracy']:.3f}, FID-proxy {row['fid_proxy']:.2f}")  # fmt: skip
+        f"{row['accuracy']:.3f}, FID-proxy {row['fid_proxy']:.2f}"
+    )
     return row

@@ -55,8 +55,7 @@ CHALLENGERS = ("stack", "svd", "generative")
 
 # Client domains of each world: client i holds domain i.
 WORLDS: dict[str, str] = {
-    "shared": "inverted+upside-down,thick+upside-down,rotated+upside-down,"
-    "noisy+upside-down",
+    "shared": "inverted+upside-down,thick+upside-down,rotated+upside-down,noisy+upside-down",
     "disjoint": "inverted+mirrored,thick+upside-down,thin+boxed,rotated+small",
 }
 # Both worlds and modes.
@@ -92,9 +91,7 @@ def parse_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in items if t not in allowed]
     if bad or not items:
-        raise ValueError(
-            f"--{what} {text!r}: unknown {bad}; choose from {', '.join(allowed)}"
-        )
+        raise ValueError(f"--{what} {text!r}: unknown {bad}; choose from {', '.join(allowed)}")
     return items
 
 
@@ -123,14 +120,10 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 for k, d in domains.items()
             },
             "upload_bytes_per_client": mean([r["upload_bytes_per_client"] for r in rs]),
-            "download_bytes_per_client": mean(
-                [r["download_bytes_per_client"] for r in rs]
-            ),
+            "download_bytes_per_client": mean([r["download_bytes_per_client"] for r in rs]),
             "merge_s": mean([r["merge_s"] for r in rs if r["merge_s"] is not None]),
             "merged_rank": rs[0]["merged_rank"],
-            "energy_kept": mean(
-                [r["energy_kept"] for r in rs if r["energy_kept"] is not None]
-            ),
+            "energy_kept": mean([r["energy_kept"] for r in rs if r["energy_kept"] is not None]),
         }
     return out
 
@@ -229,9 +222,7 @@ def format_domain_table(summary: dict[str, dict[str, Any]]) -> str:
         cells = []
         for d in doms:
             x = s["per_domain"].get(d)
-            cells.append(
-                "n/a" if x is None else f"{num(x['fid_proxy'])} / {pct(x['accuracy'])}"
-            )
+            cells.append("n/a" if x is None else f"{num(x['fid_proxy'])} / {pct(x['accuracy'])}")
         rows.append([v, *cells])
     return md_table(["variant", *(f"{d} FID / acc%" for d in doms)], rows)
 
@@ -245,10 +236,12 @@ def paired_diffs(
     for v, seed in by:
         if v != base and (base, seed) in by:
             r, b = by[v, seed], by[base, seed]
-            out.setdefault(v, []).append((
-                r["mean_fid_proxy"] - b["mean_fid_proxy"],
-                r["mean_accuracy"] - b["mean_accuracy"],
-            ))  # fmt: skip
+            out.setdefault(v, []).append(
+                (
+                    r["mean_fid_proxy"] - b["mean_fid_proxy"],
+                    r["mean_accuracy"] - b["mean_accuracy"],
+                )
+            )
     return out
 
 
@@ -266,11 +259,9 @@ def plot(
     colors = ["#999999" if n in ("none", "own") else "#4C72B0" for n in names]
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.6))
     for ax, key, std_key, scale, label in (
-        (axes[0, 0], "mean_fid_proxy", "std_fid_proxy", 1.0,
-         "FID-proxy (lower is better)"),
-        (axes[0, 1], "mean_accuracy", "std_accuracy", 100.0,
-         "downstream accuracy (%)"),
-    ):  # fmt: skip
+        (axes[0, 0], "mean_fid_proxy", "std_fid_proxy", 1.0, "FID-proxy (lower is better)"),
+        (axes[0, 1], "mean_accuracy", "std_accuracy", 100.0, "downstream accuracy (%)"),
+    ):
         vals = [(summary[n][key] or 0.0) * scale for n in names]
         errs = [(summary[n][std_key] or 0.0) * scale for n in names]
         bars = ax.bar(names, vals, yerr=errs, capsize=3, color=colors)
@@ -287,13 +278,15 @@ def plot(
         shade = ["#999999" if n in ("none", "own") else "#4C72B0" for n in others]
         ax.bar(others, means, color=shade, alpha=0.5)
         for i, n in enumerate(others):
-            ax.scatter([i] * len(diffs[n]), [scale * d[j] for d in diffs[n]],
-                       color="black", s=10, zorder=3)  # fmt: skip
+            ax.scatter(
+                [i] * len(diffs[n]), [scale * d[j] for d in diffs[n]], color="black", s=10, zorder=3
+            )
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_ylabel(label)
         ax.tick_params(axis="x", rotation=30)
-    fig.suptitle("one-shot federated LoRA on unseen concepts (grey: references; "
-                 "bottom: dots = seeds)")  # fmt: skip
+    fig.suptitle(
+        "one-shot federated LoRA on unseen concepts (grey: references; bottom: dots = seeds)"
+    )
     return save_figure(fig, out / "lora.png")
 
 
@@ -392,8 +385,17 @@ def run_seed(
             for k, v in PL.layout(r.adapter, r.embed.embeddings).items()
         }
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        replies.append(C.Reply(pid + 1, pid, len(data.train_labels), nbytes,
-                               {"base-model": r.base_fingerprint}, {}, tensors))  # fmt: skip
+        replies.append(
+            C.Reply(
+                pid + 1,
+                pid,
+                len(data.train_labels),
+                nbytes,
+                {"base-model": r.base_fingerprint},
+                {},
+                tensors,
+            )
+        )
     # 2. server: validate
     ctx = ServerContext(cfg, work / f"seed{seed}", info=dataset_info(cfg.data_args()))
     method = Lora()
@@ -432,12 +434,23 @@ def run_seed(
                 set_lora_state(unet, a, rk, al, targets)
             cond = rep.tensors[PL.EMB + "mean"].float().repeat_interleave(n, dim=0)
             y = rep.tensors[PL.EMB + "class_ids"].repeat_interleave(n)
-            x = synthesize_set(ctx, cond, y, torch.full_like(y, pid), ServerOutput(),
-                               desc=f"seed {seed} {v} client {pid}")  # fmt: skip
+            x = synthesize_set(
+                ctx,
+                cond,
+                y,
+                torch.full_like(y, pid),
+                ServerOutput(),
+                desc=f"seed {seed} {v} client {pid}",
+            )
             images.append(x)
             labels.append(y)
-            clients.append({"partition_id": pid, "domain": datas[pid].domain,
-                            "fid_proxy": fid_proxy(real_feats[pid], features(judge, x))})  # fmt: skip
+            clients.append(
+                {
+                    "partition_id": pid,
+                    "domain": datas[pid].domain,
+                    "fid_proxy": fid_proxy(real_feats[pid], features(judge, x)),
+                }
+            )
         unet.unload_lora()
         # 5. downstream probe: the app's global classifier from `probes` inits
         # (seed + 1000 k; k = 0 is the app's own), accuracy averaged over them
@@ -451,9 +464,7 @@ def run_seed(
             assert out.model_state is not None
             for c, data in zip(clients, datas, strict=True):
                 c["accuracy_probes"].append(
-                    classifier_accuracy(
-                        out.model_state, out.arch, ctx.num_classes, data
-                    )
+                    classifier_accuracy(out.model_state, out.arch, ctx.num_classes, data)
                 )
         ctx.cfg = cfg
         for c in clients:
@@ -488,25 +499,37 @@ def say(msg: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench lora", description=__doc__.split("\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="python -m bench lora", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the <= 20 minute CPU setting")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument(
-        "--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)"
+        "--world",
+        choices=sorted(WORLDS),
+        default="shared",
+        help="shared: one new domain for all clients (default); "
+        "disjoint: a different new concept per client",
     )
-    p.add_argument("--world", choices=sorted(WORLDS), default="shared",
-                   help="shared: one new domain for all clients (default); "
-                   "disjoint: a different new concept per client")  # fmt: skip
     p.add_argument("--clients", type=int, default=4, help="clients (default 4)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated subset of {','.join(VARIANTS)}")  # fmt: skip
-    p.add_argument("--probes", type=int, default=3,
-                   help="downstream classifiers per variant, from different inits; "
-                   "accuracy is their mean (default 3)")  # fmt: skip
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated subset of {','.join(VARIANTS)}",
+    )
+    p.add_argument(
+        "--probes",
+        type=int,
+        default=3,
+        help="downstream classifiers per variant, from different inits; "
+        "accuracy is their mean (default 3)",
+    )
     p.add_argument("--out", default="bench-results", help="output folder")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="run-config override, e.g. --set lora-steps=300")  # fmt: skip
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config override, e.g. --set lora-steps=300",
+    )
     return p
 
 
@@ -532,9 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     work = out / "lora-work"
     report: dict[str, Any] = {
-        "command": " ".join(
-            ["python -m bench lora", *(sys.argv[1:] if argv is None else argv)]
-        ),
+        "command": " ".join(["python -m bench lora", *(sys.argv[1:] if argv is None else argv)]),
         "mode": "quick" if args.quick else "full",
         "world": args.world,
         "seeds": seeds,
@@ -547,9 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     t0 = time.perf_counter()
     for seed in seeds:
-        report["records"] += run_seed(
-            overrides, seed, args.clients, variants, work, args.probes
-        )
+        report["records"] += run_seed(overrides, seed, args.clients, variants, work, args.probes)
         report["summary"] = aggregate(report["records"])
         report["wall_s"] = time.perf_counter() - t0
         report["checks"] = checks(report["records"], report["summary"])

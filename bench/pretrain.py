@@ -117,26 +117,17 @@ class CaptionTable:
 def caption_table() -> CaptionTable:
     texts, labels, styles = phrase_bank(NUM_CLASSES, STYLES)
     groups = torch.as_tensor(
-        [
-            int(c) * len(STYLES) + STYLES.index(s)
-            for c, s in zip(labels, styles, strict=True)
-        ]
+        [int(c) * len(STYLES) + STYLES.index(s) for c, s in zip(labels, styles, strict=True)]
     )
-    members = [
-        torch.nonzero(groups == g)[:, 0] for g in range(NUM_CLASSES * len(STYLES))
-    ]
+    members = [torch.nonzero(groups == g)[:, 0] for g in range(NUM_CLASSES * len(STYLES))]
     return CaptionTable(texts, torch.as_tensor(labels), groups, members)
 
 
-def sample_captions(
-    table: CaptionTable, groups: torch.Tensor, g: torch.Generator
-) -> torch.Tensor:
+def sample_captions(table: CaptionTable, groups: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """One random bank caption (template and style word) per image of ``groups``."""
     sizes = torch.as_tensor([len(table.members[int(k)]) for k in groups])
     pick = (torch.rand(len(groups), generator=g) * sizes).long()
-    return torch.stack(
-        [table.members[int(k)][int(p)] for k, p in zip(groups, pick, strict=True)]
-    )
+    return torch.stack([table.members[int(k)][int(p)] for k, p in zip(groups, pick, strict=True)])
 
 
 def image_groups(labels: torch.Tensor, styles: list[str]) -> torch.Tensor:
@@ -169,9 +160,15 @@ def _rare_count(styles: list[str]) -> torch.Tensor:
 
 
 def train_clip(
-    clip, tok, images: torch.Tensor, styles: list[str], groups: torch.Tensor,
-    table: CaptionTable, sch: Schedule, seed: int,
-) -> list[float]:  # fmt: skip
+    clip,
+    tok,
+    images: torch.Tensor,
+    styles: list[str],
+    groups: torch.Tensor,
+    table: CaptionTable,
+    sch: Schedule,
+    seed: int,
+) -> list[float]:
     """Contrastive training (Radford et al. 2021) with multi-positive soft targets.
 
     Each step contrasts a batch of images with the WHOLE phrase bank (440 captions,
@@ -188,11 +185,7 @@ def train_clip(
     warm = max(1, sch.clip_steps // 20)
 
     def lr_at(s: int) -> float:  # linear warm-up over 5% of the steps, then cosine
-        return (
-            min(1.0, (s + 1) / warm)
-            * 0.5
-            * (1 + math.cos(math.pi * s / sch.clip_steps))
-        )
+        return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / sch.clip_steps))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     clip.train()
@@ -225,8 +218,10 @@ def train_clip(
         if step % 50 == 0 or step == sch.clip_steps - 1:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
             if step % 250 == 0 or step == sch.clip_steps - 1:
-                log(f"clip step {step} loss {np.mean(losses[-50:]):.4f} "
-                    f"scale {float(clip.logit_scale.exp()):.1f}")  # fmt: skip
+                log(
+                    f"clip step {step} loss {np.mean(losses[-50:]):.4f} "
+                    f"scale {float(clip.logit_scale.exp()):.1f}"
+                )
     clip.eval()
     return losses
 
@@ -242,9 +237,7 @@ def retrieval_metrics(captioner, images, labels, styles, table: CaptionTable) ->
         pred_class = grp // len(STYLES)
         style_ok = np.asarray([p == s for p, s in zip(pred_style, styles, strict=True)])
         per_style = {
-            s: float(style_ok[[t == s for t in styles]].mean())
-            for s in STYLES
-            if s in styles
+            s: float(style_ok[[t == s for t in styles]].mean()) for s in STYLES if s in styles
         }
         out[mode] = {
             "style_accuracy": float(style_ok.mean()),
@@ -257,17 +250,20 @@ def retrieval_metrics(captioner, images, labels, styles, table: CaptionTable) ->
 # --------------------------------------------------------------------------- 3. generator
 
 
-def conditioning_table(
-    encoder, table: CaptionTable
-) -> tuple[torch.Tensor, torch.Tensor]:
+def conditioning_table(encoder, table: CaptionTable) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled unit-norm embeddings of every bank caption ``[M, 1, D]`` and of ``""``."""
     return encoder.encode(table.texts, "pooled"), encoder.encode([""], "pooled")
 
 
 def make_conditions(
-    groups: torch.Tensor, caps: torch.Tensor, bank: torch.Tensor, uncond: torch.Tensor,
-    table: CaptionTable, sch: Schedule, g: torch.Generator,
-) -> torch.Tensor:  # fmt: skip
+    groups: torch.Tensor,
+    caps: torch.Tensor,
+    bank: torch.Tensor,
+    uncond: torch.Tensor,
+    table: CaptionTable,
+    sch: Schedule,
+    g: torch.Generator,
+) -> torch.Tensor:
     """Per-image condition ``[B, 1, D]``.
 
     * own caption's embedding, or
@@ -289,10 +285,17 @@ def make_conditions(
 
 
 def train_generator(
-    unet, scheduler, images: torch.Tensor, styles: list[str], groups: torch.Tensor,
+    unet,
+    scheduler,
+    images: torch.Tensor,
+    styles: list[str],
+    groups: torch.Tensor,
     bank: torch.Tensor,
-    uncond: torch.Tensor, table: CaptionTable, sch: Schedule, seed: int,
-):  # fmt: skip
+    uncond: torch.Tensor,
+    table: CaptionTable,
+    sch: Schedule,
+    seed: int,
+):
     """DDPM epsilon loss ``|| eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t, c) ||^2``."""
     import copy
 
@@ -315,9 +318,7 @@ def train_generator(
         idx = balanced_indices(styles, sch.gen_batch, sch.plain_share, g)
         x0 = images[idx]
         grp = groups[idx]
-        cond = make_conditions(
-            grp, sample_captions(table, grp, g), bank, uncond, table, sch, g
-        )
+        cond = make_conditions(grp, sample_captions(table, grp, g), bank, uncond, table, sch, g)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, T, (len(x0),), generator=g)
         xt = scheduler.add_noise(x0, noise, t)
@@ -337,8 +338,10 @@ def train_generator(
         if step % 50 == 0 or step == sch.gen_steps - 1:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
             if step % 200 == 0 or step == sch.gen_steps - 1:
-                log(f"generator step {step} loss {np.mean(losses[-200:]):.4f} "
-                    f"lr {lr_sched.get_last_lr()[0]:.2e}")  # fmt: skip
+                log(
+                    f"generator step {step} loss {np.mean(losses[-200:]):.4f} "
+                    f"lr {lr_sched.get_last_lr()[0]:.2e}"
+                )
     for be, b in zip(ema.buffers(), unet.buffers(), strict=True):
         be.copy_(b)
     return ema, losses
@@ -372,8 +375,9 @@ def evaluate_samples(
     y = torch.as_tensor(labels)
     t0 = time.perf_counter()
     with tqdm(total=len(cond), desc="sample", mininterval=10) as bar:
-        settings = SynthesisSettings(guidance_scale=sch.guidance_scale,
-                                     num_inference_steps=sch.eval_steps, seed=seed)  # fmt: skip
+        settings = SynthesisSettings(
+            guidance_scale=sch.guidance_scale, num_inference_steps=sch.eval_steps, seed=seed
+        )
         x = sample(gen, cond, uncond, progress=bar.update, **settings.kwargs())
     per_img = (time.perf_counter() - t0) / len(cond)
     pred = predict(judge, x)
@@ -398,9 +402,7 @@ def evaluate_samples(
     return metrics, x.view(len(STYLES), NUM_CLASSES, n, *x.shape[1:]), per_img
 
 
-def evaluate_class_names(
-    gen, judge, captioner, encoder, uncond, table, sch, seed
-) -> dict:
+def evaluate_class_names(gen, judge, captioner, encoder, uncond, table, sch, seed) -> dict:
     """FGL-style prompts from the class name alone should give the dominant plain style."""
     from common.synthesis import sample
     from common.synthesis_settings import SynthesisSettings
@@ -411,8 +413,9 @@ def evaluate_class_names(
     n = sch.eval_samples
     cond = emb.repeat_interleave(n, 0)
     y = torch.arange(NUM_CLASSES).repeat_interleave(n)
-    settings = SynthesisSettings(guidance_scale=sch.guidance_scale,
-                                 num_inference_steps=sch.eval_steps, seed=seed + 1)  # fmt: skip
+    settings = SynthesisSettings(
+        guidance_scale=sch.guidance_scale, num_inference_steps=sch.eval_steps, seed=seed + 1
+    )
     x = sample(gen, cond, uncond, **settings.kwargs())
     ret = retrieval_metrics(captioner, x, y, ["plain"] * len(y), table)["with_label"]
     return {
@@ -443,9 +446,7 @@ def save_grid(samples: torch.Tensor, path: Path, rows_per_style: int) -> None:
     ax.set_xticks([ci * (W + 1) + W / 2 for ci in range(C)], [str(c) for c in range(C)])
     ax.set_yticks([si * (r * H + 2) + r * H / 2 for si in range(S)], list(STYLES))
     ax.tick_params(length=0)
-    ax.set_title(
-        "embedded generator: mean caption embedding per (style, class), CFG 3, DDIM 20"
-    )
+    ax.set_title("embedded generator: mean caption embedding per (style, class), CFG 3, DDIM 20")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -484,9 +485,7 @@ def write_card(out: Path, m: dict) -> None:
         "|---|---|---|---|",
     ]
     for k, v in m["models"].items():
-        lines.append(
-            f"| `{k}/` | {v['what']} | {v['parameters']:,} | {v['bytes'] / 1e6:.2f} MB |"
-        )
+        lines.append(f"| `{k}/` | {v['what']} | {v['parameters']:,} | {v['bytes'] / 1e6:.2f} MB |")
     lines += [
         "",
         f"Total size: {m['total_bytes'] / 1e6:.2f} MB.",
@@ -508,8 +507,7 @@ def write_card(out: Path, m: dict) -> None:
         "  ONE token: the frozen CLIP's pooled unit-norm text embedding; with p=0.5 the plain",
         "  (not renormalised) mean of 2-8 caption embeddings of the same class and style, as",
         "  an OSCAR client uploads; 10% of conditions dropped to `encode([''])` for",
-        "  classifier-free guidance. EMA weights (decay "
-        f"{sch['ema_decay']}) are saved.",
+        f"  classifier-free guidance. EMA weights (decay {sch['ema_decay']}) are saved.",
         "* **judge/**: `SmallCNN` trained on the public styled set; its penultimate features",
         "  are the FID-proxy's feature space.",
         "",
@@ -586,24 +584,16 @@ def write_card(out: Path, m: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m bench pretrain", description=__doc__.split("\n")[0]
-    )
-    p.add_argument(
-        "--out", default="common/embedded", help="output folder (default: %(default)s)"
-    )
+    p = argparse.ArgumentParser(prog="python -m bench pretrain", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="common/embedded", help="output folder (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--eval-only",
         action="store_true",
         help="re-evaluate the stack in --out (keeps its training wall times and losses)",
     )
-    p.add_argument(
-        "--quick", action="store_true", help="tiny schedule: a smoke test in < 2 min"
-    )
-    p.add_argument(
-        "--threads", type=int, default=2, help="torch threads (default: %(default)s)"
-    )
+    p.add_argument("--quick", action="store_true", help="tiny schedule: a smoke test in < 2 min")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     p.add_argument(
         "--stage",
         choices=("all", "feddiff"),
@@ -645,16 +635,28 @@ def build_feddiff_stage(args: argparse.Namespace, out: Path) -> dict:
     n_pub = min(sch.num_public, len(full.labels))
     n_train = n_pub - sch.num_heldout
     ho = slice(n_train, min(n_pub, n_train + s.eval_images))
-    log(f"feddiff: {args.classifier} on {n_train} public images, pool ranked on "
-        f"{ho.stop - ho.start} held-out ones; generated subset {s.params!r}")  # fmt: skip
+    log(
+        f"feddiff: {args.classifier} on {n_train} public images, pool ranked on "
+        f"{ho.stop - ho.start} held-out ones; generated subset {s.params!r}"
+    )
     torch.manual_seed(args.seed)
     cfg = build_feddiff(
-        out / "feddiff", full.images[:n_train], full.labels[:n_train],
-        full.images[ho], full.labels[ho], s, arch=args.classifier, in_channels=1,
-        num_classes=NUM_CLASSES, seed=args.seed, log=log,
-    )  # fmt: skip
-    log(f"feddiff done in {cfg['wall_s']['total']:.0f} s; "
-        f"{folder_size(out / 'feddiff') / 1e6:.2f} MB")  # fmt: skip
+        out / "feddiff",
+        full.images[:n_train],
+        full.labels[:n_train],
+        full.images[ho],
+        full.labels[ho],
+        s,
+        arch=args.classifier,
+        in_channels=1,
+        num_classes=NUM_CLASSES,
+        seed=args.seed,
+        log=log,
+    )
+    log(
+        f"feddiff done in {cfg['wall_s']['total']:.0f} s; "
+        f"{folder_size(out / 'feddiff') / 1e6:.2f} MB"
+    )
     return cfg
 
 
@@ -698,8 +700,16 @@ def train_stages(
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     tok = build_tokenizer(vocabulary())
-    clip = build_clip(len(tok), image_size=IMAGE_SIZE, channels=1, hidden=64, layers=2,
-                      heads=4, projection_dim=64, patch_size=4)  # fmt: skip
+    clip = build_clip(
+        len(tok),
+        image_size=IMAGE_SIZE,
+        channels=1,
+        hidden=64,
+        layers=2,
+        heads=4,
+        projection_dim=64,
+        patch_size=4,
+    )
     clip_losses = train_clip(clip, tok, images, styles, groups, table, sch, args.seed)
     clip.save_pretrained(out / "clip")
     tok.save_pretrained(out / "clip")
@@ -711,9 +721,13 @@ def train_stages(
     encoder = load_text_encoder(str((out / "clip").resolve()))
     bank, uncond = conditioning_table(encoder, table)
     torch.manual_seed(args.seed)
-    unet, sched = build_generator(image_size=IMAGE_SIZE, channels=1, cond_dim=bank.shape[-1],
-                                  block_out_channels=sch.gen_blocks,
-                                  layers_per_block=sch.gen_layers_per_block)  # fmt: skip
+    unet, sched = build_generator(
+        image_size=IMAGE_SIZE,
+        channels=1,
+        cond_dim=bank.shape[-1],
+        block_out_channels=sch.gen_blocks,
+        layers_per_block=sch.gen_layers_per_block,
+    )
     log(f"generator: {count(unet):,} parameters")
     ema, gen_losses = train_generator(
         unet, sched, images, styles, groups, bank, uncond, table, sch, args.seed
@@ -726,8 +740,9 @@ def train_stages(
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     judge = SmallCNN(1, NUM_CLASSES)
-    train_classifier(judge, images, labels, epochs=sch.judge_epochs, seed=args.seed,
-                     progress=True, desc="judge")  # fmt: skip
+    train_classifier(
+        judge, images, labels, epochs=sch.judge_epochs, seed=args.seed, progress=True, desc="judge"
+    )
     save_classifier(judge, out / "judge", "cnn", 1, NUM_CLASSES)
     wall["judge"] = time.perf_counter() - t0
 
@@ -777,15 +792,15 @@ def main(argv: list[str] | None = None) -> int:
     groups = image_groups(labels, styles)
     table = caption_table()
     counts = {s: styles.count(s) for s in STYLES}
-    log(f"public split: {n_train} train / {n_pub - n_train} held out; styles {counts}; "
-        f"{len(table.texts)} distinct captions")  # fmt: skip
+    log(
+        f"public split: {n_train} train / {n_pub - n_train} held out; styles {counts}; "
+        f"{len(table.texts)} distinct captions"
+    )
     wall["data"] = time.perf_counter() - t0
 
     previous = json.loads((out / "metrics.json").read_text()) if args.eval_only else {}
     if not args.eval_only:
-        train_stages(
-            args, sch, out, images, styles, labels, groups, table, wall, previous
-        )
+        train_stages(args, sch, out, images, styles, labels, groups, table, wall, previous)
     else:
         wall.update({k: previous["wall_s"][k] for k in ("clip", "generator", "judge")})
         log(f"--eval-only: evaluating the stack in {out}")
@@ -813,19 +828,16 @@ def main(argv: list[str] | None = None) -> int:
     x_test, y_test = x_test[: sch.num_test], y_test[: sch.num_test]
     y_test_t = torch.as_tensor(y_test)
     judge_test = {
-        s: accuracy(
-            judge, render_style(x_test, s, IMAGE_SIZE, seed=args.seed + 100), y_test_t
-        )
+        s: accuracy(judge, render_style(x_test, s, IMAGE_SIZE, seed=args.seed + 100), y_test_t)
         for s in STYLES
     }
     log(f"judge accuracy on MNIST test: {judge_test}")
     gen = load_generator(str((out / "generator").resolve()), scheduler="ddim")
-    samples, grid, _ = evaluate_samples(
-        gen, judge, captioner, bank, uncond, table, sch, args.seed
-    )
+    samples, grid, _ = evaluate_samples(gen, judge, captioner, bank, uncond, table, sch, args.seed)
     log(f"samples: {json.dumps(samples)}")
-    class_names = evaluate_class_names(gen, judge, captioner, encoder, uncond, table, sch,
-                                       args.seed)  # fmt: skip
+    class_names = evaluate_class_names(
+        gen, judge, captioner, encoder, uncond, table, sch, args.seed
+    )
     log(f"class-name prompts: {class_names}")
     save_grid(grid, out / "samples.png", sch.grid_rows)
     wall["evaluate"] = time.perf_counter() - t0
@@ -835,13 +847,22 @@ def main(argv: list[str] | None = None) -> int:
     gen_params = count(gen.unet)
     clip_params = count(captioner.model)
     models = {
-        "clip": {"what": "CLIPModel + tokenizer", "parameters": clip_params,
-                 "bytes": folder_size(out / "clip")},
-        "generator": {"what": "UNet2DConditionModel (EMA) + DDPMScheduler",
-                      "parameters": gen_params, "bytes": folder_size(out / "generator")},
-        "judge": {"what": "SmallCNN classifier", "parameters": count(judge),
-                  "bytes": folder_size(out / "judge")},
-    }  # fmt: skip
+        "clip": {
+            "what": "CLIPModel + tokenizer",
+            "parameters": clip_params,
+            "bytes": folder_size(out / "clip"),
+        },
+        "generator": {
+            "what": "UNet2DConditionModel (EMA) + DDPMScheduler",
+            "parameters": gen_params,
+            "bytes": folder_size(out / "generator"),
+        },
+        "judge": {
+            "what": "SmallCNN classifier",
+            "parameters": count(judge),
+            "bytes": folder_size(out / "judge"),
+        },
+    }
     sched_d = asdict(sch)
     sched_d["gen_blocks"] = list(sch.gen_blocks)
     metrics = {
@@ -852,7 +873,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "diffusers": diffusers.__version__,
-        },  # fmt: skip
+        },
         "wall_s": wall,
         "models": models,
         "judge": {
@@ -869,9 +890,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_card(out, metrics)
     metrics["total_bytes"] = folder_size(out)
-    log(
-        f"done in {wall['total']:.0f} s; {out} is {metrics['total_bytes'] / 1e6:.2f} MB"
-    )
+    log(f"done in {wall['total']:.0f} s; {out} is {metrics['total_bytes'] / 1e6:.2f} MB")
     return 0
 
 

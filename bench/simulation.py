@@ -113,15 +113,19 @@ def run_size(work: Path, n: int, overrides: dict[str, Any], timeout_s: float) ->
             "synth_budget": res.get("synth_budget"),
             "timings_s": res.get("timings_s"),
         }
-    say(f"N={n}: {'ok' if run.ok else 'FAILED: ' + str(run.error)}, "
-        f"{row['wall_s']} s, peak {row['peak_rss_gb']} GB")  # fmt: skip
+    say(
+        f"N={n}: {'ok' if run.ok else 'FAILED: ' + str(run.error)}, "
+        f"{row['wall_s']} s, peak {row['peak_rss_gb']} GB"
+    )
     return row
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| SuperNodes | result | wall s | collect s | synthesize s | train s | "
-            "evaluate s | peak RSS GB (sum) | uploads used | synthetic images | "
-            "global acc |")  # fmt: skip
+    head = (
+        "| SuperNodes | result | wall s | collect s | synthesize s | train s | "
+        "evaluate s | peak RSS GB (sum) | uploads used | synthetic images | "
+        "global acc |"
+    )
     lines = [head, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r.get("timings_s") or {}
@@ -156,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": {
             "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
-        },  # fmt: skip
+        },
         "run_config": overrides,
         "rows": rows,
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

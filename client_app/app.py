@@ -31,11 +31,18 @@ MEMORY = "uploaded"  # Context.state key of the node's own upload
 def client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
     a = cfg.data_args()
     return load_client_data(
-        a.dataset, a.partition, partition_id, num_partitions,
-        image_size=a.image_size, alpha=a.alpha, classes_per_client=a.classes_per_client,
-        domains=a.domains, max_examples=a.max_examples, test_fraction=a.test_fraction,
+        a.dataset,
+        a.partition,
+        partition_id,
+        num_partitions,
+        image_size=a.image_size,
+        alpha=a.alpha,
+        classes_per_client=a.classes_per_client,
+        domains=a.domains,
+        max_examples=a.max_examples,
+        test_fraction=a.test_fraction,
         seed=a.seed,
-    )  # fmt: skip
+    )
 
 
 def node_partition(node_config: Any, own_data: bool) -> tuple[int, int]:
@@ -77,9 +84,7 @@ def _job(msg: Message, context: Context) -> ClientJob:
         data=client_data(cfg, max(pid, 0), max(n, 1)),
         node_id=int(context.node_id),
         config=dict(msg.content.config_records.get(C.KEY_CONFIG, {})),
-        arrays={
-            k: C.from_array_record(rec) for k, rec in msg.content.array_records.items()
-        },
+        arrays={k: C.from_array_record(rec) for k, rec in msg.content.array_records.items()},
         memory=C.from_array_record(memory) if memory is not None else {},
         node_classifier=node_classifier,
     )
@@ -102,13 +107,9 @@ def collect(msg: Message, context: Context) -> Message:
     method = _method(job, msg.metadata.message_type, "collect")
     result = method.client_collect(job)
     arrays = {method.payload_key: result.payload} if method.payload_key else {}
-    content = C.pack_reply(
-        job.meta() | result.meta, result.metrics, arrays, result.half
-    )
+    content = C.pack_reply(job.meta() | result.meta, result.metrics, arrays, result.half)
     if method.payload_key:
-        context.state[MEMORY] = ArrayRecord(
-            dict(content.array_records[method.payload_key])
-        )
+        context.state[MEMORY] = ArrayRecord(dict(content.array_records[method.payload_key]))
     return Message(content, reply_to=msg)
 
 

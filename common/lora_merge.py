@@ -81,13 +81,10 @@ def _normalise_weights(weights: WeightsLike, n: int) -> Tensor:
     w = torch.as_tensor(weights, dtype=torch.float32).flatten().cpu()
     if w.numel() != n:
         raise ValueError(
-            f"weights has {w.numel()} entries but there are {n} clients; "
-            "pass one weight per client"
+            f"weights has {w.numel()} entries but there are {n} clients; pass one weight per client"
         )
     if not torch.isfinite(w).all() or (w < 0).any():
-        raise ValueError(
-            f"weights={w.tolist()} must be finite and >= 0 (e.g. dataset sizes)"
-        )
+        raise ValueError(f"weights={w.tolist()} must be finite and >= 0 (e.g. dataset sizes)")
     if w.sum() <= 0:
         raise ValueError(f"weights={w.tolist()} sum to 0; give a client weight > 0")
     return w / w.sum()
@@ -99,8 +96,7 @@ def _check_scalings(scalings: Sequence[float] | None, n: int) -> list[float]:
     s = [float(x) for x in scalings]
     if len(s) != n:
         raise ValueError(
-            f"scalings has {len(s)} entries but there are {n} clients; "
-            "pass one alpha/r per client"
+            f"scalings has {len(s)} entries but there are {n} clients; pass one alpha/r per client"
         )
     if not all(math.isfinite(x) and x > 0 for x in s):
         raise ValueError(f"scalings={s} must be finite and > 0 (alpha / r)")
@@ -167,8 +163,7 @@ def _flat_factors(
         for key, t in ((ka, A), (kb, B)):
             if not torch.isfinite(t).all():
                 raise ValueError(
-                    f"adapters[{i}][{key!r}] contains NaN or Inf; reject this "
-                    "client's update"
+                    f"adapters[{i}][{key!r}] contains NaN or Inf; reject this client's update"
                 )
         As.append(A)
         Bs.append(B)
@@ -239,8 +234,7 @@ def merge_fedavg(
     """
     if len(As) == 0 or len(Bs) != len(As):
         raise ValueError(
-            f"As has {len(As)} and Bs {len(Bs)} factors; pass one A and one B "
-            "per client"
+            f"As has {len(As)} and Bs {len(Bs)} factors; pass one A and one B per client"
         )
     for i, (A, B) in enumerate(zip(As, Bs, strict=True)):
         if A.shape[0] != As[0].shape[0]:
@@ -466,13 +460,9 @@ def merge_adapters(
         merged_rank = rank
     for p, (A, B) in factors.items():
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise ValueError(
-                f"layer {p!r}: merge produced NaN/Inf; check the clients' adapters"
-            )
+            raise ValueError(f"layer {p!r}: merge produced NaN/Inf; check the clients' adapters")
         if svd_type:
-            deltas = [
-                delta_w(a, b, si) for a, b, si in zip(As[p], Bs[p], s, strict=True)
-            ]
+            deltas = [delta_w(a, b, si) for a, b, si in zip(As[p], Bs[p], s, strict=True)]
             exact = torch.tensordot(w, torch.stack(deltas), dims=1)
             energies.append(_energy_kept(exact, A, B))
         pad = merged_rank - A.shape[0]

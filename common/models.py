@@ -102,9 +102,7 @@ class ResNet18(nn.Module):
         return self.head(self.embed(x))
 
 
-def build_classifier(
-    arch: str, in_channels: int, num_classes: int, width: int = 32
-) -> nn.Module:
+def build_classifier(arch: str, in_channels: int, num_classes: int, width: int = 32) -> nn.Module:
     if arch == "cnn":
         return SmallCNN(in_channels, num_classes, width)
     if arch == "resnet18":
@@ -131,8 +129,15 @@ def input_spec(in_channels: int) -> dict[str, Any]:
 
 
 # config.json keys the architecture needs; ``extra`` may not override them
-_CORE_KEYS = ("arch", "in_channels", "num_classes", "width", "class_names",
-              "image_size", "normalization")  # fmt: skip
+_CORE_KEYS = (
+    "arch",
+    "in_channels",
+    "num_classes",
+    "width",
+    "class_names",
+    "image_size",
+    "normalization",
+)
 
 
 def save_classifier(
@@ -198,8 +203,7 @@ def classifier_config(path: str | Path) -> dict[str, Any]:
     cfg = json.loads(file.read_text())
     if not isinstance(cfg, dict) or "arch" not in cfg:
         hint = (
-            f"; this folder holds a LoRA adapter, its classifier is in "
-            f"{path / 'classifier'}"
+            f"; this folder holds a LoRA adapter, its classifier is in {path / 'classifier'}"
             if (path / "classifier" / "config.json").is_file()
             else ""
         )
@@ -271,9 +275,7 @@ def classify(
             "with save_classifier(..., class_names=..., image_size=...)"
         )
     if isinstance(images, (str, Path, Image.Image)):
-        raise TypeError(
-            f"images is one {type(images).__name__}; pass a list of images or paths"
-        )
+        raise TypeError(f"images is one {type(images).__name__}; pass a list of images or paths")
     names, size = list(cfg["class_names"]), int(cfg["image_size"])
     channels = int(cfg["in_channels"])
 
@@ -286,9 +288,7 @@ def classify(
         elif isinstance(im, Image.Image):
             xs.append(_pil_to_tensor(im, channels, size))
         else:
-            raise TypeError(
-                f"images[{i}] is a {type(im).__name__}; give a PIL image or a path"
-            )
+            raise TypeError(f"images[{i}] is a {type(im).__name__}; give a PIL image or a path")
     if not xs:
         return []
 

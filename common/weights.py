@@ -79,8 +79,7 @@ def load_pretrained(cls: Any, name: str, role: str, **kwargs: Any) -> Any:
         looked = (
             f"local folder {where.resolve()}"
             if where.exists() or name.startswith((".", "/", "~"))
-            else "the Hugging Face cache "
-            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')})"
+            else f"the Hugging Face cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')})"
         )
         sub = f" (subfolder {kwargs['subfolder']!r})" if "subfolder" in kwargs else ""
         first = str(e).splitlines()[0] if str(e) else ""

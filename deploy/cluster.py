@@ -105,15 +105,22 @@ def superlink_command(
     """``flower-superlink`` with TLS; Fleet, Control and runtime API on ``port``."""
     cmd = [
         "flower-superlink",
-        "--ssl-ca-certfile", str(certs_dir / "ca.crt"),
-        "--ssl-certfile", str(certs_dir / "server.pem"),
-        "--ssl-keyfile", str(certs_dir / "server.key"),
-        "--host", host,
-        "--port", str(port),
-        "--database", str(database),
-        "--isolation", "subprocess",
+        "--ssl-ca-certfile",
+        str(certs_dir / "ca.crt"),
+        "--ssl-certfile",
+        str(certs_dir / "server.pem"),
+        "--ssl-keyfile",
+        str(certs_dir / "server.key"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        str(database),
+        "--isolation",
+        "subprocess",
         "--disable-runtime-dependency-installation",
-    ]  # fmt: skip
+    ]
     if auth:
         cmd.append("--enable-supernode-auth")
     if grpc_fleet_port is not None:
@@ -151,12 +158,16 @@ def supernode_command(
     if extra_node_config:
         node_config += " " + extra_node_config
     cmd += [
-        "--node-config", node_config,
-        "--isolation", "subprocess",
+        "--node-config",
+        node_config,
+        "--isolation",
+        "subprocess",
         # The node's own ClientApp runtime API; loopback only, one port per node.
-        "--host", HOST,
-        "--port", str(runtime_port),
-    ]  # fmt: skip
+        "--host",
+        HOST,
+        "--port",
+        str(runtime_port),
+    ]
     return cmd
 
 
@@ -237,9 +248,7 @@ class NodeExit:
 
 def _flower_version(executable: str) -> tuple[int, int] | None:
     try:
-        out = subprocess.run(
-            [executable, "--version"], capture_output=True, text=True, timeout=60
-        )
+        out = subprocess.run([executable, "--version"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     m = VERSION_RE.search(out.stdout + out.stderr)
@@ -353,25 +362,35 @@ class Cluster(StartStop):
 
     def superlink_cmd(self) -> list[str]:
         return superlink_command(
-            self.port, self.certs_dir, self.database, auth=self.auth,
+            self.port,
+            self.certs_dir,
+            self.database,
+            auth=self.auth,
             grpc_fleet_port=self.grpc_fleet_port,
-        )  # fmt: skip
+        )
 
     def superlink_env(self) -> dict[str, str]:
         return dict(GRPC_FLEET_ENV) if self.transport == "grpc-rere" else {}
 
     def supernode_cmd(
-        self, i: int, num_partitions: int | None = None, key: Path | None = None,
+        self,
+        i: int,
+        num_partitions: int | None = None,
+        key: Path | None = None,
         port: int | None = None,
-    ) -> list[str]:  # fmt: skip
+    ) -> list[str]:
         return supernode_command(
-            self.fleet_address, self.root_cert, i, num_partitions or self.nodes,
+            self.fleet_address,
+            self.root_cert,
+            i,
+            num_partitions or self.nodes,
             port or self.node_ports[i],
             private_key=(key or self.node_key(i)) if self.auth else None,
-            transport=self.transport, supernode_bin=self.supernode_bin,
+            transport=self.transport,
+            supernode_bin=self.supernode_bin,
             extra_node_config=self.extra_node_config,
             node_config=self.node_configs.get(i),
-        )  # fmt: skip
+        )
 
     def supernode_env(self) -> dict[str, str]:
         env = dict(self.env)
@@ -395,11 +414,16 @@ class Cluster(StartStop):
             lines += [
                 "",
                 "# 2. One key pair per SuperNode (P-384, OpenSSH format)",
-                q([
-                    "python", "-m", "deploy.node_keys", str(self.keys_dir),
-                    *[f"node-{i}" for i in range(self.nodes)],
-                ]),
-            ]  # fmt: skip
+                q(
+                    [
+                        "python",
+                        "-m",
+                        "deploy.node_keys",
+                        str(self.keys_dir),
+                        *[f"node-{i}" for i in range(self.nodes)],
+                    ]
+                ),
+            ]
         env_prefix = "".join(f"{k}={v} " for k, v in self.superlink_env().items())
         lines += [
             "",
@@ -422,14 +446,11 @@ class Cluster(StartStop):
         if self.auth:
             lines += ["", "# 5. Register each SuperNode's public key"]
             lines += [
-                q(register_command(self.node_key(i).with_suffix(".pub")))
-                for i in range(self.nodes)
+                q(register_command(self.node_key(i).with_suffix(".pub"))) for i in range(self.nodes)
             ]
         lines += ["", "# 6. The SuperNodes (on the edge devices)"]
         lines += [q(self.supernode_cmd(i)) + " &" for i in range(self.nodes)]
-        lines.append(
-            f"sleep 10  # until `flwr supernode ls {CONNECTION}` lists them online"
-        )
+        lines.append(f"sleep 10  # until `flwr supernode ls {CONNECTION}` lists them online")
         lines += [
             "",
             "# 7. Run the app",
@@ -455,8 +476,7 @@ class Cluster(StartStop):
         try:
             # 1. TLS certificates (kept across starts, like a real deployment's).
             if not all(
-                (self.certs_dir / f).is_file()
-                for f in ("ca.crt", "server.pem", "server.key")
+                (self.certs_dir / f).is_file() for f in ("ca.crt", "server.pem", "server.key")
             ):
                 self._check_call(["bash", str(CERTS_SH), str(self.certs_dir)], "certs")
             # 2. Node keys: made once, re-registered on every start.
@@ -467,9 +487,7 @@ class Cluster(StartStop):
             # 3. The SuperLink, with a fresh database (no stale registrations).
             for suffix in ("", "-wal", "-shm", "-journal"):
                 Path(f"{self.database}{suffix}").unlink(missing_ok=True)
-            link = self._spawn(
-                "superlink", self.superlink_cmd(), self.env | self.superlink_env()
-            )
+            link = self._spawn("superlink", self.superlink_cmd(), self.env | self.superlink_env())
             self._wait_superlink(link.popen, timeout_s)
             # 4. The flwr CLI's connection.
             (self.flwr_home / "config.toml").write_text(
@@ -493,9 +511,7 @@ class Cluster(StartStop):
         """Start SuperNode ``i`` (one :meth:`start` left out); wait until it is online."""
         name = f"supernode-{i}"
         if not 0 <= i < self.nodes or any(p.name == name for p in self._procs):
-            raise ValueError(
-                f"node={i}: must be in [0, nodes={self.nodes}) and not running yet"
-            )
+            raise ValueError(f"node={i}: must be in [0, nodes={self.nodes}) and not running yet")
         self._spawn(name, self.supernode_cmd(i), self.supernode_env())
         self._wait_nodes_online(timeout_s, self._running_nodes())
 
@@ -535,9 +551,7 @@ class Cluster(StartStop):
         log = self.logs_dir / "superlink.log"
         if log.exists():
             log.rename(self.logs_dir / f"superlink.{n}.log")
-        link = self._spawn(
-            "superlink", self.superlink_cmd(), self.env | self.superlink_env()
-        )
+        link = self._spawn("superlink", self.superlink_cmd(), self.env | self.superlink_env())
         self._wait_superlink(link.popen, timeout_s)  # stop() ends it on a timeout
         return link.popen.pid
 
@@ -584,9 +598,7 @@ class Cluster(StartStop):
 
     # -- using it
 
-    def run_app(
-        self, run_config: str = "", timeout: float = 900.0, echo: bool = False
-    ) -> AppRun:
+    def run_app(self, run_config: str = "", timeout: float = 900.0, echo: bool = False) -> AppRun:
         """``flwr run <project> <connection> --stream``; wait; read the run's status.
 
         Raises ``subprocess.TimeoutExpired`` after stopping the run (``flwr stop``)
@@ -598,9 +610,14 @@ class Cluster(StartStop):
         lines: list[str] = []
         with open(log_path, "w") as log:
             proc, reader = start_copied(
-                cmd, log, env=self.env, cwd=self.workdir, echo=echo, lines=lines,
+                cmd,
+                log,
+                env=self.env,
+                cwd=self.workdir,
+                echo=echo,
+                lines=lines,
                 new_session=True,
-            )  # fmt: skip
+            )
             try:
                 rc = proc.wait(timeout=timeout)
             except BaseException:  # timeout or Ctrl-C: stop the CLI and the run
@@ -640,9 +657,7 @@ class Cluster(StartStop):
 
     def run_status(self, run_id: int) -> str | None:
         """The run's status from ``flwr ls --run-id``, e.g. ``finished:completed``."""
-        res = self._cli(
-            ["flwr", "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"]
-        )
+        res = self._cli(["flwr", "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"])
         runs = _json_out(res.stdout).get("runs") or []
         return runs[0].get("status") if runs else None
 
@@ -693,13 +708,15 @@ class Cluster(StartStop):
         self._procs.append(proc)
         return proc
 
-    def _cli(
-        self, cmd: list[str], timeout: float = 120.0
-    ) -> subprocess.CompletedProcess:
+    def _cli(self, cmd: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess:
         return subprocess.run(
-            cmd, env=self.env, cwd=self.workdir, capture_output=True, text=True,
+            cmd,
+            env=self.env,
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
             timeout=timeout,
-        )  # fmt: skip
+        )
 
     def _check_call(self, cmd: list[str], name: str) -> None:
         res = self._cli(cmd)
@@ -811,9 +828,7 @@ def check_supernode_transport(transport: str, supernode_bin: str) -> None:
 
 
 @contextmanager
-def start_cluster(
-    workdir: str | Path, nodes: int = 3, **kwargs: Any
-) -> Iterator[Cluster]:
+def start_cluster(workdir: str | Path, nodes: int = 3, **kwargs: Any) -> Iterator[Cluster]:
     """Start a :class:`Cluster`; stop all its processes on exit (also on errors)."""
     cluster = Cluster(workdir, nodes, **kwargs)
     try:
@@ -833,35 +848,41 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "SuperNode authentication, run the app once, stop everything.",
     )
     p.add_argument("--nodes", type=int, default=3, help="SuperNodes (default 3)")
-    p.add_argument(
-        "--workdir", type=Path, required=True, help="certs, keys, logs, FLWR_HOME"
-    )
+    p.add_argument("--workdir", type=Path, required=True, help="certs, keys, logs, FLWR_HOME")
     p.add_argument("--run-config", default="", help="flwr run --run-config overrides")
     p.add_argument("--transport", choices=TRANSPORTS, default="rest")
     p.add_argument("--no-auth", action="store_true", help="no --enable-supernode-auth")
     p.add_argument("--port", type=int, default=0, help="SuperLink port (0: free ports)")
+    p.add_argument("--project-root", type=Path, default=REPO_ROOT, help="the Flower app")
     p.add_argument(
-        "--project-root", type=Path, default=REPO_ROOT, help="the Flower app"
+        "--supernode-bin",
+        default="flower-supernode",
+        help="flower-supernode executable (flwr <= 1.39 for grpc-rere)",
     )
-    p.add_argument("--supernode-bin", default="flower-supernode",
-                   help="flower-supernode executable (flwr <= 1.39 for grpc-rere)")  # fmt: skip
     p.add_argument("--node-config", default="", help="extra node config for every node")
     p.add_argument("--timeout", type=float, default=3600.0, help="run timeout (s)")
-    p.add_argument("--keep", action="store_true",
-                   help="leave the cluster running and print how to stop it")  # fmt: skip
+    p.add_argument(
+        "--keep", action="store_true", help="leave the cluster running and print how to stop it"
+    )
     p.add_argument("--no-run", action="store_true", help="start the cluster only")
-    p.add_argument("--print-commands", action="store_true",
-                   help="print the commands this would run, and exit")  # fmt: skip
+    p.add_argument(
+        "--print-commands", action="store_true", help="print the commands this would run, and exit"
+    )
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     cluster = Cluster(
-        args.workdir, args.nodes, transport=args.transport, auth=not args.no_auth,
-        project_root=args.project_root, port=args.port,
-        supernode_bin=args.supernode_bin, extra_node_config=args.node_config,
-    )  # fmt: skip
+        args.workdir,
+        args.nodes,
+        transport=args.transport,
+        auth=not args.no_auth,
+        project_root=args.project_root,
+        port=args.port,
+        supernode_bin=args.supernode_bin,
+        extra_node_config=args.node_config,
+    )
     if args.print_commands:
         print(cluster.commands_text(args.run_config), end="")
         return 0
@@ -876,16 +897,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     keep = False
     try:
-        print(f"[cluster] starting SuperLink on {cluster.address} + {args.nodes} "
-              f"SuperNodes ({args.transport}, auth {'off' if args.no_auth else 'on'}); "
-              f"logs in {cluster.logs_dir}", flush=True)  # fmt: skip
+        print(
+            f"[cluster] starting SuperLink on {cluster.address} + {args.nodes} "
+            f"SuperNodes ({args.transport}, auth {'off' if args.no_auth else 'on'}); "
+            f"logs in {cluster.logs_dir}",
+            flush=True,
+        )
         cluster.start()
         print(f"[cluster] {args.nodes} SuperNodes online", flush=True)
         code = 0
         if not args.no_run:
             run = cluster.run_app(args.run_config, timeout=args.timeout, echo=True)
-            print(f"[cluster] run {run.run_id}: flwr exit {run.returncode}, "
-                  f"status {run.status}; log {run.log_path}", flush=True)  # fmt: skip
+            print(
+                f"[cluster] run {run.run_id}: flwr exit {run.returncode}, "
+                f"status {run.status}; log {run.log_path}",
+                flush=True,
+            )
             code = 0 if run.ok else 1
         if args.keep:
             print(cluster.keep(), flush=True)

@@ -75,15 +75,24 @@ def make_links(n: int, rate_mbit: float) -> None:
         _sh("ip", "link", "set", d, "netns", ns)
         _sh("ip", "addr", "add", f"{host_ip(i)}/24", "dev", h)
         _sh("ip", "link", "set", h, "up")
-        _sh(
-            "ip", "netns", "exec", ns, "ip", "addr", "add", f"{node_ip(i)}/24", "dev", d
-        )
+        _sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{node_ip(i)}/24", "dev", d)
         _sh("ip", "netns", "exec", ns, "ip", "link", "set", d, "up")
         _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
         if rate_mbit > 0:
             _sh("tc", "qdisc", "add", "dev", h, "root", *tbf_args(rate_mbit))
-            _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", d, "root",
-                *tbf_args(rate_mbit))  # fmt: skip
+            _sh(
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                d,
+                "root",
+                *tbf_args(rate_mbit),
+            )
 
 
 def remove_links(n: int) -> None:
@@ -99,17 +108,13 @@ class DelayRelay:
     """TCP relay that forwards each chunk ``delay_s`` after it arrived, in order,
     in both directions (a fixed one-way latency, like ``netem delay``)."""
 
-    def __init__(
-        self, listen: tuple[str, int], target: tuple[str, int], delay_s: float
-    ):
+    def __init__(self, listen: tuple[str, int], target: tuple[str, int], delay_s: float):
         self.listen, self.target, self.delay_s = listen, target, delay_s
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: asyncio.base_events.Server | None = None
 
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def send() -> None:
@@ -202,11 +207,19 @@ class EdgeCluster(Cluster):
         for d in (self.certs_dir, self.logs_dir):
             d.mkdir(parents=True, exist_ok=True)
         if not (self.certs_dir / "server.pem").is_file():
-            self._check_call(["bash", str(CERTS_SH), str(self.certs_dir),
-                              *(host_ip(i) for i in range(self.nodes))], "certs")  # fmt: skip
+            self._check_call(
+                [
+                    "bash",
+                    str(CERTS_SH),
+                    str(self.certs_dir),
+                    *(host_ip(i) for i in range(self.nodes)),
+                ],
+                "certs",
+            )
         for i in range(self.nodes):
-            relay = DelayRelay((host_ip(i), self.relay_port(i)),
-                               ("127.0.0.1", self.port), self.delay_s)  # fmt: skip
+            relay = DelayRelay(
+                (host_ip(i), self.relay_port(i)), ("127.0.0.1", self.port), self.delay_s
+            )
             relay.start()
             self.relays.append(relay)
         super().start(timeout_s)
@@ -234,10 +247,7 @@ PAYLOADS = {
     "fedavg-cnn": "FedAvg: small CNN, fp32",
     "fedavg-resnet18": "FedAvg: ResNet-18, fp32",
 }
-COMMON = (
-    "max-examples-per-client=300 min-clients={n} target-clients={n} "
-    "collect-window-s=1800"
-)
+COMMON = "max-examples-per-client=300 min-clients={n} target-clients={n} collect-window-s=1800"
 
 
 def measure(
@@ -246,34 +256,43 @@ def measure(
     rows = []
     make_links(n, rate_mbit)
     try:
-        with EdgeCluster(workdir, n, delay_ms=delay_ms,
-                         env={"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}) as cl:  # fmt: skip
+        with EdgeCluster(
+            workdir, n, delay_ms=delay_ms, env={"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+        ) as cl:
             for k, case in enumerate(cases):
                 # A fresh run name per (link, case): a reused one would resume
                 # from the persisted uploads instead of crossing the link again.
                 name = f"edge-{rate_mbit:g}mbit-{delay_ms:g}ms-{case}-{k}"
                 shutil.rmtree(workdir / "out" / name, ignore_errors=True)
-                rc = (f"{CASES[case]} {COMMON.format(n=n)} run-name=\"{name}\" "
-                      f'output-dir="{workdir / "out"}"')  # fmt: skip
+                rc = (
+                    f'{CASES[case]} {COMMON.format(n=n)} run-name="{name}" '
+                    f'output-dir="{workdir / "out"}"'
+                )
                 t0 = time.perf_counter()
                 run = cl.run_app(rc, timeout=3600)
                 wall = time.perf_counter() - t0
                 res_path = workdir / "out" / name / "results.json"
                 res = json.loads(res_path.read_text()) if res_path.is_file() else None
-                row = {"case": case, "rate_mbit": rate_mbit, "delay_ms": delay_ms,
-                       "ok": bool(run.ok and res), "wall_s": wall}  # fmt: skip
+                row = {
+                    "case": case,
+                    "rate_mbit": rate_mbit,
+                    "delay_ms": delay_ms,
+                    "ok": bool(run.ok and res),
+                    "wall_s": wall,
+                }
                 if res:
                     row |= {
                         "upload_bytes_per_client": res["upload_bytes_per_client"],
-                        "download_bytes_per_client": res.get(
-                            "download_bytes_per_client"
-                        ),
+                        "download_bytes_per_client": res.get("download_bytes_per_client"),
                         "timings_s": res["timings_s"],
                         "mean_accuracy": res["mean_accuracy"],
                         "num_clients": res["num_clients"],
                     }
-                print(f"[edge] {rate_mbit} Mbit/s {delay_ms} ms {case}: "
-                      f"{json.dumps(row.get('timings_s'))} ok={row['ok']}", flush=True)  # fmt: skip
+                print(
+                    f"[edge] {rate_mbit} Mbit/s {delay_ms} ms {case}: "
+                    f"{json.dumps(row.get('timings_s'))} ok={row['ok']}",
+                    flush=True,
+                )
                 rows.append(row)
     finally:
         remove_links(n)
@@ -287,8 +306,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        link = ("unshaped loopback" if r["rate_mbit"] <= 0
-                else f"{r['rate_mbit']:g} Mbit/s, +{r['delay_ms']:g} ms each way")  # fmt: skip
+        link = (
+            "unshaped loopback"
+            if r["rate_mbit"] <= 0
+            else f"{r['rate_mbit']:g} Mbit/s, +{r['delay_ms']:g} ms each way"
+        )
         if not r["ok"]:
             lines.append(f"| {link} | {PAYLOADS[r['case']]} | failed | | | | | | |")
             continue
@@ -309,19 +331,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m deploy.edge_links", description=__doc__.split("\n")[0]
     )
     p.add_argument("--nodes", type=int, default=3)
-    p.add_argument(
-        "--rate-mbit", type=float, default=1.0, help="per-link rate (<= 0: off)"
-    )
+    p.add_argument("--rate-mbit", type=float, default=1.0, help="per-link rate (<= 0: off)")
     p.add_argument("--delay-ms", type=float, default=50.0, help="one-way latency")
     p.add_argument("--baseline", action="store_true", help="also run unshaped")
-    p.add_argument(
-        "--cases", default=",".join(CASES), help="comma-separated case names"
-    )
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
     p.add_argument("--workdir", default="/tmp/fl-edge")
     p.add_argument("--out", default="bench-results/edge_links.json")
-    p.add_argument(
-        "--append", action="store_true", help="add rows to an existing --out"
-    )
+    p.add_argument("--append", action="store_true", help="add rows to an existing --out")
     a = p.parse_args(argv)
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
         print("deploy.edge_links needs root, `ip` and `tc` (iproute2)", file=sys.stderr)

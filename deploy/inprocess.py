@@ -63,9 +63,7 @@ class _Pending:
     reply: Message
 
 
-def partition_fleet(
-    num_nodes: int, tamper: dict[int, Tamper] | None = None
-) -> list[Device]:
+def partition_fleet(num_nodes: int, tamper: dict[int, Tamper] | None = None) -> list[Device]:
     """``num_nodes`` devices holding the partitions of a benchmark split, all
     connected from the start and replying at once."""
     tamper = tamper or {}
@@ -195,10 +193,9 @@ class InProcessGrid(Grid):
             reply = self.client_app(msg, ctx)
         except Exception as e:  # as a SuperNode reports a ClientApp exception
             reply = Message(
-                Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                      f"{e.__class__.__name__}: {e}"),
+                Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{e.__class__.__name__}: {e}"),
                 reply_to=msg,
-            )  # fmt: skip
+            )
         # Uploads are tampered with; evaluation replies go through untouched.
         if d.tamper is not None and not _is_evaluation(msg):
             reply = d.tamper(reply, msg)

@@ -56,8 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     stopped = stop_superlinks(args.flwr_home)
     print(
-        f"stopped {len(stopped)} process(es) of the local SuperLink of "
-        f"{args.flwr_home}: {stopped}"
+        f"stopped {len(stopped)} process(es) of the local SuperLink of {args.flwr_home}: {stopped}"
         if stopped
         else f"no local SuperLink of {args.flwr_home} is running"
     )

@@ -81,9 +81,14 @@ def spawn(
         :func:`terminate`) reaches its helpers too.
     """
     return _start(
-        cmd, log, env, cwd, stdout=log, stdin=subprocess.DEVNULL,
+        cmd,
+        log,
+        env,
+        cwd,
+        stdout=log,
+        stdin=subprocess.DEVNULL,
         start_new_session=True,
-    )  # fmt: skip
+    )
 
 
 def start_copied(
@@ -119,9 +124,15 @@ def start_copied(
         The process and the (started, daemon) thread that copies its output.
     """
     proc = _start(
-        cmd, log, env, cwd, stdout=subprocess.PIPE, text=True, errors="replace",
+        cmd,
+        log,
+        env,
+        cwd,
+        stdout=subprocess.PIPE,
+        text=True,
+        errors="replace",
         start_new_session=new_session,
-    )  # fmt: skip
+    )
 
     def copy() -> None:
         assert proc.stdout is not None
@@ -145,9 +156,7 @@ def _start(
     """Write ``$ <cmd>`` to ``log``, then start ``cmd`` with stderr into stdout."""
     log.write("$ " + shlex.join(cmd) + "\n")
     log.flush()
-    return subprocess.Popen(
-        cmd, env=dict(env), cwd=cwd, stderr=subprocess.STDOUT, **popen
-    )
+    return subprocess.Popen(cmd, env=dict(env), cwd=cwd, stderr=subprocess.STDOUT, **popen)
 
 
 # ---------------------------------------------------------------- watch
@@ -168,9 +177,7 @@ def log_tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-def http_ok(
-    url: str, *, verify: ssl.SSLContext | bool = True, timeout_s: float = 0.5
-) -> bool:
+def http_ok(url: str, *, verify: ssl.SSLContext | bool = True, timeout_s: float = 0.5) -> bool:
     """Whether ``GET url`` answers with a 2xx status (False if nothing answers)."""
     import httpx  # a flwr dependency
 
@@ -297,9 +304,7 @@ def terminate(procs: Sequence[subprocess.Popen], timeout_s: float) -> None:
     timeout_s
         How long all of them together get to exit after SIGTERM.
     """
-    descendants = [
-        child for p in procs if p.poll() is None for child in process_tree(p.pid)[1:]
-    ]
+    descendants = [child for p in procs if p.poll() is None for child in process_tree(p.pid)[1:]]
     for p in procs:
         if p.poll() is None:
             _signal_group(p.pid, signal.SIGTERM)

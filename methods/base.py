@@ -111,9 +111,11 @@ def classifier_accuracy(
 def evaluate_classifier(job: ClientJob) -> dict[str, float]:
     """Accuracy of the pushed global classifier on the client's held-out split."""
     acc = classifier_accuracy(
-        job.arrays[C.KEY_MODEL], str(job.config["arch"]),
-        int(job.config["num-classes"]), job.data,
-    )  # fmt: skip
+        job.arrays[C.KEY_MODEL],
+        str(job.config["arch"]),
+        int(job.config["num-classes"]),
+        job.data,
+    )
     return {"num-test-examples": float(len(job.data.test_labels)), "accuracy": acc}
 
 
@@ -169,9 +171,7 @@ class ServerContext:
     def generator(self) -> Any:
         from common.generator import load_generator
 
-        return load_generator(
-            self.cfg.generator, self.cfg.scheduler, self.device, self.dtype
-        )
+        return load_generator(self.cfg.generator, self.cfg.scheduler, self.device, self.dtype)
 
     @functools.cached_property
     def sampling_generator(self) -> Any:

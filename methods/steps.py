@@ -72,9 +72,14 @@ def sample_images(
             ctx.generator, ctx.cfg.scheduler, ctx.cfg.precision, ctx.cfg.decoder
         )
         x = sample_on_workers(
-            spec, conds, ctx.uncond, workers=workers, ray_address=ctx.cfg.synth_ray_address,
-            gpus_per_worker=1.0 if ctx.device.type == "cuda" else 0.0, **kw,
-        )  # fmt: skip
+            spec,
+            conds,
+            ctx.uncond,
+            workers=workers,
+            ray_address=ctx.cfg.synth_ray_address,
+            gpus_per_worker=1.0 if ctx.device.type == "cuda" else 0.0,
+            **kw,
+        )
         return x, time.perf_counter() - t0
     return synthesize(
         ctx.sampling_generator, conds, ctx.uncond, desc=desc, decoder=ctx.decoder, **kw
@@ -103,16 +108,23 @@ class CondUnits:
     def cat(parts: list[CondUnits]) -> CondUnits:
         extras = zip(*(p.extras for p in parts), strict=True)
         return CondUnits(
-            torch.cat([p.conds for p in parts]), torch.cat([p.labels for p in parts]),
-            torch.cat([p.owners for p in parts]), torch.cat([p.weights for p in parts]),
-            torch.cat([p.rows for p in parts]), tuple(torch.cat(e) for e in extras),
-        )  # fmt: skip
+            torch.cat([p.conds for p in parts]),
+            torch.cat([p.labels for p in parts]),
+            torch.cat([p.owners for p in parts]),
+            torch.cat([p.weights for p in parts]),
+            torch.cat([p.rows for p in parts]),
+            tuple(torch.cat(e) for e in extras),
+        )
 
     def select(self, idx: torch.Tensor) -> CondUnits:
         return CondUnits(
-            self.conds[idx], self.labels[idx], self.owners[idx], self.weights[idx],
-            self.rows[idx], tuple(e[idx] for e in self.extras),
-        )  # fmt: skip
+            self.conds[idx],
+            self.labels[idx],
+            self.owners[idx],
+            self.weights[idx],
+            self.rows[idx],
+            tuple(e[idx] for e in self.extras),
+        )
 
     def expand(
         self,
@@ -148,9 +160,7 @@ def class_units(
     for c in class_ids.unique().tolist():
         idx = torch.nonzero(class_ids == c).flatten()
         share = (
-            torch.ones(len(idx), dtype=torch.float64)
-            if counts is None
-            else counts[idx].double()
+            torch.ones(len(idx), dtype=torch.float64) if counts is None else counts[idx].double()
         )
         rows += apportion(n, share.tolist())
         weights.append(weight * share / share.sum())
@@ -158,18 +168,19 @@ def class_units(
     idx = torch.cat(order)
     labels = class_ids[idx].to(torch.int64)
     return CondUnits(
-        vectors[idx].float(), labels, torch.full_like(labels, owner),
-        torch.cat(weights), torch.tensor(rows, dtype=torch.int64),
+        vectors[idx].float(),
+        labels,
+        torch.full_like(labels, owner),
+        torch.cat(weights),
+        torch.tensor(rows, dtype=torch.int64),
         tuple(e[idx].float() for e in extras),
-    )  # fmt: skip
+    )
 
 
 def _heaviest_owner(owners: torch.Tensor, weights: torch.Tensor) -> int:
     """The owner with the most total weight (ties: the smallest id)."""
     ids, inverse = owners.unique(return_inverse=True)
-    totals = torch.zeros(len(ids), dtype=torch.float64).index_add_(
-        0, inverse, weights.double()
-    )
+    totals = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, weights.double())
     return int(ids[int(totals.argmax())])
 
 
@@ -235,19 +246,32 @@ def budget_rows(
                 rep = CondUnits(
                     pieces[0].reshape(kc, *sub.conds.shape[1:]),
                     torch.full((kc,), c, dtype=torch.int64),
-                    torch.tensor([_heaviest_owner(sub.owners[assign == j],
-                                                  w[assign == j]) for j in range(kc)],
-                                 dtype=torch.int64),
-                    cw, torch.zeros(kc, dtype=torch.int64),
-                    tuple(p.reshape(kc, *e.shape[1:])
-                          for p, e in zip(pieces[1:], sub.extras, strict=True)),
-                )  # fmt: skip
+                    torch.tensor(
+                        [
+                            _heaviest_owner(sub.owners[assign == j], w[assign == j])
+                            for j in range(kc)
+                        ],
+                        dtype=torch.int64,
+                    ),
+                    cw,
+                    torch.zeros(kc, dtype=torch.int64),
+                    tuple(
+                        p.reshape(kc, *e.shape[1:])
+                        for p, e in zip(pieces[1:], sub.extras, strict=True)
+                    ),
+                )
             rest = apportion(b_c - len(rep.labels), rep.weights.tolist())
             parts.append(replace(rep, rows=torch.tensor([1 + a for a in rest])))
         kept = CondUnits.cat(parts)
-        log(INFO, "synth-budget %d: %d images requested, %d kept on %d of %d "
-            "conditions", budget, sum(requested), int(kept.rows.sum()),
-            int((kept.rows > 0).sum()), len(units.labels))  # fmt: skip
+        log(
+            INFO,
+            "synth-budget %d: %d images requested, %d kept on %d of %d conditions",
+            budget,
+            sum(requested),
+            int(kept.rows.sum()),
+            int((kept.rows > 0).sum()),
+            len(units.labels),
+        )
     out.extra["synth_budget"] = {
         "budget": budget,
         "requested": sum(requested),
@@ -297,9 +321,15 @@ def synthesize_set(
     if guidance_scale is not None:
         over["guidance_scale"] = guidance_scale
     settings = SynthesisSettings.from_config(ctx.cfg, **over)
-    log(INFO, "Synthesizing %d images on %s (%s), %d steps, guidance %.1f",
-        len(conds), ctx.device, ctx.dtype, settings.num_inference_steps,
-        settings.guidance_scale)  # fmt: skip
+    log(
+        INFO,
+        "Synthesizing %d images on %s (%s), %d steps, guidance %.1f",
+        len(conds),
+        ctx.device,
+        ctx.dtype,
+        settings.num_inference_steps,
+        settings.guidance_scale,
+    )
     if extra_conds:
         over["extra_conds"] = extra_conds
     if latent_guidance is not None:
@@ -310,15 +340,18 @@ def synthesize_set(
         for c in labels.unique().tolist():
             idx = torch.nonzero((owners == o) & (labels == c)).flatten()
             if len(idx):
-                out.samples[(int(o), int(c))] = from_uint8(
-                    images[idx[:SAMPLES_PER_CELL]]
-                )
+                out.samples[(int(o), int(c))] = from_uint8(images[idx[:SAMPLES_PER_CELL]])
     if save:
         prior = out.extra.get("synthetic_set")
         path = save_synthetic_set(
-            ctx.run_dir / SYNTHETIC_DIR, images, labels, owners,
-            source or ctx.cfg.method, ctx.class_names, append=prior is not None,
-        )  # fmt: skip
+            ctx.run_dir / SYNTHETIC_DIR,
+            images,
+            labels,
+            owners,
+            source or ctx.cfg.method,
+            ctx.class_names,
+            append=prior is not None,
+        )
         rows = len(labels) + (int(prior["rows"]) if prior else 0)
         out.extra["synthetic_set"] = {"path": str(path), "rows": rows}
         log(INFO, "Synthetic set (%d images) saved to %s", rows, path)
@@ -348,11 +381,18 @@ def train_global(
     torch.manual_seed(cfg.seed)
     model = build_classifier(cfg.classifier, ctx.channels, ctx.num_classes)
     train_classifier(
-        model, images, labels, epochs=cfg.train_epochs,
-        batch_size=cfg.train_batch_size, lr=cfg.learning_rate, seed=cfg.seed,
-        device=ctx.device, progress=True, desc="train global classifier",
+        model,
+        images,
+        labels,
+        epochs=cfg.train_epochs,
+        batch_size=cfg.train_batch_size,
+        lr=cfg.learning_rate,
+        seed=cfg.seed,
+        device=ctx.device,
+        progress=True,
+        desc="train global classifier",
         soft_targets=soft_targets,
-    )  # fmt: skip
+    )
     out.model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     out.arch = cfg.classifier
     out.timings["train"] = time.perf_counter() - t0

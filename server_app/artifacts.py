@@ -110,8 +110,7 @@ def save_global_model(
         )
     except (OSError, ValueError, RuntimeError) as e:
         # RuntimeError: a state dict that does not fit the architecture
-        log(WARNING, "global_model/ not written: %s: %s", e.__class__.__name__,
-            safe_text(e, 500))  # fmt: skip
+        log(WARNING, "global_model/ not written: %s: %s", e.__class__.__name__, safe_text(e, 500))
         return None
 
 
@@ -164,11 +163,19 @@ def _write_classifier(
     model = build_classifier(out.arch, ctx.channels, ctx.num_classes)
     model.load_state_dict(out.model_state)
     save_classifier(
-        model, path, out.arch, ctx.channels, ctx.num_classes,
-        class_names=ctx.class_names or None, image_size=ctx.cfg.image_size,
-        extra={"method": method_name, "dataset": ctx.cfg.dataset,
-               "global_accuracy": global_accuracy},
-    )  # fmt: skip
+        model,
+        path,
+        out.arch,
+        ctx.channels,
+        ctx.num_classes,
+        class_names=ctx.class_names or None,
+        image_size=ctx.cfg.image_size,
+        extra={
+            "method": method_name,
+            "dataset": ctx.cfg.dataset,
+            "global_accuracy": global_accuracy,
+        },
+    )
 
 
 def _write_adapter(

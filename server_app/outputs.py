@@ -211,13 +211,13 @@ def resolve_output_dir(output_dir: str, at: Where | None = None) -> Path:
         output_dir,
         at.cwd / path,
         at.cwd,
-        "the checkout the simulation SuperLink was started from, holding this "
-        "run's app files",
+        "the checkout the simulation SuperLink was started from, holding this run's app files",
     )
 
 
 def _resolved(output_dir: str, path: Path, base: Path, why: str) -> Path:
     root = path.resolve()
-    log(INFO, "output-dir %r is relative: resolved against %s (%s): %s",
-        output_dir, base, why, root)  # fmt: skip
+    log(
+        INFO, "output-dir %r is relative: resolved against %s (%s): %s", output_dir, base, why, root
+    )
     return root

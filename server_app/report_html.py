@@ -20,16 +20,37 @@ from .persist import atomic_write_bytes
 
 LIST_ROWS = 2000  # most rows a collapsed list shows; results.json holds all
 DOMAIN_ROWS = 20  # most rows of the per-domain summary (the rest pooled in one)
-CLOSED = {"window": "window elapsed", "target-clients": "target-clients reached",
-          "quiet": "fleet quiet"}  # fmt: skip
+CLOSED = {
+    "window": "window elapsed",
+    "target-clients": "target-clients reached",
+    "quiet": "fleet quiet",
+}
 SHOWN_ELSEWHERE = {
-    "method", "dataset", "partition", "num_clients", "clients", "rejected",
-    "missing", "fleet", "mean_accuracy", "global_accuracy",
-    "global_accuracy_per_domain", "global_test_size", "global_test",
-    "mean_fid_proxy", "upload_bytes_total", "upload_bytes_per_client",
-    "upload_bytes_per_class", "download_bytes_per_client", "download_bytes",
-    "timings_s", "config", "class_names", "device", "synth_budget",
-}  # fmt: skip
+    "method",
+    "dataset",
+    "partition",
+    "num_clients",
+    "clients",
+    "rejected",
+    "missing",
+    "fleet",
+    "mean_accuracy",
+    "global_accuracy",
+    "global_accuracy_per_domain",
+    "global_test_size",
+    "global_test",
+    "mean_fid_proxy",
+    "upload_bytes_total",
+    "upload_bytes_per_client",
+    "upload_bytes_per_class",
+    "download_bytes_per_client",
+    "download_bytes",
+    "timings_s",
+    "config",
+    "class_names",
+    "device",
+    "synth_budget",
+}
 
 
 def write_report_html(
@@ -56,18 +77,26 @@ def render(res: dict[str, Any], images: dict[str, bytes], table_rows: int = 20) 
     parts = [
         _header(res),
         _headline(res),
-        _plot("accuracy", "Accuracy", images.get("accuracy"),
-              "global accuracy per domain and accuracy per client"),
+        _plot(
+            "accuracy",
+            "Accuracy",
+            images.get("accuracy"),
+            "global accuracy per domain and accuracy per client",
+        ),
         _clients(res, table_rows),
-        _plot("samples", "Synthetic samples", images.get("samples"),
-              "synthetic samples per client and class"),
+        _plot(
+            "samples",
+            "Synthetic samples",
+            images.get("samples"),
+            "synthetic samples per client and class",
+        ),
         _fleet(res),
         _communication(res),
         _synth_budget(res),
         _timings(res),
         _method_results(res),
         _config(res),
-    ]  # fmt: skip
+    ]
     return (
         '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
@@ -144,8 +173,7 @@ def _ids(ids: Any) -> str:
 def _table(head: list[str], rows: list[list[str]], cls: str = "", tid: str = "") -> str:
     """A table from escaped cells; a header cell ending in '#' is right-aligned."""
     ths = "".join(
-        f'<th class="num">{h[:-1]}</th>' if h.endswith("#") else f"<th>{h}</th>"
-        for h in head
+        f'<th class="num">{h[:-1]}</th>' if h.endswith("#") else f"<th>{h}</th>" for h in head
     )
     nums = [h.endswith("#") for h in head]
     body = "".join(
@@ -210,35 +238,53 @@ def _headline(res: dict[str, Any]) -> str:
         counts.append(f'<span class="{key if n else ""}">{n} {key}</span>')
     timings = _dict(res, "timings_s")
     cards = [
-        _card("global-accuracy", "global accuracy", _pct(res.get("global_accuracy")),
-              g_note, main=True),
-        _card("mean-client-accuracy", "mean client accuracy",
-              _pct(res.get("mean_accuracy")), "each client's held-out test set"),
-        _card("num-clients", "clients used", _e(res.get("num_clients")),
-              " · ".join(counts)),
-        _card("upload-per-client", "upload per client",
-              _bytes(res.get("upload_bytes_per_client")),
-              f"{_bytes(res.get('upload_bytes_total'))} in all · "
-              f"{_bytes(res.get('upload_bytes_per_class'))} per class"),
-        _card("total-time", "server time", _secs(timings.get("total")),
-              f"collection closed: {_closed(fleet)}"),
-    ]  # fmt: skip
+        _card(
+            "global-accuracy",
+            "global accuracy",
+            _pct(res.get("global_accuracy")),
+            g_note,
+            main=True,
+        ),
+        _card(
+            "mean-client-accuracy",
+            "mean client accuracy",
+            _pct(res.get("mean_accuracy")),
+            "each client's held-out test set",
+        ),
+        _card("num-clients", "clients used", _e(res.get("num_clients")), " · ".join(counts)),
+        _card(
+            "upload-per-client",
+            "upload per client",
+            _bytes(res.get("upload_bytes_per_client")),
+            f"{_bytes(res.get('upload_bytes_total'))} in all · "
+            f"{_bytes(res.get('upload_bytes_per_class'))} per class",
+        ),
+        _card(
+            "total-time",
+            "server time",
+            _secs(timings.get("total")),
+            f"collection closed: {_closed(fleet)}",
+        ),
+    ]
     if _num(res.get("mean_fid_proxy")) is not None:
-        cards.insert(2, _card("fid-proxy", "mean FID-proxy",
-                              f"{res['mean_fid_proxy']:.3g}", "lower is better"))  # fmt: skip
+        cards.insert(
+            2,
+            _card("fid-proxy", "mean FID-proxy", f"{res['mean_fid_proxy']:.3g}", "lower is better"),
+        )
     per_domain = res.get("global_accuracy_per_domain")
     chips = ""
     if isinstance(per_domain, dict) and per_domain:
-        chips = '<div class="chips" id="global-per-domain">' + "".join(
-            f'<div class="chip"><span class="dom">{_e(d)}</span>'
-            f'<span class="acc">{_pct(a)}</span>{_bar(a)}</div>'
-            for d, a in list(per_domain.items())[:LIST_ROWS]
-        ) + "</div>"  # fmt: skip
+        chips = (
+            '<div class="chips" id="global-per-domain">'
+            + "".join(
+                f'<div class="chip"><span class="dom">{_e(d)}</span>'
+                f'<span class="acc">{_pct(a)}</span>{_bar(a)}</div>'
+                for d, a in list(per_domain.items())[:LIST_ROWS]
+            )
+            + "</div>"
+        )
         chips = "<h3>global accuracy per domain</h3>" + chips
-    return (
-        f'<section id="headline"><div class="cards">{"".join(cards)}</div>'
-        f"{chips}</section>"
-    )
+    return f'<section id="headline"><div class="cards">{"".join(cards)}</div>{chips}</section>'
 
 
 def _plot(key: str, title: str, png: bytes | None, alt: str) -> str:
@@ -277,8 +323,7 @@ def _client_rows(clients: list[dict[str, Any]]) -> list[list[str]]:
     ]
 
 
-CLIENT_HEAD = ["partition#", "node#", "domain", "examples#", "upload#",
-               "accuracy#", "status"]  # fmt: skip
+CLIENT_HEAD = ["partition#", "node#", "domain", "examples#", "upload#", "accuracy#", "status"]
 
 
 def _clients(res: dict[str, Any], table_rows: int) -> str:
@@ -286,8 +331,12 @@ def _clients(res: dict[str, Any], table_rows: int) -> str:
     if not clients:
         return ""
     full = _table(CLIENT_HEAD, _client_rows(clients), "clients", "clients-table")
-    more = (f'<p class="note">the first {LIST_ROWS} of {len(clients)} clients; '
-            "results.json lists all</p>" if len(clients) > LIST_ROWS else "")  # fmt: skip
+    more = (
+        f'<p class="note">the first {LIST_ROWS} of {len(clients)} clients; '
+        "results.json lists all</p>"
+        if len(clients) > LIST_ROWS
+        else ""
+    )
     if len(clients) <= table_rows:
         return f'<section id="clients"><h2>Clients</h2>{full}</section>'
     # a fleet: one row per domain, the full list collapsed
@@ -301,22 +350,43 @@ def _clients(res: dict[str, Any], table_rows: int) -> str:
     groups = [(_e(d), per_domain.get(d), by[d]) for d in order[:DOMAIN_ROWS]]
     if len(order) > DOMAIN_ROWS:
         pooled = order[DOMAIN_ROWS - 1 :]
-        groups[-1] = (f"<em>{len(pooled)} other domains</em>", None,
-                      [c for d in pooled for c in by[d]])  # fmt: skip
+        groups[-1] = (
+            f"<em>{len(pooled)} other domains</em>",
+            None,
+            [c for d in pooled for c in by[d]],
+        )
     rows = []
     for label, global_acc, cs in groups:
         used = [c for c in cs if c.get("status") in ("ok", "no evaluation")]
         accs = [a for c in used if (a := _num(c.get("accuracy"))) is not None]
         mean = sum(accs) / len(accs) if accs else None
-        rows.append([
-            label, str(len(cs)), str(len(used)), str(len(cs) - len(used)),
-            _e(f"{sum(_num(c.get('num_examples')) or 0 for c in cs):,.0f}"),
-            _bytes(sum(_num(c.get("upload_bytes")) or 0 for c in cs)),
-            f"{_pct(mean)} {_bar(mean)}", _pct(global_acc),
-        ])  # fmt: skip
-    summary = _table(["domain", "clients#", "used#", "excluded#", "examples#",
-                      "upload#", "mean client accuracy#", "global accuracy#"],
-                     rows, "domains", "domain-table")  # fmt: skip
+        rows.append(
+            [
+                label,
+                str(len(cs)),
+                str(len(used)),
+                str(len(cs) - len(used)),
+                _e(f"{sum(_num(c.get('num_examples')) or 0 for c in cs):,.0f}"),
+                _bytes(sum(_num(c.get("upload_bytes")) or 0 for c in cs)),
+                f"{_pct(mean)} {_bar(mean)}",
+                _pct(global_acc),
+            ]
+        )
+    summary = _table(
+        [
+            "domain",
+            "clients#",
+            "used#",
+            "excluded#",
+            "examples#",
+            "upload#",
+            "mean client accuracy#",
+            "global accuracy#",
+        ],
+        rows,
+        "domains",
+        "domain-table",
+    )
     return (
         f'<section id="clients"><h2>Clients <span class="count">{len(clients)}'
         f"</span></h2>{summary}<details><summary>all {len(clients)} clients"
@@ -328,10 +398,10 @@ def _reasons(entries: Any, what: str) -> str:
     if not isinstance(entries, list) or not entries:
         return ""
     rows = [
-        [_e(e.get("node_id", "–")), _e(e.get("partition_id", "–")),
-         _e(e.get("reason", ""))]
-        for e in entries[:LIST_ROWS] if isinstance(e, dict)
-    ]  # fmt: skip
+        [_e(e.get("node_id", "–")), _e(e.get("partition_id", "–")), _e(e.get("reason", ""))]
+        for e in entries[:LIST_ROWS]
+        if isinstance(e, dict)
+    ]
     table = _table(["node#", "partition#", "reason"], rows, "reasons", f"{what}-table")
     return (
         f"<details open><summary>{len(entries)} {what}</summary>{table}</details>"
@@ -350,9 +420,11 @@ def _fleet(res: dict[str, Any]) -> str:
     window = _num(fleet.get("window_s"))
     rows = [
         ("window", f"{_secs(window)}, closed: {_closed(fleet)}"),
-        ("asked", f"{len(fleet.get('asked') or [])} nodes "
-                  f"({_e(fleet.get('times_asked', '–'))} asks)"),
-    ]  # fmt: skip
+        (
+            "asked",
+            f"{len(fleet.get('asked') or [])} nodes ({_e(fleet.get('times_asked', '–'))} asks)",
+        ),
+    ]
     for key in ("valid", "rejected", "missing", "late", "lost_contact"):
         ids = fleet.get(key) or []
         listed = f"<small>{_ids(ids)}</small>"
@@ -378,9 +450,7 @@ def _communication(res: dict[str, Any]) -> str:
     down = res.get("download_bytes")
     if isinstance(down, dict):
         rows += [(f"&nbsp;&nbsp;{_e(k)} message", _bytes(v)) for k, v in down.items()]
-    return (
-        '<section id="communication"><h2>Communication</h2>' + _kv(rows) + "</section>"
-    )
+    return '<section id="communication"><h2>Communication</h2>' + _kv(rows) + "</section>"
 
 
 def _synth_budget(res: dict[str, Any]) -> str:
@@ -396,13 +466,13 @@ def _synth_budget(res: dict[str, Any]) -> str:
             i = int(k) if str(k).isdigit() else None
             return str(names[i]) if i is not None and i < len(names) else str(k)
 
-        rows.append(("conditioning rows per class", ", ".join(
-            f"{_e(name(k))}: {_e(v)}" for k, v in list(reps.items())[:LIST_ROWS])))  # fmt: skip
-    return (
-        '<section id="synth-budget"><h2>Synthesis budget</h2>'
-        + _kv(rows)
-        + "</section>"
-    )
+        rows.append(
+            (
+                "conditioning rows per class",
+                ", ".join(f"{_e(name(k))}: {_e(v)}" for k, v in list(reps.items())[:LIST_ROWS]),
+            )
+        )
+    return '<section id="synth-budget"><h2>Synthesis budget</h2>' + _kv(rows) + "</section>"
 
 
 def _timings(res: dict[str, Any]) -> str:
@@ -431,19 +501,16 @@ def _method_results(res: dict[str, Any]) -> str:
         text = v if isinstance(v, str) else json.dumps(v, default=str)
         text = text if len(text) <= 400 else text[:400] + f"… (+{len(text) - 400})"
         rows.append((_e(k), f"<code>{_e(text)}</code>"))
-    return (
-        '<section id="method-results"><h2>Method results</h2>'
-        + _kv(rows)
-        + "</section>"
-    )
+    return '<section id="method-results"><h2>Method results</h2>' + _kv(rows) + "</section>"
 
 
 def _config(res: dict[str, Any]) -> str:
     cfg = _dict(res, "config")
     if not cfg:
         return ""
-    rows = [(_e(k), f"<code>{_e(json.dumps(v, default=str))}</code>")
-            for k, v in sorted(cfg.items())]  # fmt: skip
+    rows = [
+        (_e(k), f"<code>{_e(json.dumps(v, default=str))}</code>") for k, v in sorted(cfg.items())
+    ]
     return (
         f'<section id="config"><details><summary>Config ({len(cfg)} keys, '
         f"validated)</summary>{_kv(rows)}</details></section>"

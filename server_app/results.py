@@ -71,9 +71,7 @@ def report(
                 "accuracy": float(acc) if acc is not None else None,
                 "status": "ok" if acc is not None else "no evaluation",
                 "metrics": r.metrics,
-                "evaluation": {
-                    k: v for k, v in ev.items() if k not in ("domain", "partition_id")
-                },
+                "evaluation": {k: v for k, v in ev.items() if k not in ("domain", "partition_id")},
             }
         )
     for bad in got.rejected + got.missing:
@@ -91,11 +89,7 @@ def report(
         )
     accs = [c["accuracy"] for c in clients if c["accuracy"] is not None]
     uploads = [c["upload_bytes"] for c in clients if c["upload_bytes"]]
-    fids = [
-        c["evaluation"]["fid-proxy"]
-        for c in clients
-        if "fid-proxy" in c.get("evaluation", {})
-    ]
+    fids = [c["evaluation"]["fid-proxy"] for c in clients if "fid-proxy" in c.get("evaluation", {})]
     res: dict[str, Any] = {
         "method": cfg.method,
         "dataset": cfg.dataset,
@@ -119,11 +113,7 @@ def report(
         "download_bytes_per_client": sum(download.values()),
         "download_bytes": dict(download),
         "timings_s": {k: round(v, 3) for k, v in timings.items()}
-        | {
-            k: 0.0
-            for k in ("collect", "synthesize", "train", "evaluate")
-            if k not in timings
-        },
+        | {k: 0.0 for k in ("collect", "synthesize", "train", "evaluate") if k not in timings},
         "config": cfg.to_flat() | {"num-classes": ctx.num_classes},
         "class_names": ctx.class_names,
         "device": str(ctx.device),
@@ -133,24 +123,35 @@ def report(
     write_results(ctx.run_dir, res)
     if not final:  # written before the push: results.json only
         return res
-    domains = {c["partition_id"]: c.get("domain") or "" for c in clients
-               if not _pid_key(c)[0]}  # fmt: skip
+    domains = {c["partition_id"]: c.get("domain") or "" for c in clients if not _pid_key(c)[0]}
     ga = res.get("global_accuracy")
     plots = {
         "accuracy": plot_accuracy(
-            ctx.run_dir, clients, f"{cfg.method} on {_label(cfg.dataset, 40)}",
+            ctx.run_dir,
+            clients,
+            f"{cfg.method} on {_label(cfg.dataset, 40)}",
             ga if isinstance(ga, float) else None,
-            res.get("global_accuracy_per_domain"), res.get("global_test_size") or 0,
+            res.get("global_accuracy_per_domain"),
+            res.get("global_test_size") or 0,
         ),
         "samples": plot_samples(ctx.run_dir, out.samples, ctx.class_names, domains),
-    }  # fmt: skip
+    }
     write_report_html(ctx.run_dir, res, plots, table_rows=TABLE_ROWS)
-    log(INFO, "\n%s", format_table(clients) if len(clients) <= TABLE_ROWS
-        else format_domain_table(clients))  # fmt: skip
-    log(INFO, "mean client accuracy %s, global accuracy %s on %d test images, "
-        "upload %d B total; results in %s (open report.html)", res["mean_accuracy"],
-        res.get("global_accuracy"), res.get("global_test_size", 0),
-        res["upload_bytes_total"], ctx.run_dir)  # fmt: skip
+    log(
+        INFO,
+        "\n%s",
+        format_table(clients) if len(clients) <= TABLE_ROWS else format_domain_table(clients),
+    )
+    log(
+        INFO,
+        "mean client accuracy %s, global accuracy %s on %d test images, "
+        "upload %d B total; results in %s (open report.html)",
+        res["mean_accuracy"],
+        res.get("global_accuracy"),
+        res.get("global_test_size", 0),
+        res["upload_bytes_total"],
+        ctx.run_dir,
+    )
     return res
 
 
@@ -164,8 +165,10 @@ def format_domain_table(clients: list[dict[str, Any]]) -> str:
     by: dict[str, list[dict[str, Any]]] = {}
     for c in clients:
         by.setdefault(safe_text(c.get("domain") or "-", 20), []).append(c)
-    head = (f"{'domain':>12} {'clients':>7} {'used':>5} {'excluded':>8} "
-            f"{'examples':>9} {'upload B':>11} {'mean acc':>8}")  # fmt: skip
+    head = (
+        f"{'domain':>12} {'clients':>7} {'used':>5} {'excluded':>8} "
+        f"{'examples':>9} {'upload B':>11} {'mean acc':>8}"
+    )
     rows = [head, "-" * len(head)]
     for d in sorted(by):
         cs = by[d]
@@ -255,19 +258,20 @@ def plot_accuracy(
     import matplotlib.pyplot as plt
 
     # 1. What each panel shows
-    rows = [c for c in clients if isinstance(c.get("accuracy"), float)
-            and not _pid_key(c)[0]]  # fmt: skip
+    rows = [c for c in clients if isinstance(c.get("accuracy"), float) and not _pid_key(c)[0]]
     rows.sort(key=lambda c: c["partition_id"])
     has_global = isinstance(global_accuracy, float)
-    per_domain = {str(d): float(a) for d, a in (global_per_domain or {}).items()
-                  if isinstance(a, int | float)}  # fmt: skip
+    per_domain = {
+        str(d): float(a) for d, a in (global_per_domain or {}).items() if isinstance(a, int | float)
+    }
     gdoms = list(per_domain)[:PLOT_DOMAINS]
     groups = _by_domain(rows)
     if not rows and not has_global:
         return None
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colour = {d: palette[i % len(palette)]
-              for i, d in enumerate(dict.fromkeys(gdoms + list(groups)))}  # fmt: skip
+    colour = {
+        d: palette[i % len(palette)] for i, d in enumerate(dict.fromkeys(gdoms + list(groups)))
+    }
     bars = len(rows) <= PLOT_BARS
     widths = []
     if has_global:
@@ -277,21 +281,26 @@ def plot_accuracy(
 
     # 2. The figure: panel widths follow their bar counts, the whole is bounded
     fig_w = min(PLOT_MAX_W_IN, max(8.5, 0.6 + sum(widths)))
-    fig, axes = plt.subplots(1, len(widths), figsize=(fig_w, 3.8), squeeze=False,
-                             width_ratios=widths)  # fmt: skip
+    fig, axes = plt.subplots(
+        1, len(widths), figsize=(fig_w, 3.8), squeeze=False, width_ratios=widths
+    )
     panels = list(axes[0])
     if has_global:
         assert global_accuracy is not None
         ax = panels.pop(0)
         names = gdoms or ["all"]
         vals = [per_domain[d] for d in gdoms] or [global_accuracy]
-        drawn = ax.bar(range(len(names)), vals, color=[colour.get(d, palette[0])
-                       for d in names], width=0.7)  # fmt: skip
+        drawn = ax.bar(
+            range(len(names)), vals, color=[colour.get(d, palette[0]) for d in names], width=0.7
+        )
         ax.bar_label(drawn, labels=[f"{v:.2f}" for v in vals], fontsize=8)
-        ax.axhline(global_accuracy, color="k", lw=1.2,
-                   label=f"overall {global_accuracy:.3f}")  # fmt: skip
-        ax.set_xticks(range(len(names)), [_label(d, 12) for d in names],
-                      fontsize=8, rotation=30 if len(names) > 6 else 0)  # fmt: skip
+        ax.axhline(global_accuracy, color="k", lw=1.2, label=f"overall {global_accuracy:.3f}")
+        ax.set_xticks(
+            range(len(names)),
+            [_label(d, 12) for d in names],
+            fontsize=8,
+            rotation=30 if len(names) > 6 else 0,
+        )
         size = f", {global_test_size:,} images" if global_test_size else ""
         ax.set_title(f"global model\nglobal test set{size}", fontsize=9)
         ax.set_xlabel("domain", fontsize=8)
@@ -301,28 +310,37 @@ def plot_accuracy(
         mean = sum(accs) / len(accs)
         if bars:
             doms = [safe_text(c.get("domain") or "-", 20) for c in rows]
-            drawn = ax.bar(range(len(rows)), accs, width=0.7,
-                           color=[colour.get(d, palette[0]) for d in doms])  # fmt: skip
+            drawn = ax.bar(
+                range(len(rows)), accs, width=0.7, color=[colour.get(d, palette[0]) for d in doms]
+            )
             if len(rows) <= 12:
                 ax.bar_label(drawn, labels=[f"{a:.2f}" for a in accs], fontsize=7)
             short = 12 if len(rows) <= 8 else 6
-            ax.set_xticks(range(len(rows)), [f"{c['partition_id']}\n{_label(d, short)}"
-                          for c, d in zip(rows, doms, strict=True)], fontsize=7)  # fmt: skip
+            ax.set_xticks(
+                range(len(rows)),
+                [
+                    f"{c['partition_id']}\n{_label(d, short)}"
+                    for c, d in zip(rows, doms, strict=True)
+                ],
+                fontsize=7,
+            )
             ax.set_xlabel("client (partition, domain)", fontsize=8)
-            ax.set_title(f"{len(rows)} clients\neach on its held-out test set",
-                         fontsize=9)  # fmt: skip
+            ax.set_title(f"{len(rows)} clients\neach on its held-out test set", fontsize=9)
         else:  # a fleet: one box of client accuracies per domain
-            boxes = ax.boxplot(list(groups.values()), showmeans=True,
-                               patch_artist=True, widths=0.6)  # fmt: skip
+            boxes = ax.boxplot(list(groups.values()), showmeans=True, patch_artist=True, widths=0.6)
             for patch, d in zip(boxes["boxes"], groups, strict=True):
                 patch.set_facecolor(colour.get(d, palette[0]))
                 patch.set_alpha(0.8)
-            ax.set_xticks(range(1, len(groups) + 1),
-                          [f"{_label(d, 12)}\n({len(g)})" for d, g in groups.items()],
-                          fontsize=7, rotation=30 if len(groups) > 6 else 0)  # fmt: skip
+            ax.set_xticks(
+                range(1, len(groups) + 1),
+                [f"{_label(d, 12)}\n({len(g)})" for d, g in groups.items()],
+                fontsize=7,
+                rotation=30 if len(groups) > 6 else 0,
+            )
             ax.set_xlabel("domain (clients)", fontsize=8)
-            ax.set_title(f"{len(rows)} clients by domain\neach on its held-out "
-                         "test set", fontsize=9)  # fmt: skip
+            ax.set_title(
+                f"{len(rows)} clients by domain\neach on its held-out test set", fontsize=9
+            )
         ax.axhline(mean, color="k", ls="--", lw=1, label=f"client mean {mean:.3f}")
     for i, ax in enumerate(axes[0]):
         ax.set_ylim(0, 1.18)
@@ -376,9 +394,7 @@ class Mosaic:
 
     def origin(self, i: int, j: int) -> tuple[int, int]:
         """Top-left pixel (y, x) of the cell of row ``i``, column ``j``."""
-        return self.gap + i * (self.cell_h + self.gap), self.gap + j * (
-            self.cell_w + self.gap
-        )
+        return self.gap + i * (self.cell_h + self.gap), self.gap + j * (self.cell_w + self.gap)
 
 
 CELL_GROUND = 0.92  # grey of a cell's free space (and of a cell without images)
@@ -398,8 +414,13 @@ def sample_mosaic(
     per_cell = max(1, min(per_cell, max(len(v) for v in samples.values())))
     gap, inner = max(2, h // 4), max(1, h // 16)
     cell_w = per_cell * w + (per_cell - 1) * inner
-    m = Mosaic(torch.ones(gap + len(owners) * (h + gap),
-                          gap + len(classes) * (cell_w + gap), 3), h, cell_w, gap, [])  # fmt: skip
+    m = Mosaic(
+        torch.ones(gap + len(owners) * (h + gap), gap + len(classes) * (cell_w + gap), 3),
+        h,
+        cell_w,
+        gap,
+        [],
+    )
     for i, o in enumerate(owners):
         for j, c in enumerate(classes):
             y, x = m.origin(i, j)
@@ -415,9 +436,11 @@ def sample_mosaic(
 
 
 def plot_samples(
-    run_dir: Path, samples: dict[tuple[int, int], torch.Tensor], class_names: list[str],
+    run_dir: Path,
+    samples: dict[tuple[int, int], torch.Tensor],
+    class_names: list[str],
     domains: dict[int, str],
-) -> Path | None:  # fmt: skip
+) -> Path | None:
     """Grid of synthetic samples: one row per client, one column per class.
 
     Every cell is the same size (``sample_mosaic``); a (client, class) without
@@ -459,28 +482,46 @@ def plot_samples(
     ax.xaxis.tick_top()
     wide = m.cell_w * s >= 70
     names = [_label(class_names[c] if c < len(class_names) else c, 12) for c in classes]
-    ax.set_xticks([m.origin(0, j)[1] + m.cell_w / 2 for j in range(len(classes))],
-                  names, rotation=0 if wide else 45, ha="center" if wide else "left")  # fmt: skip
+    ax.set_xticks(
+        [m.origin(0, j)[1] + m.cell_w / 2 for j in range(len(classes))],
+        names,
+        rotation=0 if wide else 45,
+        ha="center" if wide else "left",
+    )
     sep = "\n" if m.cell_h * s >= 30 else " "  # two lines where a row has room
     ax.set_yticks(
         [m.origin(i, 0)[0] + m.cell_h / 2 for i in range(len(owners))],
-        ["class names" if o < 0 else f"client {o}{sep}{_label(domains.get(o, ''), 14)}"
-         for o in owners],
-    )  # fmt: skip
+        [
+            "class names" if o < 0 else f"client {o}{sep}{_label(domains.get(o, ''), 14)}"
+            for o in owners
+        ],
+    )
     roomy = m.cell_w * s >= 48 and m.cell_h * s >= 14
     for i, j in m.empty:
         y, x = m.origin(i, j)
-        ax.text(x + m.cell_w / 2, y + m.cell_h / 2, "no data" if roomy else "×",
-                ha="center", va="center", fontsize=7 if roomy else 9,
-                color="#777777")  # fmt: skip
+        ax.text(
+            x + m.cell_w / 2,
+            y + m.cell_h / 2,
+            "no data" if roomy else "×",
+            ha="center",
+            va="center",
+            fontsize=7 if roomy else 9,
+            color="#777777",
+        )
     shown = []
     if len(owners) < len(all_owners):
         shown.append(f"{len(owners)} of {len(all_owners)} clients (a few per domain)")
     if len(classes) < len(all_classes):
         shown.append(f"the first {len(classes)} of {len(all_classes)} classes")
-    fig.text(0.5, 1 - 8 / fig_h, "synthetic samples per client (rows) and class "
-             f"(columns){': ' + ', '.join(shown) if shown else ''}",
-             ha="center", va="top", fontsize=9)  # fmt: skip
+    fig.text(
+        0.5,
+        1 - 8 / fig_h,
+        "synthetic samples per client (rows) and class "
+        f"(columns){': ' + ', '.join(shown) if shown else ''}",
+        ha="center",
+        va="top",
+        fontsize=9,
+    )
     path = run_dir / "synthetic_samples.png"
     fig.savefig(path, dpi=PLOT_DPI)
     plt.close(fig)

@@ -84,9 +84,7 @@ def learn_classes(ctx: ServerContext, replies: list[Reply]) -> DatasetInfo:
     """The dataset registry's classes, or the plurality over validated envelopes."""
     if ctx.info is not None:
         return ctx.info
-    votes = Counter(
-        (r.class_names, r.channels) for r in replies if r.class_names and r.channels
-    )
+    votes = Counter((r.class_names, r.channels) for r in replies if r.class_names and r.channels)
     if not votes:
         raise RoundError(
             f"dataset={ctx.cfg.dataset!r} does not name its classes and no valid "
@@ -109,8 +107,7 @@ def screen(method: OneShotMethod, ctx: ServerContext, got: Collected) -> Collect
     firsts = []
     for r in got.replies:
         if r.node_id in seen:
-            log(WARNING, "Node %s uploaded twice; only its first upload counts",
-                r.node_id)  # fmt: skip
+            log(WARNING, "Node %s uploaded twice; only its first upload counts", r.node_id)
             continue
         seen.add(r.node_id)
         firsts.append(r)
@@ -122,9 +119,12 @@ def screen(method: OneShotMethod, ctx: ServerContext, got: Collected) -> Collect
     candidates = []
     for r in firsts:
         if len(claims[r.partition_id]) > 1:
-            out.reject(r.node_id, f"partition-id {r.partition_id} is claimed by nodes "
-                       f"{sorted(claims[r.partition_id])}; all claims rejected",
-                       r.partition_id)  # fmt: skip
+            out.reject(
+                r.node_id,
+                f"partition-id {r.partition_id} is claimed by nodes "
+                f"{sorted(claims[r.partition_id])}; all claims rejected",
+                r.partition_id,
+            )
         else:
             candidates.append(r)
     ctx.info = learn_classes(ctx, candidates)
@@ -136,8 +136,11 @@ def screen(method: OneShotMethod, ctx: ServerContext, got: Collected) -> Collect
             out.reject(r.node_id, str(e), r.partition_id)
             continue
         except Exception as e:  # a validator bug must not end the round either
-            out.reject(r.node_id, f"validation failed: {e.__class__.__name__}: "
-                       f"{C.safe_text(e)}", r.partition_id)  # fmt: skip
+            out.reject(
+                r.node_id,
+                f"validation failed: {e.__class__.__name__}: {C.safe_text(e)}",
+                r.partition_id,
+            )
             continue
         out.replies.append(r)
     assign_client_ids(out.replies)
@@ -192,9 +195,7 @@ def clients_global_accuracy(
     accs = [m[GLOBAL_METRIC] for m in metrics if GLOBAL_METRIC in m]
     per_domain = {}
     for d in domains:
-        got = [
-            m[f"{GLOBAL_METRIC}/{d}"] for m in metrics if f"{GLOBAL_METRIC}/{d}" in m
-        ]
+        got = [m[f"{GLOBAL_METRIC}/{d}"] for m in metrics if f"{GLOBAL_METRIC}/{d}" in m]
         if got:
             per_domain[d] = sum(got) / len(got)
     # every client evaluates the same set (global_test_set is a function of the config)
@@ -216,9 +217,7 @@ def evaluate_global(
     one (no federation) reports each client's own model on the same set; the
     report holds their mean. The entries are results.json's ``global_*`` keys.
     """
-    domains = participating_domains(
-        ctx.info, [r.meta.get("domain") for r in got.replies]
-    )
+    domains = participating_domains(ctx.info, [r.meta.get("domain") for r in got.replies])
     res: dict[str, Any] = {
         "global_accuracy": None,
         "global_accuracy_per_domain": {},
@@ -305,15 +304,21 @@ def run_one_shot(
     window: dict[str, Any] = {"reason": "resumed after the close", "outstanding": {}}
     t0 = time.perf_counter()
     if journal.closed:
-        log(INFO, "The collection window of this run closed before: no client is "
-            "asked again")  # fmt: skip
+        log(INFO, "The collection window of this run closed before: no client is asked again")
     else:
         window = run_window(
-            grid, journal, content=content, message_type=method.collect_type,
-            payload_key=method.payload_key, max_upload_bytes=ctx.max_upload_bytes,
-            window_s=cfg.collect_window_s, target_clients=cfg.target_clients,
-            quiet_s=cfg.collect_quiet_s, precheck=precheck(method, ctx), clock=clock,
-        )  # fmt: skip
+            grid,
+            journal,
+            content=content,
+            message_type=method.collect_type,
+            payload_key=method.payload_key,
+            max_upload_bytes=ctx.max_upload_bytes,
+            window_s=cfg.collect_window_s,
+            target_clients=cfg.target_clients,
+            quiet_s=cfg.collect_quiet_s,
+            precheck=precheck(method, ctx),
+            clock=clock,
+        )
     timings["collect"] = time.perf_counter() - t0
 
     # 2. Validate every persisted upload: cross-checks, classes, the method's checks
@@ -359,8 +364,9 @@ def run_one_shot(
             if out.model_state is not None
             else evaluate_global(method, ctx, got, out, evals)
         )
-        return results.report(method, ctx, got, out, evals, timings, download,
-                              ge, fleet, final=final)  # fmt: skip
+        return results.report(
+            method, ctx, got, out, evals, timings, download, ge, fleet, final=final
+        )
 
     if method.evaluate_type is None:
         return report({}, final=True)
@@ -372,9 +378,14 @@ def run_one_shot(
     content = method.push_content(out, ctx)
     download["push"] = C.record_nbytes(content)
     evals = push_and_evaluate(
-        grid, content, method.evaluate_type, [r.node_id for r in got.replies],
-        ctx, cfg.evaluate_timeout_s, clock,
-    )  # fmt: skip
+        grid,
+        content,
+        method.evaluate_type,
+        [r.node_id for r in got.replies],
+        ctx,
+        cfg.evaluate_timeout_s,
+        clock,
+    )
     take_late(grid, journal, window["outstanding"], clock.time())
     timings["evaluate"] = time.perf_counter() - t0
 
@@ -396,8 +407,12 @@ def push_and_evaluate(
     connected = set(int(n) for n in grid.get_node_ids())
     nodes = [n for n in contributors if n in connected]
     gone = len(contributors) - len(nodes)
-    log(INFO, "Pushing the global model to %d contributors (%d no longer connected)",
-        len(nodes), gone)  # fmt: skip
+    log(
+        INFO,
+        "Pushing the global model to %d contributors (%d no longer connected)",
+        len(nodes),
+        gone,
+    )
     msgs = [Message(content, dst_node_id=n, message_type=message_type) for n in nodes]
     outstanding = {
         str(mid): n
@@ -412,8 +427,12 @@ def push_and_evaluate(
             if node is None:
                 continue
             if msg.has_error():
-                log(WARNING, "Evaluation failed on node %s: %s", node,
-                    C.safe_text(msg.error.reason, 300))  # fmt: skip
+                log(
+                    WARNING,
+                    "Evaluation failed on node %s: %s",
+                    node,
+                    C.safe_text(msg.error.reason, 300),
+                )
                 continue
             try:
                 r = C.unpack_reply(node, msg.content, None, ctx.max_upload_bytes)
@@ -427,8 +446,11 @@ def push_and_evaluate(
         if outstanding:
             clock.sleep(POLL_S)
     if outstanding:
-        log(WARNING, "%d contributors did not return an evaluation within "
-            "evaluate-timeout-s", len(outstanding))  # fmt: skip
+        log(
+            WARNING,
+            "%d contributors did not return an evaluation within evaluate-timeout-s",
+            len(outstanding),
+        )
     return evals
 
 

@@ -68,9 +68,7 @@ def test_a_classifier_round_global_model_scores_the_reported_accuracy(
     assert out is not None and out.model_state is not None
     path = save_global_model(run_dir, out, _ctx(rc, run_dir), "fedavg")
     assert path == run_dir / GLOBAL_MODEL
-    assert record_global_accuracy(run_dir, res["global_accuracy"]) == (
-        path / "config.json"
-    )
+    assert record_global_accuracy(run_dir, res["global_accuracy"]) == (path / "config.json")
     assert {p.name for p in path.iterdir()} == {"config.json", "model.safetensors"}
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["arch"] == res["config"]["classifier"]
@@ -138,10 +136,13 @@ def test_an_old_classifier_folder_still_loads_but_cannot_classify(tmp_path):
 def _run_pipe(pipe, cond, uncond, latents, steps, guidance):
     n = len(cond)
     return pipe(
-        prompt_embeds=cond, negative_prompt_embeds=uncond.expand(n, -1, -1),
-        latents=latents.clone(), num_inference_steps=steps,
-        guidance_scale=guidance, output_type="pt",
-    ).images.float()  # fmt: skip
+        prompt_embeds=cond,
+        negative_prompt_embeds=uncond.expand(n, -1, -1),
+        latents=latents.clone(),
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        output_type="pt",
+    ).images.float()
 
 
 def test_a_lora_global_model_loads_into_a_diffusers_pipeline(fast_config, tmp_path):
@@ -169,37 +170,44 @@ def test_a_lora_global_model_loads_into_a_diffusers_pipeline(fast_config, tmp_pa
     attach_lora(gen.unet, rank, alpha, targets, seed=0)
     g = torch.Generator().manual_seed(1)
     state = {
-        k: 0.3 * torch.randn(v.shape, generator=g)
-        for k, v in get_lora_state(gen.unet).items()
+        k: 0.3 * torch.randn(v.shape, generator=g) for k, v in get_lora_state(gen.unet).items()
     }
     gen.unet.unload_lora()
 
     # 2. The LoRA round's output, exported
     run_dir = tmp_path / "run"
-    ctx = _ctx(fast_config | {"method": "lora", "generator": str(sd),
-                              "text-encoder": str(sd), "embedding": "sequence",
-                              "lora-targets": ",".join(targets)}, run_dir)  # fmt: skip
+    ctx = _ctx(
+        fast_config
+        | {
+            "method": "lora",
+            "generator": str(sd),
+            "text-encoder": str(sd),
+            "embedding": "sequence",
+            "lora-targets": ",".join(targets),
+        },
+        run_dir,
+    )
     ctx.generator = gen  # what the round loaded (its fingerprint is recorded)
     out = ServerOutput(
-        model_state=build_classifier("cnn", 1, 10).state_dict(), arch="cnn",
+        model_state=build_classifier("cnn", 1, 10).state_dict(),
+        arch="cnn",
         push_arrays={payload_lora.RECORD: payload_lora.layout(state, None)},
         push_config={"lora-rank": rank, "lora-alpha": alpha},
-    )  # fmt: skip
+    )
     path = save_global_model(run_dir, out, ctx, "lora", global_accuracy=0.25)
     assert path == run_dir / GLOBAL_MODEL
     assert {p.name for p in path.iterdir()} == {
-        "config.json", "pytorch_lora_weights.safetensors", CLASSIFIER,
-    }  # fmt: skip
+        "config.json",
+        "pytorch_lora_weights.safetensors",
+        CLASSIFIER,
+    }
     about = json.loads((path / "config.json").read_text())
     assert (about["rank"], about["lora_alpha"], about["scale"]) == (3, 4.5, 1.5)
     assert about["base_model"] == str(sd)
     assert about["base_model_fingerprint"] == gen.fingerprint()
     assert about["classifier"] == CLASSIFIER
     assert load_classifier(path / CLASSIFIER).head.out_features == 10
-    assert (
-        json.loads((path / CLASSIFIER / "config.json").read_text())["global_accuracy"]
-        == 0.25
-    )
+    assert json.loads((path / CLASSIFIER / "config.json").read_text())["global_accuracy"] == 0.25
     with pytest.raises(ValueError, match="classifier"):
         load_classifier(path)
 
@@ -210,21 +218,22 @@ def test_a_lora_global_model_loads_into_a_diffusers_pipeline(fast_config, tmp_pa
         gen.scheduler.config, steps_offset=1, clip_sample=False
     )
     pipe = StableDiffusionPipeline(
-        vae=gen.vae, text_encoder=None, tokenizer=None,
+        vae=gen.vae,
+        text_encoder=None,
+        tokenizer=None,
         unet=UNet2DConditionModel.from_pretrained(sd / "unet").eval(),
-        scheduler=gen.scheduler, safety_checker=None, feature_extractor=None,
+        scheduler=gen.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
-    )  # fmt: skip
+    )
     pipe.set_progress_bar_config(disable=True)
     n, steps, guidance = 3, 4, 3.0
     cond = torch.randn(n, 16, 32, generator=g)
     uncond = torch.randn(1, 16, 32, generator=g)
     # the engine's x_T of images 0..n-1 (seed 0), handed to the pipeline
     latents = torch.stack(
-        [
-            torch.randn(gen.sample_shape, generator=x)
-            for x in image_generators(0, range(n))
-        ]
+        [torch.randn(gen.sample_shape, generator=x) for x in image_generators(0, range(n))]
     )
     base = _run_pipe(pipe, cond, uncond, latents, steps, guidance)
     pipe.load_lora_weights(str(path))
@@ -237,21 +246,27 @@ def test_a_lora_global_model_loads_into_a_diffusers_pipeline(fast_config, tmp_pa
         torch.testing.assert_close(
             bare(latents, t, encoder_hidden_states=cond).sample,
             pipe.unet(latents, t, encoder_hidden_states=cond).sample,
-            atol=1e-6, rtol=0,
-        )  # fmt: skip
+            atol=1e-6,
+            rtol=0,
+        )
 
     # 4. The project's sampler with the adapter (set_lora_state) samples the same
     def ours(st, r, a, t):
         set_lora_state(gen.unet, st, r, a, t)
-        x = sample(gen, cond, uncond, guidance_scale=guidance,
-                   num_inference_steps=steps, seed=0, batch_size=n)  # fmt: skip
+        x = sample(
+            gen,
+            cond,
+            uncond,
+            guidance_scale=guidance,
+            num_inference_steps=steps,
+            seed=0,
+            batch_size=n,
+        )
         gen.unet.unload_lora()
         return (x + 1) / 2
 
-    torch.testing.assert_close(ours(state, rank, alpha, targets), adapted,
-                               atol=1e-5, rtol=0)  # fmt: skip
-    torch.testing.assert_close(ours(*load_diffusers_lora(path)), adapted,
-                               atol=1e-5, rtol=0)  # fmt: skip
+    torch.testing.assert_close(ours(state, rank, alpha, targets), adapted, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours(*load_diffusers_lora(path)), adapted, atol=1e-5, rtol=0)
     # ... and the test can fail: the adapter changes the images, and its scale
     # alpha / rank matters
     assert float((adapted - base).abs().max()) > 1e-3

@@ -16,16 +16,26 @@ def test_engine_equals_diffusers_stable_diffusion_pipeline():
 
 
 def _row(setting, seed, img_s, acc, fid):
-    return {"setting": setting, "seed": seed, "img_s": img_s, "accuracy": acc,
-            "global_accuracy": acc, "fid_proxy": fid, "images": 10}  # fmt: skip
+    return {
+        "setting": setting,
+        "seed": seed,
+        "img_s": img_s,
+        "accuracy": acc,
+        "global_accuracy": acc,
+        "fid_proxy": fid,
+        "images": 10,
+    }
 
 
 def test_quality_summary_by_hand(tmp_path):
     rows = [
-        _row("default", 0, 10.0, 0.60, 5.0), _row("default", 1, 10.0, 0.70, 6.0),
-        _row("fast", 0, 25.0, 0.62, 5.5), _row("fast", 1, 30.0, 0.66, 6.0),
-        _row("bad", 0, 40.0, 0.40, 9.0), _row("bad", 1, 40.0, 0.45, 9.0),
-    ]  # fmt: skip
+        _row("default", 0, 10.0, 0.60, 5.0),
+        _row("default", 1, 10.0, 0.70, 6.0),
+        _row("fast", 0, 25.0, 0.62, 5.5),
+        _row("fast", 1, 30.0, 0.66, 6.0),
+        _row("bad", 0, 40.0, 0.40, 9.0),
+        _row("bad", 1, 40.0, 0.45, 9.0),
+    ]
     s = {q["setting"]: q for q in summarize_quality(rows)}
     assert s["fast"]["speedup"] == pytest.approx((2.5 + 3.0) / 2)
     assert s["fast"]["d_accuracy_per_seed"] == pytest.approx([0.02, -0.04])
@@ -33,9 +43,7 @@ def test_quality_summary_by_hand(tmp_path):
     # default's std over seeds: accuracy 0.0707, FID-proxy 0.707
     assert s["fast"]["within_noise"] and not s["bad"]["within_noise"]
     assert s["default"]["speedup"] == pytest.approx(1.0)
-    write_report(
-        tmp_path, {"machine": "test", "quality": list(s.values()), "notes": []}
-    )
+    write_report(tmp_path, {"machine": "test", "quality": list(s.values()), "notes": []})
     assert "fast" in (tmp_path / "synth.md").read_text()
 
 
@@ -45,12 +53,20 @@ def test_ablation_summary_and_levelling_off_by_hand(tmp_path):
     assert "images-per-class=30" in variants() and "guidance-scale=7.5" in variants()
 
     def row(label, seed, g):
-        return {"variant": label, "seed": seed, "global_accuracy": g, "accuracy": g,
-                "fid_proxy": 1.0, "img_s": 5.0}  # fmt: skip
+        return {
+            "variant": label,
+            "seed": seed,
+            "global_accuracy": g,
+            "accuracy": g,
+            "fid_proxy": 1.0,
+            "img_s": 5.0,
+        }
 
-    rows = [row(f"images-per-class={n}", s, g + 0.01 * s)
-            for n, g in ((5, 0.50), (10, 0.60), (20, 0.66), (30, 0.70), (50, 0.71))
-            for s in (0, 1)]  # fmt: skip
+    rows = [
+        row(f"images-per-class={n}", s, g + 0.01 * s)
+        for n, g in ((5, 0.50), (10, 0.60), (20, 0.66), (30, 0.70), (50, 0.71))
+        for s in (0, 1)
+    ]
     summary = summarize(rows)
     ipc = summary["images per class"]
     assert [p["value"] for p in ipc] == [5, 10, 20, 30, 50]
@@ -58,7 +74,9 @@ def test_ablation_summary_and_levelling_off_by_hand(tmp_path):
     lo = levels_off(ipc)
     assert lo["gain_5_to_30"] == pytest.approx(0.20)
     assert lo["gain_30_to_50"] == pytest.approx(0.01) and lo["levels_off"]
-    write_report(tmp_path, {"machine": "test", "seeds": [0, 1], "summary": summary,
-                            "levels_off": lo, "notes": []})  # fmt: skip
+    write_report(
+        tmp_path,
+        {"machine": "test", "seeds": [0, 1], "summary": summary, "levels_off": lo, "notes": []},
+    )
     assert "levels off" in (tmp_path / "ablation.md").read_text()
     assert (tmp_path / "ablation.png").is_file()

@@ -56,9 +56,7 @@ def test_kl_distillation_by_hand():
     kl2 = p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5)
     assert D.distillation_loss(s, t, 2.0).item() == pytest.approx(4 * kl2)
     # batchmean: a second identical row leaves it; zero for equal logits
-    assert D.distillation_loss(s.repeat(2, 1), t.repeat(2, 1), 1.0).item() == (
-        pytest.approx(kl)
-    )
+    assert D.distillation_loss(s.repeat(2, 1), t.repeat(2, 1), 1.0).item() == (pytest.approx(kl))
     assert D.distillation_loss(t, t, 5.0).item() == pytest.approx(0.0, abs=1e-7)
 
 
@@ -113,9 +111,18 @@ def test_to_uint8_round_trip():
 def _ctx(tmp_path, **over):
     from conftest import default_run_config
 
-    rc = default_run_config() | {"method": "dense", "train-epochs": 2,
-                                 "dense-g-steps": 3, "dense-synthesis-batch-size": 16,
-                                 "dense-ngf": 8, "train-batch-size": 8} | over  # fmt: skip
+    rc = (
+        default_run_config()
+        | {
+            "method": "dense",
+            "train-epochs": 2,
+            "dense-g-steps": 3,
+            "dense-synthesis-batch-size": 16,
+            "dense-ngf": 8,
+            "train-batch-size": 8,
+        }
+        | over
+    )
     cfg = build_config(rc)
     return ServerContext(cfg, tmp_path, info=dataset_info(cfg.data_args()))
 
@@ -126,8 +133,15 @@ def _reply(ctx, pid, scale=0.0):
     for k, v in state.items():
         if v.is_floating_point() and "running" not in k:
             state[k] = v + scale * torch.randn_like(v)
-    return Reply(node_id=pid, partition_id=pid, num_examples=50, upload_bytes=1,
-                 meta={}, metrics={"client-s": 1.0}, tensors=state)  # fmt: skip
+    return Reply(
+        node_id=pid,
+        partition_id=pid,
+        num_examples=50,
+        upload_bytes=1,
+        meta={},
+        metrics={"client-s": 1.0},
+        tensors=state,
+    )
 
 
 def test_server_work_with_mock_replies(tmp_path):
@@ -155,9 +169,7 @@ def test_server_work_with_mock_replies(tmp_path):
     # the student moved away from the initial weights
     init = initial_state(ctx)
     assert any(
-        not torch.equal(out.model_state[k], init[k])
-        for k in init
-        if init[k].is_floating_point()
+        not torch.equal(out.model_state[k], init[k]) for k in init if init[k].is_floating_point()
     )
 
 
@@ -174,9 +186,7 @@ def test_server_work_is_deterministic_under_a_seed(tmp_path):
         assert torch.equal(a.samples[k], b.samples[k])
     c = Dense().server_work(replies, _ctx(tmp_path, seed=1))
     assert c.model_state is not None
-    assert any(
-        not torch.equal(a.model_state[k], c.model_state[k]) for k in c.model_state
-    )
+    assert any(not torch.equal(a.model_state[k], c.model_state[k]) for k in c.model_state)
 
 
 @pytest.mark.parametrize(
@@ -201,7 +211,20 @@ def test_validate_rejects_bad_models_with_a_reason(tmp_path, mutate, reason):
 
 
 def test_run_dense_checks_its_inputs():
-    s = D.DenseSettings(epochs=1, g_steps=1, batch=2, lr_g=1e-3, nz=4, ngf=2, bn=1,
-                        oh=1, adv=1, temperature=1, lr=0.01, kd_batch=2, seed=0)  # fmt: skip
+    s = D.DenseSettings(
+        epochs=1,
+        g_steps=1,
+        batch=2,
+        lr_g=1e-3,
+        nz=4,
+        ngf=2,
+        bn=1,
+        oh=1,
+        adv=1,
+        temperature=1,
+        lr=0.01,
+        kd_batch=2,
+        seed=0,
+    )
     with pytest.raises(ValueError, match="no client models"):
         D.run_dense([], nn.Linear(1, 1), 10, 1, 16, s)

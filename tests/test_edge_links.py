@@ -57,13 +57,24 @@ def test_tbf_burst_is_at_least_one_mtu():
 
 def test_table_rows():
     rows = [
-        {"case": "oscar", "rate_mbit": 1.0, "delay_ms": 50.0, "ok": True,
-         "upload_bytes_per_client": 1716.0, "download_bytes_per_client": 900,
-         "timings_s": {"collect": 20.0, "synthesize": 5.0, "train": 1.0,
-                       "evaluate": 10.0, "total": 37.0},
-         "mean_accuracy": 0.5},
+        {
+            "case": "oscar",
+            "rate_mbit": 1.0,
+            "delay_ms": 50.0,
+            "ok": True,
+            "upload_bytes_per_client": 1716.0,
+            "download_bytes_per_client": 900,
+            "timings_s": {
+                "collect": 20.0,
+                "synthesize": 5.0,
+                "train": 1.0,
+                "evaluate": 10.0,
+                "total": 37.0,
+            },
+            "mean_accuracy": 0.5,
+        },
         {"case": "fedavg-resnet18", "rate_mbit": 0.0, "delay_ms": 0.0, "ok": False},
-    ]  # fmt: skip
+    ]
     t = E.format_table(rows)
     assert "| 1 Mbit/s, +50 ms each way | OSCAR" in t
     assert "| 1,716 | 900 | 20.0 | 6.0 | 10.0 | 37.0 | 0.500 |" in t

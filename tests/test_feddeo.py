@@ -39,9 +39,16 @@ def test_fit_lowers_the_diffusion_loss_and_leaves_the_generator_unchanged(
     init = load_text_encoder().encode(["the digit three"], "pooled")
     x0 = client_feddeo.to_generator_input(gen, _client_data().train_images)
     fit = client_feddeo.fit_description(
-        gen.unet, gen.scheduler, x0, init, optimizer="adam", lr=0.05, epochs=20,
-        batch_size=4, seed=0,
-    )  # fmt: skip
+        gen.unet,
+        gen.scheduler,
+        x0,
+        init,
+        optimizer="adam",
+        lr=0.05,
+        epochs=20,
+        batch_size=4,
+        seed=0,
+    )
     assert fit.steps == 20 * 3
     assert fit.description.shape == init.shape
     assert fit.loss_after < fit.loss_before, (fit.loss_before, fit.loss_after)
@@ -57,9 +64,16 @@ def test_fit_refuses_a_diverging_learning_rate(tiny_stack):
     x0 = _client_data().train_images
     with pytest.raises(ValueError, match="feddeo-learning-rate"):
         client_feddeo.fit_description(
-            gen.unet, gen.scheduler, x0, init, optimizer="sgd", lr=1e30, epochs=3,
-            batch_size=1, seed=0,
-        )  # fmt: skip
+            gen.unet,
+            gen.scheduler,
+            x0,
+            init,
+            optimizer="sgd",
+            lr=1e30,
+            epochs=3,
+            batch_size=1,
+            seed=0,
+        )
 
 
 def _payload(k: int = 2, tokens: int = 1, dim: int = 16) -> dict[str, torch.Tensor]:
@@ -89,8 +103,10 @@ def _bad(kind: str) -> dict[str, torch.Tensor]:
     elif kind == "count":
         t["class_ids"] = torch.tensor([0, 1, 2])
     elif kind == "empty":
-        t = {"descriptions": torch.zeros(0, 1, 16, dtype=torch.float16),
-             "class_ids": torch.zeros(0, dtype=torch.int64)}  # fmt: skip
+        t = {
+            "descriptions": torch.zeros(0, 1, 16, dtype=torch.float16),
+            "class_ids": torch.zeros(0, dtype=torch.int64),
+        }
     elif kind == "extra":
         t["junk"] = torch.zeros(3)
     elif kind == "missing":
@@ -128,8 +144,7 @@ def _replies(ctx: ServerContext, classes: list[list[int]]) -> list[Reply]:
     assert ctx.info is not None
     replies = []
     for i, ids in enumerate(classes):
-        emb = ctx.text_encoder.encode([ctx.info.class_prompt(c) for c in ids],
-                                      ctx.cfg.embedding)  # fmt: skip
+        emb = ctx.text_encoder.encode([ctx.info.class_prompt(c) for c in ids], ctx.cfg.embedding)
         g = torch.Generator().manual_seed(i)
         desc = emb + 0.1 * torch.randn(emb.shape, generator=g)
         tensors = P.layout(P.Descriptions(desc, torch.tensor(ids)))
@@ -142,9 +157,14 @@ def _replies(ctx: ServerContext, classes: list[list[int]]) -> list[Reply]:
 def test_server_samples_with_description_and_class_guidance(
     tiny_stack, fast_config, tmp_path, monkeypatch
 ):
-    ctx = _context(fast_config, tmp_path, **{
-        "feddeo-class-guidance": 2.0, "feddeo-description-guidance": 4.0,
-    })  # fmt: skip
+    ctx = _context(
+        fast_config,
+        tmp_path,
+        **{
+            "feddeo-class-guidance": 2.0,
+            "feddeo-description-guidance": 4.0,
+        },
+    )
     method = FedDeo()
     method.check(ctx)
     replies = _replies(ctx, [[1, 2], [2, 5, 9]])
@@ -178,9 +198,7 @@ def test_server_samples_with_description_and_class_guidance(
     assert 0 < method.summary(replies)["upload_bytes_per_class"] <= 100
 
 
-def test_server_rejects_another_embedding_kind_and_shape(
-    tiny_stack, fast_config, tmp_path
-):
+def test_server_rejects_another_embedding_kind_and_shape(tiny_stack, fast_config, tmp_path):
     ctx = _context(fast_config, tmp_path)
     method = FedDeo()
     (r,) = _replies(ctx, [[0, 1]])
@@ -193,15 +211,19 @@ def test_server_rejects_another_embedding_kind_and_shape(
         method.validate(r, ctx)
 
 
-def test_both_halves_on_a_latent_stable_diffusion_generator(
-    fast_config, tmp_path, monkeypatch
-):
+def test_both_halves_on_a_latent_stable_diffusion_generator(fast_config, tmp_path, monkeypatch):
     """Sequence conditioning [16, 32], latents [4, 4, 4]: the client learns one
     token sequence per class on VAE latents; the server validates and samples."""
     sd = make_tiny_sd(tmp_path / "sd")
-    ctx = _context(fast_config, tmp_path, **{
-        "generator": str(sd), "text-encoder": str(sd), "embedding": "sequence",
-    })  # fmt: skip
+    ctx = _context(
+        fast_config,
+        tmp_path,
+        **{
+            "generator": str(sd),
+            "text-encoder": str(sd),
+            "embedding": "sequence",
+        },
+    )
     method = FedDeo()
     method.check(ctx)
     job = ClientJob(ctx.cfg, 0, 2, _client_data())

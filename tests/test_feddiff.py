@@ -80,11 +80,18 @@ def test_positive_is_the_pool_entry_of_nearest_accuracy():
 
 
 def test_ddpm_steps_by_hand():
-    x = M.q_sample(torch.ones(1, 2), torch.tensor([0]), torch.ones(1, 2),
-                   torch.tensor([0.64], dtype=torch.float64))  # fmt: skip
+    x = M.q_sample(
+        torch.ones(1, 2),
+        torch.tensor([0]),
+        torch.ones(1, 2),
+        torch.tensor([0.64], dtype=torch.float64),
+    )
     assert torch.allclose(x, torch.full((1, 2), 0.8 + 0.6))
-    sched = {"betas": torch.tensor([0.1, 0.2]), "alphas": torch.tensor([0.9, 0.8]),
-             "abar": torch.tensor([0.9, 0.72])}  # fmt: skip
+    sched = {
+        "betas": torch.tensor([0.1, 0.2]),
+        "alphas": torch.tensor([0.9, 0.8]),
+        "abar": torch.tensor([0.9, 0.72]),
+    }
     # t = 0: the mean, no noise: (x - beta / sqrt(1 - abar) eps) / sqrt(alpha)
     got = M.p_step(torch.ones(1, 1), torch.ones(1, 1), 0, sched, torch.ones(1, 1))
     want = (1 - 0.1 / math.sqrt(0.1)) / math.sqrt(0.9)
@@ -102,8 +109,7 @@ def test_subset_names_and_round_trip():
 
     net = SmallCNN(1, 10)
     names = subset_names(net, "features.4.1, head")
-    assert names == ["features.4.1.weight", "features.4.1.bias", "head.weight",
-                     "head.bias"]  # fmt: skip
+    assert names == ["features.4.1.weight", "features.4.1.bias", "head.weight", "head.bias"]
     state = net.state_dict()
     vec = flatten_subset(state, names)
     assert vec.numel() == 2 * 128 + 128 * 10 + 10
@@ -130,8 +136,7 @@ def test_tiny_builder_autoencoder_reconstructs_the_pool(tiny_stack_dir):
 def test_shipped_model_records_its_reconstruction_error():
     cfg = json.loads((EMBEDDED / "config.json").read_text())
     assert cfg["metrics"]["ae_recon_mse"] < SHIPPED_RECON_MAX
-    assert cfg["params"] == ["features.4.1.weight", "features.4.1.bias",
-                             "head.weight", "head.bias"]  # fmt: skip
+    assert cfg["params"] == ["features.4.1.weight", "features.4.1.bias", "head.weight", "head.bias"]
     size = sum(f.stat().st_size for f in EMBEDDED.rglob("*") if f.is_file())
     assert size < 3e6  # small in bytes
     m = load_feddiff(EMBEDDED)
@@ -179,8 +184,15 @@ def _ctx(tmp_path, **keys) -> ServerContext:
 
 
 def _reply(tensors) -> Reply:
-    return Reply(node_id=1, partition_id=0, num_examples=10, upload_bytes=0,
-                 meta={}, metrics={}, tensors=tensors)  # fmt: skip
+    return Reply(
+        node_id=1,
+        partition_id=0,
+        num_examples=10,
+        upload_bytes=0,
+        meta={},
+        metrics={},
+        tensors=tensors,
+    )
 
 
 def test_bad_uploads_are_rejected_with_a_reason(tiny_stack, tmp_path):

@@ -20,23 +20,29 @@ from methods.feddisc.client_feddisc import prototypes
 def _reply(pid: int, dim: int, classes: list[int]) -> Reply:
     g = torch.Generator().manual_seed(pid)
     labels = torch.tensor(classes * 6)
-    emb = torch.nn.functional.normalize(
-        torch.randn(len(labels), dim, generator=g), dim=1
-    )
-    tensors = {k: v.half() if v.is_floating_point() else v
-               for k, v in P.layout(prototypes(emb, labels, 2, seed=pid)).items()}  # fmt: skip
+    emb = torch.nn.functional.normalize(torch.randn(len(labels), dim, generator=g), dim=1)
+    tensors = {
+        k: v.half() if v.is_floating_point() else v
+        for k, v in P.layout(prototypes(emb, labels, 2, seed=pid)).items()
+    }
     return Reply(pid + 1, pid, len(labels), 1000, {}, {}, tensors)
 
 
-def test_a_sequence_conditioned_generator_gets_mapped_token_sequences(
-    fast_config, tmp_path
-):
+def test_a_sequence_conditioned_generator_gets_mapped_token_sequences(fast_config, tmp_path):
     sd = make_tiny_sd(tmp_path / "sd")
-    cfg = build_config(fast_config | {
-        "method": "feddisc", "generator": str(sd), "text-encoder": str(sd),
-        "embedding": "sequence", "images-per-class": 2, "feddisc-clusters": 2,
-        "feddisc-map-pairs": 200, "scheduler": "ddim",
-    })  # fmt: skip
+    cfg = build_config(
+        fast_config
+        | {
+            "method": "feddisc",
+            "generator": str(sd),
+            "text-encoder": str(sd),
+            "embedding": "sequence",
+            "images-per-class": 2,
+            "feddisc-clusters": 2,
+            "feddisc-map-pairs": 200,
+            "scheduler": "ddim",
+        }
+    )
     ctx = ServerContext(cfg, tmp_path, info=dataset_info(cfg.data_args()))
     method = FedDisc()
     method.check(ctx)
@@ -66,9 +72,7 @@ def test_a_sequence_conditioned_generator_gets_mapped_token_sequences(
     assert all(torch.isfinite(v.float()).all() for v in out.model_state.values())
 
 
-def test_a_dataset_without_public_pairs_is_refused_before_any_client(
-    fast_config, tmp_path
-):
+def test_a_dataset_without_public_pairs_is_refused_before_any_client(fast_config, tmp_path):
     from tiny_stack import make_image_folder
 
     folder = make_image_folder(tmp_path / "folder", 4)

@@ -53,8 +53,12 @@ def test_guiding_model_sums_the_bn_terms_of_every_bn_layer():
         m.running_mean.uniform_(-1, 1)
         m.running_var.uniform_(0.5, 2)
     seen: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(
-        bn_statistic_loss(i[0], m.running_mean, m.running_var))) for m in bns]  # fmt: skip
+    hooks = [
+        m.register_forward_hook(
+            lambda m, i, o: seen.append(bn_statistic_loss(i[0], m.running_mean, m.running_var))
+        )
+        for m in bns
+    ]
     x = torch.randn(2, 1, 16, 16)
     logits, bn = GuidingModel(model)(x)
     for h in hooks:
@@ -100,9 +104,7 @@ def test_bad_payloads_are_rejected_with_a_reason(arch, mutate, reason):
 
 
 @pytest.mark.parametrize("aggregation", ["sd", "md"])
-def test_clients_of_two_architectures_in_one_round(
-    tiny_stack, fast_config, aggregation
-):
+def test_clients_of_two_architectures_in_one_round(tiny_stack, fast_config, aggregation):
     fast_config |= {
         "method": "fedlmg",
         "fedlmg-client-classifiers": "cnn,resnet18",
@@ -116,8 +118,9 @@ def test_clients_of_two_architectures_in_one_round(
     archs = res["fedlmg"]["client_archs"]
     assert sorted(archs.values()) == ["cnn", "cnn", "resnet18"]
     assert 0 <= res["fedlmg"]["guiding_model_agreement"] <= 1
-    on_disk = json.loads((tmp := fast_config["output-dir"]) and
-                         open(f"{tmp}/lmg-{aggregation}/results.json").read())  # fmt: skip
+    on_disk = json.loads(
+        (tmp := fast_config["output-dir"]) and open(f"{tmp}/lmg-{aggregation}/results.json").read()
+    )
     assert on_disk["fedlmg"]["aggregation"] == aggregation
     assert all(c["upload_bytes"] > 0 for c in res["clients"])
     assert res["global_accuracy"] is not None
@@ -163,9 +166,15 @@ def test_guidance_runs_through_the_vae_of_a_latent_stable_diffusion_generator(
     from methods.fedlmg import FedLmg
 
     sd = make_tiny_sd(tmp_path / "sd")
-    over = {"method": "fedlmg", "generator": str(sd), "text-encoder": str(sd),
-            "embedding": "sequence", "fedlmg-images-per-class": 2,
-            "fedlmg-warmup-steps": 1, "scheduler": "ddim"}  # fmt: skip
+    over = {
+        "method": "fedlmg",
+        "generator": str(sd),
+        "text-encoder": str(sd),
+        "embedding": "sequence",
+        "fedlmg-images-per-class": 2,
+        "fedlmg-warmup-steps": 1,
+        "scheduler": "ddim",
+    }
     cfg = build_config(fast_config | over)
     ctx = ServerContext(cfg, tmp_path, info=dataset_info(cfg.data_args()))
     method = FedLmg()

@@ -52,16 +52,14 @@ def test_guidance_one_runs_only_the_conditional_model(tiny_stack_dir):
     batches: list[int] = []
     hook = gen.unet.register_forward_hook(lambda m, a, o: batches.append(len(a[0])))
     cond = torch.randn(3, 1, 16)
-    plain = sample(gen, cond, torch.zeros(1, 1, 16), guidance_scale=1.0,
-                       num_inference_steps=2, seed=4)  # fmt: skip
+    plain = sample(
+        gen, cond, torch.zeros(1, 1, 16), guidance_scale=1.0, num_inference_steps=2, seed=4
+    )
     assert batches == [3, 3]
     batches.clear()
-    same = sample(
-        gen, cond, cond[:1], guidance_scale=1.0, num_inference_steps=2, seed=4
-    )
+    same = sample(gen, cond, cond[:1], guidance_scale=1.0, num_inference_steps=2, seed=4)
     assert torch.equal(plain, same)  # uncond is never used at w = 1
-    guided = sample(gen, cond[:1], cond[:1], guidance_scale=3.0,
-                        num_inference_steps=2, seed=4)  # fmt: skip
+    guided = sample(gen, cond[:1], cond[:1], guidance_scale=3.0, num_inference_steps=2, seed=4)
     assert batches[-2:] == [2, 2]  # unconditional + conditional halves
     torch.testing.assert_close(guided, plain[:1], atol=1e-5, rtol=0)
     hook.remove()
@@ -87,8 +85,13 @@ def test_stable_diffusion_layout_with_vae_and_sequence_conditioning(tmp_path):
 
     attach_lora(gen.unet, 4, 4.0, LoraConfig().target_list, seed=0)
     layers = {k.rsplit(".lora_", 1)[0] for k in get_lora_state(gen.unet)}
-    for part in ("attn1.to_q", "attn2.to_v", "attn2.to_out.0", "resnets.0.conv1",
-                 "resnets.0.conv2"):  # fmt: skip
+    for part in (
+        "attn1.to_q",
+        "attn2.to_v",
+        "attn2.to_out.0",
+        "resnets.0.conv1",
+        "resnets.0.conv2",
+    ):
         assert any(name.endswith(part) for name in layers), part
     assert not any("lora" in n for n, _ in gen.vae.named_parameters())
 

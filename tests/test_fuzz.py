@@ -43,14 +43,16 @@ def genuine(tiny_stack_dir, tmp_path_factory):
 
     os.environ["ONESHOT_EMBEDDED_DIR"] = str(tiny_stack_dir)
     rc = default_run_config() | {
-        "max-examples-per-client": 60, "local-epochs": 1, "lora-steps": 1,
-        "output-dir": str(tmp_path_factory.mktemp("fuzz")), "max-upload-mb": 1.0,
-    }  # fmt: skip
+        "max-examples-per-client": 60,
+        "local-epochs": 1,
+        "lora-steps": 1,
+        "output-dir": str(tmp_path_factory.mktemp("fuzz")),
+        "max-upload-mb": 1.0,
+    }
     out = {}
     for name, cls in METHODS.items():
         cfg = build_config(rc | {"method": name})
-        ctx = ServerContext(cfg, tmp_path_factory.mktemp(name),
-                            info=dataset_info(cfg.data_args()))  # fmt: skip
+        ctx = ServerContext(cfg, tmp_path_factory.mktemp(name), info=dataset_info(cfg.data_args()))
         method = get_method(name)
         method.check(ctx)
         grid = FakeGrid(client_app, 2, rc | {"method": name})
@@ -67,10 +69,7 @@ def _clone(content: RecordDict) -> dict:
     return {
         "meta": dict(content.config_records.get(C.KEY_META, {})),
         "metrics": dict(content.metric_records.get(C.KEY_METRICS, {})),
-        "arrays": {
-            name: C.from_array_record(rec)
-            for name, rec in content.array_records.items()
-        },
+        "arrays": {name: C.from_array_record(rec) for name, rec in content.array_records.items()},
     }
 
 
@@ -91,14 +90,20 @@ def _build(parts: dict) -> RecordDict | None:
         return None
 
 
-DTYPES = [torch.float16, torch.float32, torch.float64, torch.int32, torch.int64,
-          torch.uint8, torch.bool, torch.complex64]  # fmt: skip
+DTYPES = [
+    torch.float16,
+    torch.float32,
+    torch.float64,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+]
 weird_numbers = st.one_of(
     st.integers(-(2**70), 2**70),
     st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from(
-        [0, -1, 1, 2**31, 2**63 - 1, 1e30, 0.5, float("nan"), float("inf")]
-    ),
+    st.sampled_from([0, -1, 1, 2**31, 2**63 - 1, 1e30, 0.5, float("nan"), float("inf")]),
 )
 weird_scalars = st.one_of(
     weird_numbers,
@@ -114,9 +119,13 @@ def tensors(draw) -> torch.Tensor:
     shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
     t = torch.zeros(shape, dtype=torch.float64)
     if t.numel():
-        vals = draw(st.lists(weird_numbers.filter(lambda v: abs(v) < 1e300 or not
-                                                  math.isfinite(v)), min_size=1,
-                             max_size=t.numel()))  # fmt: skip
+        vals = draw(
+            st.lists(
+                weird_numbers.filter(lambda v: abs(v) < 1e300 or not math.isfinite(v)),
+                min_size=1,
+                max_size=t.numel(),
+            )
+        )
         flat = t.flatten()
         for i, v in enumerate(vals):
             flat[i] = float(v)
@@ -137,15 +146,23 @@ def mutation(draw, parts: dict) -> dict:
         "arrays": {n: dict(r) for n, r in parts["arrays"].items()},
     }
     for _ in range(draw(st.integers(1, 3))):
-        what = draw(st.sampled_from(
-            ["meta", "metrics", "array", "array-value", "drop-key", "drop-record",
-             "extra-record"]))  # fmt: skip
+        what = draw(
+            st.sampled_from(
+                [
+                    "meta",
+                    "metrics",
+                    "array",
+                    "array-value",
+                    "drop-key",
+                    "drop-record",
+                    "extra-record",
+                ]
+            )
+        )
         if what == "meta":
             key = draw(st.sampled_from([*(parts["meta"] or {}), "x", "partition-id"]))
             if parts["meta"] is not None:
-                parts["meta"][key] = draw(
-                    weird_scalars | st.lists(st.integers(), max_size=3)
-                )
+                parts["meta"][key] = draw(weird_scalars | st.lists(st.integers(), max_size=3))
         elif what == "metrics":
             key = draw(st.sampled_from([*(parts["metrics"] or {}), "num-examples"]))
             if parts["metrics"] is not None:
@@ -163,9 +180,7 @@ def mutation(draw, parts: dict) -> dict:
             else:  # keep dtype and shape, poison one value
                 t = parts["arrays"][rec][key].clone()
                 if t.numel() and (t.is_floating_point() or t.is_complex()):
-                    t.view(-1)[0] = draw(
-                        st.sampled_from([float("nan"), float("inf"), 6e4])
-                    )
+                    t.view(-1)[0] = draw(st.sampled_from([float("nan"), float("inf"), 6e4]))
                 elif t.numel():  # an out-of-range id, inside the dtype's own range
                     v = draw(st.sampled_from([-1, 10**6, 2**40]))
                     if t.dtype == torch.bool:
@@ -217,8 +232,9 @@ def test_validation_is_total_under_mutation(genuine, name):
     base = _clone(content)
     outcomes = {"accepted": 0, "rejected": 0}
 
-    @settings(max_examples=CASES, deadline=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(
+        max_examples=CASES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
     @given(st.data())
     def check(data):
         try:

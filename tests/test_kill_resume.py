@@ -59,8 +59,12 @@ def _round(rc: dict, mode: str) -> subprocess.CompletedProcess:
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-c", SCRIPT, json.dumps(rc), mode],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 def _journal(run_dir: Path) -> list[dict]:
@@ -77,9 +81,7 @@ def _comparable(res: dict) -> dict:
     res.pop("device", None)
     for c in res["clients"]:  # the clients' own timings (client-s, caption-s-per-image)
         for part in ("metrics", "evaluation"):
-            for key in [
-                k for k in c.get(part, {}) if k.endswith("-s") or "-s-per-" in k
-            ]:
+            for key in [k for k in c.get(part, {}) if k.endswith("-s") or "-s-per-" in k]:
                 c[part].pop(key)
     return res
 

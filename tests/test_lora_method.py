@@ -54,22 +54,29 @@ def _svd_of(replies: list[Reply], ctx: ServerContext) -> dict[str, torch.Tensor]
         for r in replies
     ]
     merged, _ = merge_adapters(
-        adapters, [1.0] * len(adapters), "svd", rank=cfg.lora_merge_rank,
+        adapters,
+        [1.0] * len(adapters),
+        "svd",
+        rank=cfg.lora_merge_rank,
         scalings=[cfg.lora_alpha / cfg.lora_rank] * len(adapters),
-    )  # fmt: skip
+    )
     return merged
 
 
 @pytest.mark.parametrize(("lr", "changed"), [(1e-12, False), (1e-2, True)])
-def test_generative_corrects_the_svd_merge(
-    tiny_stack, fast_config, tmp_path, lr, changed
-):
+def test_generative_corrects_the_svd_merge(tiny_stack, fast_config, tmp_path, lr, changed):
     # With a vanishing learning rate the correction leaves the svd start as is;
     # with a real one it moves it. Either way: rank lora-merge-rank, scaling 1.
-    ctx = _context(fast_config, tmp_path, **{
-        "lora-merge": "generative", "lora-learning-rate": lr, "lora-steps": 3,
-        "lora-samples-per-class": 2,
-    })  # fmt: skip
+    ctx = _context(
+        fast_config,
+        tmp_path,
+        **{
+            "lora-merge": "generative",
+            "lora-learning-rate": lr,
+            "lora-steps": 3,
+            "lora-samples-per-class": 2,
+        },
+    )
     method = Lora()
     method.check(ctx)
     replies = _replies(ctx)
@@ -90,11 +97,20 @@ def test_generative_runs_on_a_latent_stable_diffusion_generator(fast_config, tmp
     """The auxiliary samples stay latents ([4, 4, 4] here), not dataset images: the
     merge trains the UNet on what it denoises, whatever image-size is."""
     sd = make_tiny_sd(tmp_path / "sd")
-    ctx = _context(fast_config, tmp_path, **{
-        "generator": str(sd), "text-encoder": str(sd), "embedding": "sequence",
-        "lora-merge": "generative", "lora-learning-rate": 1e-2, "lora-steps": 2,
-        "lora-samples-per-class": 2, "lora-targets": "to_q,to_v",
-    })  # fmt: skip
+    ctx = _context(
+        fast_config,
+        tmp_path,
+        **{
+            "generator": str(sd),
+            "text-encoder": str(sd),
+            "embedding": "sequence",
+            "lora-merge": "generative",
+            "lora-learning-rate": 1e-2,
+            "lora-steps": 2,
+            "lora-samples-per-class": 2,
+            "lora-targets": "to_q,to_v",
+        },
+    )
     method = Lora()
     method.check(ctx)
     replies = _replies(ctx)

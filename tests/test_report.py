@@ -68,8 +68,21 @@ class Dom(HTMLParser):
     """Elements (tag, attributes, ancestors' tags and ids) and the text under
     each id of an HTML document."""
 
-    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link",
-            "meta", "source", "track", "wbr"}  # fmt: skip
+    VOID = {
+        "area",
+        "base",
+        "br",
+        "col",
+        "embed",
+        "hr",
+        "img",
+        "input",
+        "link",
+        "meta",
+        "source",
+        "track",
+        "wbr",
+    }
 
     def __init__(self, text: str) -> None:
         super().__init__(convert_charrefs=True)
@@ -98,8 +111,11 @@ class Dom(HTMLParser):
                 self.text[eid] += data
 
     def find(self, tag: str, within: str | None = None) -> list[dict[str, Any]]:
-        return [e for e in self.elements if e["tag"] == tag
-                and (within is None or any(i == within for _, i in e["in"]))]  # fmt: skip
+        return [
+            e
+            for e in self.elements
+            if e["tag"] == tag and (within is None or any(i == within for _, i in e["in"]))
+        ]
 
     def by_id(self, eid: str) -> list[dict[str, Any]]:
         return [e for e in self.elements if e["attrs"].get("id") == eid]
@@ -115,8 +131,7 @@ def _png(src: str) -> Image.Image:
 
 
 def _round(fast_config: dict[str, Any], tamper: dict | None = None):
-    rc = fast_config | {"method": "oscar", "collect-quiet-s": 0.0,
-                        "collect-window-s": 30.0}  # fmt: skip
+    rc = fast_config | {"method": "oscar", "collect-quiet-s": 0.0, "collect-window-s": 30.0}
     res, _ = run_round(partition_fleet(3, tamper=tamper), rc)
     return res, Path(rc["output-dir"]) / "inprocess"
 
@@ -128,12 +143,12 @@ def test_report_opens_in_a_headless_browser(tiny_stack, fast_config, tmp_path):
 
     # 1. The DOM the browser built: the table, the plots, the headline
     dom = Dom(_browse(page, tmp_path, "--dump-dom"))
-    rows = [e for e in dom.find("tr", within="clients-table")
-            if any(t == "tbody" for t, _ in e["in"])]  # fmt: skip
+    rows = [
+        e for e in dom.find("tr", within="clients-table") if any(t == "tbody" for t, _ in e["in"])
+    ]
     assert len(rows) == 3 == res["num_clients"]
     assert "101" in dom.text["clients-table"] and "103" in dom.text["clients-table"]
-    for key, name in (("accuracy", "accuracy_per_client"),
-                      ("samples", "synthetic_samples")):  # fmt: skip
+    for key, name in (("accuracy", "accuracy_per_client"), ("samples", "synthetic_samples")):
         (img,) = dom.by_id(f"plot-{key}")
         assert img["tag"] == "img"
         png = _png(img["attrs"]["src"])
@@ -203,52 +218,77 @@ def _fleet(n: int) -> dict[str, Any]:
     clients = []
     for p in range(n):
         own = p % 16 == 15
-        clients.append({
-            "partition_id": p, "node_id": 1000 + p,
-            "domain": f"<u>own-{p}</u>" if own else doms[p % 5],
-            "num_examples": 100, "upload_bytes": 4000,
-            "accuracy": rng.uniform(0.4, 0.95), "status": "ok",
-        })  # fmt: skip
-    rejected = [{"node_id": c["node_id"], "partition_id": c["partition_id"],
-                 "reason": f"<script>r({i})</script>"}
-                for i, c in enumerate(clients[-40:])]  # fmt: skip
+        clients.append(
+            {
+                "partition_id": p,
+                "node_id": 1000 + p,
+                "domain": f"<u>own-{p}</u>" if own else doms[p % 5],
+                "num_examples": 100,
+                "upload_bytes": 4000,
+                "accuracy": rng.uniform(0.4, 0.95),
+                "status": "ok",
+            }
+        )
+    rejected = [
+        {
+            "node_id": c["node_id"],
+            "partition_id": c["partition_id"],
+            "reason": f"<script>r({i})</script>",
+        }
+        for i, c in enumerate(clients[-40:])
+    ]
     for c, r in zip(clients[-40:], rejected, strict=True):
         c |= {"accuracy": None, "status": f"excluded: {r['reason']}"}
     return {
-        "method": "oscar", "dataset": "mnist-domains", "partition": "dirichlet",
-        "num_clients": n - 40, "clients": clients, "rejected": rejected,
-        "missing": [], "mean_accuracy": 0.7, "global_accuracy": 0.8,
+        "method": "oscar",
+        "dataset": "mnist-domains",
+        "partition": "dirichlet",
+        "num_clients": n - 40,
+        "clients": clients,
+        "rejected": rejected,
+        "missing": [],
+        "mean_accuracy": 0.7,
+        "global_accuracy": 0.8,
         "global_accuracy_per_domain": {d: 0.8 for d in doms},
         "global_test_size": 5000,
-        "fleet": {"asked": list(range(1000, 1000 + n)), "rejected":
-                  [r["node_id"] for r in rejected], "closed_reason": "window"},
-        "timings_s": {"collect": 1.0, "total": 2.0}, "config": {"seed": 0},
-    }  # fmt: skip
+        "fleet": {
+            "asked": list(range(1000, 1000 + n)),
+            "rejected": [r["node_id"] for r in rejected],
+            "closed_reason": "window",
+        },
+        "timings_s": {"collect": 1.0, "total": 2.0},
+        "config": {"seed": 0},
+    }
 
 
 def test_report_and_plots_stay_bounded_at_1000_clients(tmp_path):
     res = _fleet(1000)
     clients = res["clients"]
     acc = results.plot_accuracy(
-        tmp_path, clients, "oscar on mnist-domains", 0.8,
-        res["global_accuracy_per_domain"], 5000,
-    )  # fmt: skip
+        tmp_path,
+        clients,
+        "oscar on mnist-domains",
+        0.8,
+        res["global_accuracy_per_domain"],
+        5000,
+    )
     assert acc is not None
     w, h = Image.open(acc).size
     assert w <= 1400 and h <= 400, (w, h)
     torch.manual_seed(0)
-    samples = {(c["partition_id"], k): torch.rand(2, 1, 16, 16) * 2 - 1
-               for c in clients for k in range(100) if (c["partition_id"] + k) % 7}  # fmt: skip
+    samples = {
+        (c["partition_id"], k): torch.rand(2, 1, 16, 16) * 2 - 1
+        for c in clients
+        for k in range(100)
+        if (c["partition_id"] + k) % 7
+    }
     domains = {c["partition_id"]: c["domain"] for c in clients}
-    grid = results.plot_samples(tmp_path, samples, [f"c{k}" for k in range(100)],
-                                domains)  # fmt: skip
+    grid = results.plot_samples(tmp_path, samples, [f"c{k}" for k in range(100)], domains)
     assert grid is not None
     w, h = Image.open(grid).size
     assert w <= 1500 and h <= 1500, (w, h)
 
-    page = report_html.render(
-        res, {"accuracy": acc.read_bytes(), "samples": grid.read_bytes()}, 20
-    )
+    page = report_html.render(res, {"accuracy": acc.read_bytes(), "samples": grid.read_bytes()}, 20)
     assert "<script" not in page and "<u>" not in page
     dom = Dom(page)
     # a row per domain, the largest 19 of the 5 + 62 and the rest pooled; every
@@ -257,8 +297,9 @@ def test_report_and_plots_stay_bounded_at_1000_clients(tmp_path):
     assert len(dom.find("tr", within="domain-table")) == 1 + 20
     assert "48 other domains" in dom.text["domain-table"]
     assert len(dom.find("tr", within="clients-table")) == 1 + 1000
-    assert any(e["tag"] == "details" and any(i == "clients" for _, i in e["in"])
-               for e in dom.elements)  # fmt: skip
+    assert any(
+        e["tag"] == "details" and any(i == "clients" for _, i in e["in"]) for e in dom.elements
+    )
     assert len(dom.find("tr", within="rejected-table")) == 1 + 40
     assert "80.0%" in dom.text["global-accuracy"]
 
@@ -277,8 +318,12 @@ def test_sample_grid_cells_are_uniform_and_mark_missing_data(tmp_path):
         m.gap + 2 * (26 + m.gap),
         3,
     )
-    cell = {(i, j): m.image[y : y + 8, x : x + 26]
-            for i in (0, 1) for j in (0, 1) for y, x in [m.origin(i, j)]}  # fmt: skip
+    cell = {
+        (i, j): m.image[y : y + 8, x : x + 26]
+        for i in (0, 1)
+        for j in (0, 1)
+        for y, x in [m.origin(i, j)]
+    }
     # one image: black on the left, the rest of the equal cell is ground
     assert (cell[0, 0][:, :8] == 0).all() and (cell[0, 0][:, 8:] == C_GROUND).all()
     assert (cell[0, 1][:, :8] == 1).all() and (cell[0, 1][:, 8] == C_GROUND).all()

@@ -45,8 +45,9 @@ def test_ddpm_is_stochastic_per_step_yet_reproducible(gens):
 
 
 def test_latents_output_is_what_the_unet_denoises(gens):
-    x = sample(gens["ddim"], _cond(2), torch.zeros(1, 1, 16), num_inference_steps=2,
-               output="latents")  # fmt: skip
+    x = sample(
+        gens["ddim"], _cond(2), torch.zeros(1, 1, 16), num_inference_steps=2, output="latents"
+    )
     assert x.shape == (2, *gens["ddim"].sample_shape)
 
 
@@ -96,9 +97,7 @@ class _OomAbove(torch.nn.Module):
     def forward(self, x, t, encoder_hidden_states):
         self.calls.append(len(x))
         if len(x) > self.limit:
-            raise torch.OutOfMemoryError(
-                "CUDA out of memory. Tried to allocate 2.00 GiB"
-            )
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
 
 
@@ -115,8 +114,16 @@ def test_out_of_memory_halves_and_retries_every_image_exactly_once(gens):
     done: list[int] = []
     # an injected 16 MiB budget at 1 MiB per image, 15% kept free: batch 13;
     # the UNet fails above 6 images (x2 with CFG)
-    x = sample(flaky, cond, uncond, batch_size="auto", free_bytes=16 * 2**20,
-               memory=MemoryModel(0, 2**20, 2**20), progress=done.append, **kw)  # fmt: skip
+    x = sample(
+        flaky,
+        cond,
+        uncond,
+        batch_size="auto",
+        free_bytes=16 * 2**20,
+        memory=MemoryModel(0, 2**20, 2**20),
+        progress=done.append,
+        **kw,
+    )
     assert flaky.unet.calls[0] == 26  # tried 13 images first
     assert sum(done) == 20 and max(done) <= 6
     torch.testing.assert_close(x, ref, atol=1e-5, rtol=0)
@@ -126,8 +133,14 @@ def test_guidance_cutoff_drops_the_unconditional_pass(gens):
     gen = gens["ddim"]
     batches: list[int] = []
     hook = gen.unet.register_forward_hook(lambda m, a, o: batches.append(len(a[0])))
-    sample(gen, _cond(3), torch.zeros(1, 1, 16), guidance_scale=3.0,
-           num_inference_steps=4, guidance_cutoff=0.5)  # fmt: skip
+    sample(
+        gen,
+        _cond(3),
+        torch.zeros(1, 1, 16),
+        guidance_scale=3.0,
+        num_inference_steps=4,
+        guidance_cutoff=0.5,
+    )
     hook.remove()
     assert batches == [6, 6, 3, 3]
 
@@ -174,17 +187,14 @@ def test_extra_guidance_terms_compose(gens):
     gen = gens["ddim"]
     cond, uncond = _cond(3), torch.zeros(1, 1, 16)
     kw = dict(num_inference_steps=2, seed=2)
-    both = sample(
-        gen, cond, uncond, guidance_scale=2.0, extra_conds=[(cond, 1.5)], **kw
-    )
+    both = sample(gen, cond, uncond, guidance_scale=2.0, extra_conds=[(cond, 1.5)], **kw)
     plain = sample(gen, cond, uncond, guidance_scale=3.5, **kw)
     torch.testing.assert_close(both, plain, atol=1e-5, rtol=0)
     other = _cond(6)[3:]
-    zero = sample(
-        gen, cond, uncond, guidance_scale=2.0, extra_conds=[(other, 0.0)], **kw
+    zero = sample(gen, cond, uncond, guidance_scale=2.0, extra_conds=[(other, 0.0)], **kw)
+    torch.testing.assert_close(
+        zero, sample(gen, cond, uncond, guidance_scale=2.0, **kw), atol=1e-5, rtol=0
     )
-    torch.testing.assert_close(zero, sample(gen, cond, uncond, guidance_scale=2.0, **kw),
-                               atol=1e-5, rtol=0)  # fmt: skip
     with pytest.raises(ValueError, match="extra_conds"):
         sample(gen, cond, uncond, extra_conds=[(_cond(2), 1.0)])
 
@@ -197,22 +207,18 @@ def test_generator_spec_rebuilds_the_attached_lora_adapter(tiny_stack_dir):
 
     gen = load_generator(str(tiny_stack_dir / "generator"), "ddim")
     attach_lora(gen.unet, 2, 2.0, ["to_q", "to_v"], seed=0)
-    state = {
-        k: v + 0.05 if ".lora_B." in k else v
-        for k, v in get_lora_state(gen.unet).items()
-    }
+    state = {k: v + 0.05 if ".lora_B." in k else v for k, v in get_lora_state(gen.unet).items()}
     set_lora_state(gen.unet, state, 2, 2.0, ["to_q", "to_v"])
     spec = GeneratorSpec.of(gen, "ddim", "fp32")
     assert spec.lora is not None and spec.lora[1:] == (2, 2.0, ["to_q", "to_v"])
     rebuilt, decoder = spec.build(torch.device("cpu"))
     cond, uncond = _cond(3), torch.zeros(1, 1, 16)
     kw = dict(num_inference_steps=2, seed=4)
-    torch.testing.assert_close(sample(rebuilt, cond, uncond, **kw),
-                               sample(gen, cond, uncond, **kw), atol=1e-5, rtol=0)  # fmt: skip
-    base = load_generator(str(tiny_stack_dir / "generator"), "ddim")
-    assert not torch.equal(
-        sample(base, cond, uncond, **kw), sample(gen, cond, uncond, **kw)
+    torch.testing.assert_close(
+        sample(rebuilt, cond, uncond, **kw), sample(gen, cond, uncond, **kw), atol=1e-5, rtol=0
     )
+    base = load_generator(str(tiny_stack_dir / "generator"), "ddim")
+    assert not torch.equal(sample(base, cond, uncond, **kw), sample(gen, cond, uncond, **kw))
     assert decoder is None
 
 
@@ -272,9 +278,7 @@ def test_guidance_move_by_hand():
     # [1, -1] has rms 1 -> [0.4, -0.4]
     out = guidance_move(g, 0.5, torch.tensor(0.36), True)
     r2 = 2**0.5
-    want = torch.tensor(
-        [[[3 * r2 / 5 * 0.4, 4 * r2 / 5 * 0.4]], [[0.0, 0.0]], [[0.4, -0.4]]]
-    )
+    want = torch.tensor([[[3 * r2 / 5 * 0.4, 4 * r2 / 5 * 0.4]], [[0.0, 0.0]], [[0.4, -0.4]]])
     torch.testing.assert_close(out, want)
     # each image moves step * sigma in root mean square, whatever its gradient's size
     big = guidance_move(g * 1e6, 0.5, 0.36, True)

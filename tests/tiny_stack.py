@@ -33,10 +33,19 @@ def tiny_feddiff_settings():
     from methods.feddiff.model_feddiff import BuildSettings
 
     return BuildSettings(
-        pool_steps=30, save_every=2, batch=32, sgd_lr=0.05,
-        latent=16, ae_channels=(4, 8), ae_steps=120, ae_batch=15, ae_lr=3e-3,
-        denoiser_channels=8, denoiser_blocks=2, denoiser_train_steps=30,
-    )  # fmt: skip
+        pool_steps=30,
+        save_every=2,
+        batch=32,
+        sgd_lr=0.05,
+        latent=16,
+        ae_channels=(4, 8),
+        ae_steps=120,
+        ae_batch=15,
+        ae_lr=3e-3,
+        denoiser_channels=8,
+        denoiser_blocks=2,
+        denoiser_train_steps=30,
+    )
 
 
 def make_tiny_feddiff(out: Path) -> dict:
@@ -47,9 +56,14 @@ def make_tiny_feddiff(out: Path) -> dict:
 
     full = public_styled_set(image_size=16, seed=0)
     return build_feddiff(
-        out, full.images[:1000], full.labels[:1000], full.images[-200:],
-        full.labels[-200:], tiny_feddiff_settings(), seed=0,
-    )  # fmt: skip
+        out,
+        full.images[:1000],
+        full.labels[:1000],
+        full.images[-200:],
+        full.labels[-200:],
+        tiny_feddiff_settings(),
+        seed=0,
+    )
 
 
 def make_tiny_sd(root: Path) -> Path:
@@ -62,23 +76,43 @@ def make_tiny_sd(root: Path) -> Path:
     torch.manual_seed(0)
     tok = build_tokenizer(vocabulary())
     te = CLIPTextModelWithProjection(
-        CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
-                       bos_token_id=2, eos_token_id=3, pad_token_id=0, projection_dim=32)
-    )  # fmt: skip
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=0,
+            projection_dim=32,
+        )
+    )
     te.save_pretrained(root / "text_encoder")
     tok.save_pretrained(root / "tokenizer")
     UNet2DConditionModel(
-        sample_size=4, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=4, norm_num_groups=8,
-    ).save_pretrained(root / "unet")  # fmt: skip
+        sample_size=4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).save_pretrained(root / "unet")
     AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8, sample_size=8,
-    ).save_pretrained(root / "vae")  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        sample_size=8,
+    ).save_pretrained(root / "vae")
     DDPMScheduler(num_train_timesteps=100).save_pretrained(root / "scheduler")
 
     return root
@@ -122,8 +156,6 @@ def make_hf_dataset(root: Path, n_per_class: int = 40) -> Path:
             "label": datasets.ClassLabel(names=list(FOLDER_CLASSES)),
         }
     )
-    ds = datasets.Dataset.from_dict(
-        {"image": images, "label": labels}, features=features
-    )
+    ds = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
     ds.save_to_disk(str(root))
     return root

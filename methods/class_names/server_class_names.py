@@ -31,9 +31,12 @@ class ClassNames(OneShotMethod):
         emb = ctx.text_encoder.encode(prompts, ctx.cfg.embedding)
         k = ctx.num_classes
         units = CondUnits(
-            emb, torch.arange(k), torch.full((k,), -1),
-            torch.ones(k, dtype=torch.float64), torch.full((k,), n),
-        )  # fmt: skip
+            emb,
+            torch.arange(k),
+            torch.full((k,), -1),
+            torch.ones(k, dtype=torch.float64),
+            torch.full((k,), n),
+        )
         cond, y, owners, _ = budget_rows(ctx, units, out).expand()
         images = synthesize_set(ctx, cond, y, owners, out, source="class-names:prompt")
         train_global(ctx, images, y, out)

@@ -86,9 +86,9 @@ def bn_statistic_loss(
     x = x.float()
     mean = x.mean(dim=(0, 2, 3))
     var = x.transpose(0, 1).reshape(x.shape[1], -1).var(dim=1, unbiased=False)
-    return torch.linalg.vector_norm(
-        running_var.float() - var
-    ) + torch.linalg.vector_norm(running_mean.float() - mean)
+    return torch.linalg.vector_norm(running_var.float() - var) + torch.linalg.vector_norm(
+        running_mean.float() - mean
+    )
 
 
 def kl_per_sample(
@@ -109,9 +109,7 @@ def distillation_loss(
     return kl_per_sample(student_logits, teacher_logits, temperature).mean()
 
 
-def adversarial_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor
-) -> torch.Tensor:
+def adversarial_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """``−mean_i 1[argmax s_i ≠ argmax t_i] · KL(t_i ‖ s_i)`` (T = 1): minimising
     it drives the generator to images where student and ensemble disagree."""
     mask = (student_logits.argmax(1) != teacher_logits.argmax(1)).float()
@@ -195,14 +193,10 @@ class BNStatistics:
             if isinstance(m, nn.BatchNorm2d)
         ]
 
-    def _hook(
-        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], _: Any
-    ) -> None:
+    def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], _: Any) -> None:
         assert isinstance(module, nn.BatchNorm2d)
         assert module.running_mean is not None and module.running_var is not None
-        self.terms.append(
-            bn_statistic_loss(inputs[0], module.running_mean, module.running_var)
-        )
+        self.terms.append(bn_statistic_loss(inputs[0], module.running_mean, module.running_var))
 
     def pop(self) -> torch.Tensor:
         total = torch.stack(self.terms).sum() if self.terms else torch.zeros(())
@@ -239,12 +233,20 @@ class DenseSettings:
     def of(cls, ctx: ServerContext) -> DenseSettings:
         o, cfg = ctx.cfg.options(DenseConfig), ctx.cfg
         return cls(
-            epochs=cfg.train_epochs, g_steps=o.dense_g_steps,
-            batch=o.dense_synthesis_batch_size, lr_g=o.dense_lr_g, nz=o.dense_nz,
-            ngf=o.dense_ngf, bn=o.dense_bn, oh=o.dense_oh, adv=o.dense_adv,
-            temperature=o.dense_temperature, lr=o.dense_lr,
-            kd_batch=cfg.train_batch_size, seed=cfg.seed,
-        )  # fmt: skip
+            epochs=cfg.train_epochs,
+            g_steps=o.dense_g_steps,
+            batch=o.dense_synthesis_batch_size,
+            lr_g=o.dense_lr_g,
+            nz=o.dense_nz,
+            ngf=o.dense_ngf,
+            bn=o.dense_bn,
+            oh=o.dense_oh,
+            adv=o.dense_adv,
+            temperature=o.dense_temperature,
+            lr=o.dense_lr,
+            kd_batch=cfg.train_batch_size,
+            seed=cfg.seed,
+        )
 
 
 def _autocast(device: torch.device, dtype: torch.dtype) -> Any:
@@ -287,8 +289,12 @@ def synthesize_batch(
             loss = s.bn * loss_bn + s.oh * loss_oh + s.adv * loss_adv
             if best is None or loss.item() < terms["loss"]:
                 best = x.detach().clone()
-                terms = {"loss": loss.item(), "bn": loss_bn.item(),
-                         "oh": loss_oh.item(), "adv": loss_adv.item()}  # fmt: skip
+                terms = {
+                    "loss": loss.item(),
+                    "bn": loss_bn.item(),
+                    "oh": loss_oh.item(),
+                    "adv": loss_adv.item(),
+                }
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -384,9 +390,18 @@ def run_dense(
         )
         kd_steps += steps
         seconds["train"] += time.perf_counter() - t0
-        log(INFO, "DENSE epoch %d/%d: L_G %.3f (bn %.3f, oh %.3f, adv %.3f), "
-            "KD %.4f, agreement %.3f", epoch + 1, s.epochs, terms["loss"],
-            terms["bn"], terms["oh"], terms["adv"], kd_loss, agreement)  # fmt: skip
+        log(
+            INFO,
+            "DENSE epoch %d/%d: L_G %.3f (bn %.3f, oh %.3f, adv %.3f), KD %.4f, agreement %.3f",
+            epoch + 1,
+            s.epochs,
+            terms["loss"],
+            terms["bn"],
+            terms["oh"],
+            terms["adv"],
+            kd_loss,
+            agreement,
+        )
     student.eval()
     return {
         "images": torch.cat(pool),
@@ -449,14 +464,28 @@ class Dense(OneShotMethod):
             teachers.append(model)
         student = build_classifier(cfg.classifier, ctx.channels, ctx.num_classes)
         student.load_state_dict(initial_state(ctx))
-        log(INFO, "DENSE: %d client models, %d epochs of %d generator steps on "
-            "%d images, then distillation, on %s (%s)", len(teachers), s.epochs,
-            s.g_steps, s.batch, ctx.device, ctx.dtype)  # fmt: skip
+        log(
+            INFO,
+            "DENSE: %d client models, %d epochs of %d generator steps on "
+            "%d images, then distillation, on %s (%s)",
+            len(teachers),
+            s.epochs,
+            s.g_steps,
+            s.batch,
+            ctx.device,
+            ctx.dtype,
+        )
         # 2. Generation and distillation, alternating
         res = run_dense(
-            teachers, student, ctx.num_classes, ctx.channels, cfg.image_size, s,
-            device=ctx.device, dtype=ctx.dtype,
-        )  # fmt: skip
+            teachers,
+            student,
+            ctx.num_classes,
+            ctx.channels,
+            cfg.image_size,
+            s,
+            device=ctx.device,
+            dtype=ctx.dtype,
+        )
         # 3. The global model, a few images per class for the grid, the numbers
         out = ServerOutput(
             model_state={k: v.detach().cpu() for k, v in student.state_dict().items()},

@@ -27,9 +27,14 @@ def train_local_model(
     if init_state is not None:
         model.load_state_dict(init_state)
     train_classifier(
-        model, data.train_images, data.train_labels, epochs=cfg.local_epochs,
-        batch_size=cfg.train_batch_size, lr=cfg.learning_rate, seed=seed,
-    )  # fmt: skip
+        model,
+        data.train_images,
+        data.train_labels,
+        epochs=cfg.local_epochs,
+        batch_size=cfg.train_batch_size,
+        lr=cfg.learning_rate,
+        seed=seed,
+    )
     return model
 
 

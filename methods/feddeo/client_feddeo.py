@@ -89,9 +89,7 @@ def fit_description(
     if x0.ndim != 4 or len(x0) == 0:
         raise ValueError(f"images have shape {tuple(x0.shape)}; expected [N, C, H, W]")
     if init.ndim != 3 or len(init) != 1 or not torch.isfinite(init).all():
-        raise ValueError(
-            f"init has shape {tuple(init.shape)}; expected one finite [1, L, D]"
-        )
+        raise ValueError(f"init has shape {tuple(init.shape)}; expected one finite [1, L, D]")
     prediction_type = scheduler.config.prediction_type
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(
@@ -110,17 +108,13 @@ def fit_description(
 
     def eval_loss(c: torch.Tensor) -> float:
         with torch.no_grad():
-            return float(
-                diffusion_loss(unet, scheduler, ev, c.to(dtype), ev_t, ev_noise)
-            )
+            return float(diffusion_loss(unet, scheduler, ev, c.to(dtype), ev_t, ev_noise))
 
     # 3. The description is the only parameter (float32, even on a half UNet)
     desc = init.detach().to(device, torch.float32).clone().requires_grad_(True)
     before = eval_loss(desc)
     opt: torch.optim.Optimizer = (
-        torch.optim.SGD([desc], lr=lr)
-        if optimizer == "sgd"
-        else torch.optim.Adam([desc], lr=lr)
+        torch.optim.SGD([desc], lr=lr) if optimizer == "sgd" else torch.optim.Adam([desc], lr=lr)
     )
 
     # 4. Training loop: epochs over the class's images in a random order
@@ -132,9 +126,13 @@ def fit_description(
             t = torch.randint(0, num_t, (len(idx),), generator=g).to(device)
             noise = torch.randn((len(idx), *x0.shape[1:]), generator=g)
             loss = diffusion_loss(
-                unet, scheduler, x0[idx.to(device)], desc.to(dtype), t,
+                unet,
+                scheduler,
+                x0[idx.to(device)],
+                desc.to(dtype),
+                t,
                 noise.to(device, dtype),
-            )  # fmt: skip
+            )
             if not torch.isfinite(loss):
                 raise ValueError(
                     f"description training diverged at step {steps + 1} (loss "
@@ -169,21 +167,26 @@ def learn_descriptions(job: ClientJob) -> tuple[P.Descriptions, dict[str, float]
     t0 = time.perf_counter()
     for k, c in enumerate(classes):
         x0 = x_all[data.train_labels == c]
-        fits.append(fit_description(
-            gen.unet, gen.scheduler, x0, inits[k : k + 1],
-            optimizer=opts.feddeo_optimizer, lr=opts.feddeo_learning_rate,
-            epochs=opts.feddeo_epochs, batch_size=opts.feddeo_batch_size,
-            seed=job.seed * 1000 + c,
-        ))  # fmt: skip
+        fits.append(
+            fit_description(
+                gen.unet,
+                gen.scheduler,
+                x0,
+                inits[k : k + 1],
+                optimizer=opts.feddeo_optimizer,
+                lr=opts.feddeo_learning_rate,
+                epochs=opts.feddeo_epochs,
+                batch_size=opts.feddeo_batch_size,
+                seed=job.seed * 1000 + c,
+            )
+        )
         counts.append(min(len(x0), EVAL_IMAGES))
     train_s = time.perf_counter() - t0
     desc = torch.cat([f.description for f in fits])
     w = torch.tensor(counts, dtype=torch.float64) / sum(counts)
     dist = (desc - inits).flatten(1).norm(dim=1).double()
     metrics = {
-        "feddeo-loss-before": float(
-            sum(w * torch.tensor([f.loss_before for f in fits]))
-        ),
+        "feddeo-loss-before": float(sum(w * torch.tensor([f.loss_before for f in fits]))),
         "feddeo-loss-after": float(sum(w * torch.tensor([f.loss_after for f in fits]))),
         "feddeo-distance": float((w * dist).sum()),
         "feddeo-steps": float(sum(f.steps for f in fits)),

@@ -101,20 +101,23 @@ class FedDeo(OneShotMethod):
             descs.append(p.descriptions.float())
             inits.append(class_emb[p.class_ids])
             parts.append(
-                class_units(p.descriptions, p.class_ids, r.partition_id, n,
-                            r.num_examples)
-            )  # fmt: skip
+                class_units(p.descriptions, p.class_ids, r.partition_id, n, r.num_examples)
+            )
         cond, labels, owners, _ = budget_rows(ctx, CondUnits.cat(parts), out).expand()
         class_cond = class_emb[labels]
 
         # 3. Sample: eps = eps_u + s2 (eps_desc - eps_u) + s1 (eps_class - eps_u)
         extra = [(class_cond, opts.feddeo_class_guidance)]
         images = synthesize_set(
-            ctx, cond, labels, owners, out,
+            ctx,
+            cond,
+            labels,
+            owners,
+            out,
             guidance_scale=opts.feddeo_description_guidance,
             extra_conds=extra if opts.feddeo_class_guidance > 0 else None,
             source="feddeo:description",
-        )  # fmt: skip
+        )
 
         # 4. The global classifier on the union
         train_global(ctx, images, labels, out)

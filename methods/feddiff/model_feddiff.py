@@ -38,9 +38,7 @@ def subset_names(model: nn.Module, spec: str) -> list[str]:
     """
     items = [s.strip() for s in spec.split(",") if s.strip()]
     names = [n for n, _ in model.named_parameters()]
-    missing = [
-        it for it in items if not any(n == it or n.startswith(it + ".") for n in names)
-    ]
+    missing = [it for it in items if not any(n == it or n.startswith(it + ".") for n in names)]
     if not items or missing:
         raise ValueError(
             f"{missing or spec!r} name no parameter of the classifier; its parameters "
@@ -107,9 +105,7 @@ class WeightAE(nn.Module):
                 nn.ConvTranspose1d(a, b, kernel, 2, kernel // 2, output_padding=1),
                 nn.LeakyReLU(0.2),
             ]
-        self.decoder = nn.Sequential(
-            *dec, nn.Conv1d(rev[-1], 1, kernel, 1, kernel // 2)
-        )
+        self.decoder = nn.Sequential(*dec, nn.Conv1d(rev[-1], 1, kernel, 1, kernel // 2))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(F.pad(x, (0, self.padded - self.dim))[:, None, :])
@@ -122,9 +118,7 @@ class WeightAE(nn.Module):
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(10_000) * torch.arange(half, dtype=torch.float32) / half
-    )
+    freqs = torch.exp(-math.log(10_000) * torch.arange(half, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None, :]
     return torch.cat([args.sin(), args.cos()], dim=1)
 
@@ -134,9 +128,7 @@ class LatentDenoiser(nn.Module):
     one-channel sequence; residual dilated conv blocks, each shifted by a
     projection of the sinusoidal timestep embedding."""
 
-    def __init__(
-        self, latent: int, channels: int = 32, blocks: int = 4, time_dim: int = 64
-    ):
+    def __init__(self, latent: int, channels: int = 32, blocks: int = 4, time_dim: int = 64):
         super().__init__()
         self.latent, self.time_dim = latent, time_dim
         self.time = nn.Sequential(
@@ -144,8 +136,7 @@ class LatentDenoiser(nn.Module):
         )
         self.inp = nn.Conv1d(1, channels, 3, padding=1)
         self.convs = nn.ModuleList(
-            nn.Conv1d(channels, channels, 3, padding=2**i, dilation=2**i)
-            for i in range(blocks)
+            nn.Conv1d(channels, channels, 3, padding=2**i, dilation=2**i) for i in range(blocks)
         )
         self.temb = nn.ModuleList(nn.Linear(time_dim, channels) for _ in range(blocks))
         self.norms = nn.ModuleList(nn.GroupNorm(8, channels) for _ in range(blocks))
@@ -197,9 +188,7 @@ class FedDiffModel:
     config: dict[str, Any]
     ae: WeightAE
     denoiser: LatentDenoiser
-    pool_mu: (
-        torch.Tensor
-    )  # [N, latent], frozen encoder, sorted by accuracy (best first)
+    pool_mu: torch.Tensor  # [N, latent], frozen encoder, sorted by accuracy (best first)
     pool_acc: torch.Tensor  # [N]
     mean: torch.Tensor  # [D]
     scale: float
@@ -249,8 +238,9 @@ def train_pool(
     model = build_classifier(arch, in_channels, num_classes, s.width)
     names = subset_names(model, s.params)
     shapes = {n: list(p.shape) for n, p in model.named_parameters() if n in names}
-    opt = torch.optim.SGD(model.parameters(), lr=s.sgd_lr, momentum=s.sgd_momentum,
-                          weight_decay=5e-4)  # fmt: skip
+    opt = torch.optim.SGD(
+        model.parameters(), lr=s.sgd_lr, momentum=s.sgd_momentum, weight_decay=5e-4
+    )
     g = _seeded(seed)
     vecs, accs = [], []
     best: tuple[float, dict[str, torch.Tensor]] = (-1.0, {})
@@ -301,9 +291,7 @@ def train_denoiser(z: torch.Tensor, s: BuildSettings, seed: int) -> LatentDenois
     torch.manual_seed(seed)
     net = LatentDenoiser(z.shape[1], s.denoiser_channels, s.denoiser_blocks)
     opt = torch.optim.AdamW(net.parameters(), lr=s.denoiser_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-        opt, max(1, s.denoiser_train_steps)
-    )
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, s.denoiser_train_steps))
     abar = M.ddpm_schedule(s.ddpm_steps)["abar"]
     g = _seeded(seed + 2)
     for _ in range(s.denoiser_train_steps):
@@ -349,12 +337,21 @@ def build_feddiff(
     wall: dict[str, float] = {}
     t0 = time.perf_counter()
     names, shapes, vecs, accs, best = train_pool(
-        images, labels, eval_images, eval_labels, s, arch=arch,
-        in_channels=in_channels, num_classes=num_classes, seed=seed,
-    )  # fmt: skip
+        images,
+        labels,
+        eval_images,
+        eval_labels,
+        s,
+        arch=arch,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        seed=seed,
+    )
     wall["pool"] = time.perf_counter() - t0
-    log(f"feddiff pool: {len(vecs)} checkpoints of {vecs.shape[1]} values, accuracy "
-        f"{float(accs[-1]):.3f} .. {float(accs[0]):.3f} ({wall['pool']:.0f} s)")  # fmt: skip
+    log(
+        f"feddiff pool: {len(vecs)} checkpoints of {vecs.shape[1]} values, accuracy "
+        f"{float(accs[-1]):.3f} .. {float(accs[0]):.3f} ({wall['pool']:.0f} s)"
+    )
     mean = vecs.mean(0)
     scale = float((vecs - mean).std().clamp_min(1e-8))
     x = (vecs - mean) / scale
@@ -363,8 +360,10 @@ def build_feddiff(
     ae = train_autoencoder(x, s, seed)
     recon = reconstruction_mse(ae, x)
     wall["autoencoder"] = time.perf_counter() - t0
-    log(f"feddiff autoencoder: reconstruction MSE {recon:.4f} (normalised) "
-        f"({wall['autoencoder']:.0f} s)")  # fmt: skip
+    log(
+        f"feddiff autoencoder: reconstruction MSE {recon:.4f} (normalised) "
+        f"({wall['autoencoder']:.0f} s)"
+    )
 
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -376,41 +375,77 @@ def build_feddiff(
 
     # generated-from-noise samples of the DDPM, decoded: how well they classify
     sample_acc = _sample_accuracy(
-        ae, den, best, names, shapes, mean, scale, latent_scale, s, eval_images,
-        eval_labels, arch, in_channels, num_classes, seed,
-    )  # fmt: skip
+        ae,
+        den,
+        best,
+        names,
+        shapes,
+        mean,
+        scale,
+        latent_scale,
+        s,
+        eval_images,
+        eval_labels,
+        arch,
+        in_channels,
+        num_classes,
+        seed,
+    )
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in ae.state_dict().items()},
-              str(out / "autoencoder.safetensors"))  # fmt: skip
-    save_file({k: v.contiguous() for k, v in den.state_dict().items()},
-              str(out / "denoiser.safetensors"))  # fmt: skip
     save_file(
-        {"pool_mu": mu.contiguous(), "pool_accuracy": accs.float(),
-         "mean": mean.contiguous(), "pool_sigma": (0.5 * logvar).exp().contiguous(),
-         "proxy_images": _to_uint8(eval_images), "proxy_labels": eval_labels.long()},
+        {k: v.contiguous() for k, v in ae.state_dict().items()},
+        str(out / "autoencoder.safetensors"),
+    )
+    save_file(
+        {k: v.contiguous() for k, v in den.state_dict().items()}, str(out / "denoiser.safetensors")
+    )
+    save_file(
+        {
+            "pool_mu": mu.contiguous(),
+            "pool_accuracy": accs.float(),
+            "mean": mean.contiguous(),
+            "pool_sigma": (0.5 * logvar).exp().contiguous(),
+            "proxy_images": _to_uint8(eval_images),
+            "proxy_labels": eval_labels.long(),
+        },
         str(out / "pool.safetensors"),
-    )  # fmt: skip
+    )
     model = build_classifier(arch, in_channels, num_classes, s.width)
     model.load_state_dict(best)
     save_classifier(model, out / "pool_best", arch, in_channels, num_classes)
     settings = asdict(s)
     settings["ae_channels"] = list(s.ae_channels)
     cfg = {
-        "arch": arch, "in_channels": in_channels, "num_classes": num_classes,
-        "width": s.width, "params": names, "shapes": shapes, "dim": int(vecs.shape[1]),
-        "scale": scale, "latent_scale": latent_scale, "seed": seed,
+        "arch": arch,
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "width": s.width,
+        "params": names,
+        "shapes": shapes,
+        "dim": int(vecs.shape[1]),
+        "scale": scale,
+        "latent_scale": latent_scale,
+        "seed": seed,
         "settings": settings,
-        "pool": {"size": len(vecs), "accuracy_best": float(accs[0]),
-                 "accuracy_worst": float(accs[-1]),
-                 "accuracy_median": float(accs.median())},
-        "metrics": {"ae_recon_mse": recon, "ddpm_sample_accuracy": sample_acc,
-                    "proxy_train_images": len(labels),
-                    "proxy_eval_images": len(eval_labels)},
-        "parameters": {"autoencoder": sum(p.numel() for p in ae.parameters()),
-                       "denoiser": sum(p.numel() for p in den.parameters())},
+        "pool": {
+            "size": len(vecs),
+            "accuracy_best": float(accs[0]),
+            "accuracy_worst": float(accs[-1]),
+            "accuracy_median": float(accs.median()),
+        },
+        "metrics": {
+            "ae_recon_mse": recon,
+            "ddpm_sample_accuracy": sample_acc,
+            "proxy_train_images": len(labels),
+            "proxy_eval_images": len(eval_labels),
+        },
+        "parameters": {
+            "autoencoder": sum(p.numel() for p in ae.parameters()),
+            "denoiser": sum(p.numel() for p in den.parameters()),
+        },
         "wall_s": wall | {"total": sum(wall.values())},
-    }  # fmt: skip
+    }
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return cfg
 
@@ -431,17 +466,32 @@ def sample_latents(
 
 
 def _sample_accuracy(
-    ae, den, best, names, shapes, mean, scale, latent_scale, s, images, labels,
-    arch, in_channels, num_classes, seed,
-) -> list[float]:  # fmt: skip
+    ae,
+    den,
+    best,
+    names,
+    shapes,
+    mean,
+    scale,
+    latent_scale,
+    s,
+    images,
+    labels,
+    arch,
+    in_channels,
+    num_classes,
+    seed,
+) -> list[float]:
     """Accuracy of 4 subsets generated from pure noise, on the pool-best backbone."""
     from common.models import build_classifier
     from common.train import accuracy
 
     g = _seeded(seed + 3)
     sched = M.ddpm_schedule(s.ddpm_steps)
-    z = sample_latents(den, torch.randn(4, ae.latent, generator=g),
-                       s.ddpm_steps - 1, sched, g) * latent_scale  # fmt: skip
+    z = (
+        sample_latents(den, torch.randn(4, ae.latent, generator=g), s.ddpm_steps - 1, sched, g)
+        * latent_scale
+    )
     vecs = ae.decode(z) * scale + mean
     accs = []
     for v in vecs:
@@ -478,9 +528,15 @@ def load_feddiff(path: str | Path) -> FedDiffModel:
     pool = load_file(str(path / "pool.safetensors"))
     best = load_classifier(path / "pool_best").state_dict()
     return FedDiffModel(
-        config=cfg, ae=ae.eval(), denoiser=den.eval(), pool_mu=pool["pool_mu"],
-        pool_acc=pool["pool_accuracy"], mean=pool["mean"], scale=float(cfg["scale"]),
+        config=cfg,
+        ae=ae.eval(),
+        denoiser=den.eval(),
+        pool_mu=pool["pool_mu"],
+        pool_acc=pool["pool_accuracy"],
+        mean=pool["mean"],
+        scale=float(cfg["scale"]),
         latent_scale=float(cfg["latent_scale"]),
         pool_best={k: v.detach().clone() for k, v in best.items()},
-        proxy_images=pool["proxy_images"], proxy_labels=pool["proxy_labels"],
-    )  # fmt: skip
+        proxy_images=pool["proxy_images"],
+        proxy_labels=pool["proxy_labels"],
+    )

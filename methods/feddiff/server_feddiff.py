@@ -55,17 +55,17 @@ from .model_feddiff import (
 )
 
 
-def proxy_accuracy(
-    state: dict[str, torch.Tensor], model: FedDiffModel, image_size: int
-) -> float:
+def proxy_accuracy(state: dict[str, torch.Tensor], model: FedDiffModel, image_size: int) -> float:
     """Accuracy of a classifier state on the stored proxy set (the public images
     that ranked the pool), resized to the run's image size."""
     from common.train import accuracy
 
     net = build_classifier(
-        model.config["arch"], model.config["in_channels"], model.config["num_classes"],
+        model.config["arch"],
+        model.config["in_channels"],
+        model.config["num_classes"],
         model.config["width"],
-    )  # fmt: skip
+    )
     net.load_state_dict(state)
     x = model.proxy_images.float() / 127.5 - 1.0
     if x.shape[-1] != image_size:
@@ -117,9 +117,8 @@ def consolidate(
     ls = model.latent_scale
     ae = copy.deepcopy(model.ae)
     enc_params = [
-        p for n, p in ae.named_parameters() if n.split(".")[0] in ("encoder", "to_mu",
-                                                                   "to_logvar")
-    ]  # fmt: skip
+        p for n, p in ae.named_parameters() if n.split(".")[0] in ("encoder", "to_mu", "to_logvar")
+    ]
     for p in ae.parameters():
         p.requires_grad_(False)
     for p in enc_params:
@@ -157,13 +156,12 @@ def consolidate(
         decoded = model.ae.decode(z0 * ls)
     timings["denoise"] = time.perf_counter() - t0
     info = {
-        "positives_pool_accuracy": [round(float(model.pool_acc[i]), 4)
-                                    for i in positives],
+        "positives_pool_accuracy": [round(float(model.pool_acc[i]), 4) for i in positives],
         "finetune_loss_first": [round(v, 5) for v in losses[0]] if losses else None,
         "finetune_loss_last": [round(v, 5) for v in losses[-1]] if losses else None,
         "sigma_s_mean": round(float(sigma_s.mean()), 5),
         "latent_shift": round(float((z0 - z).norm(dim=1).mean()), 5),
-    }  # fmt: skip
+    }
     return decoded, info
 
 
@@ -198,8 +196,7 @@ class FedDiff(OneShotMethod):
                 f"classifier={mc['arch']!r}; rebuild it for yours with `python -m "
                 "bench pretrain --stage feddiff`"
             )
-        run_net = build_classifier(ctx.cfg.classifier, mc["in_channels"],
-                                   mc["num_classes"])  # fmt: skip
+        run_net = build_classifier(ctx.cfg.classifier, mc["in_channels"], mc["num_classes"])
         if {k: tuple(v.shape) for k, v in run_net.state_dict().items()} != {
             k: tuple(v.shape) for k, v in self.model.pool_best.items()
         }:
@@ -210,8 +207,9 @@ class FedDiff(OneShotMethod):
                 "pretrain --stage feddiff`"
             )
         if ctx.info is None or (ctx.num_classes, ctx.channels) != (
-            mc["num_classes"], mc["in_channels"],
-        ):  # fmt: skip
+            mc["num_classes"],
+            mc["in_channels"],
+        ):
             have = "unknown" if ctx.info is None else (ctx.num_classes, ctx.channels)
             raise ConfigError(
                 f"dataset = {ctx.cfg.dataset!r}: (classes, channels) {have}, the FedDiff "
@@ -219,14 +217,11 @@ class FedDiff(OneShotMethod):
                 f"{(mc['num_classes'], mc['in_channels'])}: method='feddiff' needs a "
                 "weight pool of the same classifier on proxy data of the same classes"
             )
-        net = build_classifier(mc["arch"], mc["in_channels"], mc["num_classes"],
-                               mc["width"])  # fmt: skip
+        net = build_classifier(mc["arch"], mc["in_channels"], mc["num_classes"], mc["width"])
         try:
             names = subset_names(net, opts.feddiff_params)
         except ValueError as e:
-            raise ConfigError(
-                f"feddiff-params = {opts.feddiff_params!r}: {e}"
-            ) from None
+            raise ConfigError(f"feddiff-params = {opts.feddiff_params!r}: {e}") from None
         if names != mc["params"]:
             raise ConfigError(
                 f"feddiff-params = {opts.feddiff_params!r} selects {names}, the FedDiff "
@@ -249,17 +244,13 @@ class FedDiff(OneShotMethod):
         m = self.model
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        shares = cap_shares(
-            [float(r.num_examples) for r in replies], ctx.cfg.max_weight_share
-        )
+        shares = cap_shares([float(r.num_examples) for r in replies], ctx.cfg.max_weight_share)
         avg = fedavg_state_dicts([r.tensors for r in replies], shares)
         timings["aggregate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         names, shapes = m.names, m.shapes
-        x = torch.stack(
-            [m.normalise(flatten_subset(r.tensors, names)) for r in replies]
-        )
+        x = torch.stack([m.normalise(flatten_subset(r.tensors, names)) for r in replies])
         client_acc = torch.tensor(
             [proxy_accuracy(r.tensors, m, ctx.cfg.image_size) for r in replies]
         )
@@ -271,9 +262,7 @@ class FedDiff(OneShotMethod):
         decoded, info = consolidate(m, x, client_acc, opts, ctx.cfg.seed, timings)
 
         t0 = time.perf_counter()
-        candidates = [
-            avg | unflatten_subset(m.denormalise(v), names, shapes) for v in decoded
-        ]
+        candidates = [avg | unflatten_subset(m.denormalise(v), names, shapes) for v in decoded]
         cand_acc = [proxy_accuracy(s, m, ctx.cfg.image_size) for s in candidates]
         pick = max(range(len(candidates)), key=lambda i: cand_acc[i])
         state = candidates[pick]
@@ -282,16 +271,18 @@ class FedDiff(OneShotMethod):
         t0 = time.perf_counter()
         pool_subset = {n: m.pool_best[n] for n in names}
         refs, reason = global_references(
-            {"pool-best": m.pool_best, "average-with-pool-subset": avg | pool_subset,
-             "fedavg": avg},
-            replies, ctx,
-        )  # fmt: skip
+            {
+                "pool-best": m.pool_best,
+                "average-with-pool-subset": avg | pool_subset,
+                "fedavg": avg,
+            },
+            replies,
+            ctx,
+        )
         timings["references"] = time.perf_counter() - t0
         size = sum(int(torch.tensor(shapes[n]).prod()) for n in names)
         extra = {
-            "weight_shares": {
-                r.partition_id: s for r, s in zip(replies, shares, strict=True)
-            },
+            "weight_shares": {r.partition_id: s for r, s in zip(replies, shares, strict=True)},
             "feddiff": {
                 "references": refs,
                 "references_reason": reason,

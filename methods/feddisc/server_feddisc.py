@@ -50,9 +50,7 @@ from . import payload_feddisc as P
 from .config_feddisc import FedDiscConfig
 
 
-def modality_gap(
-    img: torch.Tensor, txt: torch.Tensor, mapped: torch.Tensor
-) -> dict[str, float]:
+def modality_gap(img: torch.Tensor, txt: torch.Tensor, mapped: torch.Tensor) -> dict[str, float]:
     """Paired cosine and centroid distance of image vs text embeddings, raw (where
     both live in one space: a pooled generator) and mapped."""
 
@@ -94,9 +92,7 @@ class FedDisc(OneShotMethod):
                 "'mnist', or a generator conditioned on image embeddings"
             )
         images, captions = pairs
-        encoder_name = (
-            ctx.cfg.captioner if ctx.cfg.captioner != "oracle" else "embedded"
-        )
+        encoder_name = ctx.cfg.captioner if ctx.cfg.captioner != "oracle" else "embedded"
         img = load_image_encoder(encoder_name).encode(images)
         # pooled: one unit vector [D]; sequence (Stable Diffusion): the whole
         # [L, D] token sequence the UNet attends to, flattened, not normalised
@@ -108,8 +104,7 @@ class FedDisc(OneShotMethod):
         self.map = fit_linear_map(img[:cut], txt[:cut])
         self.image_dim = int(img.shape[1])
         held = img[cut:] if len(img) > cut else img
-        self.gap = modality_gap(held, txt[len(txt) - len(held):],
-                                self._to_text(held).flatten(1))  # fmt: skip
+        self.gap = modality_gap(held, txt[len(txt) - len(held) :], self._to_text(held).flatten(1))
 
     def _to_text(self, img: torch.Tensor) -> torch.Tensor:
         """Image embeddings ``[n, D_img]`` -> generator conditioning ``[n, L, D]``."""
@@ -118,36 +113,53 @@ class FedDisc(OneShotMethod):
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
         P.unpack(
-            reply.tensors, num_classes=ctx.num_classes, dim=self.image_dim,
+            reply.tensors,
+            num_classes=ctx.num_classes,
+            dim=self.image_dim,
             max_per_class=ctx.cfg.options(FedDiscConfig).feddisc_clusters,
-        )  # fmt: skip
+        )
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         out = ServerOutput()
         opts = ctx.cfg.options(FedDiscConfig)
         parts = []
         for r in replies:
-            p = P.unpack(r.tensors, num_classes=ctx.num_classes, dim=self.image_dim,
-                         max_per_class=opts.feddisc_clusters)  # fmt: skip
+            p = P.unpack(
+                r.tensors,
+                num_classes=ctx.num_classes,
+                dim=self.image_dim,
+                max_per_class=opts.feddisc_clusters,
+            )
             centres = self._to_text(p.centres[:, 0, :])
             # each centre's domain feature: the mean of the client's centres of
             # its class, carried over the same map
             domain = torch.empty_like(centres)
             for c in p.class_ids.unique().tolist():
                 mine = p.class_ids == c
-                domain[mine] = self._to_text(
-                    p.centres[mine, 0, :].float().mean(0, keepdim=True)
-                )
+                domain[mine] = self._to_text(p.centres[mine, 0, :].float().mean(0, keepdim=True))
             # images-per-class images over the m centres of a class, round-robin
-            parts.append(class_units(centres, p.class_ids, r.partition_id,
-                                     ctx.cfg.images_per_class, r.num_examples,
-                                     extras=(domain,)))  # fmt: skip
+            parts.append(
+                class_units(
+                    centres,
+                    p.class_ids,
+                    r.partition_id,
+                    ctx.cfg.images_per_class,
+                    r.num_examples,
+                    extras=(domain,),
+                )
+            )
         units = budget_rows(ctx, CondUnits.cat(parts), out)
         cond, y, o, (domain,) = units.expand()
         images = synthesize_set(
-            ctx, cond, y, o, out, guidance_scale=opts.feddisc_guidance,
-            extra_conds=[(domain, opts.feddisc_guidance)], source="feddisc:prototype",
-        )  # fmt: skip
+            ctx,
+            cond,
+            y,
+            o,
+            out,
+            guidance_scale=opts.feddisc_guidance,
+            extra_conds=[(domain, opts.feddisc_guidance)],
+            source="feddisc:prototype",
+        )
         train_global(ctx, images, y, out)
         out.extra["num_synthetic"] = len(y)
         out.extra["feddisc"] = {

@@ -93,9 +93,12 @@ class GuidingModel:
 
 
 def guidance_loss(
-    logits: torch.Tensor, bn: torch.Tensor, y: torch.Tensor, bn_weight: float,
+    logits: torch.Tensor,
+    bn: torch.Tensor,
+    y: torch.Tensor,
+    bn_weight: float,
     warmup: bool,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Per image: ``CE(logits, y) + bn_weight * bn``; in the warm-up ``bn_weight * bn``."""
     reg = bn_weight * bn
     return reg if warmup else F.cross_entropy(logits, y, reduction="none") + reg
@@ -125,8 +128,12 @@ class FedLmg(OneShotMethod):
             )
 
     def _unpack(self, reply: Reply, ctx: ServerContext) -> P.ClientModel:
-        return P.unpack(reply.tensors, reply.meta.get("arch"),
-                        channels=ctx.channels, num_classes=ctx.num_classes)  # fmt: skip
+        return P.unpack(
+            reply.tensors,
+            reply.meta.get("arch"),
+            channels=ctx.channels,
+            num_classes=ctx.num_classes,
+        )
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
         self._unpack(reply, ctx)
@@ -161,9 +168,12 @@ class FedLmg(OneShotMethod):
             weights += [float(r.num_examples)] * len(classes)
         cells = torch.tensor(labels, dtype=torch.int64)
         units = CondUnits(
-            prompts[cells], cells, torch.tensor(owners, dtype=torch.int64),
-            torch.tensor(weights, dtype=torch.float64), torch.full_like(cells, n),
-        )  # fmt: skip
+            prompts[cells],
+            cells,
+            torch.tensor(owners, dtype=torch.int64),
+            torch.tensor(weights, dtype=torch.float64),
+            torch.full_like(cells, n),
+        )
         cond, y, o, _ = budget_rows(ctx, units, out, represent="clients").expand()
         # 2. The guidance loss: each image's own client model
         guiding = {pid: GuidingModel(m) for pid, m in models.items()}
@@ -177,17 +187,29 @@ class FedLmg(OneShotMethod):
                 logits, bn = guiding[pid](images[mine].float())
                 per_image = per_image.index_put(
                     (mine,),
-                    guidance_loss(logits, bn, y_dev[idx.to(y_dev.device)][mine],
-                                  opts.fedlmg_bn_weight, warmup),
-                )  # fmt: skip
+                    guidance_loss(
+                        logits, bn, y_dev[idx.to(y_dev.device)][mine], opts.fedlmg_bn_weight, warmup
+                    ),
+                )
             return per_image
 
-        guide = LatentGuidance(loss, step=opts.fedlmg_guidance_step,
-                               warmup=opts.fedlmg_warmup_steps,
-                               until=opts.fedlmg_guided_fraction,
-                               normalize=opts.fedlmg_guidance_norm == "rms")  # fmt: skip
-        images = synthesize_set(ctx, cond, y, o, out, desc="synthesize (model-guided)",
-                                latent_guidance=guide, source="fedlmg:guided")  # fmt: skip
+        guide = LatentGuidance(
+            loss,
+            step=opts.fedlmg_guidance_step,
+            warmup=opts.fedlmg_warmup_steps,
+            until=opts.fedlmg_guided_fraction,
+            normalize=opts.fedlmg_guidance_norm == "rms",
+        )
+        images = synthesize_set(
+            ctx,
+            cond,
+            y,
+            o,
+            out,
+            desc="synthesize (model-guided)",
+            latent_guidance=guide,
+            source="fedlmg:guided",
+        )
         # 3. Soft labels for md / sd, then the global model
         soft, agree = self._teacher(models, images, y, o, opts.fedlmg_aggregation, ctx)
         train_global(ctx, images, y, out, soft_targets=soft)
@@ -202,9 +224,14 @@ class FedLmg(OneShotMethod):
 
     @torch.no_grad()
     def _teacher(
-        self, models: dict[int, nn.Module], images: torch.Tensor, labels: torch.Tensor,
-        owners: torch.Tensor, how: str, ctx: ServerContext,
-    ) -> tuple[torch.Tensor | None, float]:  # fmt: skip
+        self,
+        models: dict[int, nn.Module],
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        owners: torch.Tensor,
+        how: str,
+        ctx: ServerContext,
+    ) -> tuple[torch.Tensor | None, float]:
         """Soft labels for ``md`` (the averaged ensemble) or ``sd`` (each image's
         guiding model; ``ft``: none), and how often the guiding model agrees with
         the label."""
@@ -213,9 +240,7 @@ class FedLmg(OneShotMethod):
         ens = torch.zeros(len(x), ctx.num_classes)
         for s in range(0, len(x), 512):
             xb = x[s : s + 512].to(ctx.device)
-            probs = {
-                pid: F.softmax(m(xb).float(), dim=1).cpu() for pid, m in models.items()
-            }
+            probs = {pid: F.softmax(m(xb).float(), dim=1).cpu() for pid, m in models.items()}
             ens[s : s + 512] = torch.stack(list(probs.values())).mean(0)
             for pid, p in probs.items():
                 mine = owners[s : s + 512] == pid

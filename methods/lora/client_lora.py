@@ -51,14 +51,18 @@ def train_client_lora(cfg: RunConfig, data: ClientData, seed: int) -> LoraResult
     # "shared": every client starts from the adapter the run seed draws (FedIT's
     # common initial adapter); "client": each client from its own.
     init_seed = cfg.seed if lcfg.lora_init == "shared" else seed
-    unet = attach_lora(
-        gen.unet, lcfg.lora_rank, lcfg.lora_alpha, lcfg.target_list, seed=init_seed
-    )
+    unet = attach_lora(gen.unet, lcfg.lora_rank, lcfg.lora_alpha, lcfg.target_list, seed=init_seed)
     losses = train_lora(
-        unet, gen.scheduler, images, cond, steps=lcfg.lora_steps,
-        lr=lcfg.lora_learning_rate, batch_size=lcfg.lora_batch_size, seed=seed,
+        unet,
+        gen.scheduler,
+        images,
+        cond,
+        steps=lcfg.lora_steps,
+        lr=lcfg.lora_learning_rate,
+        batch_size=lcfg.lora_batch_size,
+        seed=seed,
         uncond=load_text_encoder(cfg.text_encoder).encode([""], cfg.embedding),
-    )  # fmt: skip
+    )
     return LoraResult(
         adapter=get_lora_state(unet),
         embed=emb,
@@ -143,7 +147,12 @@ def evaluate(job: ClientJob) -> dict[str, float]:
         emb = embed_classes(job.cfg, job.data, seed=job.seed, prototypes=1).embeddings
     adapter = {k: v.float() for k, v in P.adapter_of(job.arrays[P.RECORD]).items()}
     fid = fid_proxy_of_adapter(
-        job.cfg, job.data, emb, adapter, int(job.config["lora-rank"]),
-        float(job.config["lora-alpha"]), job.seed,
-    )  # fmt: skip
+        job.cfg,
+        job.data,
+        emb,
+        adapter,
+        int(job.config["lora-rank"]),
+        float(job.config["lora-alpha"]),
+        job.seed,
+    )
     return evaluate_classifier(job) | {"fid-proxy": fid}

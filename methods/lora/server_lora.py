@@ -75,9 +75,12 @@ class Lora(OneShotMethod):
     def unpack(self, reply: Reply, ctx: ServerContext) -> tuple[dict, Any]:
         tokens, dim = embedding_shape(ctx)
         return P.unpack(
-            reply.tensors, self.reference, num_classes=ctx.num_classes,
-            tokens=tokens, dim=dim,
-        )  # fmt: skip
+            reply.tensors,
+            self.reference,
+            num_classes=ctx.num_classes,
+            tokens=tokens,
+            dim=dim,
+        )
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
         if reply.meta.get("base-model") != self.fingerprint:
@@ -88,43 +91,38 @@ class Lora(OneShotMethod):
         try:
             self.unpack(reply, ctx)
         except PayloadError as e:
-            raise PayloadError(
-                f"{e} (lora-rank={ctx.cfg.options(LoraConfig).lora_rank})"
-            ) from None
+            raise PayloadError(f"{e} (lora-rank={ctx.cfg.options(LoraConfig).lora_rank})") from None
 
     def merge(
         self, replies: list[Reply], ctx: ServerContext, out: ServerOutput
     ) -> tuple[dict, int, float]:
         """Merge the clients' adapters; returns ``(merged, rank, alpha)``."""
         lcfg = ctx.cfg.options(LoraConfig)
-        adapters = [
-            {k: v.float() for k, v in self.unpack(r, ctx)[0].items()} for r in replies
-        ]
-        shares = cap_shares(
-            [float(r.num_examples) for r in replies], ctx.cfg.max_weight_share
-        )
+        adapters = [{k: v.float() for k, v in self.unpack(r, ctx)[0].items()} for r in replies]
+        shares = cap_shares([float(r.num_examples) for r in replies], ctx.cfg.max_weight_share)
         scal = [lcfg.lora_alpha / lcfg.lora_rank] * len(adapters)
         t0 = time.perf_counter()
         # generative corrects the exact (svd) merge; every other merge is maths only
         maths = "svd" if lcfg.lora_merge == "generative" else lcfg.lora_merge
         merged, info = merge_adapters(
-            adapters, shares, maths, rank=lcfg.lora_merge_rank, seed=ctx.cfg.seed,
-            scalings=scal, density=lcfg.lora_merge_density,
-        )  # fmt: skip
+            adapters,
+            shares,
+            maths,
+            rank=lcfg.lora_merge_rank,
+            seed=ctx.cfg.seed,
+            scalings=scal,
+            density=lcfg.lora_merge_density,
+        )
         rank, alpha = int(info["rank"]), float(info["lora_alpha"])
         if lcfg.lora_merge == "generative":
-            merged = self.generative_correction(
-                replies, adapters, merged, rank, alpha, ctx
-            )
+            merged = self.generative_correction(replies, adapters, merged, rank, alpha, ctx)
         out.timings["merge"] = time.perf_counter() - t0
         out.extra["lora"] = {
             "merge": lcfg.lora_merge,
             "merged_rank": rank,
             "merged_alpha": alpha,
             "energy_kept": info.get("energy_kept"),
-            "client_adapter_bytes": int(
-                sum(v.numel() * 2 for v in adapters[0].values())
-            ),
+            "client_adapter_bytes": int(sum(v.numel() * 2 for v in adapters[0].values())),
             "merged_adapter_bytes": int(sum(v.numel() * 2 for v in merged.values())),
         }
         log(
@@ -161,9 +159,7 @@ class Lora(OneShotMethod):
         # 1. The auxiliary set: each client's adapter, each client's classes/captions
         latents, conds = [], []
         for r, adapter in zip(replies, adapters, strict=True):
-            set_lora_state(
-                gen.unet, adapter, lcfg.lora_rank, lcfg.lora_alpha, lcfg.target_list
-            )
+            set_lora_state(gen.unet, adapter, lcfg.lora_rank, lcfg.lora_alpha, lcfg.target_list)
             emb = self.unpack(r, ctx)[1]
             cond, _, _ = per_class_rows(
                 emb.means, emb.class_ids, r.partition_id, lcfg.lora_samples_per_class
@@ -171,24 +167,32 @@ class Lora(OneShotMethod):
             # the client's conditional model itself: guided samples would be
             # guided twice once the corrected adapter samples with CFG
             latents.append(
-                sample(gen, cond, ctx.uncond,
-                       **SynthesisSettings.from_config(
-                           ctx.cfg, guidance_scale=1.0, static_shapes=False
-                       ).kwargs(),
-                       output="latents")
-            )  # fmt: skip
+                sample(
+                    gen,
+                    cond,
+                    ctx.uncond,
+                    **SynthesisSettings.from_config(
+                        ctx.cfg, guidance_scale=1.0, static_shapes=False
+                    ).kwargs(),
+                    output="latents",
+                )
+            )
             conds.append(cond)
         # 2. Fine-tune the merged adapter on the union of the auxiliary sets
         from diffusers import DDPMScheduler
 
         set_lora_state(gen.unet, merged, rank, alpha, lcfg.target_list)
         train_lora(
-            gen.unet, DDPMScheduler.from_config(gen.scheduler.config),
+            gen.unet,
+            DDPMScheduler.from_config(gen.scheduler.config),
             torch.cat(latents).to(ctx.device, ctx.dtype),
-            torch.cat(conds).to(ctx.device, ctx.dtype), steps=lcfg.lora_steps,
-            lr=lcfg.lora_learning_rate, batch_size=lcfg.lora_batch_size, seed=cfg.seed,
+            torch.cat(conds).to(ctx.device, ctx.dtype),
+            steps=lcfg.lora_steps,
+            lr=lcfg.lora_learning_rate,
+            batch_size=lcfg.lora_batch_size,
+            seed=cfg.seed,
             uncond=ctx.uncond.to(ctx.device, ctx.dtype),
-        )  # fmt: skip
+        )
         corrected = get_lora_state(gen.unet)
         gen.unet.unload_lora()
         return corrected
@@ -205,13 +209,16 @@ class Lora(OneShotMethod):
         for r in replies:
             emb = self.unpack(r, ctx)[1]
             parts.append(
-                class_units(emb.means, emb.class_ids, r.partition_id,
-                            ctx.cfg.images_per_class, r.num_examples)
-            )  # fmt: skip
+                class_units(
+                    emb.means,
+                    emb.class_ids,
+                    r.partition_id,
+                    ctx.cfg.images_per_class,
+                    r.num_examples,
+                )
+            )
         conds, labels, owners, _ = budget_rows(ctx, CondUnits.cat(parts), out).expand()
-        images = synthesize_set(
-            ctx, conds, labels, owners, out, source="lora:merged-adapter"
-        )
+        images = synthesize_set(ctx, conds, labels, owners, out, source="lora:merged-adapter")
         ctx.generator.unet.unload_lora()
         # 3. Train the global classifier on the synthetic set
         train_global(ctx, images, labels, out)

@@ -50,10 +50,7 @@ class Oscar(OneShotMethod):
 
     def check(self, ctx: ServerContext) -> None:
         check_embedding_kind(ctx)
-        if (
-            ctx.cfg.options(OscarConfig).prototypes_per_class > 1
-            and ctx.cfg.dp_epsilon > 0
-        ):
+        if ctx.cfg.options(OscarConfig).prototypes_per_class > 1 and ctx.cfg.dp_epsilon > 0:
             raise ConfigError(
                 "prototypes-per-class > 1 with dp-epsilon > 0: the privacy guard covers "
                 "per-class means only; set dp-epsilon=0 or prototypes-per-class=1"
@@ -65,8 +62,13 @@ class Oscar(OneShotMethod):
                 f"embedding kind {reply.meta.get('embedding')!r} != {ctx.cfg.embedding!r}"
             )
         tokens, dim = embedding_shape(ctx)
-        P.unpack(reply.tensors, num_classes=ctx.num_classes, tokens=tokens, dim=dim,
-                 per_class=ctx.cfg.options(OscarConfig).prototypes_per_class)  # fmt: skip
+        P.unpack(
+            reply.tensors,
+            num_classes=ctx.num_classes,
+            tokens=tokens,
+            dim=dim,
+            per_class=ctx.cfg.options(OscarConfig).prototypes_per_class,
+        )
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         out = ServerOutput()
@@ -75,16 +77,22 @@ class Oscar(OneShotMethod):
         # images-per-class per (client, class), over its vectors by their counts
         parts = []
         for r in replies:
-            e = P.unpack(r.tensors, num_classes=ctx.num_classes, tokens=tokens,
-                         dim=dim, per_class=k)  # fmt: skip
-            parts.append(class_units(e.means, e.class_ids, r.partition_id,
-                                     ctx.cfg.images_per_class, r.num_examples,
-                                     counts=e.counts))  # fmt: skip
+            e = P.unpack(
+                r.tensors, num_classes=ctx.num_classes, tokens=tokens, dim=dim, per_class=k
+            )
+            parts.append(
+                class_units(
+                    e.means,
+                    e.class_ids,
+                    r.partition_id,
+                    ctx.cfg.images_per_class,
+                    r.num_examples,
+                    counts=e.counts,
+                )
+            )
         units = CondUnits.cat(parts)
         conds, labels, owners, _ = budget_rows(ctx, units, out).expand()
-        images = synthesize_set(
-            ctx, conds, labels, owners, out, source="oscar:caption-embedding"
-        )
+        images = synthesize_set(ctx, conds, labels, owners, out, source="oscar:caption-embedding")
         train_global(ctx, images, labels, out)
         out.extra["num_synthetic"] = len(labels)
         return out
