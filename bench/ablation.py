@@ -79,7 +79,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def levels_off(points: list[dict[str, Any]], metric: str = "global_accuracy") -> dict[str, Any]:
+def levels_off(
+    points: list[dict[str, Any]], metric: str = "global_accuracy"
+) -> dict[str, Any]:
     """Gain 5 -> 30 and 30 -> 50 images per class; levels off if the second is under
     a fifth of the first (or negative)."""
     at = {p["value"]: p[metric] for p in points if p[metric] is not None}
@@ -105,12 +107,16 @@ def plot(out: Path, summary: dict[str, list[dict[str, Any]]]) -> Path:
         ):
             ys = [100 * (p[metric] or 0) for p in points]
             err = [100 * (p[f"{metric}_std"] or 0) for p in points]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label, color=color)
+            ax.errorbar(
+                xs, ys, yerr=err, marker="o", capsize=3, label=label, color=color
+            )
         ax.set_xlabel(sweep)
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("OSCAR ablations in the embedded world (mean ± std over seeds)", fontsize=10)
+    fig.suptitle(
+        "OSCAR ablations in the embedded world (mean ± std over seeds)", fontsize=10
+    )
     fig.tight_layout()
     return save_figure(fig, out / "ablation.png")
 
@@ -152,7 +158,9 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
             f"{100 * lo['gain_30_to_50']:+.1f} from 30 to 50: "
             f"{'levels off' if lo['levels_off'] else 'does not level off'}."
         )
-    lines += ["", "![ablations](ablation.png)", ""] + [f"- {n}" for n in report["notes"]]
+    lines += ["", "![ablations](ablation.png)", ""] + [
+        f"- {n}" for n in report["notes"]
+    ]
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     if any(summary.values()):
         plot(out, summary)
@@ -250,13 +258,17 @@ def summarize_attempts(
                 "d_per_seed": paired,
                 "better_in": sum(d > 0 for d in paired),
                 "gap_to_centralized": mean(gaps),
-                "upload_bytes_per_class": mean(r.get("upload_bytes_per_class") for r in mine),
+                "upload_bytes_per_class": mean(
+                    r.get("upload_bytes_per_class") for r in mine
+                ),
             }
         )
     return out
 
 
-def run_attempts(args: Any, seeds: list[int], over: dict[str, Any], machine: str, out: Path) -> int:
+def run_attempts(
+    args: Any, seeds: list[int], over: dict[str, Any], machine: str, out: Path
+) -> int:
     """Each attempt with its own uploads, on the same seeds, against the centralized
     model of the accuracy bench (``run_centralized``: the same global test set)."""
     from bench.accuracy import build_cfg, default_run_config, run_centralized
@@ -279,7 +291,9 @@ def run_attempts(args: Any, seeds: list[int], over: dict[str, Any], machine: str
                 / len(u.embeddings.class_ids.unique())
                 for u in fed.uploads
             ]  # fp16 bytes of the vectors of one (client, class)
-            row = run_variant(fed, {}, name) | {"upload_bytes_per_class": mean(per_class)}
+            row = run_variant(fed, {}, name) | {
+                "upload_bytes_per_class": mean(per_class)
+            }
             rows.append(row)
             report = {
                 "machine": machine,

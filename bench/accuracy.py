@@ -186,7 +186,9 @@ def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--seeds {text!r}: use comma-separated integers, e.g. 0,1,2") from None
+        raise ValueError(
+            f"--seeds {text!r}: use comma-separated integers, e.g. 0,1,2"
+        ) from None
     if not seeds:
         raise ValueError(f"--seeds {text!r}: give at least one seed")
     return list(dict.fromkeys(seeds))
@@ -223,7 +225,8 @@ def record_from_results(
     ]
     glob = results.get("global_accuracy")
     per_image = [
-        (c.get("metrics") or {}).get("client-s-per-image") for c in results.get("clients", [])
+        (c.get("metrics") or {}).get("client-s-per-image")
+        for c in results.get("clients", [])
     ]
     refs = {
         name: (results.get(m) or {}).get("references", {}).get(key)
@@ -234,7 +237,9 @@ def record_from_results(
         "ok": True,
         "mean_accuracy": float(results["mean_accuracy"]),
         "global_accuracy": float(glob) if glob is not None else None,
-        "global_accuracy_per_domain": dict(results.get("global_accuracy_per_domain") or {}),
+        "global_accuracy_per_domain": dict(
+            results.get("global_accuracy_per_domain") or {}
+        ),
         "global_test_size": results.get("global_test_size"),
         "upload_bytes_per_client": results.get("upload_bytes_per_client"),
         "upload_bytes_per_class": results.get("upload_bytes_per_class"),
@@ -259,13 +264,17 @@ def aggregate(
 
     Failed runs are left out of every mean and listed under ``failed_seeds``.
     """
-    order = list(methods) if methods else list(dict.fromkeys(r["method"] for r in records))
+    order = (
+        list(methods) if methods else list(dict.fromkeys(r["method"] for r in records))
+    )
     out: dict[str, dict[str, Any]] = {}
     for m in order:
         runs = [r for r in records if r["method"] == m]
         ok = [r for r in runs if r.get("ok")]
         accs = [r["mean_accuracy"] for r in ok]
-        globs = [r["global_accuracy"] for r in ok if r.get("global_accuracy") is not None]
+        globs = [
+            r["global_accuracy"] for r in ok if r.get("global_accuracy") is not None
+        ]
         global_per_domain: dict[str, list[float]] = {}
         for r in ok:
             for d, a in (r.get("global_accuracy_per_domain") or {}).items():
@@ -288,7 +297,8 @@ def aggregate(
         for pid in sorted(per_client):
             row = per_client[pid]
             clients.append(
-                row | {"accuracy": mean(row["accuracies"]), "std": std(row["accuracies"])}
+                row
+                | {"accuracy": mean(row["accuracies"]), "std": std(row["accuracies"])}
             )
         uploads = [r.get("upload_bytes_per_client") for r in ok] if m != oracle else []
         out[m] = {
@@ -300,11 +310,15 @@ def aggregate(
             "global_accuracy": mean(globs),
             "global_std": std(globs),
             "global_seeds": len(globs),  # runs with a global test set
-            "global_per_domain": {d: sum(v) / len(v) for d, v in global_per_domain.items()},
+            "global_per_domain": {
+                d: sum(v) / len(v) for d, v in global_per_domain.items()
+            },
             "upload_bytes_per_client": mean(uploads),
             "wall_s_per_run": mean(r.get("wall_s") for r in ok),
             "client_s_per_image": mean(r.get("client_s_per_image") for r in ok),
-            "server_s_per_run": mean((r.get("server_timings_s") or {}).get("total") for r in ok),
+            "server_s_per_run": mean(
+                (r.get("server_timings_s") or {}).get("total") for r in ok
+            ),
             "per_client": clients,
             "per_domain": {d: sum(v) / len(v) for d, v in per_domain.items()},
             "via": "in-process" if METHODS.get(m, {}) is None else "flower",
@@ -314,7 +328,9 @@ def aggregate(
     for s in out.values():
         acc, glob = s["mean_accuracy"], s["global_accuracy"]
         s["gap_to_oracle"] = acc - ref if acc is not None and ref is not None else None
-        s["global_gap_to_oracle"] = glob - gref if glob is not None and gref is not None else None
+        s["global_gap_to_oracle"] = (
+            glob - gref if glob is not None and gref is not None else None
+        )
     return out
 
 
@@ -343,7 +359,11 @@ def _accuracy_table(
     rows = []
     for m, s in summary.items():
         name = f"{m} (oracle, in-process)" if m == oracle else m
-        gap = "0 (reference)" if m == oracle and s[acc] is not None else pct(s[gap_key], True)
+        gap = (
+            "0 (reference)"
+            if m == oracle and s[acc] is not None
+            else pct(s[gap_key], True)
+        )
         up = "n/a (raw data)" if m == oracle else nbytes(s["upload_bytes_per_client"])
         wall = "n/a" if s["wall_s_per_run"] is None else f"{s['wall_s_per_run']:.1f}"
         failed = f" ({len(s['failed_seeds'])} failed)" if s["failed_seeds"] else ""
@@ -412,7 +432,10 @@ def format_paired_table(paired: list[dict[str, Any]]) -> str:
         [
             f"{p['a']} vs {p['b']}",
             pct(p["mean_diff"], True),
-            ", ".join(f"{s}: {100 * d:+.1f}" for s, d in zip(p["seeds"], p["diffs"], strict=True)),
+            ", ".join(
+                f"{s}: {100 * d:+.1f}"
+                for s, d in zip(p["seeds"], p["diffs"], strict=True)
+            ),
             f"{p['wins']}/{len(p['seeds'])}",
         ]
         for p in paired
@@ -420,7 +443,9 @@ def format_paired_table(paired: list[dict[str, Any]]) -> str:
     return md_table(["pair", "mean diff (pp)", "per seed (pp)", "A above B"], rows)
 
 
-def format_global_table(summary: dict[str, dict[str, Any]], oracle: str = ORACLE) -> str:
+def format_global_table(
+    summary: dict[str, dict[str, Any]], oracle: str = ORACLE
+) -> str:
     """The headline, Markdown: method | global acc | std | gap to oracle | upload
     B/client | wall s/run (global acc: on the global test set)."""
     return _accuracy_table(
@@ -436,8 +461,13 @@ def format_global_table(summary: dict[str, dict[str, Any]], oracle: str = ORACLE
 
 def format_global_domain_table(summary: dict[str, dict[str, Any]]) -> str:
     """Markdown: global accuracy (%) per method and domain of the global test set."""
-    doms = list(dict.fromkeys(d for s in summary.values() for d in s["global_per_domain"]))
-    rows = [[m, *(pct(s["global_per_domain"].get(d)) for d in doms)] for m, s in summary.items()]
+    doms = list(
+        dict.fromkeys(d for s in summary.values() for d in s["global_per_domain"])
+    )
+    rows = [
+        [m, *(pct(s["global_per_domain"].get(d)) for d in doms)]
+        for m, s in summary.items()
+    ]
     return md_table(["method", *doms], rows)
 
 
@@ -460,7 +490,9 @@ def domains_of(summary: dict[str, dict[str, Any]]) -> list[str]:
 def format_domain_table(summary: dict[str, dict[str, Any]]) -> str:
     """Markdown: mean held-out accuracy (%) per method and client domain."""
     doms = domains_of(summary)
-    rows = [[m, *(pct(s["per_domain"].get(d)) for d in doms)] for m, s in summary.items()]
+    rows = [
+        [m, *(pct(s["per_domain"].get(d)) for d in doms)] for m, s in summary.items()
+    ]
     return md_table(["method", *doms], rows)
 
 
@@ -487,7 +519,9 @@ def format_fid_table(fid: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_summary(summary: dict[str, dict[str, Any]], path: Path, title: str = "") -> Path | None:
+def plot_summary(
+    summary: dict[str, dict[str, Any]], path: Path, title: str = ""
+) -> Path | None:
     """Global accuracy with std error bars per method; global accuracy per domain
     as grouped bars (the global test set's domains)."""
     import numpy as np
@@ -499,7 +533,9 @@ def plot_summary(summary: dict[str, dict[str, Any]], path: Path, title: str = ""
     names = [m for m, s in summary.items() if s["global_accuracy"] is not None]
     if not names:
         return None
-    doms = list(dict.fromkeys(d for m in names for d in summary[m]["global_per_domain"]))
+    doms = list(
+        dict.fromkeys(d for m in names for d in summary[m]["global_per_domain"])
+    )
     fig, (ax, bx) = plt.subplots(
         1,
         2,
@@ -596,8 +632,14 @@ def run_centralized(cfg: Any, num_clients: int) -> tuple[dict[str, Any], float]:
         for pid, p in enumerate(parts)
     ]
     # 4. Evaluate on the global test set, as the round's step 7b does
-    domains = participating_domains(dataset_info(cfg.data_args()), [p.domain for p in parts])
-    test = global_test_set(cfg.data_args(), domains, GLOBAL_TEST_PER_CLASS) if domains else None
+    domains = participating_domains(
+        dataset_info(cfg.data_args()), [p.domain for p in parts]
+    )
+    test = (
+        global_test_set(cfg.data_args(), domains, GLOBAL_TEST_PER_CLASS)
+        if domains
+        else None
+    )
     glob, glob_per_domain = (
         test.score(predict(model, test.images)) if test is not None else (None, {})
     )
@@ -690,7 +732,9 @@ def generator_fid(
     for k, d in enumerate(cfg.domain_list):
         real = render_style(raw[ref_idx], d, cfg.image_size, seed=seed + 1)
         real_feats = features(judge, real)
-        floor = features(judge, render_style(raw[floor_idx], d, cfg.image_size, seed=seed + 2))
+        floor = features(
+            judge, render_style(raw[floor_idx], d, cfg.image_size, seed=seed + 2)
+        )
         data = ClientData(
             train_images=render_style(raw[client_idx], d, cfg.image_size, seed=seed),
             train_labels=torch.as_tensor(labels[client_idx]),
@@ -713,7 +757,9 @@ def generator_fid(
             want = up.embeddings.class_ids.repeat_interleave(per_class)
             fake = sample(cond, seed + 100 * (k + 1))
             row[key] = fid_proxy(real_feats, features(judge, fake))
-            row[f"{key}_judge_accuracy"] = float((predict(judge, fake) == want).float().mean())
+            row[f"{key}_judge_accuracy"] = float(
+                (predict(judge, fake) == want).float().mean()
+            )
             if key == "oscar":
                 row["example_caption"] = up.captions[0] if up.captions else ""
         per_domain[d] = row
@@ -857,14 +903,20 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench accuracy", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench accuracy", description=__doc__.split("\n")[0]
+    )
     p.add_argument(
         "--quick",
         action="store_true",
         help=f"smaller runs ({', '.join(f'{k}={v}' for k, v in QUICK.items())})",
     )
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    p.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
+    p.add_argument(
+        "--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)"
+    )
+    p.add_argument(
+        "--out", default="bench-results", help="output folder (default bench-results)"
+    )
     p.add_argument(
         "--methods",
         nargs="+",
@@ -872,7 +924,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"methods, comma- or space-separated (default {','.join(DEFAULT_METHODS)}; "
         f"also: {','.join(m for m in METHODS if m not in DEFAULT_METHODS)})",
     )
-    p.add_argument("--clients", type=int, default=4, help="simulated clients (default 4)")
+    p.add_argument(
+        "--clients", type=int, default=4, help="simulated clients (default 4)"
+    )
     p.add_argument(
         "--set",
         dest="sets",
@@ -890,7 +944,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"quick, {FULL_FID_PER_CLASS} full)",
     )
     p.add_argument("--timeout-s", type=float, default=3600.0, help="limit per flwr run")
-    p.add_argument("--echo", action="store_true", help="print the Flower logs as they arrive")
+    p.add_argument(
+        "--echo", action="store_true", help="print the Flower logs as they arrive"
+    )
     return p
 
 
@@ -900,7 +956,9 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"--set {item!r}: use KEY=VALUE, e.g. --set train-epochs=3")
+            raise ValueError(
+                f"--set {item!r}: use KEY=VALUE, e.g. --set train-epochs=3"
+            )
         key, value = item.split("=", 1)
         try:
             out |= parse_run_config_string(f"{key}={value}")
@@ -927,7 +985,9 @@ def run_flower_methods(
         for m in methods:
             done += 1
             say(f"[{done:>2}/{total}] {m} seed={seed} ...")
-            run: FlowerRun = sim.run(f"{m}-seed{seed}", run_overrides(m, seed, base), timeout_s)
+            run: FlowerRun = sim.run(
+                f"{m}-seed{seed}", run_overrides(m, seed, base), timeout_s
+            )
             rec = record_from_results(m, seed, run.results, run.wall_s, error=run.error)
             if rec["ok"]:
                 say(
@@ -1020,7 +1080,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. Generator quality per domain (FID-proxy), in-process
     if not args.no_fid:
-        k = args.fid_per_class or (QUICK_FID_PER_CLASS if args.quick else FULL_FID_PER_CLASS)
+        k = args.fid_per_class or (
+            QUICK_FID_PER_CLASS if args.quick else FULL_FID_PER_CLASS
+        )
         n_client = cfg0.max_examples_per_client or 2000
         say(f"FID-proxy per domain: {k} samples per class ...")
         report["fid_proxy"] = generator_fid(cfg0, k, seeds[0], n_client)

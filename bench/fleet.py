@@ -120,7 +120,9 @@ def default_run_config() -> dict[str, Any]:
 
 def bench_config(quick: bool, over: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run config of every round: defaults, the bench's keys, --quick's."""
-    return default_run_config() | BENCH_KEYS | (QUICK_KEYS if quick else {}) | (over or {})
+    return (
+        default_run_config() | BENCH_KEYS | (QUICK_KEYS if quick else {}) | (over or {})
+    )
 
 
 # ---------------------------------------------------------------- the fleet
@@ -141,7 +143,9 @@ class FleetPlan:
     @property
     def on_time(self) -> list[int]:
         off = set(self.silent) | set(self.late)
-        return [FIRST_NODE_ID + p for p in range(self.n) if FIRST_NODE_ID + p not in off]
+        return [
+            FIRST_NODE_ID + p for p in range(self.n) if FIRST_NODE_ID + p not in off
+        ]
 
     def devices(self, shift_s: float = 0.0) -> list[Device]:
         """The devices for a grid whose clock starts ``shift_s`` after the first
@@ -193,7 +197,9 @@ def plan_fleet(n: int, window_s: float = WINDOW_S, seed: int = 0) -> FleetPlan:
 # ---------------------------------------------------------------- the pool
 
 
-def record_pool(run_config: dict[str, Any], pool: int, pool_dir: Path) -> dict[str, Any]:
+def record_pool(
+    run_config: dict[str, Any], pool: int, pool_dir: Path
+) -> dict[str, Any]:
     """The real ClientApp's collect on partitions ``0..pool-1`` of a ``pool``-way
     split, through the in-process Grid; each reply's content saved as Flower's
     wire format (``partition-<p>.pb``) with ``pool.json``."""
@@ -244,7 +250,9 @@ class ReplayClient:
     replayed: the device answers with its envelope and ``num-examples`` only.
     """
 
-    def __init__(self, pool: Sequence[bytes], collect_type: str, evaluate_type: str | None) -> None:
+    def __init__(
+        self, pool: Sequence[bytes], collect_type: str, evaluate_type: str | None
+    ) -> None:
         if not pool:
             raise ValueError("an empty pool: record at least one reply")
         self.pool = list(pool)
@@ -254,7 +262,9 @@ class ReplayClient:
     @classmethod
     def load(cls, pool_dir: Path) -> ReplayClient:
         info = json.loads((pool_dir / "pool.json").read_text())
-        pool = [(pool_dir / f"partition-{p}.pb").read_bytes() for p in range(info["pool"])]
+        pool = [
+            (pool_dir / f"partition-{p}.pb").read_bytes() for p in range(info["pool"])
+        ]
         return cls(pool, info["collect_type"], info["evaluate_type"])
 
     def reply_content(self, partition_id: int, num_partitions: int) -> Any:
@@ -334,7 +344,9 @@ def play_round(spec: dict[str, Any]) -> dict[str, Any]:
     persist.Journal.upload = counted_upload  # type: ignore[method-assign]
     try:
         clock = VirtualClock(float(spec["clock_start"]))
-        _, grid = run_round(plan.devices(shift), spec["run_config"], "fleet", clock, client)
+        _, grid = run_round(
+            plan.devices(shift), spec["run_config"], "fleet", clock, client
+        )
     finally:
         persist.Journal.upload = real_upload  # type: ignore[method-assign]
     out = {
@@ -503,7 +515,9 @@ def _images(res: dict[str, Any]) -> tuple[int | None, int | None]:
 def run_size(bench: Bench, n: int) -> dict[str, Any]:
     """The three rounds of fleet size ``n``; one row of the report."""
     plan = plan_fleet(n, float(bench.run_config["collect-window-s"]), bench.seed)
-    collect_type = json.loads((bench.pool_dir / "pool.json").read_text())["collect_type"]
+    collect_type = json.loads((bench.pool_dir / "pool.json").read_text())[
+        "collect_type"
+    ]
     row: dict[str, Any] = {
         "n": n,
         "replayed_from_pool": bench.pool,
@@ -576,7 +590,9 @@ def _asked_twice(sent: list[Any], collect_type: str) -> list[int]:
     return sorted(twice)
 
 
-def kill_and_resume(bench: Bench, n: int, plan: FleetPlan, collect_type: str) -> dict[str, Any]:
+def kill_and_resume(
+    bench: Bench, n: int, plan: FleetPlan, collect_type: str
+) -> dict[str, Any]:
     """SIGKILL the server once the journal holds about half the eventual uploads;
     run it again (same run-name) on a clock ``RESTART_S`` past the kill."""
     name = f"n{n}-kill"
@@ -584,7 +600,9 @@ def kill_and_resume(bench: Bench, n: int, plan: FleetPlan, collect_type: str) ->
     say(f"N={n}: kill after {k} uploads, then resume ...")
     first, p1 = _round(bench, name, plan, kill_after=k)
     before = _journal(bench.runs / name)
-    heard_1 = {int(e["node_id"]) for e in before if e["event"] in ("upload", "rejected")}
+    heard_1 = {
+        int(e["node_id"]) for e in before if e["event"] in ("upload", "rejected")
+    }
     uploads_1 = sum(e["event"] == "upload" for e in before)
     killed_at = float(first["killed_at"])
     again = killed_at + RESTART_S
@@ -605,20 +623,26 @@ def kill_and_resume(bench: Bench, n: int, plan: FleetPlan, collect_type: str) ->
         "lost": received - in_journal,
         "journal_prefix_kept": after[: len(before)] == before,
         "asked_twice": sorted(heard_1 & set(asked_2)),
-        "uploaded_twice": sorted({x for x in upload_nodes if upload_nodes.count(x) > 1}),
+        "uploaded_twice": sorted(
+            {x for x in upload_nodes if upload_nodes.count(x) > 1}
+        ),
         "asked_again": sorted(set(asked_2) - heard_1),
         "uploads_used": res["num_clients"],
         "late": res["fleet"]["late"],
         "missing": res["fleet"]["missing"],
         "window_s": res["fleet"]["window_s"],
         "global_accuracy": res.get("global_accuracy"),
-        "peak_rss_mb": max((p.peak_rss_mb or 0.0 for p in (p1, p2) if p is not None), default=None),
+        "peak_rss_mb": max(
+            (p.peak_rss_mb or 0.0 for p in (p1, p2) if p is not None), default=None
+        ),
         "process_wall_s": [round(p.wall_s, 1) for p in (p1, p2) if p is not None],
         "process_cpu_s": [round(p.cpu_s, 1) for p in (p1, p2) if p is not None],
     }
 
 
-def no_budget(bench: Bench, n: int, plan: FleetPlan, row: dict[str, Any]) -> dict[str, Any]:
+def no_budget(
+    bench: Bench, n: int, plan: FleetPlan, row: dict[str, Any]
+) -> dict[str, Any]:
     """``synth-budget=0`` if the requested images fit ``max_unbudgeted``, else
     the seconds it would take at the budget round's rates (this CPU)."""
     requested = row["images_requested"]
@@ -681,11 +705,18 @@ def run_fleet(
     t_start = time.perf_counter()
 
     # 1. The pool of genuine replies (its own process: not the server's memory)
-    bench = Bench(run_config, work, work / "pool", pool, isolate, max_unbudgeted, timeout_s)
+    bench = Bench(
+        run_config, work, work / "pool", pool, isolate, max_unbudgeted, timeout_s
+    )
     shutil.rmtree(bench.pool_dir, ignore_errors=True)
     say(f"recording {pool} genuine ClientApp replies (a {pool}-way split) ...")
     rc = run_config | {"output-dir": str(work / "pool-run")}
-    spec = {"name": "pool", "run_config": rc, "pool": pool, "pool_dir": str(bench.pool_dir)}
+    spec = {
+        "name": "pool",
+        "run_config": rc,
+        "pool": pool,
+        "pool_dir": str(bench.pool_dir),
+    }
     pool_proc = None
     if isolate:
         pool_proc = spawn("record", spec, work, timeout_s)
@@ -704,7 +735,9 @@ def run_fleet(
         "num_partitions": pool,
         "partition": run_config["partition"],
     }
-    say(f"pool: {sum(pool_info['client_s']):.1f} s of client work, {pool_info['wall_s']} s wall")
+    say(
+        f"pool: {sum(pool_info['client_s']):.1f} s of client work, {pool_info['wall_s']} s wall"
+    )
 
     # 2. Each size: uninterrupted, killed and resumed, without the budget
     rows = [run_size(bench, n) for n in sizes]
@@ -754,7 +787,9 @@ def check(report: dict[str, Any]) -> list[dict[str, Any]]:
         f"lost per N: {lost}",
     )
     twice = {
-        r["n"]: sorted(set(r["kill"]["asked_twice"]) | set(r["asked_twice_uninterrupted"]))
+        r["n"]: sorted(
+            set(r["kill"]["asked_twice"]) | set(r["asked_twice_uninterrupted"])
+        )
         for r in rows
     }
     dup = {r["n"]: r["kill"]["uploaded_twice"] for r in rows}
@@ -764,7 +799,11 @@ def check(report: dict[str, Any]) -> list[dict[str, Any]]:
         f"asked twice per N: {twice}; uploaded twice: {dup}",
     )
     kept = {r["n"]: r["kill"]["journal_prefix_kept"] for r in rows}
-    add("the resumed journal keeps every line of the killed one", all(kept.values()), f"{kept}")
+    add(
+        "the resumed journal keeps every line of the killed one",
+        all(kept.values()),
+        f"{kept}",
+    )
     same = {r["n"]: (r["kill"]["uploads_used"], r["uploads_used"]) for r in rows}
     add(
         "kill + resume used every upload the uninterrupted round did",
@@ -777,7 +816,8 @@ def check(report: dict[str, Any]) -> list[dict[str, Any]]:
         listed[r["n"]] = (
             r["late"] == d["late"]
             and r["missing"] == d["silent"]
-            and sorted(r["kill"]["late"] + r["kill"]["missing"]) == sorted(d["late"] + d["silent"])
+            and sorted(r["kill"]["late"] + r["kill"]["missing"])
+            == sorted(d["late"] + d["silent"])
             and r["uploads_used"] == d["on_time"]
         )
     add(
@@ -798,7 +838,9 @@ def check(report: dict[str, Any]) -> list[dict[str, Any]]:
             ratio <= WORK_RATIO_LIMIT,
             f"{big['server_work_s']:.1f} s / {small['server_work_s']:.1f} s = {ratio:.2f}x",
         )
-    rss = max([v for v in (big["peak_rss_mb"], big["kill"]["peak_rss_mb"]) if v] or [0.0])
+    rss = max(
+        [v for v in (big["peak_rss_mb"], big["kill"]["peak_rss_mb"]) if v] or [0.0]
+    )
     add(
         f"peak RSS at N={big['n']} below {RSS_LIMIT_MB / 1024:g} GB",
         0 < rss < RSS_LIMIT_MB if big["peak_rss_mb"] is not None else True,
@@ -807,7 +849,11 @@ def check(report: dict[str, Any]) -> list[dict[str, Any]]:
         else "not measured (rounds ran in the bench's own process)",
     )
     binds = {r["n"]: r["budget_binds"] for r in rows}
-    add("the budget binds at every N (server work bounded alike)", all(binds.values()), f"{binds}")
+    add(
+        "the budget binds at every N (server work bounded alike)",
+        all(binds.values()),
+        f"{binds}",
+    )
     return out
 
 
@@ -873,14 +919,17 @@ def format_time_table(report: dict[str, Any]) -> str:
     for r in report["rows"]:
         k, nb = r["kill"], r["no_budget"]
         kill = " + ".join(
-            _ws(w, c) for w, c in zip(k["process_wall_s"], k["process_cpu_s"], strict=True)
+            _ws(w, c)
+            for w, c in zip(k["process_wall_s"], k["process_cpu_s"], strict=True)
         )
         rows.append(
             [
                 f"N={r['n']:,}",
                 _ws(r["process_wall_s"], r["process_cpu_s"]),
                 kill,
-                _ws(nb.get("process_wall_s"), nb.get("process_cpu_s")) if nb["run"] else "not run",
+                _ws(nb.get("process_wall_s"), nb.get("process_cpu_s"))
+                if nb["run"]
+                else "not run",
             ]
         )
     return md_table(["", "with the budget", "killed + resumed", "synth-budget=0"], rows)
@@ -948,7 +997,10 @@ def write_outputs(out: Path, report: dict[str, Any]) -> None:
         "",
         "## Checks",
         "",
-        *[f"- [{'x' if c['ok'] else ' '}] {c['check']}: {c['detail']}" for c in report["checks"]],
+        *[
+            f"- [{'x' if c['ok'] else ' '}] {c['check']}: {c['detail']}"
+            for c in report["checks"]
+        ],
         "",
         "## Time of each process (wall s / CPU s)",
         "",
@@ -956,7 +1008,10 @@ def write_outputs(out: Path, report: dict[str, Any]) -> None:
         "",
         "## Late and missing devices (node ids)",
         "",
-        *[f"- N={r['n']}: late {r['late']}; missing {r['missing']}" for r in report["rows"]],
+        *[
+            f"- N={r['n']}: late {r['late']}; missing {r['missing']}"
+            for r in report["rows"]
+        ],
         "",
     ]
     (out / "fleet.md").write_text("\n".join(md))
@@ -973,7 +1028,10 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     ns = [r["n"] for r in rows]
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
     panels = [
-        ("collect ms per upload", {"": [1000 * (r["collect_s_per_upload"] or 0) for r in rows]}),
+        (
+            "collect ms per upload",
+            {"": [1000 * (r["collect_s_per_upload"] or 0) for r in rows]},
+        ),
         ("server work s (synth-budget)", {"": [r["server_work_s"] for r in rows]}),
         (
             "peak RSS of the server round, MB",
@@ -996,7 +1054,11 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         ax.minorticks_off()
     ax = axes[3]
     ax.plot(ns, [r["global_accuracy_budget"] for r in rows], "o-", label="budget")
-    nb = [(r["n"], r["no_budget"]["global_accuracy"]) for r in rows if r["no_budget"]["run"]]
+    nb = [
+        (r["n"], r["no_budget"]["global_accuracy"])
+        for r in rows
+        if r["no_budget"]["run"]
+    ]
     if nb:
         ax.plot(*zip(*nb, strict=True), "s--", label="no budget")
     ax.set_xscale("log")
@@ -1068,7 +1130,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="scratch folder for run folders and logs (default: a new "
         "temporary one, removed at the end)",
     )
-    p.add_argument("--timeout-s", type=float, default=3600.0, help="limit per round process")
+    p.add_argument(
+        "--timeout-s", type=float, default=3600.0, help="limit per round process"
+    )
     return p
 
 
@@ -1094,12 +1158,18 @@ def main(argv: list[str] | None = None) -> int:
     if max_unbudgeted is None:
         max_unbudgeted = QUICK_MAX_UNBUDGETED if args.quick else FULL_MAX_UNBUDGETED
     out = Path(args.out).expanduser().resolve()
-    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="fleet-"))
+    work = (
+        Path(args.work).resolve()
+        if args.work
+        else Path(tempfile.mkdtemp(prefix="fleet-"))
+    )
     say(
         f"fleet: {'quick' if args.quick else 'full'}, sizes {sizes}, pool "
         f"{args.pool}, work {work} -> {out}"
     )
-    report = run_fleet(sizes, run_config, work, args.pool, True, max_unbudgeted, args.timeout_s)
+    report = run_fleet(
+        sizes, run_config, work, args.pool, True, max_unbudgeted, args.timeout_s
+    )
     if not args.work:  # kept when a round failed: its log is there
         shutil.rmtree(work, ignore_errors=True)
     report |= {"argv": argv, "quick": args.quick}

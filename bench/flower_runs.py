@@ -58,7 +58,9 @@ def toml_value(value: Any) -> str:
         return str(value)
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise ValueError(f"run-config value {value!r} is not finite; TOML needs a number")
+            raise ValueError(
+                f"run-config value {value!r} is not finite; TOML needs a number"
+            )
         return repr(value)
     if isinstance(value, Path):
         value = str(value)
@@ -79,7 +81,9 @@ def run_config_string(overrides: Mapping[str, Any]) -> str:
     parts = []
     for key, value in overrides.items():
         if not key or any(c.isspace() or c in "=\"'" for c in key):
-            raise ValueError(f"run-config key {key!r} must be a non-empty word without '='")
+            raise ValueError(
+                f"run-config key {key!r} must be a non-empty word without '='"
+            )
         parts.append(f"{key}={toml_value(value)}")
     return " ".join(parts)
 
@@ -183,7 +187,9 @@ class LocalSimulation(procs.StartStop):
     def stop(self) -> None:
         stopped = stop_superlinks(self.flwr_home)
         if stopped:
-            print(f"[flower] stopped the benchmark SuperLink (pids {stopped})", flush=True)
+            print(
+                f"[flower] stopped the benchmark SuperLink (pids {stopped})", flush=True
+            )
 
     # -- one run
 
@@ -200,7 +206,9 @@ class LocalSimulation(procs.StartStop):
             run_config_string(overrides),
         ]
 
-    def run(self, name: str, overrides: Mapping[str, Any], timeout_s: float = 3600.0) -> FlowerRun:
+    def run(
+        self, name: str, overrides: Mapping[str, Any], timeout_s: float = 3600.0
+    ) -> FlowerRun:
         """Run the app once with ``overrides`` and read its results.json.
 
         ``output-dir`` and ``run-name`` are set here; an old run folder of the
@@ -243,4 +251,6 @@ class LocalSimulation(procs.StartStop):
             results = json.loads(res_path.read_text())
         elif error is None:
             error = f"flwr run exited with {rc} and wrote no {res_path}; see {log_path}"
-        return FlowerRun(name, dict(overrides), results, wall, rc, run_dir, log_path, error)
+        return FlowerRun(
+            name, dict(overrides), results, wall, rc, run_dir, log_path, error
+        )

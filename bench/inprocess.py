@@ -67,7 +67,9 @@ def run_variant(fed: Federation, over: dict[str, Any], label: str) -> dict[str, 
     cfg = build_config(fed.base | over)
     ctx = ServerContext(cfg, Path("."), info=dataset_info(cfg.data_args()))
     parts = [
-        per_class_rows(u.embeddings.means, u.embeddings.class_ids, pid, cfg.images_per_class)
+        per_class_rows(
+            u.embeddings.means, u.embeddings.class_ids, pid, cfg.images_per_class
+        )
         for pid, u in enumerate(fed.uploads)
     ]
     conds, labels, owners = (torch.cat(p) for p in zip(*parts, strict=True))
@@ -78,7 +80,11 @@ def run_variant(fed: Federation, over: dict[str, Any], label: str) -> dict[str, 
     accs, fids = [], []
     for pid, d in enumerate(fed.datas):
         accs.append(classifier_accuracy(out.model_state, out.arch, ctx.num_classes, d))
-        fids.append(fid_proxy(fed.real_features[pid], features(fed.judge, images[owners == pid])))
+        fids.append(
+            fid_proxy(
+                fed.real_features[pid], features(fed.judge, images[owners == pid])
+            )
+        )
     global_acc, per_domain = None, {}
     if fed.test is not None:
         model = build_classifier(out.arch, ctx.channels, ctx.num_classes)

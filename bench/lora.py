@@ -91,7 +91,9 @@ def parse_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in items if t not in allowed]
     if bad or not items:
-        raise ValueError(f"--{what} {text!r}: unknown {bad}; choose from {', '.join(allowed)}")
+        raise ValueError(
+            f"--{what} {text!r}: unknown {bad}; choose from {', '.join(allowed)}"
+        )
     return items
 
 
@@ -120,10 +122,14 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 for k, d in domains.items()
             },
             "upload_bytes_per_client": mean([r["upload_bytes_per_client"] for r in rs]),
-            "download_bytes_per_client": mean([r["download_bytes_per_client"] for r in rs]),
+            "download_bytes_per_client": mean(
+                [r["download_bytes_per_client"] for r in rs]
+            ),
             "merge_s": mean([r["merge_s"] for r in rs if r["merge_s"] is not None]),
             "merged_rank": rs[0]["merged_rank"],
-            "energy_kept": mean([r["energy_kept"] for r in rs if r["energy_kept"] is not None]),
+            "energy_kept": mean(
+                [r["energy_kept"] for r in rs if r["energy_kept"] is not None]
+            ),
         }
     return out
 
@@ -222,7 +228,9 @@ def format_domain_table(summary: dict[str, dict[str, Any]]) -> str:
         cells = []
         for d in doms:
             x = s["per_domain"].get(d)
-            cells.append("n/a" if x is None else f"{num(x['fid_proxy'])} / {pct(x['accuracy'])}")
+            cells.append(
+                "n/a" if x is None else f"{num(x['fid_proxy'])} / {pct(x['accuracy'])}"
+            )
         rows.append([v, *cells])
     return md_table(["variant", *(f"{d} FID / acc%" for d in doms)], rows)
 
@@ -259,7 +267,13 @@ def plot(
     colors = ["#999999" if n in ("none", "own") else "#4C72B0" for n in names]
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.6))
     for ax, key, std_key, scale, label in (
-        (axes[0, 0], "mean_fid_proxy", "std_fid_proxy", 1.0, "FID-proxy (lower is better)"),
+        (
+            axes[0, 0],
+            "mean_fid_proxy",
+            "std_fid_proxy",
+            1.0,
+            "FID-proxy (lower is better)",
+        ),
         (axes[0, 1], "mean_accuracy", "std_accuracy", 100.0, "downstream accuracy (%)"),
     ):
         vals = [(summary[n][key] or 0.0) * scale for n in names]
@@ -279,7 +293,11 @@ def plot(
         ax.bar(others, means, color=shade, alpha=0.5)
         for i, n in enumerate(others):
             ax.scatter(
-                [i] * len(diffs[n]), [scale * d[j] for d in diffs[n]], color="black", s=10, zorder=3
+                [i] * len(diffs[n]),
+                [scale * d[j] for d in diffs[n]],
+                color="black",
+                s=10,
+                zorder=3,
             )
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_ylabel(label)
@@ -464,7 +482,9 @@ def run_seed(
             assert out.model_state is not None
             for c, data in zip(clients, datas, strict=True):
                 c["accuracy_probes"].append(
-                    classifier_accuracy(out.model_state, out.arch, ctx.num_classes, data)
+                    classifier_accuracy(
+                        out.model_state, out.arch, ctx.num_classes, data
+                    )
                 )
         ctx.cfg = cfg
         for c in clients:
@@ -499,9 +519,13 @@ def say(msg: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench lora", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench lora", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--quick", action="store_true", help="the <= 20 minute CPU setting")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument(
+        "--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)"
+    )
     p.add_argument(
         "--world",
         choices=sorted(WORLDS),
@@ -555,7 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     work = out / "lora-work"
     report: dict[str, Any] = {
-        "command": " ".join(["python -m bench lora", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(
+            ["python -m bench lora", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "mode": "quick" if args.quick else "full",
         "world": args.world,
         "seeds": seeds,
@@ -568,7 +594,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     t0 = time.perf_counter()
     for seed in seeds:
-        report["records"] += run_seed(overrides, seed, args.clients, variants, work, args.probes)
+        report["records"] += run_seed(
+            overrides, seed, args.clients, variants, work, args.probes
+        )
         report["summary"] = aggregate(report["records"])
         report["wall_s"] = time.perf_counter() - t0
         report["checks"] = checks(report["records"], report["summary"])

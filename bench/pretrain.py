@@ -117,17 +117,26 @@ class CaptionTable:
 def caption_table() -> CaptionTable:
     texts, labels, styles = phrase_bank(NUM_CLASSES, STYLES)
     groups = torch.as_tensor(
-        [int(c) * len(STYLES) + STYLES.index(s) for c, s in zip(labels, styles, strict=True)]
+        [
+            int(c) * len(STYLES) + STYLES.index(s)
+            for c, s in zip(labels, styles, strict=True)
+        ]
     )
-    members = [torch.nonzero(groups == g)[:, 0] for g in range(NUM_CLASSES * len(STYLES))]
+    members = [
+        torch.nonzero(groups == g)[:, 0] for g in range(NUM_CLASSES * len(STYLES))
+    ]
     return CaptionTable(texts, torch.as_tensor(labels), groups, members)
 
 
-def sample_captions(table: CaptionTable, groups: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def sample_captions(
+    table: CaptionTable, groups: torch.Tensor, g: torch.Generator
+) -> torch.Tensor:
     """One random bank caption (template and style word) per image of ``groups``."""
     sizes = torch.as_tensor([len(table.members[int(k)]) for k in groups])
     pick = (torch.rand(len(groups), generator=g) * sizes).long()
-    return torch.stack([table.members[int(k)][int(p)] for k, p in zip(groups, pick, strict=True)])
+    return torch.stack(
+        [table.members[int(k)][int(p)] for k, p in zip(groups, pick, strict=True)]
+    )
 
 
 def image_groups(labels: torch.Tensor, styles: list[str]) -> torch.Tensor:
@@ -185,7 +194,11 @@ def train_clip(
     warm = max(1, sch.clip_steps // 20)
 
     def lr_at(s: int) -> float:  # linear warm-up over 5% of the steps, then cosine
-        return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / sch.clip_steps))
+        return (
+            min(1.0, (s + 1) / warm)
+            * 0.5
+            * (1 + math.cos(math.pi * s / sch.clip_steps))
+        )
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     clip.train()
@@ -237,7 +250,9 @@ def retrieval_metrics(captioner, images, labels, styles, table: CaptionTable) ->
         pred_class = grp // len(STYLES)
         style_ok = np.asarray([p == s for p, s in zip(pred_style, styles, strict=True)])
         per_style = {
-            s: float(style_ok[[t == s for t in styles]].mean()) for s in STYLES if s in styles
+            s: float(style_ok[[t == s for t in styles]].mean())
+            for s in STYLES
+            if s in styles
         }
         out[mode] = {
             "style_accuracy": float(style_ok.mean()),
@@ -250,7 +265,9 @@ def retrieval_metrics(captioner, images, labels, styles, table: CaptionTable) ->
 # --------------------------------------------------------------------------- 3. generator
 
 
-def conditioning_table(encoder, table: CaptionTable) -> tuple[torch.Tensor, torch.Tensor]:
+def conditioning_table(
+    encoder, table: CaptionTable
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled unit-norm embeddings of every bank caption ``[M, 1, D]`` and of ``""``."""
     return encoder.encode(table.texts, "pooled"), encoder.encode([""], "pooled")
 
@@ -318,7 +335,9 @@ def train_generator(
         idx = balanced_indices(styles, sch.gen_batch, sch.plain_share, g)
         x0 = images[idx]
         grp = groups[idx]
-        cond = make_conditions(grp, sample_captions(table, grp, g), bank, uncond, table, sch, g)
+        cond = make_conditions(
+            grp, sample_captions(table, grp, g), bank, uncond, table, sch, g
+        )
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, T, (len(x0),), generator=g)
         xt = scheduler.add_noise(x0, noise, t)
@@ -376,7 +395,9 @@ def evaluate_samples(
     t0 = time.perf_counter()
     with tqdm(total=len(cond), desc="sample", mininterval=10) as bar:
         settings = SynthesisSettings(
-            guidance_scale=sch.guidance_scale, num_inference_steps=sch.eval_steps, seed=seed
+            guidance_scale=sch.guidance_scale,
+            num_inference_steps=sch.eval_steps,
+            seed=seed,
         )
         x = sample(gen, cond, uncond, progress=bar.update, **settings.kwargs())
     per_img = (time.perf_counter() - t0) / len(cond)
@@ -402,7 +423,9 @@ def evaluate_samples(
     return metrics, x.view(len(STYLES), NUM_CLASSES, n, *x.shape[1:]), per_img
 
 
-def evaluate_class_names(gen, judge, captioner, encoder, uncond, table, sch, seed) -> dict:
+def evaluate_class_names(
+    gen, judge, captioner, encoder, uncond, table, sch, seed
+) -> dict:
     """FGL-style prompts from the class name alone should give the dominant plain style."""
     from common.synthesis import sample
     from common.synthesis_settings import SynthesisSettings
@@ -414,7 +437,9 @@ def evaluate_class_names(gen, judge, captioner, encoder, uncond, table, sch, see
     cond = emb.repeat_interleave(n, 0)
     y = torch.arange(NUM_CLASSES).repeat_interleave(n)
     settings = SynthesisSettings(
-        guidance_scale=sch.guidance_scale, num_inference_steps=sch.eval_steps, seed=seed + 1
+        guidance_scale=sch.guidance_scale,
+        num_inference_steps=sch.eval_steps,
+        seed=seed + 1,
     )
     x = sample(gen, cond, uncond, **settings.kwargs())
     ret = retrieval_metrics(captioner, x, y, ["plain"] * len(y), table)["with_label"]
@@ -446,7 +471,9 @@ def save_grid(samples: torch.Tensor, path: Path, rows_per_style: int) -> None:
     ax.set_xticks([ci * (W + 1) + W / 2 for ci in range(C)], [str(c) for c in range(C)])
     ax.set_yticks([si * (r * H + 2) + r * H / 2 for si in range(S)], list(STYLES))
     ax.tick_params(length=0)
-    ax.set_title("embedded generator: mean caption embedding per (style, class), CFG 3, DDIM 20")
+    ax.set_title(
+        "embedded generator: mean caption embedding per (style, class), CFG 3, DDIM 20"
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -485,7 +512,9 @@ def write_card(out: Path, m: dict) -> None:
         "|---|---|---|---|",
     ]
     for k, v in m["models"].items():
-        lines.append(f"| `{k}/` | {v['what']} | {v['parameters']:,} | {v['bytes'] / 1e6:.2f} MB |")
+        lines.append(
+            f"| `{k}/` | {v['what']} | {v['parameters']:,} | {v['bytes'] / 1e6:.2f} MB |"
+        )
     lines += [
         "",
         f"Total size: {m['total_bytes'] / 1e6:.2f} MB.",
@@ -584,16 +613,24 @@ def write_card(out: Path, m: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench pretrain", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="common/embedded", help="output folder (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        prog="python -m bench pretrain", description=__doc__.split("\n")[0]
+    )
+    p.add_argument(
+        "--out", default="common/embedded", help="output folder (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--eval-only",
         action="store_true",
         help="re-evaluate the stack in --out (keeps its training wall times and losses)",
     )
-    p.add_argument("--quick", action="store_true", help="tiny schedule: a smoke test in < 2 min")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny schedule: a smoke test in < 2 min"
+    )
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch threads (default: %(default)s)"
+    )
     p.add_argument(
         "--stage",
         choices=("all", "feddiff"),
@@ -741,7 +778,13 @@ def train_stages(
     torch.manual_seed(args.seed)
     judge = SmallCNN(1, NUM_CLASSES)
     train_classifier(
-        judge, images, labels, epochs=sch.judge_epochs, seed=args.seed, progress=True, desc="judge"
+        judge,
+        images,
+        labels,
+        epochs=sch.judge_epochs,
+        seed=args.seed,
+        progress=True,
+        desc="judge",
     )
     save_classifier(judge, out / "judge", "cnn", 1, NUM_CLASSES)
     wall["judge"] = time.perf_counter() - t0
@@ -800,7 +843,9 @@ def main(argv: list[str] | None = None) -> int:
 
     previous = json.loads((out / "metrics.json").read_text()) if args.eval_only else {}
     if not args.eval_only:
-        train_stages(args, sch, out, images, styles, labels, groups, table, wall, previous)
+        train_stages(
+            args, sch, out, images, styles, labels, groups, table, wall, previous
+        )
     else:
         wall.update({k: previous["wall_s"][k] for k in ("clip", "generator", "judge")})
         log(f"--eval-only: evaluating the stack in {out}")
@@ -828,12 +873,16 @@ def main(argv: list[str] | None = None) -> int:
     x_test, y_test = x_test[: sch.num_test], y_test[: sch.num_test]
     y_test_t = torch.as_tensor(y_test)
     judge_test = {
-        s: accuracy(judge, render_style(x_test, s, IMAGE_SIZE, seed=args.seed + 100), y_test_t)
+        s: accuracy(
+            judge, render_style(x_test, s, IMAGE_SIZE, seed=args.seed + 100), y_test_t
+        )
         for s in STYLES
     }
     log(f"judge accuracy on MNIST test: {judge_test}")
     gen = load_generator(str((out / "generator").resolve()), scheduler="ddim")
-    samples, grid, _ = evaluate_samples(gen, judge, captioner, bank, uncond, table, sch, args.seed)
+    samples, grid, _ = evaluate_samples(
+        gen, judge, captioner, bank, uncond, table, sch, args.seed
+    )
     log(f"samples: {json.dumps(samples)}")
     class_names = evaluate_class_names(
         gen, judge, captioner, encoder, uncond, table, sch, args.seed
@@ -890,7 +939,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_card(out, metrics)
     metrics["total_bytes"] = folder_size(out)
-    log(f"done in {wall['total']:.0f} s; {out} is {metrics['total_bytes'] / 1e6:.2f} MB")
+    log(
+        f"done in {wall['total']:.0f} s; {out} is {metrics['total_bytes'] / 1e6:.2f} MB"
+    )
     return 0
 
 

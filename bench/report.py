@@ -52,7 +52,9 @@ def nbytes(x: float | None) -> str:
     return num(x, "{:,.0f}")
 
 
-def mean_std(m: float | None, s: float | None, scale: float = 1.0, fmt: str = "{:.2f}") -> str:
+def mean_std(
+    m: float | None, s: float | None, scale: float = 1.0, fmt: str = "{:.2f}"
+) -> str:
     """``"m ± s"`` (both times ``scale``, in ``fmt``); ``"m"`` without ``s``."""
     if m is None:
         return "n/a"

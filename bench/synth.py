@@ -117,7 +117,9 @@ def say(msg: str) -> None:
 # ---------------------------------------------------------------- pipeline part
 
 
-def build_sd(kind: str, px: int, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+def build_sd(
+    kind: str, px: int, device: torch.device, dtype: torch.dtype
+) -> tuple[Any, Any]:
     """``(Generator, StableDiffusionPipeline)`` sharing one set of random modules."""
     from diffusers import (
         AutoencoderKL,
@@ -130,11 +132,17 @@ def build_sd(kind: str, px: int, device: torch.device, dtype: torch.dtype) -> tu
     from common.generator import Generator
 
     unet_cfg, vae_cfg, text_cfg = (
-        (SD15_UNET, SD15_VAE, SD15_TEXT) if kind == "sd15" else (TINY_UNET, TINY_VAE, TINY_TEXT)
+        (SD15_UNET, SD15_VAE, SD15_TEXT)
+        if kind == "sd15"
+        else (TINY_UNET, TINY_VAE, TINY_TEXT)
     )
     down = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=px // down, **unet_cfg).to(device, dtype).eval()
+    unet = (
+        UNet2DConditionModel(sample_size=px // down, **unet_cfg)
+        .to(device, dtype)
+        .eval()
+    )
     vae = AutoencoderKL(sample_size=px, **vae_cfg).to(device, dtype).eval()
     text = CLIPTextModel(CLIPTextConfig(**text_cfg)).to(device, dtype).eval()
     sched = DDIMScheduler(
@@ -189,7 +197,10 @@ def compare_pipeline(
     uncond = torch.randn(1, tokens, dim, generator=g)
     # the engine's per-image x_T, handed to the pipeline as its latents
     latents = torch.stack(
-        [torch.randn(gen.sample_shape, generator=x) for x in image_generators(0, range(batch))]
+        [
+            torch.randn(gen.sample_shape, generator=x)
+            for x in image_generators(0, range(batch))
+        ]
     )
     if compile_unet:
         import dataclasses
@@ -230,7 +241,9 @@ def compare_pipeline(
             _sync(device)
             times[name].append(time.perf_counter() - t0)
             if device.type == "cuda":
-                peaks[name] = max(peaks[name] or 0, torch.cuda.max_memory_allocated(device))
+                peaks[name] = max(
+                    peaks[name] or 0, torch.cuda.max_memory_allocated(device)
+                )
     img_s = {k: batch / statistics.median(v) for k, v in times.items()}
     diff = float((images["engine"] - images["diffusers"]).abs().max())
     return {
@@ -269,7 +282,9 @@ def compare_workers(workers: list[int], n: int, steps: int) -> list[dict[str, An
     enc = load_text_encoder("embedded")
     cond = enc.encode([class_name_prompt(i % 10) for i in range(n)], "pooled")
     uncond = enc.encode([""], "pooled")
-    kw = SynthesisSettings(guidance_scale=3.0, num_inference_steps=steps, batch_size=64).kwargs()
+    kw = SynthesisSettings(
+        guidance_scale=3.0, num_inference_steps=steps, batch_size=64
+    ).kwargs()
     t0 = time.perf_counter()
     ref = sample(gen, cond, uncond, **kw)
     rows = [
@@ -301,36 +316,55 @@ def compare_workers(workers: list[int], n: int, steps: int) -> list[dict[str, An
 
 
 def quality_seed(
-    seed: int, settings: dict[str, dict[str, Any]], num_clients: int, overrides: dict[str, Any]
+    seed: int,
+    settings: dict[str, dict[str, Any]],
+    num_clients: int,
+    overrides: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """One seed: the clients' uploads once, then every sampler setting."""
     from bench.accuracy import default_run_config
     from bench.inprocess import federation, run_variant
 
     fed = federation(default_run_config() | overrides | {"seed": seed}, num_clients)
-    return [run_variant(fed, over, name) | {"setting": name} for name, over in settings.items()]
+    return [
+        run_variant(fed, over, name) | {"setting": name}
+        for name, over in settings.items()
+    ]
 
 
-def summarize_quality(rows: list[dict[str, Any]], ref: str = "default") -> list[dict[str, Any]]:
+def summarize_quality(
+    rows: list[dict[str, Any]], ref: str = "default"
+) -> list[dict[str, Any]]:
     """Mean ± std per setting, speed-up, and paired per-seed differences to ``ref``."""
     out = []
     by = {(r["setting"], r["seed"]): r for r in rows}
     seeds = sorted({r["seed"] for r in rows})
     for name in dict.fromkeys(r["setting"] for r in rows):
         mine = [by[(name, s)] for s in seeds if (name, s) in by]
-        pairs = [(by[(name, s)], by[(ref, s)]) for s in seeds if (name, s) in by and (ref, s) in by]
+        pairs = [
+            (by[(name, s)], by[(ref, s)])
+            for s in seeds
+            if (name, s) in by and (ref, s) in by
+        ]
         d_acc = [a["accuracy"] - b["accuracy"] for a, b in pairs]
         d_glob = [
             a["global_accuracy"] - b["global_accuracy"]
             for a, b in pairs
-            if a.get("global_accuracy") is not None and b.get("global_accuracy") is not None
+            if a.get("global_accuracy") is not None
+            and b.get("global_accuracy") is not None
         ]
         d_fid = [a["fid_proxy"] - b["fid_proxy"] for a, b in pairs]
         speed = [a["img_s"] / b["img_s"] for a, b in pairs]
         ref_rows = [by[(ref, s)] for s in seeds if (ref, s) in by]
         noise_acc = std([r["accuracy"] for r in ref_rows]) or 0.0
         noise_glob = (
-            std([r["global_accuracy"] for r in ref_rows if r.get("global_accuracy") is not None])
+            std(
+                [
+                    r["global_accuracy"]
+                    for r in ref_rows
+                    if r.get("global_accuracy") is not None
+                ]
+            )
             or 0.0
         )
         noise_fid = std([r["fid_proxy"] for r in ref_rows]) or 0.0
@@ -343,7 +377,11 @@ def summarize_quality(rows: list[dict[str, Any]], ref: str = "default") -> list[
                 "accuracy": mean(r["accuracy"] for r in mine),
                 "global_accuracy": mean(r.get("global_accuracy") for r in mine),
                 "global_accuracy_std": std(
-                    [r["global_accuracy"] for r in mine if r.get("global_accuracy") is not None]
+                    [
+                        r["global_accuracy"]
+                        for r in mine
+                        if r.get("global_accuracy") is not None
+                    ]
                 ),
                 "d_global_accuracy": mean(d_glob),
                 "d_global_accuracy_per_seed": d_glob,
@@ -423,7 +461,11 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
             md_table(
                 ["workers", "img/s", "max abs diff to one process"],
                 [
-                    [str(r["workers"]), num(r["img_s"]), num(r["max_abs_diff"], "{:.1e}")]
+                    [
+                        str(r["workers"]),
+                        num(r["img_s"]),
+                        num(r["max_abs_diff"], "{:.1e}"),
+                    ]
                     for r in report["workers"]
                 ],
             )
@@ -469,16 +511,22 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench synth", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench synth", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--parts", default="pipeline,workers,quality")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--compile", action="store_true", help="also the compiled UNet (cuda)")
+    p.add_argument(
+        "--compile", action="store_true", help="also the compiled UNet (cuda)"
+    )
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--workers", default="1,2")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--settings", default=",".join(QUALITY_SETTINGS))
     p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--quick", action="store_true", help="the accuracy bench's quick world")
+    p.add_argument(
+        "--quick", action="store_true", help="the accuracy bench's quick world"
+    )
     p.add_argument("--out", default="bench-results")
     return p
 
@@ -491,7 +539,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     bad = sorted(set(parts) - {"pipeline", "workers", "quality"})
-    settings = {s: QUALITY_SETTINGS[s] for s in args.settings.split(",") if s in QUALITY_SETTINGS}
+    settings = {
+        s: QUALITY_SETTINGS[s]
+        for s in args.settings.split(",")
+        if s in QUALITY_SETTINGS
+    }
     if bad or not settings:
         raise SystemExit(
             f"--parts must be among pipeline, workers, quality (got {bad}); "
@@ -507,13 +559,19 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     # parts not run this time keep their numbers from the last report
     previous = out / "synth.json"
-    report: dict[str, Any] = json.loads(previous.read_text()) if previous.is_file() else {}
+    report: dict[str, Any] = (
+        json.loads(previous.read_text()) if previous.is_file() else {}
+    )
     report |= {"machine": machine, "args": vars(args), "notes": []}
     t_all = time.perf_counter()
     if "pipeline" in parts:
         runs = (
             [("sd15", 512, 32, 25, 7.5, torch.bfloat16, False)]
-            + ([("sd15", 512, 32, 25, 7.5, torch.bfloat16, True)] if args.compile else [])
+            + (
+                [("sd15", 512, 32, 25, 7.5, torch.bfloat16, True)]
+                if args.compile
+                else []
+            )
             if device.type == "cuda"
             else [
                 ("tiny", 32, 16, 20, 7.5, torch.float32, False),
@@ -524,7 +582,9 @@ def main(argv: list[str] | None = None) -> int:
         for kind, px, batch, steps, w, dtype, comp in runs:
             say(f"pipeline: {kind} {px}px batch {batch}, {steps} steps")
             report["pipeline"].append(
-                compare_pipeline(kind, px, batch, steps, w, args.reps, device, dtype, comp)
+                compare_pipeline(
+                    kind, px, batch, steps, w, args.reps, device, dtype, comp
+                )
             )
             r = report["pipeline"][-1]
             say(
@@ -533,7 +593,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             write_report(out, report)
         if device.type == "cuda":
-            report["notes"].append(f"H100 compute floor at this setting: {H100_FLOOR_IMG_S} img/s")
+            report["notes"].append(
+                f"H100 compute floor at this setting: {H100_FLOOR_IMG_S} img/s"
+            )
         else:
             report["notes"].append("peak memory is measured on CUDA only")
     if "workers" in parts:

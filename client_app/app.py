@@ -84,7 +84,9 @@ def _job(msg: Message, context: Context) -> ClientJob:
         data=client_data(cfg, max(pid, 0), max(n, 1)),
         node_id=int(context.node_id),
         config=dict(msg.content.config_records.get(C.KEY_CONFIG, {})),
-        arrays={k: C.from_array_record(rec) for k, rec in msg.content.array_records.items()},
+        arrays={
+            k: C.from_array_record(rec) for k, rec in msg.content.array_records.items()
+        },
         memory=C.from_array_record(memory) if memory is not None else {},
         node_classifier=node_classifier,
     )
@@ -107,9 +109,13 @@ def collect(msg: Message, context: Context) -> Message:
     method = _method(job, msg.metadata.message_type, "collect")
     result = method.client_collect(job)
     arrays = {method.payload_key: result.payload} if method.payload_key else {}
-    content = C.pack_reply(job.meta() | result.meta, result.metrics, arrays, result.half)
+    content = C.pack_reply(
+        job.meta() | result.meta, result.metrics, arrays, result.half
+    )
     if method.payload_key:
-        context.state[MEMORY] = ArrayRecord(dict(content.array_records[method.payload_key]))
+        context.state[MEMORY] = ArrayRecord(
+            dict(content.array_records[method.payload_key])
+        )
     return Message(content, reply_to=msg)
 
 

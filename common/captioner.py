@@ -15,7 +15,9 @@ from .text_encoder import TextEncoder
 from .weights import load_pretrained, resolve_model
 
 
-def prepare_pixels(images: torch.Tensor, model: Any, processor_cfg: dict | None) -> torch.Tensor:
+def prepare_pixels(
+    images: torch.Tensor, model: Any, processor_cfg: dict | None
+) -> torch.Tensor:
     """Images in ``[-1, 1]`` -> the pixel format a CLIP vision tower expects."""
     vcfg = model.config.vision_config
     x = images.float()
@@ -24,8 +26,12 @@ def prepare_pixels(images: torch.Tensor, model: Any, processor_cfg: dict | None)
     if x.shape[-1] != vcfg.image_size:
         x = F.interpolate(x, size=(vcfg.image_size, vcfg.image_size), mode="bicubic")
     if processor_cfg:  # a hub CLIP: [0, 1] then its mean/std
-        mean = torch.tensor(processor_cfg.get("image_mean", [0.5] * 3))[: vcfg.num_channels]
-        std = torch.tensor(processor_cfg.get("image_std", [0.5] * 3))[: vcfg.num_channels]
+        mean = torch.tensor(processor_cfg.get("image_mean", [0.5] * 3))[
+            : vcfg.num_channels
+        ]
+        std = torch.tensor(processor_cfg.get("image_std", [0.5] * 3))[
+            : vcfg.num_channels
+        ]
         x = ((x + 1) / 2 - mean[:, None, None]) / std[:, None, None]
     return x
 
@@ -55,7 +61,9 @@ class RetrievalCaptioner:
     ) -> list[str]:
         out: list[str] = []
         for i in range(0, len(images), batch_size):
-            px = prepare_pixels(images[i : i + batch_size], self.model, self.processor_cfg)
+            px = prepare_pixels(
+                images[i : i + batch_size], self.model, self.processor_cfg
+            )
             emb = self.model.get_image_features(pixel_values=px.to(self.model.dtype))
             emb = F.normalize(getattr(emb, "pooler_output", emb).float(), dim=-1)
             sim = emb @ self.bank_embeds.T
@@ -83,7 +91,11 @@ class GenerativeCaptioner:
     ) -> list[str]:
         out: list[str] = []
         for i in range(0, len(images), batch_size):
-            x = ((images[i : i + batch_size].float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+            x = (
+                ((images[i : i + batch_size].float() + 1) * 127.5)
+                .clamp(0, 255)
+                .to(torch.uint8)
+            )
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
             inputs = self.processor(images=list(x), return_tensors="pt")
@@ -106,7 +118,9 @@ def load_captioner(
     if cfg.model_type == "clip":
         model = load_pretrained(CLIPModel, path, "captioner").to(device).eval()
         tokenizer = load_pretrained(AutoTokenizer, path, "captioner")
-        enc = TextEncoder(model=model, tokenizer=tokenizer, name=name, device=torch.device(device))
+        enc = TextEncoder(
+            model=model, tokenizer=tokenizer, name=name, device=torch.device(device)
+        )
         bank = enc.encode(bank_texts, "pooled")[:, 0, :]
         proc_file = Path(path) / "preprocessor_config.json"
         proc = json.loads(proc_file.read_text()) if proc_file.is_file() else None
@@ -115,10 +129,16 @@ def load_captioner(
                 "image_mean": [0.4815, 0.4578, 0.4082],
                 "image_std": [0.2686, 0.2613, 0.2758],
             }
-        return RetrievalCaptioner(model, list(bank_texts), bank_labels.clone(), bank, proc)
+        return RetrievalCaptioner(
+            model, list(bank_texts), bank_labels.clone(), bank, proc
+        )
     from transformers import AutoModelForImageTextToText
 
-    model = load_pretrained(AutoModelForImageTextToText, path, "captioner").to(device).eval()
+    model = (
+        load_pretrained(AutoModelForImageTextToText, path, "captioner")
+        .to(device)
+        .eval()
+    )
     processor = load_pretrained(AutoProcessor, path, "captioner")
     return GenerativeCaptioner(model, processor)
 
@@ -136,7 +156,9 @@ class ImageEncoder:
     def encode(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         out = []
         for i in range(0, len(images), batch_size):
-            px = prepare_pixels(images[i : i + batch_size], self.model, self.processor_cfg)
+            px = prepare_pixels(
+                images[i : i + batch_size], self.model, self.processor_cfg
+            )
             emb = self.model.get_image_features(pixel_values=px.to(self.model.dtype))
             out.append(F.normalize(getattr(emb, "pooler_output", emb).float(), dim=-1))
         return torch.cat(out) if out else torch.empty(0)

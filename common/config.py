@@ -216,7 +216,8 @@ def _describe(e: ValidationError, known: list[str]) -> list[str]:
         key = ".".join(str(p) for p in err["loc"]) or "<config>"
         if err["type"] == "extra_forbidden":
             lines.append(
-                f"unknown key {key!r} (value {err['input']!r}); known keys: " + ", ".join(known)
+                f"unknown key {key!r} (value {err['input']!r}); known keys: "
+                + ", ".join(known)
             )
         else:
             lines.append(f"{key} = {err['input']!r}: {err['msg']}")

@@ -48,7 +48,9 @@ class PayloadError(ValueError):
 # ---------------------------------------------------------------- tensors <-> records
 
 
-def to_array_record(tensors: dict[str, torch.Tensor], half: bool = False) -> ArrayRecord:
+def to_array_record(
+    tensors: dict[str, torch.Tensor], half: bool = False
+) -> ArrayRecord:
     """Tensors -> ArrayRecord. bf16 cannot travel in an ArrayRecord: it goes as fp16."""
     out: dict[str, Array] = {}
     for k, t in tensors.items():
@@ -67,7 +69,9 @@ def from_array_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
             arr = np.array(v.numpy(), copy=True)
             out[str(k)] = torch.from_numpy(arr)
         except Exception as e:  # a corrupt array is one client's problem
-            raise PayloadError(f"array {_short(k)!r} cannot be decoded: {_short(e)}") from None
+            raise PayloadError(
+                f"array {_short(k)!r} cannot be decoded: {_short(e)}"
+            ) from None
     return out
 
 
@@ -155,14 +159,20 @@ def _check_meta(meta: dict[str, Any]) -> None:
         if not isinstance(k, str) or len(k) > 64:
             raise PayloadError(f"meta key {_short(k)!r} is not a short string")
         if isinstance(v, str | bytes) and len(v) > MAX_STRING:
-            raise PayloadError(f"meta {k!r} is {len(v)} characters long (limit {MAX_STRING})")
+            raise PayloadError(
+                f"meta {k!r} is {len(v)} characters long (limit {MAX_STRING})"
+            )
         if not isinstance(v, str | bool | int | float):
-            raise PayloadError(f"meta {k!r} has type {type(v).__name__}: expected a scalar")
+            raise PayloadError(
+                f"meta {k!r} has type {type(v).__name__}: expected a scalar"
+            )
         if isinstance(v, float) and not math.isfinite(v):
             raise PayloadError(f"meta {k!r} is {v}")
 
 
-def _int_field(value: Any, name: str, lo: int, hi: int, allow_float: bool = False) -> int:
+def _int_field(
+    value: Any, name: str, lo: int, hi: int, allow_float: bool = False
+) -> int:
     """An integer in ``[lo, hi)``; an integral float only where ``allow_float``
     (MetricRecord numbers travel as floats)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -180,7 +190,9 @@ def _metrics(record: Any) -> dict[str, float]:
     out: dict[str, float] = {}
     for k, v in record.items():
         if isinstance(v, bool) or not isinstance(v, int | float):
-            raise PayloadError(f"metric {_short(k)!r} is a {type(v).__name__}: expected one number")
+            raise PayloadError(
+                f"metric {_short(k)!r} is a {type(v).__name__}: expected one number"
+            )
         v = float(v)
         if not math.isfinite(v):
             raise PayloadError(f"metric {_short(k)!r} is {v}")
@@ -203,7 +215,9 @@ def unpack_reply(
     except PayloadError:
         raise
     except Exception as e:  # anything a hostile reply can trigger
-        raise PayloadError(f"malformed reply ({e.__class__.__name__}: {_short(e)})") from None
+        raise PayloadError(
+            f"malformed reply ({e.__class__.__name__}: {_short(e)})"
+        ) from None
 
 
 def _unpack_reply(
@@ -270,7 +284,9 @@ def _unpack_reply(
 # ---------------------------------------------------------------- tensor checks
 
 
-def require(tensors: dict[str, torch.Tensor], key: str, what: str = "payload") -> torch.Tensor:
+def require(
+    tensors: dict[str, torch.Tensor], key: str, what: str = "payload"
+) -> torch.Tensor:
     if key not in tensors:
         raise PayloadError(f"{what} lacks {key!r} (has {sorted(tensors)[:5]})")
     return tensors[key]
@@ -279,7 +295,9 @@ def require(tensors: dict[str, torch.Tensor], key: str, what: str = "payload") -
 def check_float(t: torch.Tensor, name: str) -> None:
     """A floating tensor with finite values (weights, embeddings)."""
     if t.dtype not in FLOAT_DTYPES:
-        raise PayloadError(f"tensor {name!r} has dtype {t.dtype}, expected floating point")
+        raise PayloadError(
+            f"tensor {name!r} has dtype {t.dtype}, expected floating point"
+        )
     if not torch.isfinite(t.float()).all():
         raise PayloadError(f"tensor {name!r} contains NaN or Inf")
 
@@ -301,7 +319,9 @@ def check_int_ids(
     if max_repeat == 1 and most > 1:
         raise PayloadError(f"{name} repeats an id")
     if most > max_repeat:
-        raise PayloadError(f"{most} entries for one id in {name}, more than {what}={max_repeat}")
+        raise PayloadError(
+            f"{most} entries for one id in {name}, more than {what}={max_repeat}"
+        )
     return ids
 
 
@@ -324,4 +344,6 @@ def check_state_dict(
         if ref.is_floating_point():
             check_float(t, k)
         elif t.dtype != ref.dtype:
-            raise PayloadError(f"{what} tensor {k!r} has dtype {t.dtype}, expected {ref.dtype}")
+            raise PayloadError(
+                f"{what} tensor {k!r} has dtype {t.dtype}, expected {ref.dtype}"
+            )

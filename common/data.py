@@ -39,7 +39,9 @@ def domain_parts(domain: str) -> tuple[str, tuple[str, ...]]:
     parts = [p.strip() for p in domain.split("+")]
     base, extra = parts[0], tuple(parts[1:])
     if base not in STYLES:
-        raise ValueError(f"domain {domain!r}: style {base!r} is not one of {', '.join(STYLES)}")
+        raise ValueError(
+            f"domain {domain!r}: style {base!r} is not one of {', '.join(STYLES)}"
+        )
     bad = [t for t in extra if t not in UNSEEN_TRANSFORMS]
     if bad:
         raise ValueError(
@@ -92,7 +94,9 @@ STYLE_TEMPLATES: tuple[str, ...] = (
     "an image of a {word} handwritten {name}",
 )
 
-MNIST_PUBLIC_SIZE = 30_000  # MNIST train[:30000] pretrains the stack, train[30000:] is for clients
+MNIST_PUBLIC_SIZE = (
+    30_000  # MNIST train[:30000] pretrains the stack, train[30000:] is for clients
+)
 
 
 # --------------------------------------------------------------------------- MNIST
@@ -115,7 +119,9 @@ def _read_idx(path: Path) -> np.ndarray:
         data = f.read()
     magic = int.from_bytes(data[0:4], "big")
     ndim = magic & 0xFF
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(
+        int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
+    )
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -178,12 +184,18 @@ def render_style(
             x = torch.flip(x, dims=(-2,))
         elif t == "small":  # the digit at half size in the top-left quarter
             h = x.shape[-1]
-            small = F.interpolate(x, size=(h // 2, h // 2), mode="bilinear", antialias=True)
-            bg = x[..., :1, :1].expand_as(x).clone()  # the background level of each image
+            small = F.interpolate(
+                x, size=(h // 2, h // 2), mode="bilinear", antialias=True
+            )
+            bg = (
+                x[..., :1, :1].expand_as(x).clone()
+            )  # the background level of each image
             bg[..., : h // 2, : h // 2] = small
             x = bg
     if x.shape[-1] != image_size:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)
+        x = F.interpolate(
+            x, size=(image_size, image_size), mode="bilinear", antialias=True
+        )
     if style == "thin":  # restore full contrast lost to the thinner stroke
         x = x / x.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-3)
     if "small" in extra:  # restore the contrast the half-size stroke lost

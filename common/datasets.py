@@ -81,7 +81,9 @@ class ClientData:
     test_labels: torch.Tensor
     domain: str
     info: DatasetInfo = field(
-        default_factory=lambda: DatasetInfo("mnist", mnist_world.DIGIT_NAMES, digits=True)
+        default_factory=lambda: DatasetInfo(
+            "mnist", mnist_world.DIGIT_NAMES, digits=True
+        )
     )
 
     @property
@@ -181,11 +183,17 @@ class DatasetSource(Protocol):
 
     def info(self, args: DataArgs) -> DatasetInfo | None: ...
 
-    def load(self, args: DataArgs, partition_id: int, num_partitions: int) -> ClientData: ...
+    def load(
+        self, args: DataArgs, partition_id: int, num_partitions: int
+    ) -> ClientData: ...
 
-    def federation_domains(self, args: DataArgs, num_partitions: int) -> tuple[str, ...]: ...
+    def federation_domains(
+        self, args: DataArgs, num_partitions: int
+    ) -> tuple[str, ...]: ...
 
-    def public_pairs(self, args: DataArgs, n: int) -> tuple[torch.Tensor, list[str]] | None:
+    def public_pairs(
+        self, args: DataArgs, n: int
+    ) -> tuple[torch.Tensor, list[str]] | None:
         """Public images with captions (never a client's), or None."""
         ...
 
@@ -283,7 +291,9 @@ def _dirichlet_indices(
     raise AssertionError("unreachable")
 
 
-def _split_train_test(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _split_train_test(
+    n: int, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
     n_test = max(1, int(round(n * test_fraction)))
     return perm[n_test:], perm[:n_test]
@@ -296,7 +306,9 @@ def _cap(idx: np.ndarray, args: DataArgs, partition_id: int) -> np.ndarray:
     return idx
 
 
-def _balanced_ids(labels: np.ndarray, num_classes: int, per_class: int, seed: int) -> np.ndarray:
+def _balanced_ids(
+    labels: np.ndarray, num_classes: int, per_class: int, seed: int
+) -> np.ndarray:
     """``per_class`` ids of every class (all of a smaller class), drawn from
     ``seed``; sorted, so the set does not depend on the draw order."""
     rng = np.random.default_rng(seed)
@@ -336,15 +348,21 @@ class MnistSource:
         domains = args.domains if args.dataset == "mnist-domains" else ("plain",)
         return DatasetInfo(args.dataset, mnist_world.DIGIT_NAMES, 1, domains, True)
 
-    def load(self, args: DataArgs, partition_id: int, num_partitions: int) -> ClientData:
+    def load(
+        self, args: DataArgs, partition_id: int, num_partitions: int
+    ) -> ClientData:
         raw, labels = mnist_world.mnist_client_pool()
         styled = args.dataset == "mnist-domains"
         pool_domains = (
-            np.asarray([args.domains[j % len(args.domains)] for j in range(len(labels))])
+            np.asarray(
+                [args.domains[j % len(args.domains)] for j in range(len(labels))]
+            )
             if styled
             else None
         )
-        idx = _partition_indices(labels, pool_domains, args, partition_id, num_partitions)
+        idx = _partition_indices(
+            labels, pool_domains, args, partition_id, num_partitions
+        )
         if not styled:
             domain = "plain"
         elif args.partition == "domain" and pool_domains is not None:
@@ -358,23 +376,31 @@ class MnistSource:
         y = torch.as_tensor(labels[idx])
         return _client_split(images, y, domain, self.info(args), args, partition_id)
 
-    def federation_domains(self, args: DataArgs, num_partitions: int) -> tuple[str, ...]:
+    def federation_domains(
+        self, args: DataArgs, num_partitions: int
+    ) -> tuple[str, ...]:
         """Partition ``p`` holds ``domains[p mod K]`` (as ``load`` assigns them)."""
         if args.dataset != "mnist-domains":
             return ("plain",)
         names = args.domains
         if args.partition == "domain":  # load's first-seen order of the pool
             names = tuple(dict.fromkeys(names))
-        return tuple(dict.fromkeys(names[p % len(names)] for p in range(num_partitions)))
+        return tuple(
+            dict.fromkeys(names[p % len(names)] for p in range(num_partitions))
+        )
 
     def public_pairs(self, args: DataArgs, n: int) -> tuple[torch.Tensor, list[str]]:
         """The public half of MNIST (what the embedded stack was pretrained on) in
         its styles, with their templated captions."""
         styled = mnist_world.public_styled_set(args.image_size, seed=args.seed)
         g = np.random.default_rng(args.seed)
-        idx = np.sort(g.choice(len(styled.labels), size=min(n, len(styled.labels)), replace=False))
+        idx = np.sort(
+            g.choice(len(styled.labels), size=min(n, len(styled.labels)), replace=False)
+        )
         caps = [
-            mnist_world.caption(int(styled.labels[i]), styled.styles[i], int(i) % 4, int(i) % 2)
+            mnist_world.caption(
+                int(styled.labels[i]), styled.styles[i], int(i) % 4, int(i) % 2
+            )
             for i in idx
         ]
         return styled.images[idx], caps
@@ -403,7 +429,8 @@ class MnistSource:
 
 def _is_hf_folder(path: Path) -> bool:
     return any(
-        (path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")
+        (path / f).is_file()
+        for f in ("dataset_info.json", "dataset_dict.json", "state.json")
     )
 
 
@@ -447,7 +474,9 @@ class HuggingFaceSource:
         path = Path(name).expanduser()
         try:
             ds = (
-                datasets.load_from_disk(str(path)) if path.exists() else datasets.load_dataset(name)
+                datasets.load_from_disk(str(path))
+                if path.exists()
+                else datasets.load_dataset(name)
             )
         except Exception as e:
             raise FileNotFoundError(
@@ -462,8 +491,12 @@ class HuggingFaceSource:
         import datasets
 
         feats = ds.features
-        image = next((k for k, f in feats.items() if isinstance(f, datasets.Image)), None)
-        label = next((k for k, f in feats.items() if isinstance(f, datasets.ClassLabel)), None)
+        image = next(
+            (k for k, f in feats.items() if isinstance(f, datasets.Image)), None
+        )
+        label = next(
+            (k for k, f in feats.items() if isinstance(f, datasets.ClassLabel)), None
+        )
         if image is None or label is None:
             raise ValueError(
                 f"dataset={name!r} needs an Image column and a ClassLabel column; "
@@ -481,7 +514,9 @@ class HuggingFaceSource:
         names = tuple(ds.features[label].names)
         return DatasetInfo(args.dataset, names, 1 if mode in ("L", "1") else 3, domains)
 
-    def load(self, args: DataArgs, partition_id: int, num_partitions: int) -> ClientData:
+    def load(
+        self, args: DataArgs, partition_id: int, num_partitions: int
+    ) -> ClientData:
         ds = self._open(args.dataset)
         info = self.info(args)
         image, label = self._columns(args.dataset, ds)
@@ -490,11 +525,17 @@ class HuggingFaceSource:
         idx = _partition_indices(labels, doms, args, partition_id, num_partitions)
         idx = _cap(idx, args, partition_id)
         rows = ds.select(idx.tolist())[image]
-        images = torch.stack([_pil_to_tensor(im, info.channels, args.image_size) for im in rows])
+        images = torch.stack(
+            [_pil_to_tensor(im, info.channels, args.image_size) for im in rows]
+        )
         domain = str(doms[idx[0]]) if doms is not None and len(idx) else "plain"
-        return _client_split(images, torch.as_tensor(labels[idx]), domain, info, args, partition_id)
+        return _client_split(
+            images, torch.as_tensor(labels[idx]), domain, info, args, partition_id
+        )
 
-    def federation_domains(self, args: DataArgs, num_partitions: int) -> tuple[str, ...]:
+    def federation_domains(
+        self, args: DataArgs, num_partitions: int
+    ) -> tuple[str, ...]:
         """Which partition holds which domain only the clients know: all of them."""
         return self.info(args).domains or ("plain",)
 
@@ -527,7 +568,9 @@ class HuggingFaceSource:
         xs, ys, ks = [], [], []
         for k, d in enumerate(domains):
             rows = np.flatnonzero(doms == d)
-            ids = rows[_balanced_ids(labels[rows], info.num_classes, per_class, args.seed)]
+            ids = rows[
+                _balanced_ids(labels[rows], info.num_classes, per_class, args.seed)
+            ]
             xs += [
                 _pil_to_tensor(im, info.channels, args.image_size)
                 for im in ds.select(ids.tolist())[image]
@@ -561,26 +604,38 @@ class ImageFolderSource:
     def info(self, args: DataArgs) -> None:
         return None
 
-    def load(self, args: DataArgs, partition_id: int, num_partitions: int) -> ClientData:
-        images, y, class_names, all_domains = _load_image_folder(args.dataset, args.image_size)
-        idx = _partition_indices(y.numpy(), all_domains, args, partition_id, num_partitions)
+    def load(
+        self, args: DataArgs, partition_id: int, num_partitions: int
+    ) -> ClientData:
+        images, y, class_names, all_domains = _load_image_folder(
+            args.dataset, args.image_size
+        )
+        idx = _partition_indices(
+            y.numpy(), all_domains, args, partition_id, num_partitions
+        )
         idx = _cap(idx, args, partition_id)
         domain = str(all_domains[idx[0]]) if all_domains is not None else "plain"
         info = DatasetInfo(
             args.dataset,
             tuple(class_names),
             1,
-            tuple(dict.fromkeys(all_domains.tolist())) if all_domains is not None else (),
+            tuple(dict.fromkeys(all_domains.tolist()))
+            if all_domains is not None
+            else (),
         )
         return _client_split(images[idx], y[idx], domain, info, args, partition_id)
 
-    def federation_domains(self, args: DataArgs, num_partitions: int) -> tuple[str, ...]:
+    def federation_domains(
+        self, args: DataArgs, num_partitions: int
+    ) -> tuple[str, ...]:
         return ()  # the server does not read the clients' folders
 
     def public_pairs(self, args: DataArgs, n: int) -> None:
         return None
 
-    def global_test(self, args: DataArgs, domains: tuple[str, ...], per_class: int) -> None:
+    def global_test(
+        self, args: DataArgs, domains: tuple[str, ...], per_class: int
+    ) -> None:
         return None  # the clients' own files are all there is: no server test split
 
 
@@ -610,7 +665,9 @@ def known_domains(info: DatasetInfo | None) -> tuple[str, ...]:
     return info.domains if info is not None and info.domains else ("plain",)
 
 
-def participating_domains(info: DatasetInfo | None, reported: Iterable[Any]) -> tuple[str, ...]:
+def participating_domains(
+    info: DatasetInfo | None, reported: Iterable[Any]
+) -> tuple[str, ...]:
     """The dataset's domains that some client reported, in the dataset's order.
 
     ``reported`` is client input (the replies' meta ``domain``): only values equal
@@ -663,7 +720,9 @@ def _global_test_set(
     return src.global_test(args, domains, per_class)
 
 
-def public_pairs(args: DataArgs, n: int = 2000) -> tuple[torch.Tensor, list[str]] | None:
+def public_pairs(
+    args: DataArgs, n: int = 2000
+) -> tuple[torch.Tensor, list[str]] | None:
     """Up to ``n`` public (image, caption) pairs the server may use, or None."""
     return get_source(args.dataset).public_pairs(args, n)
 
@@ -704,7 +763,9 @@ def _load_image_folder(
             "image folder (<class>/<image> or <domain>/<class>/<image>)"
         )
     subdirs = sorted(p for p in path.iterdir() if p.is_dir())
-    nested = bool(subdirs) and all(any(q.is_dir() for q in d.iterdir()) for d in subdirs)
+    nested = bool(subdirs) and all(
+        any(q.is_dir() for q in d.iterdir()) for d in subdirs
+    )
     groups = [(d.name, d) for d in subdirs] if nested else [("plain", path)]
     class_names = sorted({c.name for _, g in groups for c in g.iterdir() if c.is_dir()})
     if not class_names:
@@ -726,7 +787,9 @@ def _load_image_folder(
                 ys.append(ci)
                 doms.append(dom)
     if not xs:
-        raise FileNotFoundError(f"dataset={root!r}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise FileNotFoundError(
+            f"dataset={root!r}: no images ({', '.join(IMAGE_SUFFIXES)})"
+        )
     images = torch.stack(xs)
     domains = np.asarray(doms) if nested else None
     return images, torch.as_tensor(ys), class_names, domains

@@ -31,7 +31,9 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if precision not in table:
-        raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+        raise ValueError(
+            f"precision={precision!r} is not one of {', '.join(PRECISIONS)}"
+        )
     if device.type == "cpu" and precision == "fp16":
         raise ValueError(
             "precision='fp16' is not supported for diffusion on the CPU; "

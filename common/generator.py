@@ -58,7 +58,9 @@ class Generator:
         for i in range(0, len(images), batch_size):
             x = images[i : i + batch_size].to(self.device, self.dtype)
             if x.shape[1] != self.vae.config.in_channels:
-                x = x.mean(1, keepdim=True).expand(-1, self.vae.config.in_channels, -1, -1)
+                x = x.mean(1, keepdim=True).expand(
+                    -1, self.vae.config.in_channels, -1, -1
+                )
             z = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
             out.append(z.float().cpu())
         return torch.cat(out)
@@ -110,7 +112,9 @@ def load_generator(
     has_vae = (local / "vae").is_dir() if local.exists() else True
     if has_vae:
         vae = (
-            load_pretrained(AutoencoderKL, path, "generator", subfolder="vae", torch_dtype=dtype)
+            load_pretrained(
+                AutoencoderKL, path, "generator", subfolder="vae", torch_dtype=dtype
+            )
             .to(device)
             .eval()
         )
@@ -143,7 +147,11 @@ def load_decoder(
     from diffusers import AutoencoderTiny
 
     path = resolve_model(name, "decoder", "decoder")
-    return load_pretrained(AutoencoderTiny, path, "decoder", torch_dtype=dtype).to(device).eval()
+    return (
+        load_pretrained(AutoencoderTiny, path, "decoder", torch_dtype=dtype)
+        .to(device)
+        .eval()
+    )
 
 
 def generator_fingerprint(unet: Any) -> str:
@@ -151,7 +159,9 @@ def generator_fingerprint(unet: Any) -> str:
 
     An adapter trained on another base model carries another fingerprint.
     """
-    h = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
+    h = hashlib.sha256(
+        json.dumps(dict(unet.config), sort_keys=True, default=str).encode()
+    )
     for name, p in unet.named_parameters():
         if "lora_" in name:
             continue
@@ -201,9 +211,13 @@ def build_generator(
     return unet, scheduler
 
 
-def save_generator(path: str | Path, unet: Any, scheduler: Any, embedding: str = "pooled") -> None:
+def save_generator(
+    path: str | Path, unet: Any, scheduler: Any, embedding: str = "pooled"
+) -> None:
     """Save in the diffusers folder layout (``unet/``, ``scheduler/``) + conditioning."""
     path = Path(path)
     unet.save_pretrained(path / "unet")
     scheduler.save_pretrained(path / "scheduler")
-    (path / "conditioning.json").write_text(json.dumps({"embedding": embedding}, indent=2))
+    (path / "conditioning.json").write_text(
+        json.dumps({"embedding": embedding}, indent=2)
+    )

@@ -187,7 +187,9 @@ def set_lora_state(
     result: Any = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER)
     # missing_keys lists the base weights too; only LoRA keys would be a problem.
     if result.unexpected_keys or any(".lora_" in k for k in result.missing_keys):
-        raise ValueError(f"peft did not load the LoRA state: unexpected {result.unexpected_keys}")
+        raise ValueError(
+            f"peft did not load the LoRA state: unexpected {result.unexpected_keys}"
+        )
     return unet
 
 
@@ -201,14 +203,18 @@ def _check_training_inputs(
     cond_dropout: float,
 ) -> None:
     if images.dim() != 4 or len(images) == 0:
-        raise ValueError(f"images has shape {tuple(images.shape)}; expected [N, C, H, W]")
+        raise ValueError(
+            f"images has shape {tuple(images.shape)}; expected [N, C, H, W]"
+        )
     if cond.dim() != 3 or len(cond) != len(images):
         raise ValueError(
             f"cond has shape {tuple(cond.shape)}; expected [N={len(images)}, L, D] "
             "(one conditioning sequence per image)"
         )
     if steps < 1 or batch_size < 1 or not lr > 0:
-        raise ValueError(f"steps={steps}, batch_size={batch_size}, lr={lr}: all must be > 0")
+        raise ValueError(
+            f"steps={steps}, batch_size={batch_size}, lr={lr}: all must be > 0"
+        )
     if not 0.0 <= cond_dropout < 1.0:
         raise ValueError(f"cond_dropout={cond_dropout} must be in [0, 1)")
     if cond_dropout > 0:

@@ -84,7 +84,9 @@ def _normalise_weights(weights: WeightsLike, n: int) -> Tensor:
             f"weights has {w.numel()} entries but there are {n} clients; pass one weight per client"
         )
     if not torch.isfinite(w).all() or (w < 0).any():
-        raise ValueError(f"weights={w.tolist()} must be finite and >= 0 (e.g. dataset sizes)")
+        raise ValueError(
+            f"weights={w.tolist()} must be finite and >= 0 (e.g. dataset sizes)"
+        )
     if w.sum() <= 0:
         raise ValueError(f"weights={w.tolist()} sum to 0; give a client weight > 0")
     return w / w.sum()
@@ -460,9 +462,13 @@ def merge_adapters(
         merged_rank = rank
     for p, (A, B) in factors.items():
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise ValueError(f"layer {p!r}: merge produced NaN/Inf; check the clients' adapters")
+            raise ValueError(
+                f"layer {p!r}: merge produced NaN/Inf; check the clients' adapters"
+            )
         if svd_type:
-            deltas = [delta_w(a, b, si) for a, b, si in zip(As[p], Bs[p], s, strict=True)]
+            deltas = [
+                delta_w(a, b, si) for a, b, si in zip(As[p], Bs[p], s, strict=True)
+            ]
             exact = torch.tensordot(w, torch.stack(deltas), dims=1)
             energies.append(_energy_kept(exact, A, B))
         pad = merged_rank - A.shape[0]

@@ -25,7 +25,9 @@ def per_class_mean(
     if len(embeddings) != len(labels):
         raise ValueError(f"{len(embeddings)} embeddings but {len(labels)} labels")
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"labels must be in [0, {num_classes}); got {labels.unique().tolist()}")
+        raise ValueError(
+            f"labels must be in [0, {num_classes}); got {labels.unique().tolist()}"
+        )
     counts = torch.bincount(labels, minlength=num_classes)
     flat = embeddings.reshape(len(embeddings), -1).double()
     sums = torch.zeros(num_classes, flat.shape[1], dtype=torch.float64)
@@ -47,7 +49,9 @@ def weighted_average(tensors: list[torch.Tensor], weights: list[float]) -> torch
     acc = torch.zeros_like(tensors[0], dtype=torch.float64)
     for t, w in zip(tensors, weights, strict=True):
         if t.shape != tensors[0].shape:
-            raise ValueError(f"shape mismatch: {tuple(t.shape)} vs {tuple(tensors[0].shape)}")
+            raise ValueError(
+                f"shape mismatch: {tuple(t.shape)} vs {tuple(tensors[0].shape)}"
+            )
         acc += t.double() * (w / total)
     return acc.float()
 
@@ -67,7 +71,9 @@ def cap_shares(weights: list[float], max_share: float) -> list[float]:
     if not 0 < max_share <= 1:
         raise ValueError(f"max_share={max_share} must be in (0, 1]")
     if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"weights must be finite, >= 0, with a positive sum; got {weights}")
+        raise ValueError(
+            f"weights must be finite, >= 0, with a positive sum; got {weights}"
+        )
     if max_share * n < 1:
         return [1.0 / n] * n
     total = float(sum(weights))
@@ -84,7 +90,9 @@ def cap_shares(weights: list[float], max_share: float) -> list[float]:
         for i in capped:
             shares[i] = max_share
         for i in free:
-            shares[i] = left * (weights[i] / free_total if free_total > 0 else 1 / len(free))
+            shares[i] = left * (
+                weights[i] / free_total if free_total > 0 else 1 / len(free)
+            )
 
 
 def fedavg_state_dicts(
@@ -147,13 +155,17 @@ def private_class_means(
     treated as public). Replacing one example moves a mean by at most
     ``2 * clip / n_c``. Returns ``(class_ids, noisy means, counts, max sigma)``.
     """
-    ids, means, counts = per_class_mean(clip_rows(embeddings, clip), labels, num_classes)
+    ids, means, counts = per_class_mean(
+        clip_rows(embeddings, clip), labels, num_classes
+    )
     max_sigma = 0.0
     noisy = means.clone()
     for i, n in enumerate(counts.tolist()):
         sigma = gaussian_sigma(epsilon, delta, 2.0 * clip / n)
         max_sigma = max(max_sigma, sigma)
-        noisy[i] += sigma * torch.randn(means[i].shape, generator=generator, dtype=means.dtype)
+        noisy[i] += sigma * torch.randn(
+            means[i].shape, generator=generator, dtype=means.dtype
+        )
     return ids, noisy, counts, max_sigma
 
 
@@ -169,7 +181,9 @@ def frechet_distance(
         eps = np.eye(len(sigma1)) * 1e-6
         covmean = np.asarray(linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps)))
     covmean = np.real(covmean)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(
+        diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+    )
 
 
 def feature_stats(feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -209,7 +223,10 @@ def kmeans(
         raise ValueError(f"kmeans: k={k} must be >= 1")
     w = None if weights is None else weights.double()
     if w is not None and (
-        w.shape != (len(x),) or not torch.isfinite(w).all() or (w < 0).any() or float(w.sum()) <= 0
+        w.shape != (len(x),)
+        or not torch.isfinite(w).all()
+        or (w < 0).any()
+        or float(w.sum()) <= 0
     ):
         raise ValueError(
             f"kmeans: weights must be [{len(x)}], finite, >= 0 with a positive sum; "
@@ -251,7 +268,9 @@ def kmeans(
     return c.float(), assign
 
 
-def fit_linear_map(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+def fit_linear_map(
+    x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3
+) -> torch.Tensor:
     """Ridge regression ``y ~ [x, 1] W``; returns ``W`` ``[D_x + 1, D_y]``.
 
     ``W = (X^T X + ridge I)^{-1} X^T Y`` with ``X = [x, 1]`` (the bias row is not
@@ -265,11 +284,15 @@ def fit_linear_map(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> tor
     reg[-1, -1] = 0.0
     # X^T Y a block of columns at a time: y may be a flattened token sequence
     # (77 x 1024 columns for SD 2.1), too large to hold in float64 at once
-    xty = torch.cat([X.T @ y[:, j : j + 4096].double() for j in range(0, y.shape[1], 4096)], 1)
+    xty = torch.cat(
+        [X.T @ y[:, j : j + 4096].double() for j in range(0, y.shape[1], 4096)], 1
+    )
     return torch.linalg.solve(X.T @ X + reg, xty).float()
 
 
-def apply_linear_map(x: torch.Tensor, w: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+def apply_linear_map(
+    x: torch.Tensor, w: torch.Tensor, normalize: bool = True
+) -> torch.Tensor:
     """``[x, 1] W``, optionally L2-normalised per row (pooled CLIP embeddings are)."""
     y = torch.cat([x.float(), torch.ones(*x.shape[:-1], 1)], -1) @ w
     return torch.nn.functional.normalize(y, dim=-1) if normalize else y
@@ -280,7 +303,9 @@ def apportion(n: int, weights: list[float]) -> list[int]:
     integers that sum to ``n``, each within one of ``n w_i / sum w``; ties go to
     the earlier weight. E.g. ``apportion(10, [1, 1, 1]) == [4, 3, 3]``."""
     if n < 0 or not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"apportion: n={n} >= 0 and weights {weights} >= 0, positive sum")
+        raise ValueError(
+            f"apportion: n={n} >= 0 and weights {weights} >= 0, positive sum"
+        )
     total = float(sum(weights))
     quotas = [n * w / total for w in weights]
     out = [int(q) for q in quotas]

@@ -102,7 +102,9 @@ class ResNet18(nn.Module):
         return self.head(self.embed(x))
 
 
-def build_classifier(arch: str, in_channels: int, num_classes: int, width: int = 32) -> nn.Module:
+def build_classifier(
+    arch: str, in_channels: int, num_classes: int, width: int = 32
+) -> nn.Module:
     if arch == "cnn":
         return SmallCNN(in_channels, num_classes, width)
     if arch == "resnet18":
@@ -275,7 +277,9 @@ def classify(
             "with save_classifier(..., class_names=..., image_size=...)"
         )
     if isinstance(images, (str, Path, Image.Image)):
-        raise TypeError(f"images is one {type(images).__name__}; pass a list of images or paths")
+        raise TypeError(
+            f"images is one {type(images).__name__}; pass a list of images or paths"
+        )
     names, size = list(cfg["class_names"]), int(cfg["image_size"])
     channels = int(cfg["in_channels"])
 
@@ -288,7 +292,9 @@ def classify(
         elif isinstance(im, Image.Image):
             xs.append(_pil_to_tensor(im, channels, size))
         else:
-            raise TypeError(f"images[{i}] is a {type(im).__name__}; give a PIL image or a path")
+            raise TypeError(
+                f"images[{i}] is a {type(im).__name__}; give a PIL image or a path"
+            )
     if not xs:
         return []
 

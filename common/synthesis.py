@@ -112,7 +112,11 @@ def probe_memory(
             torch.cuda.reset_peak_memory_stats(dev)
             x = torch.zeros(b, *gen.sample_shape, device=dev, dtype=gen.dtype)
             c = cond[:1].to(dev, gen.dtype).expand(b, -1, -1)
-            ctx = torch.cat([uncond[:1].to(dev, gen.dtype).expand(b, -1, -1), c]) if guided else c
+            ctx = (
+                torch.cat([uncond[:1].to(dev, gen.dtype).expand(b, -1, -1), c])
+                if guided
+                else c
+            )
             xin = torch.cat([x, x]) if guided else x
             gen.unet(xin, torch.tensor(999, device=dev), encoder_hidden_states=ctx)
             peaks.append(torch.cuda.max_memory_allocated(dev) - base)
@@ -197,7 +201,9 @@ def guidance_move(
         return step * grad
     rms = grad.flatten(1).pow(2).mean(1).sqrt()
     scale = torch.where(rms > 0, 1.0 / rms.clamp_min(1e-30), torch.zeros_like(rms))
-    sigma = (1.0 - torch.as_tensor(alpha_bar, dtype=grad.dtype, device=grad.device)).sqrt()
+    sigma = (
+        1.0 - torch.as_tensor(alpha_bar, dtype=grad.dtype, device=grad.device)
+    ).sqrt()
     return grad * (step * sigma * scale).view(-1, *[1] * (grad.ndim - 1))
 
 
@@ -285,11 +291,15 @@ def _denoise(
     x = torch.stack([torch.randn(gen.sample_shape, generator=g) for g in gens])
     x = x.to(gen.device, gen.dtype) * scheduler.init_noise_sigma
     step_kwargs: dict[str, Any] = (
-        {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        {"generator": gens}
+        if "generator" in inspect.signature(scheduler.step).parameters
+        else {}
     )
     extras = extras or []
     guided = guidance_scale != 1.0 or bool(extras)
-    context = torch.cat([u.expand(b, -1, -1), c, *(e for e, _ in extras)]) if guided else c
+    context = (
+        torch.cat([u.expand(b, -1, -1), c, *(e for e, _ in extras)]) if guided else c
+    )
     n_ctx = 2 + len(extras)
     # the unconditional pass stops after this many steps (diffusers' CFG cut-off)
     cutoff = math.ceil(guidance_cutoff * len(scheduler.timesteps))
@@ -301,7 +311,9 @@ def _denoise(
     def model_eps(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
         if guided and i < cutoff:
             xin = scheduler.scale_model_input(torch.cat([x] * n_ctx), t)
-            eps_all = gen.unet(xin, t, encoder_hidden_states=context).sample.chunk(n_ctx)
+            eps_all = gen.unet(xin, t, encoder_hidden_states=context).sample.chunk(
+                n_ctx
+            )
             eps_u = eps_all[0]
             eps = eps_u + guidance_scale * (eps_all[1] - eps_u)
             for (_, w), eps_k in zip(extras, eps_all[2:], strict=True):
@@ -313,7 +325,9 @@ def _denoise(
     guide = latent_guidance
     n_guided = 0 if guide is None else math.ceil(guide.until * len(scheduler.timesteps))
 
-    def guide_step(x: torch.Tensor, t: torch.Tensor, i: int, warmup: bool) -> torch.Tensor:
+    def guide_step(
+        x: torch.Tensor, t: torch.Tensor, i: int, warmup: bool
+    ) -> torch.Tensor:
         # x_t <- x_t - step * grad_x loss(D(x0_hat(x_t, eps(x_t))))  (FedLMG)
         assert guide is not None and to_images is not None and rows is not None
         with torch.enable_grad():
@@ -322,7 +336,9 @@ def _denoise(
             loss = guide.loss(to_images(x0), rows, warmup)[: len(rows)].sum()
             (grad,) = torch.autograd.grad(loss, xg)
         a = scheduler.alphas_cumprod.to(x.device)[int(t)]
-        return (x - guidance_move(grad.to(x.dtype), guide.step, a, guide.normalize)).detach()
+        return (
+            x - guidance_move(grad.to(x.dtype), guide.step, a, guide.normalize)
+        ).detach()
 
     for i, t in enumerate(scheduler.timesteps):
         if guide is not None and i < n_guided:
@@ -374,7 +390,13 @@ def sample(
     """
     # 1. Check inputs and plan the batch
     check_inputs(
-        gen, cond, uncond, guidance_scale, num_inference_steps, batch_size, guidance_cutoff
+        gen,
+        cond,
+        uncond,
+        guidance_scale,
+        num_inference_steps,
+        batch_size,
+        guidance_cutoff,
     )
     extra_conds = list(extra_conds or [])
     for k, (e, w) in enumerate(extra_conds):
@@ -389,7 +411,9 @@ def sample(
         x = z if gen.vae is None and decoder is None else _decode(gen, decoder, z)
         return to_dataset_format(x, *resize_to) if resize_to is not None else x
 
-    batch, chunk = _plan(gen, cond, uncond, guidance_scale, batch_size, memory, free_bytes)
+    batch, chunk = _plan(
+        gen, cond, uncond, guidance_scale, batch_size, memory, free_bytes
+    )
     out: list[torch.Tensor] = []
     start = 0
     while start < len(cond):
@@ -515,7 +539,9 @@ class GeneratorSpec:
     lora: tuple[dict[str, torch.Tensor], int, float, list[str]] | None = None
 
     @classmethod
-    def of(cls, gen: Generator, scheduler: str, precision: str, decoder: str = "") -> GeneratorSpec:
+    def of(
+        cls, gen: Generator, scheduler: str, precision: str, decoder: str = ""
+    ) -> GeneratorSpec:
         """The spec of a loaded generator, with the LoRA adapter attached to it."""
         from .lora import lora_spec
 
@@ -533,7 +559,9 @@ class GeneratorSpec:
             state, rank, alpha, targets = self.lora
             set_lora_state(gen.unet, state, rank, alpha, targets)
             gen.unet.to(device, gen.dtype)
-        decoder = load_decoder(self.decoder, device, gen.dtype) if self.decoder else None
+        decoder = (
+            load_decoder(self.decoder, device, gen.dtype) if self.decoder else None
+        )
         return gen, decoder
 
 
@@ -585,7 +613,9 @@ def sample_on_workers(
             dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             self.gen, self.decoder = spec.build(dev)
 
-        def sample(self, cond: torch.Tensor, uncond: torch.Tensor, kw: dict) -> torch.Tensor:
+        def sample(
+            self, cond: torch.Tensor, uncond: torch.Tensor, kw: dict
+        ) -> torch.Tensor:
             return sample(self.gen, cond, uncond, decoder=self.decoder, **kw)
 
     base = kwargs.pop("first_index", 0)
@@ -597,7 +627,11 @@ def sample_on_workers(
         a.sample.remote(
             cond[lo:hi],
             uncond,
-            kwargs | {"first_index": base + lo, "extra_conds": [(e[lo:hi], w) for e, w in extras]},
+            kwargs
+            | {
+                "first_index": base + lo,
+                "extra_conds": [(e[lo:hi], w) for e, w in extras],
+            },
         )
         for a, (lo, hi) in zip(actors, parts, strict=True)
     ]

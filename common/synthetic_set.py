@@ -104,7 +104,9 @@ def _chunks(
             "image": [{"bytes": _png(a), "path": None} for a in x],
             "label": labels[i : i + k].tolist(),
             "client": clients[i : i + k].tolist(),
-            "source": [sources] * k if isinstance(sources, str) else list(sources[i : i + k]),
+            "source": [sources] * k
+            if isinstance(sources, str)
+            else list(sources[i : i + k]),
         }
 
 

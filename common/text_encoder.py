@@ -31,12 +31,18 @@ class TextEncoder:
     def max_length(self) -> int:
         cfg = self.model.config
         text_cfg = getattr(cfg, "text_config", cfg)
-        return int(min(self.tokenizer.model_max_length, text_cfg.max_position_embeddings))
+        return int(
+            min(self.tokenizer.model_max_length, text_cfg.max_position_embeddings)
+        )
 
     @torch.no_grad()
-    def encode(self, texts: list[str], kind: str = "pooled", batch_size: int = 256) -> torch.Tensor:
+    def encode(
+        self, texts: list[str], kind: str = "pooled", batch_size: int = 256
+    ) -> torch.Tensor:
         if kind not in EMBEDDINGS:
-            raise ValueError(f"embedding={kind!r} is not one of {', '.join(EMBEDDINGS)}")
+            raise ValueError(
+                f"embedding={kind!r} is not one of {', '.join(EMBEDDINGS)}"
+            )
         out = []
         for i in range(0, len(texts), batch_size):
             batch = self.tokenizer(
@@ -85,11 +91,15 @@ def load_text_encoder(
     if cfg.model_type == "clip":
         model = load_pretrained(CLIPModel, path, "text-encoder", **sub)
     else:
-        model = load_pretrained(CLIPTextModelWithProjection, path, "text-encoder", **sub)
+        model = load_pretrained(
+            CLIPTextModelWithProjection, path, "text-encoder", **sub
+        )
     tok_sub = {"subfolder": "tokenizer"} if sub else {}
     tokenizer = load_pretrained(AutoTokenizer, path, "text-encoder", **tok_sub)
     model = model.to(device=device, dtype=dtype).eval()
-    return TextEncoder(model=model, tokenizer=tokenizer, name=name, device=torch.device(device))
+    return TextEncoder(
+        model=model, tokenizer=tokenizer, name=name, device=torch.device(device)
+    )
 
 
 # ------------------------------------------------- building (pretraining, tests)
@@ -156,5 +166,7 @@ def build_clip(
         num_attention_heads=heads,
     )
     return CLIPModel(
-        CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+        CLIPConfig(
+            text_config=text, vision_config=vision, projection_dim=projection_dim
+        )
     )

@@ -44,7 +44,9 @@ def train_classifier(
     if len(images) == 0:
         raise ValueError("train_classifier: no training images")
     if len(images) != len(labels):
-        raise ValueError(f"train_classifier: {len(images)} images but {len(labels)} labels")
+        raise ValueError(
+            f"train_classifier: {len(images)} images but {len(labels)} labels"
+        )
     device = torch.device(device)
     cuda = device.type == "cuda"
     model.to(device).train()
@@ -127,7 +129,9 @@ def accuracy(
 
 
 @torch.no_grad()
-def features(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+def features(
+    model: nn.Module, images: torch.Tensor, batch_size: int = 512
+) -> torch.Tensor:
     """Penultimate-layer features (``model.embed``) for the FID-proxy."""
     model.eval()
     feats = [

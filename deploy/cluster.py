@@ -248,7 +248,9 @@ class NodeExit:
 
 def _flower_version(executable: str) -> tuple[int, int] | None:
     try:
-        out = subprocess.run([executable, "--version"], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [executable, "--version"], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     m = VERSION_RE.search(out.stdout + out.stderr)
@@ -446,11 +448,14 @@ class Cluster(StartStop):
         if self.auth:
             lines += ["", "# 5. Register each SuperNode's public key"]
             lines += [
-                q(register_command(self.node_key(i).with_suffix(".pub"))) for i in range(self.nodes)
+                q(register_command(self.node_key(i).with_suffix(".pub")))
+                for i in range(self.nodes)
             ]
         lines += ["", "# 6. The SuperNodes (on the edge devices)"]
         lines += [q(self.supernode_cmd(i)) + " &" for i in range(self.nodes)]
-        lines.append(f"sleep 10  # until `flwr supernode ls {CONNECTION}` lists them online")
+        lines.append(
+            f"sleep 10  # until `flwr supernode ls {CONNECTION}` lists them online"
+        )
         lines += [
             "",
             "# 7. Run the app",
@@ -476,7 +481,8 @@ class Cluster(StartStop):
         try:
             # 1. TLS certificates (kept across starts, like a real deployment's).
             if not all(
-                (self.certs_dir / f).is_file() for f in ("ca.crt", "server.pem", "server.key")
+                (self.certs_dir / f).is_file()
+                for f in ("ca.crt", "server.pem", "server.key")
             ):
                 self._check_call(["bash", str(CERTS_SH), str(self.certs_dir)], "certs")
             # 2. Node keys: made once, re-registered on every start.
@@ -487,7 +493,9 @@ class Cluster(StartStop):
             # 3. The SuperLink, with a fresh database (no stale registrations).
             for suffix in ("", "-wal", "-shm", "-journal"):
                 Path(f"{self.database}{suffix}").unlink(missing_ok=True)
-            link = self._spawn("superlink", self.superlink_cmd(), self.env | self.superlink_env())
+            link = self._spawn(
+                "superlink", self.superlink_cmd(), self.env | self.superlink_env()
+            )
             self._wait_superlink(link.popen, timeout_s)
             # 4. The flwr CLI's connection.
             (self.flwr_home / "config.toml").write_text(
@@ -511,7 +519,9 @@ class Cluster(StartStop):
         """Start SuperNode ``i`` (one :meth:`start` left out); wait until it is online."""
         name = f"supernode-{i}"
         if not 0 <= i < self.nodes or any(p.name == name for p in self._procs):
-            raise ValueError(f"node={i}: must be in [0, nodes={self.nodes}) and not running yet")
+            raise ValueError(
+                f"node={i}: must be in [0, nodes={self.nodes}) and not running yet"
+            )
         self._spawn(name, self.supernode_cmd(i), self.supernode_env())
         self._wait_nodes_online(timeout_s, self._running_nodes())
 
@@ -551,7 +561,9 @@ class Cluster(StartStop):
         log = self.logs_dir / "superlink.log"
         if log.exists():
             log.rename(self.logs_dir / f"superlink.{n}.log")
-        link = self._spawn("superlink", self.superlink_cmd(), self.env | self.superlink_env())
+        link = self._spawn(
+            "superlink", self.superlink_cmd(), self.env | self.superlink_env()
+        )
         self._wait_superlink(link.popen, timeout_s)  # stop() ends it on a timeout
         return link.popen.pid
 
@@ -598,7 +610,9 @@ class Cluster(StartStop):
 
     # -- using it
 
-    def run_app(self, run_config: str = "", timeout: float = 900.0, echo: bool = False) -> AppRun:
+    def run_app(
+        self, run_config: str = "", timeout: float = 900.0, echo: bool = False
+    ) -> AppRun:
         """``flwr run <project> <connection> --stream``; wait; read the run's status.
 
         Raises ``subprocess.TimeoutExpired`` after stopping the run (``flwr stop``)
@@ -657,7 +671,9 @@ class Cluster(StartStop):
 
     def run_status(self, run_id: int) -> str | None:
         """The run's status from ``flwr ls --run-id``, e.g. ``finished:completed``."""
-        res = self._cli(["flwr", "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"])
+        res = self._cli(
+            ["flwr", "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"]
+        )
         runs = _json_out(res.stdout).get("runs") or []
         return runs[0].get("status") if runs else None
 
@@ -708,7 +724,9 @@ class Cluster(StartStop):
         self._procs.append(proc)
         return proc
 
-    def _cli(self, cmd: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess:
+    def _cli(
+        self, cmd: list[str], timeout: float = 120.0
+    ) -> subprocess.CompletedProcess:
         return subprocess.run(
             cmd,
             env=self.env,
@@ -828,7 +846,9 @@ def check_supernode_transport(transport: str, supernode_bin: str) -> None:
 
 
 @contextmanager
-def start_cluster(workdir: str | Path, nodes: int = 3, **kwargs: Any) -> Iterator[Cluster]:
+def start_cluster(
+    workdir: str | Path, nodes: int = 3, **kwargs: Any
+) -> Iterator[Cluster]:
     """Start a :class:`Cluster`; stop all its processes on exit (also on errors)."""
     cluster = Cluster(workdir, nodes, **kwargs)
     try:
@@ -848,12 +868,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "SuperNode authentication, run the app once, stop everything.",
     )
     p.add_argument("--nodes", type=int, default=3, help="SuperNodes (default 3)")
-    p.add_argument("--workdir", type=Path, required=True, help="certs, keys, logs, FLWR_HOME")
+    p.add_argument(
+        "--workdir", type=Path, required=True, help="certs, keys, logs, FLWR_HOME"
+    )
     p.add_argument("--run-config", default="", help="flwr run --run-config overrides")
     p.add_argument("--transport", choices=TRANSPORTS, default="rest")
     p.add_argument("--no-auth", action="store_true", help="no --enable-supernode-auth")
     p.add_argument("--port", type=int, default=0, help="SuperLink port (0: free ports)")
-    p.add_argument("--project-root", type=Path, default=REPO_ROOT, help="the Flower app")
+    p.add_argument(
+        "--project-root", type=Path, default=REPO_ROOT, help="the Flower app"
+    )
     p.add_argument(
         "--supernode-bin",
         default="flower-supernode",
@@ -862,11 +886,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--node-config", default="", help="extra node config for every node")
     p.add_argument("--timeout", type=float, default=3600.0, help="run timeout (s)")
     p.add_argument(
-        "--keep", action="store_true", help="leave the cluster running and print how to stop it"
+        "--keep",
+        action="store_true",
+        help="leave the cluster running and print how to stop it",
     )
     p.add_argument("--no-run", action="store_true", help="start the cluster only")
     p.add_argument(
-        "--print-commands", action="store_true", help="print the commands this would run, and exit"
+        "--print-commands",
+        action="store_true",
+        help="print the commands this would run, and exit",
     )
     return p.parse_args(argv)
 

@@ -75,7 +75,9 @@ def make_links(n: int, rate_mbit: float) -> None:
         _sh("ip", "link", "set", d, "netns", ns)
         _sh("ip", "addr", "add", f"{host_ip(i)}/24", "dev", h)
         _sh("ip", "link", "set", h, "up")
-        _sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{node_ip(i)}/24", "dev", d)
+        _sh(
+            "ip", "netns", "exec", ns, "ip", "addr", "add", f"{node_ip(i)}/24", "dev", d
+        )
         _sh("ip", "netns", "exec", ns, "ip", "link", "set", d, "up")
         _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
         if rate_mbit > 0:
@@ -108,13 +110,17 @@ class DelayRelay:
     """TCP relay that forwards each chunk ``delay_s`` after it arrived, in order,
     in both directions (a fixed one-way latency, like ``netem delay``)."""
 
-    def __init__(self, listen: tuple[str, int], target: tuple[str, int], delay_s: float):
+    def __init__(
+        self, listen: tuple[str, int], target: tuple[str, int], delay_s: float
+    ):
         self.listen, self.target, self.delay_s = listen, target, delay_s
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: asyncio.base_events.Server | None = None
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def send() -> None:
@@ -257,7 +263,10 @@ def measure(
     make_links(n, rate_mbit)
     try:
         with EdgeCluster(
-            workdir, n, delay_ms=delay_ms, env={"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+            workdir,
+            n,
+            delay_ms=delay_ms,
+            env={"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"},
         ) as cl:
             for k, case in enumerate(cases):
                 # A fresh run name per (link, case): a reused one would resume
@@ -283,7 +292,9 @@ def measure(
                 if res:
                     row |= {
                         "upload_bytes_per_client": res["upload_bytes_per_client"],
-                        "download_bytes_per_client": res.get("download_bytes_per_client"),
+                        "download_bytes_per_client": res.get(
+                            "download_bytes_per_client"
+                        ),
                         "timings_s": res["timings_s"],
                         "mean_accuracy": res["mean_accuracy"],
                         "num_clients": res["num_clients"],
@@ -331,13 +342,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m deploy.edge_links", description=__doc__.split("\n")[0]
     )
     p.add_argument("--nodes", type=int, default=3)
-    p.add_argument("--rate-mbit", type=float, default=1.0, help="per-link rate (<= 0: off)")
+    p.add_argument(
+        "--rate-mbit", type=float, default=1.0, help="per-link rate (<= 0: off)"
+    )
     p.add_argument("--delay-ms", type=float, default=50.0, help="one-way latency")
     p.add_argument("--baseline", action="store_true", help="also run unshaped")
-    p.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
+    p.add_argument(
+        "--cases", default=",".join(CASES), help="comma-separated case names"
+    )
     p.add_argument("--workdir", default="/tmp/fl-edge")
     p.add_argument("--out", default="bench-results/edge_links.json")
-    p.add_argument("--append", action="store_true", help="add rows to an existing --out")
+    p.add_argument(
+        "--append", action="store_true", help="add rows to an existing --out"
+    )
     a = p.parse_args(argv)
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
         print("deploy.edge_links needs root, `ip` and `tc` (iproute2)", file=sys.stderr)

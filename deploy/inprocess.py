@@ -63,7 +63,9 @@ class _Pending:
     reply: Message
 
 
-def partition_fleet(num_nodes: int, tamper: dict[int, Tamper] | None = None) -> list[Device]:
+def partition_fleet(
+    num_nodes: int, tamper: dict[int, Tamper] | None = None
+) -> list[Device]:
     """``num_nodes`` devices holding the partitions of a benchmark split, all
     connected from the start and replying at once."""
     tamper = tamper or {}
@@ -193,7 +195,10 @@ class InProcessGrid(Grid):
             reply = self.client_app(msg, ctx)
         except Exception as e:  # as a SuperNode reports a ClientApp exception
             reply = Message(
-                Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{e.__class__.__name__}: {e}"),
+                Error(
+                    ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                    f"{e.__class__.__name__}: {e}",
+                ),
                 reply_to=msg,
             )
         # Uploads are tampered with; evaluation replies go through untouched.

@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         "Flower SuperNode authentication.",
     )
     parser.add_argument("out_dir", type=Path, help="folder for the key files")
-    parser.add_argument("names", nargs="+", help="one name per node, e.g. node-0 node-1")
+    parser.add_argument(
+        "names", nargs="+", help="one name per node, e.g. node-0 node-1"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace keys")
     args = parser.parse_args(argv)
     for name in args.names:

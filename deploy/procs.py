@@ -156,7 +156,9 @@ def _start(
     """Write ``$ <cmd>`` to ``log``, then start ``cmd`` with stderr into stdout."""
     log.write("$ " + shlex.join(cmd) + "\n")
     log.flush()
-    return subprocess.Popen(cmd, env=dict(env), cwd=cwd, stderr=subprocess.STDOUT, **popen)
+    return subprocess.Popen(
+        cmd, env=dict(env), cwd=cwd, stderr=subprocess.STDOUT, **popen
+    )
 
 
 # ---------------------------------------------------------------- watch
@@ -177,7 +179,9 @@ def log_tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-def http_ok(url: str, *, verify: ssl.SSLContext | bool = True, timeout_s: float = 0.5) -> bool:
+def http_ok(
+    url: str, *, verify: ssl.SSLContext | bool = True, timeout_s: float = 0.5
+) -> bool:
     """Whether ``GET url`` answers with a 2xx status (False if nothing answers)."""
     import httpx  # a flwr dependency
 
@@ -304,7 +308,9 @@ def terminate(procs: Sequence[subprocess.Popen], timeout_s: float) -> None:
     timeout_s
         How long all of them together get to exit after SIGTERM.
     """
-    descendants = [child for p in procs if p.poll() is None for child in process_tree(p.pid)[1:]]
+    descendants = [
+        child for p in procs if p.poll() is None for child in process_tree(p.pid)[1:]
+    ]
     for p in procs:
         if p.poll() is None:
             _signal_group(p.pid, signal.SIGTERM)

@@ -171,7 +171,9 @@ class ServerContext:
     def generator(self) -> Any:
         from common.generator import load_generator
 
-        return load_generator(self.cfg.generator, self.cfg.scheduler, self.device, self.dtype)
+        return load_generator(
+            self.cfg.generator, self.cfg.scheduler, self.device, self.dtype
+        )
 
     @functools.cached_property
     def sampling_generator(self) -> Any:

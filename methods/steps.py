@@ -160,7 +160,9 @@ def class_units(
     for c in class_ids.unique().tolist():
         idx = torch.nonzero(class_ids == c).flatten()
         share = (
-            torch.ones(len(idx), dtype=torch.float64) if counts is None else counts[idx].double()
+            torch.ones(len(idx), dtype=torch.float64)
+            if counts is None
+            else counts[idx].double()
         )
         rows += apportion(n, share.tolist())
         weights.append(weight * share / share.sum())
@@ -180,7 +182,9 @@ def class_units(
 def _heaviest_owner(owners: torch.Tensor, weights: torch.Tensor) -> int:
     """The owner with the most total weight (ties: the smallest id)."""
     ids, inverse = owners.unique(return_inverse=True)
-    totals = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, weights.double())
+    totals = torch.zeros(len(ids), dtype=torch.float64).index_add_(
+        0, inverse, weights.double()
+    )
     return int(ids[int(totals.argmax())])
 
 
@@ -340,7 +344,9 @@ def synthesize_set(
         for c in labels.unique().tolist():
             idx = torch.nonzero((owners == o) & (labels == c)).flatten()
             if len(idx):
-                out.samples[(int(o), int(c))] = from_uint8(images[idx[:SAMPLES_PER_CELL]])
+                out.samples[(int(o), int(c))] = from_uint8(
+                    images[idx[:SAMPLES_PER_CELL]]
+                )
     if save:
         prior = out.extra.get("synthetic_set")
         path = save_synthetic_set(

@@ -110,7 +110,12 @@ def save_global_model(
         )
     except (OSError, ValueError, RuntimeError) as e:
         # RuntimeError: a state dict that does not fit the architecture
-        log(WARNING, "global_model/ not written: %s: %s", e.__class__.__name__, safe_text(e, 500))
+        log(
+            WARNING,
+            "global_model/ not written: %s: %s",
+            e.__class__.__name__,
+            safe_text(e, 500),
+        )
         return None
 
 

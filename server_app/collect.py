@@ -155,7 +155,9 @@ def run_window(
             if n not in st.heard and n not in pending and st.lost.get(n, 0) < MAX_ASKS
         )
         if new:
-            msgs = [Message(content, dst_node_id=n, message_type=message_type) for n in new]
+            msgs = [
+                Message(content, dst_node_id=n, message_type=message_type) for n in new
+            ]
             ids = list(grid.push_messages(msgs))
             for n, mid in zip(new, ids, strict=True):
                 if mid is None:  # Flower could not push it (malformed)
@@ -168,12 +170,19 @@ def run_window(
         # 3. Take the replies that arrived; screen and persist each one
         if st.outstanding:
             for msg in grid.pull_messages(list(st.outstanding)):
-                take_reply(msg, st, journal, payload_key, max_upload_bytes, precheck, now)
+                take_reply(
+                    msg, st, journal, payload_key, max_upload_bytes, precheck, now
+                )
         # 4. Close early: enough valid uploads, or a quiet fleet
         if target_clients and st.valid >= target_clients:
             reason = "target-clients"
             break
-        if quiet_s and st.asked and not st.outstanding and now - st.last_new_node >= quiet_s:
+        if (
+            quiet_s
+            and st.asked
+            and not st.outstanding
+            and now - st.last_new_node >= quiet_s
+        ):
             reason = "quiet"
             break
         if now - last_progress >= PROGRESS_S:
@@ -195,7 +204,11 @@ def run_window(
         journal.append("missing", node_id=node, at=now, reason=why)
     journal.append("closed", reason=reason, at=now, outstanding=st.outstanding)
     log(INFO, "Collection window closed (%s) after %.0f s", reason, now - start)
-    return {"reason": reason, "outstanding": dict(st.outstanding), "seconds": now - start}
+    return {
+        "reason": reason,
+        "outstanding": dict(st.outstanding),
+        "seconds": now - start,
+    }
 
 
 def take_reply(
@@ -214,14 +227,18 @@ def take_reply(
         return  # not ours (already taken)
     if msg.has_error() and msg.error.code in LOST_CONTACT:
         st.lost[node] = st.lost.get(node, 0) + 1
-        journal.append("lost", node_id=node, at=now, reason=C.safe_text(msg.error.reason, 200))
+        journal.append(
+            "lost", node_id=node, at=now, reason=C.safe_text(msg.error.reason, 200)
+        )
         return
     st.heard.add(node)
     try:
         r = check_envelope(msg, node, payload_key, max_upload_bytes)
     except PayloadError as e:
         st.rejected += 1
-        journal.append("rejected", node_id=node, reason=str(e), at=now, **claimed_partition(msg))
+        journal.append(
+            "rejected", node_id=node, reason=str(e), at=now, **claimed_partition(msg)
+        )
         return
     journal.upload(r, at=now)
     st.uploads += 1
@@ -235,7 +252,9 @@ def check_envelope(
     """The reply of ``node`` as a ``Reply``, or ``PayloadError`` with the reason
     (a client error, a reply from another node, a malformed envelope)."""
     if msg.has_error():
-        raise PayloadError(f"client error {msg.error.code}: {C.safe_text(msg.error.reason, 300)}")
+        raise PayloadError(
+            f"client error {msg.error.code}: {C.safe_text(msg.error.reason, 300)}"
+        )
     src = int(msg.metadata.src_node_id) if msg.metadata.src_node_id else node
     if src != node:  # the SuperLink routes replies; a mismatch is not ours to trust
         raise PayloadError(f"reply came from node {src}, asked node {node}")
@@ -264,5 +283,9 @@ def take_late(
             continue
         nbytes = 0 if msg.has_error() else C.record_nbytes(msg.content)
         late.append(journal.append("late", node_id=node, upload_bytes=nbytes, at=now))
-        log(WARNING, "Node %s replied after the window closed: recorded as late, not used", node)
+        log(
+            WARNING,
+            "Node %s replied after the window closed: recorded as late, not used",
+            node,
+        )
     return late

@@ -218,6 +218,11 @@ def resolve_output_dir(output_dir: str, at: Where | None = None) -> Path:
 def _resolved(output_dir: str, path: Path, base: Path, why: str) -> Path:
     root = path.resolve()
     log(
-        INFO, "output-dir %r is relative: resolved against %s (%s): %s", output_dir, base, why, root
+        INFO,
+        "output-dir %r is relative: resolved against %s (%s): %s",
+        output_dir,
+        base,
+        why,
+        root,
     )
     return root

@@ -55,7 +55,9 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(obj, sort_keys=True, default=str).encode()
+    ).hexdigest()
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
@@ -152,14 +154,21 @@ class Journal:
     # ---- reading
     @property
     def fix(self) -> str:
-        return f"start a new run-name, or delete {self.dir} to collect the uploads again"
+        return (
+            f"start a new run-name, or delete {self.dir} to collect the uploads again"
+        )
 
     def _read(self) -> None:
         raw = self.path.read_bytes()
         lines = raw.split(b"\n")
         complete, tail = lines[:-1], lines[-1]
         if tail:  # a torn write: the line was never finished
-            log(WARNING, "%s: dropping an unfinished last line (%d bytes)", self.path, len(tail))
+            log(
+                WARNING,
+                "%s: dropping an unfinished last line (%d bytes)",
+                self.path,
+                len(tail),
+            )
         prev = ""
         for i, line in enumerate(complete):
             try:
@@ -242,8 +251,13 @@ class Journal:
                 tensors: dict[str, torch.Tensor] = {}
                 if name:
                     path = (self.dir / name).resolve()
-                    if not UPLOAD_FILE.fullmatch(name) or path.parent != self.dir.resolve():
-                        raise ResumeError(f"{self.path} names a file outside {self.dir}: {name!r}")
+                    if (
+                        not UPLOAD_FILE.fullmatch(name)
+                        or path.parent != self.dir.resolve()
+                    ):
+                        raise ResumeError(
+                            f"{self.path} names a file outside {self.dir}: {name!r}"
+                        )
                     tensors = _load_tensors(path, e["sha256"], self.fix)
                 out.append(
                     Reply(
@@ -265,7 +279,9 @@ class Journal:
         return out
 
 
-def load_uploads(run_dir: Path, method: str) -> tuple[list[Reply], list[dict], list[dict]] | None:
+def load_uploads(
+    run_dir: Path, method: str
+) -> tuple[list[Reply], list[dict], list[dict]] | None:
     """The uploads of a closed collection window, or ``None`` if there is none:
     ``(replies, rejected, missing)`` as the journal recorded them (before the
     round's cross-checks). Raises ``ResumeError`` naming the file when anything
@@ -276,7 +292,8 @@ def load_uploads(run_dir: Path, method: str) -> tuple[list[Reply], list[dict], l
     if not j.closed:
         return None
     rejected = [
-        {k: e[k] for k in ("node_id", "reason", "partition_id") if k in e} for e in j.of("rejected")
+        {k: e[k] for k in ("node_id", "reason", "partition_id") if k in e}
+        for e in j.of("rejected")
     ]
     return j.replies(), rejected, [dict(e) for e in j.of("missing")]
 
@@ -322,7 +339,9 @@ def load_output(run_dir: Path) -> ServerOutput | None:
     if checksum != _digest(info):
         raise ResumeError(f"{meta} does not match its checksum; {fix}")
     tensors = (
-        _load_tensors(ck / "output.safetensors", info["sha256"], fix) if info["sha256"] else {}
+        _load_tensors(ck / "output.safetensors", info["sha256"], fix)
+        if info["sha256"]
+        else {}
     )
     out = ServerOutput(
         arch=info["arch"],

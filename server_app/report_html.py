@@ -173,7 +173,8 @@ def _ids(ids: Any) -> str:
 def _table(head: list[str], rows: list[list[str]], cls: str = "", tid: str = "") -> str:
     """A table from escaped cells; a header cell ending in '#' is right-aligned."""
     ths = "".join(
-        f'<th class="num">{h[:-1]}</th>' if h.endswith("#") else f"<th>{h}</th>" for h in head
+        f'<th class="num">{h[:-1]}</th>' if h.endswith("#") else f"<th>{h}</th>"
+        for h in head
     )
     nums = [h.endswith("#") for h in head]
     body = "".join(
@@ -251,7 +252,12 @@ def _headline(res: dict[str, Any]) -> str:
             _pct(res.get("mean_accuracy")),
             "each client's held-out test set",
         ),
-        _card("num-clients", "clients used", _e(res.get("num_clients")), " · ".join(counts)),
+        _card(
+            "num-clients",
+            "clients used",
+            _e(res.get("num_clients")),
+            " · ".join(counts),
+        ),
         _card(
             "upload-per-client",
             "upload per client",
@@ -269,7 +275,12 @@ def _headline(res: dict[str, Any]) -> str:
     if _num(res.get("mean_fid_proxy")) is not None:
         cards.insert(
             2,
-            _card("fid-proxy", "mean FID-proxy", f"{res['mean_fid_proxy']:.3g}", "lower is better"),
+            _card(
+                "fid-proxy",
+                "mean FID-proxy",
+                f"{res['mean_fid_proxy']:.3g}",
+                "lower is better",
+            ),
         )
     per_domain = res.get("global_accuracy_per_domain")
     chips = ""
@@ -323,7 +334,15 @@ def _client_rows(clients: list[dict[str, Any]]) -> list[list[str]]:
     ]
 
 
-CLIENT_HEAD = ["partition#", "node#", "domain", "examples#", "upload#", "accuracy#", "status"]
+CLIENT_HEAD = [
+    "partition#",
+    "node#",
+    "domain",
+    "examples#",
+    "upload#",
+    "accuracy#",
+    "status",
+]
 
 
 def _clients(res: dict[str, Any], table_rows: int) -> str:
@@ -398,7 +417,11 @@ def _reasons(entries: Any, what: str) -> str:
     if not isinstance(entries, list) or not entries:
         return ""
     rows = [
-        [_e(e.get("node_id", "–")), _e(e.get("partition_id", "–")), _e(e.get("reason", ""))]
+        [
+            _e(e.get("node_id", "–")),
+            _e(e.get("partition_id", "–")),
+            _e(e.get("reason", "")),
+        ]
         for e in entries[:LIST_ROWS]
         if isinstance(e, dict)
     ]
@@ -450,7 +473,9 @@ def _communication(res: dict[str, Any]) -> str:
     down = res.get("download_bytes")
     if isinstance(down, dict):
         rows += [(f"&nbsp;&nbsp;{_e(k)} message", _bytes(v)) for k, v in down.items()]
-    return '<section id="communication"><h2>Communication</h2>' + _kv(rows) + "</section>"
+    return (
+        '<section id="communication"><h2>Communication</h2>' + _kv(rows) + "</section>"
+    )
 
 
 def _synth_budget(res: dict[str, Any]) -> str:
@@ -469,10 +494,16 @@ def _synth_budget(res: dict[str, Any]) -> str:
         rows.append(
             (
                 "conditioning rows per class",
-                ", ".join(f"{_e(name(k))}: {_e(v)}" for k, v in list(reps.items())[:LIST_ROWS]),
+                ", ".join(
+                    f"{_e(name(k))}: {_e(v)}" for k, v in list(reps.items())[:LIST_ROWS]
+                ),
             )
         )
-    return '<section id="synth-budget"><h2>Synthesis budget</h2>' + _kv(rows) + "</section>"
+    return (
+        '<section id="synth-budget"><h2>Synthesis budget</h2>'
+        + _kv(rows)
+        + "</section>"
+    )
 
 
 def _timings(res: dict[str, Any]) -> str:
@@ -501,7 +532,11 @@ def _method_results(res: dict[str, Any]) -> str:
         text = v if isinstance(v, str) else json.dumps(v, default=str)
         text = text if len(text) <= 400 else text[:400] + f"… (+{len(text) - 400})"
         rows.append((_e(k), f"<code>{_e(text)}</code>"))
-    return '<section id="method-results"><h2>Method results</h2>' + _kv(rows) + "</section>"
+    return (
+        '<section id="method-results"><h2>Method results</h2>'
+        + _kv(rows)
+        + "</section>"
+    )
 
 
 def _config(res: dict[str, Any]) -> str:
@@ -509,7 +544,8 @@ def _config(res: dict[str, Any]) -> str:
     if not cfg:
         return ""
     rows = [
-        (_e(k), f"<code>{_e(json.dumps(v, default=str))}</code>") for k, v in sorted(cfg.items())
+        (_e(k), f"<code>{_e(json.dumps(v, default=str))}</code>")
+        for k, v in sorted(cfg.items())
     ]
     return (
         f'<section id="config"><details><summary>Config ({len(cfg)} keys, '

@@ -71,7 +71,9 @@ def report(
                 "accuracy": float(acc) if acc is not None else None,
                 "status": "ok" if acc is not None else "no evaluation",
                 "metrics": r.metrics,
-                "evaluation": {k: v for k, v in ev.items() if k not in ("domain", "partition_id")},
+                "evaluation": {
+                    k: v for k, v in ev.items() if k not in ("domain", "partition_id")
+                },
             }
         )
     for bad in got.rejected + got.missing:
@@ -89,7 +91,11 @@ def report(
         )
     accs = [c["accuracy"] for c in clients if c["accuracy"] is not None]
     uploads = [c["upload_bytes"] for c in clients if c["upload_bytes"]]
-    fids = [c["evaluation"]["fid-proxy"] for c in clients if "fid-proxy" in c.get("evaluation", {})]
+    fids = [
+        c["evaluation"]["fid-proxy"]
+        for c in clients
+        if "fid-proxy" in c.get("evaluation", {})
+    ]
     res: dict[str, Any] = {
         "method": cfg.method,
         "dataset": cfg.dataset,
@@ -113,7 +119,11 @@ def report(
         "download_bytes_per_client": sum(download.values()),
         "download_bytes": dict(download),
         "timings_s": {k: round(v, 3) for k, v in timings.items()}
-        | {k: 0.0 for k in ("collect", "synthesize", "train", "evaluate") if k not in timings},
+        | {
+            k: 0.0
+            for k in ("collect", "synthesize", "train", "evaluate")
+            if k not in timings
+        },
         "config": cfg.to_flat() | {"num-classes": ctx.num_classes},
         "class_names": ctx.class_names,
         "device": str(ctx.device),
@@ -123,7 +133,9 @@ def report(
     write_results(ctx.run_dir, res)
     if not final:  # written before the push: results.json only
         return res
-    domains = {c["partition_id"]: c.get("domain") or "" for c in clients if not _pid_key(c)[0]}
+    domains = {
+        c["partition_id"]: c.get("domain") or "" for c in clients if not _pid_key(c)[0]
+    }
     ga = res.get("global_accuracy")
     plots = {
         "accuracy": plot_accuracy(
@@ -140,7 +152,9 @@ def report(
     log(
         INFO,
         "\n%s",
-        format_table(clients) if len(clients) <= TABLE_ROWS else format_domain_table(clients),
+        format_table(clients)
+        if len(clients) <= TABLE_ROWS
+        else format_domain_table(clients),
     )
     log(
         INFO,
@@ -258,11 +272,17 @@ def plot_accuracy(
     import matplotlib.pyplot as plt
 
     # 1. What each panel shows
-    rows = [c for c in clients if isinstance(c.get("accuracy"), float) and not _pid_key(c)[0]]
+    rows = [
+        c
+        for c in clients
+        if isinstance(c.get("accuracy"), float) and not _pid_key(c)[0]
+    ]
     rows.sort(key=lambda c: c["partition_id"])
     has_global = isinstance(global_accuracy, float)
     per_domain = {
-        str(d): float(a) for d, a in (global_per_domain or {}).items() if isinstance(a, int | float)
+        str(d): float(a)
+        for d, a in (global_per_domain or {}).items()
+        if isinstance(a, int | float)
     }
     gdoms = list(per_domain)[:PLOT_DOMAINS]
     groups = _by_domain(rows)
@@ -270,7 +290,8 @@ def plot_accuracy(
         return None
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colour = {
-        d: palette[i % len(palette)] for i, d in enumerate(dict.fromkeys(gdoms + list(groups)))
+        d: palette[i % len(palette)]
+        for i, d in enumerate(dict.fromkeys(gdoms + list(groups)))
     }
     bars = len(rows) <= PLOT_BARS
     widths = []
@@ -291,10 +312,15 @@ def plot_accuracy(
         names = gdoms or ["all"]
         vals = [per_domain[d] for d in gdoms] or [global_accuracy]
         drawn = ax.bar(
-            range(len(names)), vals, color=[colour.get(d, palette[0]) for d in names], width=0.7
+            range(len(names)),
+            vals,
+            color=[colour.get(d, palette[0]) for d in names],
+            width=0.7,
         )
         ax.bar_label(drawn, labels=[f"{v:.2f}" for v in vals], fontsize=8)
-        ax.axhline(global_accuracy, color="k", lw=1.2, label=f"overall {global_accuracy:.3f}")
+        ax.axhline(
+            global_accuracy, color="k", lw=1.2, label=f"overall {global_accuracy:.3f}"
+        )
         ax.set_xticks(
             range(len(names)),
             [_label(d, 12) for d in names],
@@ -311,7 +337,10 @@ def plot_accuracy(
         if bars:
             doms = [safe_text(c.get("domain") or "-", 20) for c in rows]
             drawn = ax.bar(
-                range(len(rows)), accs, width=0.7, color=[colour.get(d, palette[0]) for d in doms]
+                range(len(rows)),
+                accs,
+                width=0.7,
+                color=[colour.get(d, palette[0]) for d in doms],
             )
             if len(rows) <= 12:
                 ax.bar_label(drawn, labels=[f"{a:.2f}" for a in accs], fontsize=7)
@@ -325,9 +354,13 @@ def plot_accuracy(
                 fontsize=7,
             )
             ax.set_xlabel("client (partition, domain)", fontsize=8)
-            ax.set_title(f"{len(rows)} clients\neach on its held-out test set", fontsize=9)
+            ax.set_title(
+                f"{len(rows)} clients\neach on its held-out test set", fontsize=9
+            )
         else:  # a fleet: one box of client accuracies per domain
-            boxes = ax.boxplot(list(groups.values()), showmeans=True, patch_artist=True, widths=0.6)
+            boxes = ax.boxplot(
+                list(groups.values()), showmeans=True, patch_artist=True, widths=0.6
+            )
             for patch, d in zip(boxes["boxes"], groups, strict=True):
                 patch.set_facecolor(colour.get(d, palette[0]))
                 patch.set_alpha(0.8)
@@ -339,7 +372,8 @@ def plot_accuracy(
             )
             ax.set_xlabel("domain (clients)", fontsize=8)
             ax.set_title(
-                f"{len(rows)} clients by domain\neach on its held-out test set", fontsize=9
+                f"{len(rows)} clients by domain\neach on its held-out test set",
+                fontsize=9,
             )
         ax.axhline(mean, color="k", ls="--", lw=1, label=f"client mean {mean:.3f}")
     for i, ax in enumerate(axes[0]):
@@ -394,7 +428,9 @@ class Mosaic:
 
     def origin(self, i: int, j: int) -> tuple[int, int]:
         """Top-left pixel (y, x) of the cell of row ``i``, column ``j``."""
-        return self.gap + i * (self.cell_h + self.gap), self.gap + j * (self.cell_w + self.gap)
+        return self.gap + i * (self.cell_h + self.gap), self.gap + j * (
+            self.cell_w + self.gap
+        )
 
 
 CELL_GROUND = 0.92  # grey of a cell's free space (and of a cell without images)
@@ -415,7 +451,9 @@ def sample_mosaic(
     gap, inner = max(2, h // 4), max(1, h // 16)
     cell_w = per_cell * w + (per_cell - 1) * inner
     m = Mosaic(
-        torch.ones(gap + len(owners) * (h + gap), gap + len(classes) * (cell_w + gap), 3),
+        torch.ones(
+            gap + len(owners) * (h + gap), gap + len(classes) * (cell_w + gap), 3
+        ),
         h,
         cell_w,
         gap,
@@ -492,7 +530,9 @@ def plot_samples(
     ax.set_yticks(
         [m.origin(i, 0)[0] + m.cell_h / 2 for i in range(len(owners))],
         [
-            "class names" if o < 0 else f"client {o}{sep}{_label(domains.get(o, ''), 14)}"
+            "class names"
+            if o < 0
+            else f"client {o}{sep}{_label(domains.get(o, ''), 14)}"
             for o in owners
         ],
     )

@@ -84,7 +84,9 @@ def learn_classes(ctx: ServerContext, replies: list[Reply]) -> DatasetInfo:
     """The dataset registry's classes, or the plurality over validated envelopes."""
     if ctx.info is not None:
         return ctx.info
-    votes = Counter((r.class_names, r.channels) for r in replies if r.class_names and r.channels)
+    votes = Counter(
+        (r.class_names, r.channels) for r in replies if r.class_names and r.channels
+    )
     if not votes:
         raise RoundError(
             f"dataset={ctx.cfg.dataset!r} does not name its classes and no valid "
@@ -107,7 +109,11 @@ def screen(method: OneShotMethod, ctx: ServerContext, got: Collected) -> Collect
     firsts = []
     for r in got.replies:
         if r.node_id in seen:
-            log(WARNING, "Node %s uploaded twice; only its first upload counts", r.node_id)
+            log(
+                WARNING,
+                "Node %s uploaded twice; only its first upload counts",
+                r.node_id,
+            )
             continue
         seen.add(r.node_id)
         firsts.append(r)
@@ -195,7 +201,9 @@ def clients_global_accuracy(
     accs = [m[GLOBAL_METRIC] for m in metrics if GLOBAL_METRIC in m]
     per_domain = {}
     for d in domains:
-        got = [m[f"{GLOBAL_METRIC}/{d}"] for m in metrics if f"{GLOBAL_METRIC}/{d}" in m]
+        got = [
+            m[f"{GLOBAL_METRIC}/{d}"] for m in metrics if f"{GLOBAL_METRIC}/{d}" in m
+        ]
         if got:
             per_domain[d] = sum(got) / len(got)
     # every client evaluates the same set (global_test_set is a function of the config)
@@ -217,7 +225,9 @@ def evaluate_global(
     one (no federation) reports each client's own model on the same set; the
     report holds their mean. The entries are results.json's ``global_*`` keys.
     """
-    domains = participating_domains(ctx.info, [r.meta.get("domain") for r in got.replies])
+    domains = participating_domains(
+        ctx.info, [r.meta.get("domain") for r in got.replies]
+    )
     res: dict[str, Any] = {
         "global_accuracy": None,
         "global_accuracy_per_domain": {},
@@ -304,7 +314,10 @@ def run_one_shot(
     window: dict[str, Any] = {"reason": "resumed after the close", "outstanding": {}}
     t0 = time.perf_counter()
     if journal.closed:
-        log(INFO, "The collection window of this run closed before: no client is asked again")
+        log(
+            INFO,
+            "The collection window of this run closed before: no client is asked again",
+        )
     else:
         window = run_window(
             grid,

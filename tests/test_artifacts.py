@@ -68,7 +68,9 @@ def test_a_classifier_round_global_model_scores_the_reported_accuracy(
     assert out is not None and out.model_state is not None
     path = save_global_model(run_dir, out, _ctx(rc, run_dir), "fedavg")
     assert path == run_dir / GLOBAL_MODEL
-    assert record_global_accuracy(run_dir, res["global_accuracy"]) == (path / "config.json")
+    assert record_global_accuracy(run_dir, res["global_accuracy"]) == (
+        path / "config.json"
+    )
     assert {p.name for p in path.iterdir()} == {"config.json", "model.safetensors"}
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["arch"] == res["config"]["classifier"]
@@ -170,7 +172,8 @@ def test_a_lora_global_model_loads_into_a_diffusers_pipeline(fast_config, tmp_pa
     attach_lora(gen.unet, rank, alpha, targets, seed=0)
     g = torch.Generator().manual_seed(1)
     state = {
-        k: 0.3 * torch.randn(v.shape, generator=g) for k, v in get_lora_state(gen.unet).items()
+        k: 0.3 * torch.randn(v.shape, generator=g)
+        for k, v in get_lora_state(gen.unet).items()
     }
     gen.unet.unload_lora()
 
@@ -207,7 +210,10 @@ def test_a_lora_global_model_loads_into_a_diffusers_pipeline(fast_config, tmp_pa
     assert about["base_model_fingerprint"] == gen.fingerprint()
     assert about["classifier"] == CLASSIFIER
     assert load_classifier(path / CLASSIFIER).head.out_features == 10
-    assert json.loads((path / CLASSIFIER / "config.json").read_text())["global_accuracy"] == 0.25
+    assert (
+        json.loads((path / CLASSIFIER / "config.json").read_text())["global_accuracy"]
+        == 0.25
+    )
     with pytest.raises(ValueError, match="classifier"):
         load_classifier(path)
 
@@ -233,7 +239,10 @@ def test_a_lora_global_model_loads_into_a_diffusers_pipeline(fast_config, tmp_pa
     uncond = torch.randn(1, 16, 32, generator=g)
     # the engine's x_T of images 0..n-1 (seed 0), handed to the pipeline
     latents = torch.stack(
-        [torch.randn(gen.sample_shape, generator=x) for x in image_generators(0, range(n))]
+        [
+            torch.randn(gen.sample_shape, generator=x)
+            for x in image_generators(0, range(n))
+        ]
     )
     base = _run_pipe(pipe, cond, uncond, latents, steps, guidance)
     pipe.load_lora_weights(str(path))
@@ -265,8 +274,12 @@ def test_a_lora_global_model_loads_into_a_diffusers_pipeline(fast_config, tmp_pa
         gen.unet.unload_lora()
         return (x + 1) / 2
 
-    torch.testing.assert_close(ours(state, rank, alpha, targets), adapted, atol=1e-5, rtol=0)
-    torch.testing.assert_close(ours(*load_diffusers_lora(path)), adapted, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        ours(state, rank, alpha, targets), adapted, atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        ours(*load_diffusers_lora(path)), adapted, atol=1e-5, rtol=0
+    )
     # ... and the test can fail: the adapter changes the images, and its scale
     # alpha / rank matters
     assert float((adapted - base).abs().max()) > 1e-3

@@ -70,11 +70,15 @@ def _set(key, value):
 
 
 def _retype(dtype):
-    return lambda t: {k: v.to(dtype) if v.is_floating_point() else v for k, v in t.items()}
+    return lambda t: {
+        k: v.to(dtype) if v.is_floating_point() else v for k, v in t.items()
+    }
 
 
 def _lora_retype(dtype):
-    return lambda t: {k: v.to(dtype) if k.startswith("adapter/") else v for k, v in t.items()}
+    return lambda t: {
+        k: v.to(dtype) if k.startswith("adapter/") else v for k, v in t.items()
+    }
 
 
 # (case id, method, extra run config, hook, text the rejection reason contains)
@@ -171,7 +175,10 @@ CORPUS = [
         {},
         _array(
             "model",
-            lambda t: {k: v.double() * 1e300 if v.is_floating_point() else v for k, v in t.items()},
+            lambda t: {
+                k: v.double() * 1e300 if v.is_floating_point() else v
+                for k, v in t.items()
+            },
         ),
         "NaN or Inf",
     ),
@@ -262,7 +269,9 @@ def _files(root: Path) -> set[Path]:
     return {p for p in root.rglob("*")}
 
 
-@pytest.mark.parametrize("case,method,extra,hook,reason", CORPUS, ids=[c[0] for c in CORPUS])
+@pytest.mark.parametrize(
+    "case,method,extra,hook,reason", CORPUS, ids=[c[0] for c in CORPUS]
+)
 def test_one_bad_client_never_ends_the_round(
     case, method, extra, hook, reason, tiny_stack, fast_config, tmp_path
 ):
@@ -270,7 +279,10 @@ def test_one_bad_client_never_ends_the_round(
 
     rc = fast_config | {"method": method, "run-name": "run"} | extra
     if rc["dataset"] == "FOLDER":
-        rc |= {"dataset": str(make_image_folder(tmp_path / "folder", 20)), "partition": "iid"}
+        rc |= {
+            "dataset": str(make_image_folder(tmp_path / "folder", 20)),
+            "partition": "iid",
+        }
     before = _files(tmp_path)
     grid = FakeGrid(client_app, 3, rc, tamper={BAD: hook})
     res = run_one_shot(grid, build_config(rc), "unused")
@@ -288,9 +300,9 @@ def test_one_bad_client_never_ends_the_round(
     assert all(len(c["status"]) < 400 for c in res["clients"])
     # nothing written outside the run folder
     new = _files(tmp_path) - before
-    assert all(run_dir in p.parents or p == run_dir or p == run_dir.parent for p in new), sorted(
-        map(str, new)
-    )[:5]
+    assert all(
+        run_dir in p.parents or p == run_dir or p == run_dir.parent for p in new
+    ), sorted(map(str, new))[:5]
 
 
 def test_heavy_client_share_is_capped(tiny_stack, fast_config):

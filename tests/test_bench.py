@@ -51,8 +51,12 @@ def records() -> list[dict]:
         rec("oscar", 1, fake_results(0.7, [0.6, 0.8], glob=0.5), 30.0),
         rec("oscar", 2, fake_results(0.9, [0.8, 1.0], glob=0.6), 40.0),
         # centralized oracle: 0.8 and 1.0 -> mean 0.9, std sqrt(0.02); global 0.8
-        rec("centralized", 0, fake_results(0.8, [0.8, 0.8], glob=0.8), 2.0, "in-process"),
-        rec("centralized", 1, fake_results(1.0, [1.0, 1.0], glob=0.8), 4.0, "in-process"),
+        rec(
+            "centralized", 0, fake_results(0.8, [0.8, 0.8], glob=0.8), 2.0, "in-process"
+        ),
+        rec(
+            "centralized", 1, fake_results(1.0, [1.0, 1.0], glob=0.8), 4.0, "in-process"
+        ),
         # fedavg: one run failed, one ok without a global test set
         rec("fedavg", 0, None, 50.0, error="boom"),
         rec("fedavg", 1, fake_results(0.3, [0.2, 0.4], upload=1000.0), 60.0),
@@ -66,7 +70,9 @@ def test_record_keeps_what_the_benchmark_needs():
     assert r["global_accuracy"] is None and r["global_accuracy_per_domain"] == {}
     g = A.record_from_results("oscar", 3, fake_results(0.5, [0.4, 0.6], glob=0.3), 1.0)
     assert g["global_accuracy"] == 0.3 and g["global_test_size"] == 2000
-    assert g["global_accuracy_per_domain"] == pytest.approx({"inverted": 0.2, "thick": 0.4})
+    assert g["global_accuracy_per_domain"] == pytest.approx(
+        {"inverted": 0.2, "thick": 0.4}
+    )
     assert [c["accuracy"] for c in r["clients"]] == [0.4, 0.6]
     bad = A.record_from_results("oscar", 0, {"mean_accuracy": None}, 1.0)
     assert not bad["ok"] and "mean_accuracy" in bad["error"]
@@ -119,7 +125,9 @@ def test_tables(records):
     assert "gap to oracle" in lines[0] and "upload B/client" in lines[0]
     assert lines[2] == "| oscar | 70.0 | 20.0 | -20.0 | 0 | n/a | 30.0 |"
     assert lines[3] == "| fedavg (1 failed) | 30.0 | n/a | -60.0 | 1,000 | n/a | 60.0 |"
-    assert lines[4].startswith("| centralized (oracle, in-process) | 90.0 | 14.1 | 0 (reference)")
+    assert lines[4].startswith(
+        "| centralized (oracle, in-process) | 90.0 | 14.1 | 0 (reference)"
+    )
     dom = A.format_domain_table(s).splitlines()
     assert dom[0] == "| method | inverted | thick |"
     assert dom[2] == "| oscar | 60.0 | 80.0 |"
@@ -129,7 +137,9 @@ def test_tables(records):
     assert head[3] == (
         "| fedavg (1 failed) (1 without global acc) | n/a | n/a | n/a | 1,000 | n/a | 60.0 |"
     )
-    assert head[4].startswith("| centralized (oracle, in-process) | 80.0 | 0.0 | 0 (reference)")
+    assert head[4].startswith(
+        "| centralized (oracle, in-process) | 80.0 | 0.0 | 0 (reference)"
+    )
     gdom = A.format_global_domain_table(s).splitlines()
     assert gdom[0] == "| method | inverted | thick |"
     assert gdom[2] == "| oscar | 40.0 | 60.0 |" and gdom[3] == "| fedavg | n/a | n/a |"
@@ -207,14 +217,20 @@ def test_plot_and_report_files(records, tmp_path):
     assert "`python -m bench accuracy --quick`" in md
     assert "| oscar | 70.0 | 20.0 | -20.0 |" in md and "fedavg seed 0: boom" in md
     assert "| oscar | 50.0 | 10.0 | -30.0 |" in md
-    assert md.index("## Accuracy on the global test set") < md.index("## Per-client accuracy")
-    assert json.loads((tmp_path / "out" / "accuracy.json").read_text())["summary"]["oscar"]["std"]
+    assert md.index("## Accuracy on the global test set") < md.index(
+        "## Per-client accuracy"
+    )
+    assert json.loads((tmp_path / "out" / "accuracy.json").read_text())["summary"][
+        "oscar"
+    ]["std"]
     assert (tmp_path / "out" / "accuracy.png").is_file()
 
 
 def test_plot_with_nothing_to_show(tmp_path):
     assert (
-        A.plot_summary(A.aggregate([A.record_from_results("x", 0, None, 1.0)]), tmp_path / "a.png")
+        A.plot_summary(
+            A.aggregate([A.record_from_results("x", 0, None, 1.0)]), tmp_path / "a.png"
+        )
         is None
     )
 
@@ -262,7 +278,11 @@ def test_run_overrides_are_valid_app_configs():
 
 def test_toml_values():
     assert toml_value(True) == "true" and toml_value(False) == "false"
-    assert toml_value(3) == "3" and toml_value(0.5) == "0.5" and toml_value(1e-5) == "1e-05"
+    assert (
+        toml_value(3) == "3"
+        and toml_value(0.5) == "0.5"
+        and toml_value(1e-5) == "1e-05"
+    )
     assert toml_value("oscar") == '"oscar"'
     assert toml_value("C:\\x") == '"C:\\\\x"'
     for bad in ('say "hi"', "a\nb", float("nan")):
@@ -374,7 +394,9 @@ def test_paired_differences_by_hand_including_in_run_references():
     paired = {(p["a"], p["b"]): p for p in A.paired_differences(runs)}
     p = paired[("dense", "fedavg")]
     assert p["seeds"] == [0, 1] and p["wins"] == 1
-    assert p["diffs"] == pytest.approx([0.10, -0.05]) and p["mean_diff"] == pytest.approx(0.025)
+    assert p["diffs"] == pytest.approx([0.10, -0.05]) and p[
+        "mean_diff"
+    ] == pytest.approx(0.025)
     q = paired[("feddiff", "feddiff:pool-best")]
     assert q["diffs"] == pytest.approx([-0.10, 0.30]) and q["wins"] == 1
     assert ("oscar", "class-names") not in paired  # no common seed: no row

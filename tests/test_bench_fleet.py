@@ -91,7 +91,9 @@ def test_the_bench_core_at_tiny_sizes_loses_nothing_and_asks_nobody_twice(
         }
         | {"images-per-class": 3, "synth-budget": 20},
     )
-    report = F.run_fleet([4, 8], rc, tmp_path / "work", pool=4, isolate=False, max_unbudgeted=60)
+    report = F.run_fleet(
+        [4, 8], rc, tmp_path / "work", pool=4, isolate=False, max_unbudgeted=60
+    )
     report |= {"argv": ["--sizes", "4,8"], "quick": True}
     F.write_outputs(tmp_path / "out", report)
     got = json.loads((tmp_path / "out" / "fleet.json").read_text())

@@ -94,7 +94,9 @@ def test_paired_diffs_by_hand(records):
 
 def test_checks_name_each_challenger_present(records):
     # stack = a copy of none (worse than fedavg on both); generative: not run
-    recs = records + [r | {"variant": "stack"} for r in records if r["variant"] == "none"]
+    recs = records + [
+        r | {"variant": "stack"} for r in records if r["variant"] == "none"
+    ]
     chk = L.checks(recs, L.aggregate(recs))
     assert list(chk) == ["stack vs fedavg", "svd vs fedavg"]
     stack, svd = L.format_checks(chk)
@@ -187,7 +189,9 @@ def test_one_seed_runs_the_apps_code_paths(tiny_stack, fast_config, tmp_path):
     assert list(by) == ["none", "stack", "generative", "own"]
     for r in recs:
         assert len(r["clients"]) == 2
-        assert all(0 <= c["accuracy"] <= 1 and c["fid_proxy"] >= 0 for c in r["clients"])
+        assert all(
+            0 <= c["accuracy"] <= 1 and c["fid_proxy"] >= 0 for c in r["clients"]
+        )
         assert r["upload_bytes_per_client"] > 0
     # stack keeps rank N*r; the merged adapter is what is downloaded
     assert by["stack"]["merged_rank"] == 2 * over["lora-rank"]

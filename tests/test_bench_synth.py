@@ -43,7 +43,9 @@ def test_quality_summary_by_hand(tmp_path):
     # default's std over seeds: accuracy 0.0707, FID-proxy 0.707
     assert s["fast"]["within_noise"] and not s["bad"]["within_noise"]
     assert s["default"]["speedup"] == pytest.approx(1.0)
-    write_report(tmp_path, {"machine": "test", "quality": list(s.values()), "notes": []})
+    write_report(
+        tmp_path, {"machine": "test", "quality": list(s.values()), "notes": []}
+    )
     assert "fast" in (tmp_path / "synth.md").read_text()
 
 
@@ -76,7 +78,13 @@ def test_ablation_summary_and_levelling_off_by_hand(tmp_path):
     assert lo["gain_30_to_50"] == pytest.approx(0.01) and lo["levels_off"]
     write_report(
         tmp_path,
-        {"machine": "test", "seeds": [0, 1], "summary": summary, "levels_off": lo, "notes": []},
+        {
+            "machine": "test",
+            "seeds": [0, 1],
+            "summary": summary,
+            "levels_off": lo,
+            "notes": [],
+        },
     )
     assert "levels off" in (tmp_path / "ablation.md").read_text()
     assert (tmp_path / "ablation.png").is_file()

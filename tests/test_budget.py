@@ -40,8 +40,12 @@ def test_allocate_budget_by_hand():
 def test_capped_unit_weights_by_hand():
     # owner totals 8, 1, 1 -> shares 0.8, 0.1, 0.1 -> capped 0.5, 0.25, 0.25;
     # owner 0's half split 3:5 over its two units
-    w = capped_unit_weights(torch.tensor([3.0, 5.0, 1.0, 1.0]), torch.tensor([0, 0, 1, 2]), 0.5)
-    torch.testing.assert_close(w, torch.tensor([0.1875, 0.3125, 0.25, 0.25], dtype=torch.float64))
+    w = capped_unit_weights(
+        torch.tensor([3.0, 5.0, 1.0, 1.0]), torch.tensor([0, 0, 1, 2]), 0.5
+    )
+    torch.testing.assert_close(
+        w, torch.tensor([0.1875, 0.3125, 0.25, 0.25], dtype=torch.float64)
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -56,7 +60,9 @@ def test_reduce_conditions_two_obvious_clusters_by_hand(seed):
     a, b = order.argsort().tolist()  # cluster index -> rank by x
     assert [[a, b][int(j)] for j in assign] == [0, 0, 1, 1]
     again = reduce_conditions(v, w, 2, seed=seed)
-    assert all(torch.equal(x, y) for x, y in zip(again, (centres, cw, assign), strict=True))
+    assert all(
+        torch.equal(x, y) for x, y in zip(again, (centres, cw, assign), strict=True)
+    )
 
 
 def test_reduce_conditions_with_a_capped_share_by_hand():
@@ -67,7 +73,9 @@ def test_reduce_conditions_with_a_capped_share_by_hand():
         c, cw, _ = reduce_conditions(torch.tensor([[0.0], [1.0], [10.0]]), w, 2, seed)
         order = c[:, 0].argsort()
         torch.testing.assert_close(c[order, 0], torch.tensor([1 / 3, 10.0]))
-        torch.testing.assert_close(cw[order], torch.tensor([0.75, 0.25], dtype=torch.float64))
+        torch.testing.assert_close(
+            cw[order], torch.tensor([0.75, 0.25], dtype=torch.float64)
+        )
 
 
 def test_reduce_conditions_keeps_the_vectors_when_k_covers_them():
@@ -108,12 +116,16 @@ def _units() -> CondUnits:
 
 def test_budget_rows_by_hand(fast_config, tmp_path):
     out = ServerOutput()
-    got = budget_rows(_ctx(fast_config, tmp_path, **{"synth-budget": 10}), _units(), out)
+    got = budget_rows(
+        _ctx(fast_config, tmp_path, **{"synth-budget": 10}), _units(), out
+    )
     # classes asked 20 and 5: one each, 8 by [19, 4] -> 7, 1 -> 8 and 2 images;
     # class 0 keeps ceil(4 * 8 / 20) = 2 centres, 1 + 3 images each (equal weights)
     assert got.labels.tolist() == [0, 0, 1] and got.rows.tolist() == [4, 4, 2]
     order = got.conds[:2, 0].argsort()
-    torch.testing.assert_close(got.conds[:2][order], torch.tensor([[0.0, 1.5], [10.0, 0.5]]))
+    torch.testing.assert_close(
+        got.conds[:2][order], torch.tensor([[0.0, 1.5], [10.0, 0.5]])
+    )
     # owners: the heaviest client of each cluster (2 and 3 tie: the smaller id)
     assert got.owners[:2][order].tolist() == [1, 2] and got.owners[2] == 0
     torch.testing.assert_close(got.conds[2], torch.tensor([5.0, 5.0]))
@@ -146,7 +158,9 @@ def test_budget_rows_clients_draws_real_units_deterministically(fast_config, tmp
 @pytest.mark.parametrize("budget", [0, 25, 10_000])
 def test_budget_rows_within_the_budget_changes_nothing(fast_config, tmp_path, budget):
     units, out = _units(), ServerOutput()
-    got = budget_rows(_ctx(fast_config, tmp_path, **{"synth-budget": budget}), units, out)
+    got = budget_rows(
+        _ctx(fast_config, tmp_path, **{"synth-budget": budget}), units, out
+    )
     assert got is units
     assert out.extra["synth_budget"] == {
         "budget": budget,
@@ -187,7 +201,9 @@ def _description_replies(ctx: ServerContext, method) -> list[Reply]:  # feddeo
     out = []
     for i, ids in enumerate(CLASSES):
         g = torch.Generator().manual_seed(i)
-        d = P.Descriptions(torch.randn(len(ids), tokens, dim, generator=g), torch.tensor(ids))
+        d = P.Descriptions(
+            torch.randn(len(ids), tokens, dim, generator=g), torch.tensor(ids)
+        )
         out.append(_reply(i, P.layout(d), {"embedding": ctx.cfg.embedding}))
     return out
 
@@ -204,7 +220,11 @@ def _prototype_replies(ctx: ServerContext, method) -> list[Reply]:  # feddisc
             torch.randn(len(labels), method.image_dim, generator=g), dim=1
         )
         t = P.layout(prototypes(emb, labels, 2, seed=i))
-        out.append(_reply(i, {k: v.half() if v.is_floating_point() else v for k, v in t.items()}))
+        out.append(
+            _reply(
+                i, {k: v.half() if v.is_floating_point() else v for k, v in t.items()}
+            )
+        )
     return out
 
 
@@ -248,7 +268,9 @@ REPLIES = {
 }
 
 
-def _server_rows(name, budget, fast_config, tmp_path, monkeypatch) -> tuple[dict, ServerOutput]:
+def _server_rows(
+    name, budget, fast_config, tmp_path, monkeypatch
+) -> tuple[dict, ServerOutput]:
     """The method's server work on six mock replies; the rows it would sample
     (the engine and the classifier training are stubbed: not under test here)."""
     over = {
@@ -305,7 +327,10 @@ def test_a_budget_below_the_request_bounds_the_set_and_keeps_every_class(
     reps = out.extra["synth_budget"]["representatives"]
     assert set(reps) == {str(c) for c in set(asked)} and min(reps.values()) >= 1
     if name != "class-names":  # a row's owner is a client that has its class
-        assert all(c in CLASSES[o] for c, o in zip(labels.tolist(), owners.tolist(), strict=True))
+        assert all(
+            c in CLASSES[o]
+            for c, o in zip(labels.tolist(), owners.tolist(), strict=True)
+        )
 
 
 @pytest.mark.parametrize("name", list(REPLIES))
@@ -325,5 +350,8 @@ def test_no_budget_or_a_large_one_leaves_the_rows_as_they_were(
     assert unlimited["owners"].tolist() == owners
     for key in ("cond", "labels", "owners"):
         assert torch.equal(unlimited[key], large[key])
-    assert all(torch.equal(a, b) for a, b in zip(unlimited["extra"], large["extra"], strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(unlimited["extra"], large["extra"], strict=True)
+    )
     assert out0.extra["synth_budget"]["used"] == len(asked)

@@ -69,7 +69,12 @@ def test_malformed_embeddings_are_rejected_with_reason(mean, ids, counts, needle
 
 def test_too_large_upload_is_rejected():
     with pytest.raises(PayloadError, match="exceeds max-upload-mb"):
-        _reply(torch.randn(1, 1, 8).half(), torch.tensor([0]), torch.tensor([1]), max_bytes=10)
+        _reply(
+            torch.randn(1, 1, 8).half(),
+            torch.tensor([0]),
+            torch.tensor([1]),
+            max_bytes=10,
+        )
 
 
 def test_unpack_requires_meta_metrics_and_schema():
@@ -101,6 +106,8 @@ def test_state_dict_validation():
     extra = _model_reply({"w": torch.ones(2, 2), "x": np.float32(1) * torch.ones(1)})
     with pytest.raises(PayloadError, match="keys differ"):
         payload_fedavg.unpack(extra.tensors, ref)
-    ints = _model_reply({"w": torch.ones(2, 2, dtype=torch.int32), "n": torch.tensor(3)})
+    ints = _model_reply(
+        {"w": torch.ones(2, 2, dtype=torch.int32), "n": torch.tensor(3)}
+    )
     with pytest.raises(PayloadError, match="floating point"):
         payload_fedavg.unpack(ints.tensors, ref)

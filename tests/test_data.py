@@ -40,15 +40,22 @@ def test_styles_render_in_range_and_deterministic(style):
 
 def test_inverted_is_the_negative():
     x, _ = load_mnist("test")
-    assert torch.allclose(render_style(x[:4], "inverted", 28), -render_style(x[:4], "plain", 28))
+    assert torch.allclose(
+        render_style(x[:4], "inverted", 28), -render_style(x[:4], "plain", 28)
+    )
 
 
 def test_dirichlet_partitions_are_disjoint_and_skewed():
-    parts = [load_client_data("mnist-domains", "dirichlet", i, 4, alpha=0.3) for i in range(4)]
+    parts = [
+        load_client_data("mnist-domains", "dirichlet", i, 4, alpha=0.3)
+        for i in range(4)
+    ]
     assert [p.domain for p in parts] == ["inverted", "thick", "thin", "rotated"]
     sizes = sum(len(p.train_labels) + len(p.test_labels) for p in parts)
     assert sizes == 60_000 - MNIST_PUBLIC_SIZE
-    hist = torch.stack([torch.bincount(p.train_labels, minlength=10) for p in parts]).float()
+    hist = torch.stack(
+        [torch.bincount(p.train_labels, minlength=10) for p in parts]
+    ).float()
     share = hist / hist.sum(1, keepdim=True)
     assert share.max() > 0.25  # label skew: some class dominates some client
 

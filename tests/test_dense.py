@@ -56,7 +56,9 @@ def test_kl_distillation_by_hand():
     kl2 = p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5)
     assert D.distillation_loss(s, t, 2.0).item() == pytest.approx(4 * kl2)
     # batchmean: a second identical row leaves it; zero for equal logits
-    assert D.distillation_loss(s.repeat(2, 1), t.repeat(2, 1), 1.0).item() == (pytest.approx(kl))
+    assert D.distillation_loss(s.repeat(2, 1), t.repeat(2, 1), 1.0).item() == (
+        pytest.approx(kl)
+    )
     assert D.distillation_loss(t, t, 5.0).item() == pytest.approx(0.0, abs=1e-7)
 
 
@@ -169,7 +171,9 @@ def test_server_work_with_mock_replies(tmp_path):
     # the student moved away from the initial weights
     init = initial_state(ctx)
     assert any(
-        not torch.equal(out.model_state[k], init[k]) for k in init if init[k].is_floating_point()
+        not torch.equal(out.model_state[k], init[k])
+        for k in init
+        if init[k].is_floating_point()
     )
 
 
@@ -186,7 +190,9 @@ def test_server_work_is_deterministic_under_a_seed(tmp_path):
         assert torch.equal(a.samples[k], b.samples[k])
     c = Dense().server_work(replies, _ctx(tmp_path, seed=1))
     assert c.model_state is not None
-    assert any(not torch.equal(a.model_state[k], c.model_state[k]) for k in c.model_state)
+    assert any(
+        not torch.equal(a.model_state[k], c.model_state[k]) for k in c.model_state
+    )
 
 
 @pytest.mark.parametrize(

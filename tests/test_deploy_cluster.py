@@ -60,7 +60,9 @@ def test_commands_carry_tls_auth_and_partitions(tmp_path):
     node = cl.supernode_cmd(2)
     assert node[node.index("--superlink") + 1] == "127.0.0.1:9100"
     assert node[node.index("--node-config") + 1] == "partition-id=2 num-partitions=3"
-    assert node[node.index("--auth-supernode-private-key") + 1] == str(tmp_path / "keys/node-2")
+    assert node[node.index("--auth-supernode-private-key") + 1] == str(
+        tmp_path / "keys/node-2"
+    )
     assert node[node.index("--port") + 1] == "9103"  # runtime API: port + 1 + i
     assert "--grpc-rere" not in node
 
@@ -104,7 +106,10 @@ def test_connection_toml_is_what_the_flwr_cli_reads(tmp_path, monkeypatch):
 
     ca = tmp_path / "certs" / "ca.crt"
     (tmp_path / "config.toml").write_text(C.connection_toml("127.0.0.1:9100", ca))
-    assert tomllib.loads((tmp_path / "config.toml").read_text())["superlink"]["default"] == "deploy"
+    assert (
+        tomllib.loads((tmp_path / "config.toml").read_text())["superlink"]["default"]
+        == "deploy"
+    )
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     conn = read_superlink_connection("deploy")
     assert conn.address == "127.0.0.1:9100"
@@ -114,7 +119,9 @@ def test_connection_toml_is_what_the_flwr_cli_reads(tmp_path, monkeypatch):
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 def test_certs_have_loopback_and_extra_names(tmp_path):
     subprocess.run(
-        ["bash", str(C.CERTS_SH), str(tmp_path), "fl.example.org"], check=True, capture_output=True
+        ["bash", str(C.CERTS_SH), str(tmp_path), "fl.example.org"],
+        check=True,
+        capture_output=True,
     )
     text = subprocess.run(
         ["openssl", "x509", "-in", str(tmp_path / "server.pem"), "-noout", "-text"],
@@ -124,7 +131,13 @@ def test_certs_have_loopback_and_extra_names(tmp_path):
     ).stdout
     assert "IP Address:127.0.0.1" in text and "DNS:fl.example.org" in text
     verify = subprocess.run(
-        ["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), str(tmp_path / "server.pem")],
+        [
+            "openssl",
+            "verify",
+            "-CAfile",
+            str(tmp_path / "ca.crt"),
+            str(tmp_path / "server.pem"),
+        ],
         capture_output=True,
         text=True,
     )
@@ -266,7 +279,9 @@ def test_app_runs_end_to_end_on_the_deployment(cluster, tmp_path):
     run = cluster.run_app(
         f'method="local" max-examples-per-client=200 output-dir="{out}"', timeout=300
     )
-    assert run.ok, f"status {run.status}, flwr exit {run.returncode}:\n{run.stdout[-3000:]}"
+    assert run.ok, (
+        f"status {run.status}, flwr exit {run.returncode}:\n{run.stdout[-3000:]}"
+    )
     found = list(out.rglob("results.json"))
     assert len(found) == 1, f"no results.json under {out}:\n{run.stdout[-3000:]}"
     results = json.loads(found[0].read_text())

@@ -51,7 +51,9 @@ LATE = 3  # node index: the device with its own data, started after the kill
 RUN_NAME = "resumed"
 
 # A SuperNode's retry invoker logs this once a request goes through again.
-RECONNECTED_RE = re.compile(r"Connection successful after ([\d.]+) seconds and (\d+) tries")
+RECONNECTED_RE = re.compile(
+    r"Connection successful after ([\d.]+) seconds and (\d+) tries"
+)
 
 
 @dataclass
@@ -81,7 +83,11 @@ def _journal(run_dir: Path) -> list[dict]:
         return []
     # whole lines only: the ServerApp may be writing the next one
     text = path.read_text()
-    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+    return [
+        json.loads(line)
+        for line in text.splitlines(keepends=True)
+        if line.endswith("\n")
+    ]
 
 
 def _serverapps(cluster: C.Cluster) -> list[Any]:
@@ -121,7 +127,9 @@ def _gone(p: Any) -> bool:
 
 def _wait(what: str, ready: Any, timeout_s: float, logs: Path) -> None:
     if not P.wait_until(ready, timeout_s, 0.2):
-        tails = "\n".join(f"--- {f.name}\n{P.log_tail(f, 15)}" for f in sorted(logs.glob("*.log")))
+        tails = "\n".join(
+            f"--- {f.name}\n{P.log_tail(f, 15)}" for f in sorted(logs.glob("*.log"))
+        )
         raise AssertionError(f"timed out after {timeout_s:.0f} s: {what}\n{tails}")
 
 
@@ -243,7 +251,9 @@ def _check_resumed(d: Deployment, k: Killed) -> list[int]:
 def _rerun(d: Deployment) -> C.AppRun:
     """``flwr run`` again with the same run-name; it must complete."""
     run2 = d.cl.run_app(d.run_config, timeout=240)
-    assert run2.ok, f"status {run2.status}, flwr exit {run2.returncode}:\n{run2.stdout[-3000:]}"
+    assert run2.ok, (
+        f"status {run2.status}, flwr exit {run2.returncode}:\n{run2.stdout[-3000:]}"
+    )
     return run2
 
 
@@ -329,7 +339,9 @@ def test_superlink_killed_mid_window_restarts_on_its_database(deployment):
         orphans += tree  # stopped in the end if alive (psutil checks the pids)
         names = {p.pid: _program(_cmdline(p)) for p in tree}
         assert sorted(names.values()) == ["flower-superexec", "flwr-serverapp"], names
-        node_logs = {f: f.stat().st_size for f in sorted(cl.logs_dir.glob("supernode-*.log"))}
+        node_logs = {
+            f: f.stat().st_size for f in sorted(cl.logs_dir.glob("supernode-*.log"))
+        }
         t_kill = time.monotonic()
         cl.kill_superlink()
         died: dict[str, float] = {}

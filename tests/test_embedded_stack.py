@@ -75,7 +75,9 @@ def test_layout_and_size():
         "README.md",
         "samples.png",
     ):
-        assert (root / f).is_file(), f"{root / f} is missing: run `python -m bench pretrain`"
+        assert (root / f).is_file(), (
+            f"{root / f} is missing: run `python -m bench pretrain`"
+        )
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert size <= MAX_BYTES, f"common/embedded is {size / 1e6:.1f} MB (> 30 MB)"
     assert not list(root.rglob("*.bin")), "weights must be safetensors"
@@ -125,7 +127,9 @@ def test_class_conditioned_samples_are_recognised(stack, style):
     conds = []
     for c in range(10):
         rows = [i for i in range(len(texts)) if labels[i] == c and styles[i] == style]
-        conds.append(stack["encoder"].encode([texts[i] for i in rows]).mean(0, keepdim=True))
+        conds.append(
+            stack["encoder"].encode([texts[i] for i in rows]).mean(0, keepdim=True)
+        )
     cond = torch.cat(conds).repeat_interleave(n, 0)
     y = torch.arange(10).repeat_interleave(n)
     x = sample(
@@ -182,7 +186,9 @@ def test_pretrain_quick_end_to_end(tmp_path):
     cap = load_captioner(str(out / "clip"), texts, torch.as_tensor(labels))
     assert len(cap.caption(torch.zeros(3, 1, 16, 16))) == 3
     gen = load_generator(str(out / "generator"))
-    x = sample(gen, enc.encode(["the digit one"]), enc.encode([""]), num_inference_steps=2)
+    x = sample(
+        gen, enc.encode(["the digit one"]), enc.encode([""]), num_inference_steps=2
+    )
     assert x.shape == (1, 1, 16, 16)
     assert load_classifier(out / "judge")(x).shape == (1, 10)
     assert (out / "samples.png").is_file() and (out / "README.md").is_file()

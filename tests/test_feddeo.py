@@ -144,7 +144,9 @@ def _replies(ctx: ServerContext, classes: list[list[int]]) -> list[Reply]:
     assert ctx.info is not None
     replies = []
     for i, ids in enumerate(classes):
-        emb = ctx.text_encoder.encode([ctx.info.class_prompt(c) for c in ids], ctx.cfg.embedding)
+        emb = ctx.text_encoder.encode(
+            [ctx.info.class_prompt(c) for c in ids], ctx.cfg.embedding
+        )
         g = torch.Generator().manual_seed(i)
         desc = emb + 0.1 * torch.randn(emb.shape, generator=g)
         tensors = P.layout(P.Descriptions(desc, torch.tensor(ids)))
@@ -198,7 +200,9 @@ def test_server_samples_with_description_and_class_guidance(
     assert 0 < method.summary(replies)["upload_bytes_per_class"] <= 100
 
 
-def test_server_rejects_another_embedding_kind_and_shape(tiny_stack, fast_config, tmp_path):
+def test_server_rejects_another_embedding_kind_and_shape(
+    tiny_stack, fast_config, tmp_path
+):
     ctx = _context(fast_config, tmp_path)
     method = FedDeo()
     (r,) = _replies(ctx, [[0, 1]])
@@ -211,7 +215,9 @@ def test_server_rejects_another_embedding_kind_and_shape(tiny_stack, fast_config
         method.validate(r, ctx)
 
 
-def test_both_halves_on_a_latent_stable_diffusion_generator(fast_config, tmp_path, monkeypatch):
+def test_both_halves_on_a_latent_stable_diffusion_generator(
+    fast_config, tmp_path, monkeypatch
+):
     """Sequence conditioning [16, 32], latents [4, 4, 4]: the client learns one
     token sequence per class on VAE latents; the server validates and samples."""
     sd = make_tiny_sd(tmp_path / "sd")

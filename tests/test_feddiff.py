@@ -109,7 +109,12 @@ def test_subset_names_and_round_trip():
 
     net = SmallCNN(1, 10)
     names = subset_names(net, "features.4.1, head")
-    assert names == ["features.4.1.weight", "features.4.1.bias", "head.weight", "head.bias"]
+    assert names == [
+        "features.4.1.weight",
+        "features.4.1.bias",
+        "head.weight",
+        "head.bias",
+    ]
     state = net.state_dict()
     vec = flatten_subset(state, names)
     assert vec.numel() == 2 * 128 + 128 * 10 + 10
@@ -136,7 +141,12 @@ def test_tiny_builder_autoencoder_reconstructs_the_pool(tiny_stack_dir):
 def test_shipped_model_records_its_reconstruction_error():
     cfg = json.loads((EMBEDDED / "config.json").read_text())
     assert cfg["metrics"]["ae_recon_mse"] < SHIPPED_RECON_MAX
-    assert cfg["params"] == ["features.4.1.weight", "features.4.1.bias", "head.weight", "head.bias"]
+    assert cfg["params"] == [
+        "features.4.1.weight",
+        "features.4.1.bias",
+        "head.weight",
+        "head.bias",
+    ]
     size = sum(f.stat().st_size for f in EMBEDDED.rglob("*") if f.is_file())
     assert size < 3e6  # small in bytes
     m = load_feddiff(EMBEDDED)

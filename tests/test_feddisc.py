@@ -20,7 +20,9 @@ from methods.feddisc.client_feddisc import prototypes
 def _reply(pid: int, dim: int, classes: list[int]) -> Reply:
     g = torch.Generator().manual_seed(pid)
     labels = torch.tensor(classes * 6)
-    emb = torch.nn.functional.normalize(torch.randn(len(labels), dim, generator=g), dim=1)
+    emb = torch.nn.functional.normalize(
+        torch.randn(len(labels), dim, generator=g), dim=1
+    )
     tensors = {
         k: v.half() if v.is_floating_point() else v
         for k, v in P.layout(prototypes(emb, labels, 2, seed=pid)).items()
@@ -28,7 +30,9 @@ def _reply(pid: int, dim: int, classes: list[int]) -> Reply:
     return Reply(pid + 1, pid, len(labels), 1000, {}, {}, tensors)
 
 
-def test_a_sequence_conditioned_generator_gets_mapped_token_sequences(fast_config, tmp_path):
+def test_a_sequence_conditioned_generator_gets_mapped_token_sequences(
+    fast_config, tmp_path
+):
     sd = make_tiny_sd(tmp_path / "sd")
     cfg = build_config(
         fast_config
@@ -72,7 +76,9 @@ def test_a_sequence_conditioned_generator_gets_mapped_token_sequences(fast_confi
     assert all(torch.isfinite(v.float()).all() for v in out.model_state.values())
 
 
-def test_a_dataset_without_public_pairs_is_refused_before_any_client(fast_config, tmp_path):
+def test_a_dataset_without_public_pairs_is_refused_before_any_client(
+    fast_config, tmp_path
+):
     from tiny_stack import make_image_folder
 
     folder = make_image_folder(tmp_path / "folder", 4)

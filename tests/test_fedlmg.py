@@ -55,7 +55,9 @@ def test_guiding_model_sums_the_bn_terms_of_every_bn_layer():
     seen: list[torch.Tensor] = []
     hooks = [
         m.register_forward_hook(
-            lambda m, i, o: seen.append(bn_statistic_loss(i[0], m.running_mean, m.running_var))
+            lambda m, i, o: seen.append(
+                bn_statistic_loss(i[0], m.running_mean, m.running_var)
+            )
         )
         for m in bns
     ]
@@ -104,7 +106,9 @@ def test_bad_payloads_are_rejected_with_a_reason(arch, mutate, reason):
 
 
 @pytest.mark.parametrize("aggregation", ["sd", "md"])
-def test_clients_of_two_architectures_in_one_round(tiny_stack, fast_config, aggregation):
+def test_clients_of_two_architectures_in_one_round(
+    tiny_stack, fast_config, aggregation
+):
     fast_config |= {
         "method": "fedlmg",
         "fedlmg-client-classifiers": "cnn,resnet18",
@@ -119,7 +123,8 @@ def test_clients_of_two_architectures_in_one_round(tiny_stack, fast_config, aggr
     assert sorted(archs.values()) == ["cnn", "cnn", "resnet18"]
     assert 0 <= res["fedlmg"]["guiding_model_agreement"] <= 1
     on_disk = json.loads(
-        (tmp := fast_config["output-dir"]) and open(f"{tmp}/lmg-{aggregation}/results.json").read()
+        (tmp := fast_config["output-dir"])
+        and open(f"{tmp}/lmg-{aggregation}/results.json").read()
     )
     assert on_disk["fedlmg"]["aggregation"] == aggregation
     assert all(c["upload_bytes"] > 0 for c in res["clients"])

@@ -49,7 +49,9 @@ def _journal(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-def test_a_device_that_connects_after_min_clients_is_asked_and_used(tiny_stack, fast_config):
+def test_a_device_that_connects_after_min_clients_is_asked_and_used(
+    tiny_stack, fast_config
+):
     """min-clients=2 is reached at t=0; the third device connects at t=45 s,
     inside the 120 s window: it is asked when it appears and its upload is used."""
     rc = _config(fast_config, **{"min-clients": 2, "collect-window-s": 120.0})
@@ -85,7 +87,9 @@ def test_silent_late_and_unreachable_devices_are_listed(tiny_stack, fast_config)
     def lose_contact_once(reply: Message, msg: Message) -> Message:
         if lost_once["n"] == 0:
             lost_once["n"] += 1
-            return Message(Error(ErrorCode.NODE_UNAVAILABLE, "node went away"), reply_to=msg)
+            return Message(
+                Error(ErrorCode.NODE_UNAVAILABLE, "node went away"), reply_to=msg
+            )
         return reply
 
     rc = _config(fast_config, **{"collect-window-s": 60.0})
@@ -112,7 +116,9 @@ def test_silent_late_and_unreachable_devices_are_listed(tiny_stack, fast_config)
     assert statuses[104] == "excluded: replied after the window closed (late): not used"
 
 
-def test_a_device_with_its_own_data_needs_no_partition(tiny_stack, fast_config, tmp_path):
+def test_a_device_with_its_own_data_needs_no_partition(
+    tiny_stack, fast_config, tmp_path
+):
     """Devices started with node-config data-path (their own image folder) have no
     partition id; the round identifies them by node and assigns client ids."""
     from tiny_stack import make_image_folder
@@ -142,7 +148,8 @@ def test_many_clients_are_summarized_by_domain(tiny_stack, fast_config, caplog):
     from PIL import Image
 
     rc = _config(
-        fast_config, **{"max-examples-per-client": 40, "partition": "iid", "images-per-class": 1}
+        fast_config,
+        **{"max-examples-per-client": 40, "partition": "iid", "images-per-class": 1},
     )
     res, _ = run_round(_devices(24), rc)
     assert res["num_clients"] == 24 and len(res["clients"]) == 24
@@ -203,7 +210,9 @@ def _window_round(
 
 
 @pytest.mark.timeout(600)
-def test_killed_in_mid_window_resumes_losing_nothing_asking_nobody_twice(tiny_stack, fast_config):
+def test_killed_in_mid_window_resumes_losing_nothing_asking_nobody_twice(
+    tiny_stack, fast_config
+):
     """SIGKILL after the 2nd of 5 uploads (devices connect at 0, 10, .. 40 s of a
     100 s window); the re-run with the same run-name 25 s later keeps both uploads,
     asks neither of their nodes again, asks the node that was asked but not heard
@@ -250,7 +259,9 @@ def test_resumed_after_the_window_ended_closes_at_once(tiny_stack, fast_config):
     assert [n for n, t in sent if t == COLLECT] == []
     res = json.loads((Path(rc["output-dir"]) / "late" / "results.json").read_text())
     assert res["fleet"]["valid"] == [101, 102] and res["fleet"]["missing"] == [103]
-    assert res["missing"][0]["reason"] == ("asked before the server restarted; not heard from")
+    assert res["missing"][0]["reason"] == (
+        "asked before the server restarted; not heard from"
+    )
 
 
 def test_a_torn_last_line_is_dropped_and_an_edited_one_refused(tmp_path):

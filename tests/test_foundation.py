@@ -53,13 +53,22 @@ def test_guidance_one_runs_only_the_conditional_model(tiny_stack_dir):
     hook = gen.unet.register_forward_hook(lambda m, a, o: batches.append(len(a[0])))
     cond = torch.randn(3, 1, 16)
     plain = sample(
-        gen, cond, torch.zeros(1, 1, 16), guidance_scale=1.0, num_inference_steps=2, seed=4
+        gen,
+        cond,
+        torch.zeros(1, 1, 16),
+        guidance_scale=1.0,
+        num_inference_steps=2,
+        seed=4,
     )
     assert batches == [3, 3]
     batches.clear()
-    same = sample(gen, cond, cond[:1], guidance_scale=1.0, num_inference_steps=2, seed=4)
+    same = sample(
+        gen, cond, cond[:1], guidance_scale=1.0, num_inference_steps=2, seed=4
+    )
     assert torch.equal(plain, same)  # uncond is never used at w = 1
-    guided = sample(gen, cond[:1], cond[:1], guidance_scale=3.0, num_inference_steps=2, seed=4)
+    guided = sample(
+        gen, cond[:1], cond[:1], guidance_scale=3.0, num_inference_steps=2, seed=4
+    )
     assert batches[-2:] == [2, 2]  # unconditional + conditional halves
     torch.testing.assert_close(guided, plain[:1], atol=1e-5, rtol=0)
     hook.remove()

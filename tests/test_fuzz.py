@@ -52,7 +52,9 @@ def genuine(tiny_stack_dir, tmp_path_factory):
     out = {}
     for name, cls in METHODS.items():
         cfg = build_config(rc | {"method": name})
-        ctx = ServerContext(cfg, tmp_path_factory.mktemp(name), info=dataset_info(cfg.data_args()))
+        ctx = ServerContext(
+            cfg, tmp_path_factory.mktemp(name), info=dataset_info(cfg.data_args())
+        )
         method = get_method(name)
         method.check(ctx)
         grid = FakeGrid(client_app, 2, rc | {"method": name})
@@ -69,7 +71,10 @@ def _clone(content: RecordDict) -> dict:
     return {
         "meta": dict(content.config_records.get(C.KEY_META, {})),
         "metrics": dict(content.metric_records.get(C.KEY_METRICS, {})),
-        "arrays": {name: C.from_array_record(rec) for name, rec in content.array_records.items()},
+        "arrays": {
+            name: C.from_array_record(rec)
+            for name, rec in content.array_records.items()
+        },
     }
 
 
@@ -103,7 +108,9 @@ DTYPES = [
 weird_numbers = st.one_of(
     st.integers(-(2**70), 2**70),
     st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from([0, -1, 1, 2**31, 2**63 - 1, 1e30, 0.5, float("nan"), float("inf")]),
+    st.sampled_from(
+        [0, -1, 1, 2**31, 2**63 - 1, 1e30, 0.5, float("nan"), float("inf")]
+    ),
 )
 weird_scalars = st.one_of(
     weird_numbers,
@@ -162,7 +169,9 @@ def mutation(draw, parts: dict) -> dict:
         if what == "meta":
             key = draw(st.sampled_from([*(parts["meta"] or {}), "x", "partition-id"]))
             if parts["meta"] is not None:
-                parts["meta"][key] = draw(weird_scalars | st.lists(st.integers(), max_size=3))
+                parts["meta"][key] = draw(
+                    weird_scalars | st.lists(st.integers(), max_size=3)
+                )
         elif what == "metrics":
             key = draw(st.sampled_from([*(parts["metrics"] or {}), "num-examples"]))
             if parts["metrics"] is not None:
@@ -180,7 +189,9 @@ def mutation(draw, parts: dict) -> dict:
             else:  # keep dtype and shape, poison one value
                 t = parts["arrays"][rec][key].clone()
                 if t.numel() and (t.is_floating_point() or t.is_complex()):
-                    t.view(-1)[0] = draw(st.sampled_from([float("nan"), float("inf"), 6e4]))
+                    t.view(-1)[0] = draw(
+                        st.sampled_from([float("nan"), float("inf"), 6e4])
+                    )
                 elif t.numel():  # an out-of-range id, inside the dtype's own range
                     v = draw(st.sampled_from([-1, 10**6, 2**40]))
                     if t.dtype == torch.bool:
@@ -233,7 +244,10 @@ def test_validation_is_total_under_mutation(genuine, name):
     outcomes = {"accepted": 0, "rejected": 0}
 
     @settings(
-        max_examples=CASES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+        max_examples=CASES,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
     )
     @given(st.data())
     def check(data):

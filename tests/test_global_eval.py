@@ -176,7 +176,9 @@ def grid_dir(rc, run_id):
 
 
 @pytest.mark.parametrize("method", ["oscar", "local"])
-def test_round_reports_global_accuracy_per_participating_domain(method, tiny_stack, fast_config):
+def test_round_reports_global_accuracy_per_participating_domain(
+    method, tiny_stack, fast_config
+):
     fast_config["method"] = method
     res = _run(fast_config, run_id=f"global-{method}")
     assert 0.0 <= res["global_accuracy"] <= 1.0

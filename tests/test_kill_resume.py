@@ -81,7 +81,9 @@ def _comparable(res: dict) -> dict:
     res.pop("device", None)
     for c in res["clients"]:  # the clients' own timings (client-s, caption-s-per-image)
         for part in ("metrics", "evaluation"):
-            for key in [k for k in c.get(part, {}) if k.endswith("-s") or "-s-per-" in k]:
+            for key in [
+                k for k in c.get(part, {}) if k.endswith("-s") or "-s-per-" in k
+            ]:
                 c[part].pop(key)
     return res
 

@@ -129,7 +129,11 @@ def test_train_lora_is_deterministic_and_checks_inputs():
     runs = []
     for _ in range(2):
         unet = attach_lora(tiny_unet(), rank=2, alpha=2.0, targets=["to_q"])
-        runs.append(train_lora(unet, scheduler(), images, cond, steps=3, lr=1e-3, cond_dropout=0))
+        runs.append(
+            train_lora(
+                unet, scheduler(), images, cond, steps=3, lr=1e-3, cond_dropout=0
+            )
+        )
     assert runs[0] == runs[1]
     with pytest.raises(ValueError, match="needs uncond"):
         train_lora(unet, scheduler(), images, cond, steps=1, lr=1e-3)
@@ -156,7 +160,9 @@ def test_set_lora_state_is_strict():
     state = get_lora_state(unet)
     key = sorted(state)[0]
     with pytest.raises(ValueError, match="missing keys"):
-        set_lora_state(unet, {k: v for k, v in state.items() if k != key}, 2, 2.0, TARGETS)
+        set_lora_state(
+            unet, {k: v for k, v in state.items() if k != key}, 2, 2.0, TARGETS
+        )
     with pytest.raises(ValueError, match="unexpected keys"):
         set_lora_state(unet, {**state, "x.lora_A.weight": state[key]}, 2, 2.0, TARGETS)
     with pytest.raises(ValueError, match="rank 3"):
@@ -176,7 +182,9 @@ def test_merged_adapter_equals_exact_delta(merge):
     merged, info = merge_adapters(states, [1, 3], merge, rank=4, scalings=[2.0, 2.0])
     assert info["rank"] == 4 and info["lora_alpha"] == 4.0
 
-    adapted = set_lora_state(tiny_unet(), merged, info["rank"], info["lora_alpha"], LOCON)
+    adapted = set_lora_state(
+        tiny_unet(), merged, info["rank"], info["lora_alpha"], LOCON
+    )
 
     # Reference: the base UNet with ΔW = Σ w_i s_i B_i A_i added to each weight
     # (a conv's ΔW: B [out, r, 1, 1] times A [r, in, k, k], flattened, reshaped).
@@ -191,7 +199,9 @@ def test_merged_adapter_equals_exact_delta(merge):
             )
             weight = reference.get_submodule(p).weight
             weight += delta.reshape(weight.shape)
-    torch.testing.assert_close(probe_output(adapted), probe_output(reference), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        probe_output(adapted), probe_output(reference), atol=1e-4, rtol=0
+    )
 
 
 def test_seeded_init_is_the_same_for_every_client():

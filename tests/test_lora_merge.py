@@ -27,7 +27,9 @@ def merged_delta(merged, info, prefix: str = "l") -> torch.Tensor:
 def weighted_delta(w, s, As, Bs) -> torch.Tensor:
     """Σ (w_i / Σw) s_i B_i A_i, written out as the reference."""
     total = sum(w)
-    return sum(wi / total * si * (b @ a) for wi, si, a, b in zip(w, s, As, Bs, strict=True))
+    return sum(
+        wi / total * si * (b @ a) for wi, si, a, b in zip(w, s, As, Bs, strict=True)
+    )
 
 
 def two_rank1_clients() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -166,7 +168,9 @@ def test_one_client_comes_back_unchanged():
     # peft merges a single adapter with "linear": sqrt(s) in each factor, rank r_1.
     As, Bs = random_clients(ranks=(2,))
     for method in ("stack", "svd", "ties", "dare"):
-        merged, info = merge_adapters(adapter(As, Bs), [5], method, rank=4, scalings=[2.0])
+        merged, info = merge_adapters(
+            adapter(As, Bs), [5], method, rank=4, scalings=[2.0]
+        )
         assert info["rank"] == 2 and info["lora_alpha"] == 2.0
         exact = 2.0 * Bs[0] @ As[0]
         torch.testing.assert_close(merged_delta(merged, info), exact)
@@ -210,14 +214,18 @@ def test_ties_full_density_equal_signs_is_weighted_sum():
     As, Bs = random_clients()
     As, Bs = [a.abs() for a in As], [b.abs() for b in Bs]
     w, s = [1.0, 2.0, 5.0], [1.0, 0.5, 2.0]
-    merged, info = merge_adapters(adapter(As, Bs), w, "ties", rank=4, density=1.0, scalings=s)
+    merged, info = merge_adapters(
+        adapter(As, Bs), w, "ties", rank=4, density=1.0, scalings=s
+    )
     exact = weighted_delta(w, s, As, Bs)
     torch.testing.assert_close(merged_delta(merged, info), exact, atol=1e-5, rtol=0)
 
 
 def test_dare_full_density_is_weighted_sum():
     As, Bs = random_clients()
-    merged, info = merge_adapters(adapter(As, Bs), [1, 3, 4], "dare", rank=4, density=1.0)
+    merged, info = merge_adapters(
+        adapter(As, Bs), [1, 3, 4], "dare", rank=4, density=1.0
+    )
     exact = weighted_delta([1, 3, 4], [1, 1, 1], As, Bs)
     torch.testing.assert_close(merged_delta(merged, info), exact, atol=1e-5, rtol=0)
 
@@ -283,7 +291,9 @@ def test_matches_peft_add_weighted_adapter(method, combination_type):
     names = ["client0", "client1", "client2"]
     model = None
     for name, r, alpha in zip(names, ranks, alphas, strict=True):
-        config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+        config = LoraConfig(
+            r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False
+        )
         if model is None:
             model = get_peft_model(Toy(), config, adapter_name=name)
         else:
@@ -302,7 +312,9 @@ def test_matches_peft_add_weighted_adapter(method, combination_type):
     w = [x / sum(weights) for x in weights]
     peft_w = [3 * x for x in w] if method == "ties" else w
     torch.manual_seed(11)  # DARE's masks
-    model.add_weighted_adapter(names, peft_w, "merged", combination_type, svd_rank=4, density=0.5)
+    model.add_weighted_adapter(
+        names, peft_w, "merged", combination_type, svd_rank=4, density=0.5
+    )
 
     # 3. merge_adapters on the flat state dicts
     scalings = [a / r for a, r in zip(alphas, ranks, strict=True)]
@@ -417,7 +429,9 @@ def test_merge_adapters_errors_name_the_key():
         merge_adapters([a, b], [1, 1], "svd", rank=2)
     b = make_adapter(1)
     b["blk.to_q.lora_A.weight"] = torch.randn(2, 5)
-    with pytest.raises(ValueError, match=r"adapters\[1\] layer 'blk.to_q' has A \(2, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"adapters\[1\] layer 'blk.to_q' has A \(2, 5\)"
+    ):
         merge_adapters([a, b], [1, 1], "svd", rank=2)
     b = make_adapter(1)
     b["blk.to_q.lora_B.weight"] = torch.randn(6, 3)
@@ -430,7 +444,9 @@ def test_merge_adapters_errors_name_the_key():
         merge_adapters([a, a], [1, 1], "fedavg", rank=2, scalings=[1.0, 2.0])
     bad = make_adapter(3)
     bad["blk.to_v.lora_A.weight"][0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"adapters\[1\]\['blk.to_v.lora_A.weight'\].*NaN"):
+    with pytest.raises(
+        ValueError, match=r"adapters\[1\]\['blk.to_v.lora_A.weight'\].*NaN"
+    ):
         merge_adapters([a, bad], [1, 1], "stack", rank=2)
 
 

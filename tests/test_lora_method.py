@@ -64,7 +64,9 @@ def _svd_of(replies: list[Reply], ctx: ServerContext) -> dict[str, torch.Tensor]
 
 
 @pytest.mark.parametrize(("lr", "changed"), [(1e-12, False), (1e-2, True)])
-def test_generative_corrects_the_svd_merge(tiny_stack, fast_config, tmp_path, lr, changed):
+def test_generative_corrects_the_svd_merge(
+    tiny_stack, fast_config, tmp_path, lr, changed
+):
     # With a vanishing learning rate the correction leaves the svd start as is;
     # with a real one it moves it. Either way: rank lora-merge-rank, scaling 1.
     ctx = _context(

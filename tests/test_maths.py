@@ -78,7 +78,9 @@ def test_private_class_means_noise_scale():
 
 def test_frechet_distance_1d_by_hand():
     # 1-D: (m1-m2)^2 + s1 + s2 - 2 sqrt(s1 s2) = 4 + 1 + 4 - 2*2 = 5
-    d = frechet_distance(np.array([1.0]), np.array([[1.0]]), np.array([3.0]), np.array([[4.0]]))
+    d = frechet_distance(
+        np.array([1.0]), np.array([[1.0]]), np.array([3.0]), np.array([[4.0]])
+    )
     assert d == pytest.approx(5.0)
 
 

@@ -292,7 +292,9 @@ def flwr_run(checkout: Path, env: dict[str, str], run_config: str) -> str:
         run_config,
     ]
     # subprocess.run kills the CLI (its own child) on a timeout
-    done = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=240
+    )
     out = done.stdout + done.stderr
     with open(checkout.parent / f"flwr-run-{checkout.name}.log", "a") as f:
         f.write(f"$ (cd {checkout} && {' '.join(cmd)})\n{out}\n")
@@ -334,7 +336,9 @@ def test_two_checkouts_one_simulation_superlink(tmp_path):
 
         # 2. From b, same SuperLink, relative output-dir: refused, nothing written
         out_b = flwr_run(b, env, TINY + ' run-name="from-b"')
-        assert [p.pid for p in local_superlink.superlink_processes(flwr_home)] == [links[0].pid]
+        assert [p.pid for p in local_superlink.superlink_processes(flwr_home)] == [
+            links[0].pid
+        ]
         assert "output-dir='outputs' is a relative path" in out_b, out_b
         assert f"differs from the checkout {a}" in out_b
         assert "methods/__init__.py" in out_b and "absolute output-dir" in out_b

@@ -47,12 +47,16 @@ def test_config_table_lists_every_key_with_the_pyproject_default():
     assert set(table) == keys, (
         f"README lacks {sorted(keys - set(table))}, has extra {sorted(set(table) - keys)}"
     )
-    defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"][
+        "app"
+    ]["config"]
     assert set(defaults) == keys
     for key, shown in table.items():
         assert shown == _toml_scalar(defaults[key]), (key, shown, defaults[key])
     # and pyproject's defaults are the models' defaults (shared and each method's)
-    models = [build_config({}).__class__] + [m.config for m in METHODS.values() if m.config]
+    models = [build_config({}).__class__] + [
+        m.config for m in METHODS.values() if m.config
+    ]
     for model in models:
         for k, f in model.model_fields.items():
             assert f.default == defaults[f.alias or k], f.alias or k
@@ -74,6 +78,8 @@ def test_quickstart_is_two_commands_that_ci_runs():
         ln
         for ln in (ROOT / ".ci" / "run").read_text().splitlines()
         if ln.strip()
-        and not ln.lstrip().startswith(("#", "set ", "cd ", "export ", "trap ", "test "))
+        and not ln.lstrip().startswith(
+            ("#", "set ", "cd ", "export ", "trap ", "test ")
+        )
     ]
     assert ci == cmds

@@ -114,7 +114,8 @@ class Dom(HTMLParser):
         return [
             e
             for e in self.elements
-            if e["tag"] == tag and (within is None or any(i == within for _, i in e["in"]))
+            if e["tag"] == tag
+            and (within is None or any(i == within for _, i in e["in"]))
         ]
 
     def by_id(self, eid: str) -> list[dict[str, Any]]:
@@ -131,7 +132,11 @@ def _png(src: str) -> Image.Image:
 
 
 def _round(fast_config: dict[str, Any], tamper: dict | None = None):
-    rc = fast_config | {"method": "oscar", "collect-quiet-s": 0.0, "collect-window-s": 30.0}
+    rc = fast_config | {
+        "method": "oscar",
+        "collect-quiet-s": 0.0,
+        "collect-window-s": 30.0,
+    }
     res, _ = run_round(partition_fleet(3, tamper=tamper), rc)
     return res, Path(rc["output-dir"]) / "inprocess"
 
@@ -144,11 +149,16 @@ def test_report_opens_in_a_headless_browser(tiny_stack, fast_config, tmp_path):
     # 1. The DOM the browser built: the table, the plots, the headline
     dom = Dom(_browse(page, tmp_path, "--dump-dom"))
     rows = [
-        e for e in dom.find("tr", within="clients-table") if any(t == "tbody" for t, _ in e["in"])
+        e
+        for e in dom.find("tr", within="clients-table")
+        if any(t == "tbody" for t, _ in e["in"])
     ]
     assert len(rows) == 3 == res["num_clients"]
     assert "101" in dom.text["clients-table"] and "103" in dom.text["clients-table"]
-    for key, name in (("accuracy", "accuracy_per_client"), ("samples", "synthetic_samples")):
+    for key, name in (
+        ("accuracy", "accuracy_per_client"),
+        ("samples", "synthetic_samples"),
+    ):
         (img,) = dom.by_id(f"plot-{key}")
         assert img["tag"] == "img"
         png = _png(img["attrs"]["src"])
@@ -283,12 +293,16 @@ def test_report_and_plots_stay_bounded_at_1000_clients(tmp_path):
         if (c["partition_id"] + k) % 7
     }
     domains = {c["partition_id"]: c["domain"] for c in clients}
-    grid = results.plot_samples(tmp_path, samples, [f"c{k}" for k in range(100)], domains)
+    grid = results.plot_samples(
+        tmp_path, samples, [f"c{k}" for k in range(100)], domains
+    )
     assert grid is not None
     w, h = Image.open(grid).size
     assert w <= 1500 and h <= 1500, (w, h)
 
-    page = report_html.render(res, {"accuracy": acc.read_bytes(), "samples": grid.read_bytes()}, 20)
+    page = report_html.render(
+        res, {"accuracy": acc.read_bytes(), "samples": grid.read_bytes()}, 20
+    )
     assert "<script" not in page and "<u>" not in page
     dom = Dom(page)
     # a row per domain, the largest 19 of the 5 + 62 and the rest pooled; every
@@ -298,7 +312,8 @@ def test_report_and_plots_stay_bounded_at_1000_clients(tmp_path):
     assert "48 other domains" in dom.text["domain-table"]
     assert len(dom.find("tr", within="clients-table")) == 1 + 1000
     assert any(
-        e["tag"] == "details" and any(i == "clients" for _, i in e["in"]) for e in dom.elements
+        e["tag"] == "details" and any(i == "clients" for _, i in e["in"])
+        for e in dom.elements
     )
     assert len(dom.find("tr", within="rejected-table")) == 1 + 40
     assert "80.0%" in dom.text["global-accuracy"]

@@ -27,7 +27,9 @@ def _run(rc, nodes=3, tamper=None, run_id="t"):
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_completes_and_writes_results(method, tiny_stack, fast_config, tmp_path):
+def test_every_method_completes_and_writes_results(
+    method, tiny_stack, fast_config, tmp_path
+):
     fast_config["method"] = method
     grid, res = _run(fast_config, run_id=f"run-{method}")
     run_dir = tmp_path / "out" / f"run-{method}"
@@ -128,7 +130,9 @@ def _oversized(t):
 
 
 def _client_crash(reply: Message, msg: Message) -> Message:
-    return Message(Error(code=0, reason="ClientApp crashed: out of memory"), reply_to=msg)
+    return Message(
+        Error(code=0, reason="ClientApp crashed: out of memory"), reply_to=msg
+    )
 
 
 @pytest.mark.parametrize(
@@ -190,7 +194,9 @@ def test_resume_uses_persisted_uploads_and_contacts_no_client_for_them(
     (run_dir / "results.json").unlink()
     grid2, second = _run(fast_config)
     assert all(t != METHODS["oscar"].collect_type for _, t in grid2.sent)
-    assert [c["accuracy"] for c in second["clients"]] == [c["accuracy"] for c in first["clients"]]
+    assert [c["accuracy"] for c in second["clients"]] == [
+        c["accuracy"] for c in first["clients"]
+    ]
     assert second["upload_bytes_total"] == first["upload_bytes_total"]
 
 
@@ -239,7 +245,9 @@ def test_bad_adapter_rejected_round_completes(fn, reason, tiny_stack, fast_confi
     _, res = _run(fast_config, nodes=3, tamper={0: _tamper_lora(fn)})
     assert res["num_clients"] == 2
     assert len(res["rejected"]) == 1 and reason in res["rejected"][0]["reason"]
-    assert res["lora"]["merged_rank"] == 2 * fast_config["lora-rank"]  # stack of 2 clients
+    assert (
+        res["lora"]["merged_rank"] == 2 * fast_config["lora-rank"]
+    )  # stack of 2 clients
 
 
 @pytest.mark.parametrize("merge", ["fedavg", "svd", "ties", "dare", "generative"])
@@ -279,7 +287,9 @@ def test_image_folder_learns_classes_from_valid_replies_only(
     assert res["config"]["num-classes"] == 3
 
 
-def test_lora_evaluation_reuses_the_uploaded_caption_means(tiny_stack, fast_config, monkeypatch):
+def test_lora_evaluation_reuses_the_uploaded_caption_means(
+    tiny_stack, fast_config, monkeypatch
+):
     """Each client captions its training set once (for its upload), not again to
     evaluate the merged adapter: the means it uploaded stay in its Context.state."""
     from methods.oscar import client_oscar

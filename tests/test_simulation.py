@@ -50,7 +50,9 @@ def test_oscar_and_lora_through_flower_simulation(tiny_stack, tmp_path):
         )
         # a Hugging Face dataset folder written by save_to_disk, end to end
         hf = make_hf_dataset(tmp_path / "hf-dataset", n_per_class=60)
-        runs["hf"] = sim.run("hf", SMALL | {"method": "oscar", "dataset": str(hf)}, timeout_s=200)
+        runs["hf"] = sim.run(
+            "hf", SMALL | {"method": "oscar", "dataset": str(hf)}, timeout_s=200
+        )
     assert not _superlink_processes(sim.flwr_home)
 
     for name, run in runs.items():
@@ -62,7 +64,9 @@ def test_oscar_and_lora_through_flower_simulation(tiny_stack, tmp_path):
         for c in res["clients"]:
             assert c["upload_bytes"] > 0
             assert 0.0 <= c["accuracy"] <= 1.0
-        assert res["upload_bytes_total"] == sum(c["upload_bytes"] for c in res["clients"])
+        assert res["upload_bytes_total"] == sum(
+            c["upload_bytes"] for c in res["clients"]
+        )
         assert set(res["timings_s"]) >= {
             "collect",
             "synthesize",
@@ -78,8 +82,12 @@ def test_oscar_and_lora_through_flower_simulation(tiny_stack, tmp_path):
     assert (runs["oscar"].run_dir / "synthetic_samples.png").is_file()
 
     hf = runs["hf"].results
-    assert hf["class_names"] == list(FOLDER_CLASSES) and hf["config"]["num-classes"] == 3
+    assert (
+        hf["class_names"] == list(FOLDER_CLASSES) and hf["config"]["num-classes"] == 3
+    )
     assert hf["dataset"].endswith("hf-dataset")
     # two synthesis workers: the same images, so the same classifier and accuracies
     one, two = runs["oscar"].results, runs["workers"].results
-    assert [c["accuracy"] for c in one["clients"]] == [c["accuracy"] for c in two["clients"]]
+    assert [c["accuracy"] for c in one["clients"]] == [
+        c["accuracy"] for c in two["clients"]
+    ]

@@ -46,7 +46,11 @@ def test_ddpm_is_stochastic_per_step_yet_reproducible(gens):
 
 def test_latents_output_is_what_the_unet_denoises(gens):
     x = sample(
-        gens["ddim"], _cond(2), torch.zeros(1, 1, 16), num_inference_steps=2, output="latents"
+        gens["ddim"],
+        _cond(2),
+        torch.zeros(1, 1, 16),
+        num_inference_steps=2,
+        output="latents",
     )
     assert x.shape == (2, *gens["ddim"].sample_shape)
 
@@ -97,7 +101,9 @@ class _OomAbove(torch.nn.Module):
     def forward(self, x, t, encoder_hidden_states):
         self.calls.append(len(x))
         if len(x) > self.limit:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB"
+            )
         return self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
 
 
@@ -187,11 +193,15 @@ def test_extra_guidance_terms_compose(gens):
     gen = gens["ddim"]
     cond, uncond = _cond(3), torch.zeros(1, 1, 16)
     kw = dict(num_inference_steps=2, seed=2)
-    both = sample(gen, cond, uncond, guidance_scale=2.0, extra_conds=[(cond, 1.5)], **kw)
+    both = sample(
+        gen, cond, uncond, guidance_scale=2.0, extra_conds=[(cond, 1.5)], **kw
+    )
     plain = sample(gen, cond, uncond, guidance_scale=3.5, **kw)
     torch.testing.assert_close(both, plain, atol=1e-5, rtol=0)
     other = _cond(6)[3:]
-    zero = sample(gen, cond, uncond, guidance_scale=2.0, extra_conds=[(other, 0.0)], **kw)
+    zero = sample(
+        gen, cond, uncond, guidance_scale=2.0, extra_conds=[(other, 0.0)], **kw
+    )
     torch.testing.assert_close(
         zero, sample(gen, cond, uncond, guidance_scale=2.0, **kw), atol=1e-5, rtol=0
     )
@@ -207,7 +217,10 @@ def test_generator_spec_rebuilds_the_attached_lora_adapter(tiny_stack_dir):
 
     gen = load_generator(str(tiny_stack_dir / "generator"), "ddim")
     attach_lora(gen.unet, 2, 2.0, ["to_q", "to_v"], seed=0)
-    state = {k: v + 0.05 if ".lora_B." in k else v for k, v in get_lora_state(gen.unet).items()}
+    state = {
+        k: v + 0.05 if ".lora_B." in k else v
+        for k, v in get_lora_state(gen.unet).items()
+    }
     set_lora_state(gen.unet, state, 2, 2.0, ["to_q", "to_v"])
     spec = GeneratorSpec.of(gen, "ddim", "fp32")
     assert spec.lora is not None and spec.lora[1:] == (2, 2.0, ["to_q", "to_v"])
@@ -215,10 +228,15 @@ def test_generator_spec_rebuilds_the_attached_lora_adapter(tiny_stack_dir):
     cond, uncond = _cond(3), torch.zeros(1, 1, 16)
     kw = dict(num_inference_steps=2, seed=4)
     torch.testing.assert_close(
-        sample(rebuilt, cond, uncond, **kw), sample(gen, cond, uncond, **kw), atol=1e-5, rtol=0
+        sample(rebuilt, cond, uncond, **kw),
+        sample(gen, cond, uncond, **kw),
+        atol=1e-5,
+        rtol=0,
     )
     base = load_generator(str(tiny_stack_dir / "generator"), "ddim")
-    assert not torch.equal(sample(base, cond, uncond, **kw), sample(gen, cond, uncond, **kw))
+    assert not torch.equal(
+        sample(base, cond, uncond, **kw), sample(gen, cond, uncond, **kw)
+    )
     assert decoder is None
 
 
@@ -278,7 +296,9 @@ def test_guidance_move_by_hand():
     # [1, -1] has rms 1 -> [0.4, -0.4]
     out = guidance_move(g, 0.5, torch.tensor(0.36), True)
     r2 = 2**0.5
-    want = torch.tensor([[[3 * r2 / 5 * 0.4, 4 * r2 / 5 * 0.4]], [[0.0, 0.0]], [[0.4, -0.4]]])
+    want = torch.tensor(
+        [[[3 * r2 / 5 * 0.4, 4 * r2 / 5 * 0.4]], [[0.0, 0.0]], [[0.4, -0.4]]]
+    )
     torch.testing.assert_close(out, want)
     # each image moves step * sigma in root mean square, whatever its gradient's size
     big = guidance_move(g * 1e6, 0.5, 0.36, True)

@@ -26,7 +26,8 @@ def _sources() -> list[Path]:
     return sorted(
         p
         for p in ROOT.rglob("*.py")
-        if not str(p.relative_to(ROOT)).startswith(skip) and str(p.relative_to(ROOT)) not in ENGINE
+        if not str(p.relative_to(ROOT)).startswith(skip)
+        and str(p.relative_to(ROOT)) not in ENGINE
     )
 
 
@@ -67,7 +68,8 @@ def test_from_config_reads_every_run_key_and_overrides_win(fast_config):
     from methods import build_config
 
     cfg = build_config(
-        fast_config | {"guidance-cutoff": 0.4, "compile": True, "synth-batch-size": 7, "seed": 3}
+        fast_config
+        | {"guidance-cutoff": 0.4, "compile": True, "synth-batch-size": 7, "seed": 3}
     )
     s = SynthesisSettings.from_config(cfg)
     assert s == SynthesisSettings(
@@ -84,7 +86,9 @@ def test_from_config_reads_every_run_key_and_overrides_win(fast_config):
         s.replace(guidance_cut=0.3)
 
 
-def test_lora_client_samples_with_the_runs_guidance_cutoff(monkeypatch, tiny_stack, fast_config):
+def test_lora_client_samples_with_the_runs_guidance_cutoff(
+    monkeypatch, tiny_stack, fast_config
+):
     """The LoRA client's FID-proxy samples used cut-off 1.0 while the run used 0.5
     (issue 24's live bug): its settings now come from the run config."""
     from types import SimpleNamespace

@@ -18,14 +18,18 @@ NAMES = ["cat", "dog", "owl"]
 
 def _rows(n: int, channels: int, size: int = 8, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, channels, size, size), generator=g).to(torch.uint8)
+    images = torch.randint(0, 256, (n, channels, size, size), generator=g).to(
+        torch.uint8
+    )
     labels = torch.arange(n) % len(NAMES)
     clients = torch.arange(n) % 4 - 1  # -1 (no client), 0, 1, 2
     return images, labels, clients
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_round_trip_gives_the_same_pixels_labels_clients_and_sources(tmp_path, channels):
+def test_round_trip_gives_the_same_pixels_labels_clients_and_sources(
+    tmp_path, channels
+):
     import datasets
 
     images, labels, clients = _rows(7, channels)
@@ -137,7 +141,9 @@ def test_synthesize_set_appends_within_one_server_work(tiny_stack, fast_config):
     assert len(datasets.load_from_disk(str(run_dir / SYNTHETIC_DIR))) == 1
 
 
-def test_a_round_with_save_synthetic_writes_the_set_it_trains_on(tiny_stack, fast_config):
+def test_a_round_with_save_synthetic_writes_the_set_it_trains_on(
+    tiny_stack, fast_config
+):
     import datasets
 
     from deploy.inprocess import partition_fleet, run_round

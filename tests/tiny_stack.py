@@ -156,6 +156,8 @@ def make_hf_dataset(root: Path, n_per_class: int = 40) -> Path:
             "label": datasets.ClassLabel(names=list(FOLDER_CLASSES)),
         }
     )
-    ds = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+    ds = datasets.Dataset.from_dict(
+        {"image": images, "label": labels}, features=features
+    )
     ds.save_to_disk(str(root))
     return root

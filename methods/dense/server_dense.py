@@ -86,9 +86,9 @@ def bn_statistic_loss(
     x = x.float()
     mean = x.mean(dim=(0, 2, 3))
     var = x.transpose(0, 1).reshape(x.shape[1], -1).var(dim=1, unbiased=False)
-    return torch.linalg.vector_norm(running_var.float() - var) + torch.linalg.vector_norm(
-        running_mean.float() - mean
-    )
+    return torch.linalg.vector_norm(
+        running_var.float() - var
+    ) + torch.linalg.vector_norm(running_mean.float() - mean)
 
 
 def kl_per_sample(
@@ -109,7 +109,9 @@ def distillation_loss(
     return kl_per_sample(student_logits, teacher_logits, temperature).mean()
 
 
-def adversarial_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+def adversarial_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor
+) -> torch.Tensor:
     """``−mean_i 1[argmax s_i ≠ argmax t_i] · KL(t_i ‖ s_i)`` (T = 1): minimising
     it drives the generator to images where student and ensemble disagree."""
     mask = (student_logits.argmax(1) != teacher_logits.argmax(1)).float()
@@ -193,10 +195,14 @@ class BNStatistics:
             if isinstance(m, nn.BatchNorm2d)
         ]
 
-    def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], _: Any) -> None:
+    def _hook(
+        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], _: Any
+    ) -> None:
         assert isinstance(module, nn.BatchNorm2d)
         assert module.running_mean is not None and module.running_var is not None
-        self.terms.append(bn_statistic_loss(inputs[0], module.running_mean, module.running_var))
+        self.terms.append(
+            bn_statistic_loss(inputs[0], module.running_mean, module.running_var)
+        )
 
     def pop(self) -> torch.Tensor:
         total = torch.stack(self.terms).sum() if self.terms else torch.zeros(())

@@ -51,13 +51,17 @@ class FedAvg(OneShotMethod):
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         t0 = time.perf_counter()
-        shares = cap_shares([float(r.num_examples) for r in replies], ctx.cfg.max_weight_share)
+        shares = cap_shares(
+            [float(r.num_examples) for r in replies], ctx.cfg.max_weight_share
+        )
         state = fedavg_state_dicts([r.tensors for r in replies], shares)
         return ServerOutput(
             model_state=state,
             arch=ctx.cfg.classifier,
             timings={"aggregate": time.perf_counter() - t0},
             extra={
-                "weight_shares": {r.partition_id: s for r, s in zip(replies, shares, strict=True)}
+                "weight_shares": {
+                    r.partition_id: s for r, s in zip(replies, shares, strict=True)
+                }
             },
         )

@@ -89,7 +89,9 @@ def fit_description(
     if x0.ndim != 4 or len(x0) == 0:
         raise ValueError(f"images have shape {tuple(x0.shape)}; expected [N, C, H, W]")
     if init.ndim != 3 or len(init) != 1 or not torch.isfinite(init).all():
-        raise ValueError(f"init has shape {tuple(init.shape)}; expected one finite [1, L, D]")
+        raise ValueError(
+            f"init has shape {tuple(init.shape)}; expected one finite [1, L, D]"
+        )
     prediction_type = scheduler.config.prediction_type
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(
@@ -108,13 +110,17 @@ def fit_description(
 
     def eval_loss(c: torch.Tensor) -> float:
         with torch.no_grad():
-            return float(diffusion_loss(unet, scheduler, ev, c.to(dtype), ev_t, ev_noise))
+            return float(
+                diffusion_loss(unet, scheduler, ev, c.to(dtype), ev_t, ev_noise)
+            )
 
     # 3. The description is the only parameter (float32, even on a half UNet)
     desc = init.detach().to(device, torch.float32).clone().requires_grad_(True)
     before = eval_loss(desc)
     opt: torch.optim.Optimizer = (
-        torch.optim.SGD([desc], lr=lr) if optimizer == "sgd" else torch.optim.Adam([desc], lr=lr)
+        torch.optim.SGD([desc], lr=lr)
+        if optimizer == "sgd"
+        else torch.optim.Adam([desc], lr=lr)
     )
 
     # 4. Training loop: epochs over the class's images in a random order
@@ -186,7 +192,9 @@ def learn_descriptions(job: ClientJob) -> tuple[P.Descriptions, dict[str, float]
     w = torch.tensor(counts, dtype=torch.float64) / sum(counts)
     dist = (desc - inits).flatten(1).norm(dim=1).double()
     metrics = {
-        "feddeo-loss-before": float(sum(w * torch.tensor([f.loss_before for f in fits]))),
+        "feddeo-loss-before": float(
+            sum(w * torch.tensor([f.loss_before for f in fits]))
+        ),
         "feddeo-loss-after": float(sum(w * torch.tensor([f.loss_after for f in fits]))),
         "feddeo-distance": float((w * dist).sum()),
         "feddeo-steps": float(sum(f.steps for f in fits)),

@@ -101,7 +101,9 @@ class FedDeo(OneShotMethod):
             descs.append(p.descriptions.float())
             inits.append(class_emb[p.class_ids])
             parts.append(
-                class_units(p.descriptions, p.class_ids, r.partition_id, n, r.num_examples)
+                class_units(
+                    p.descriptions, p.class_ids, r.partition_id, n, r.num_examples
+                )
             )
         cond, labels, owners, _ = budget_rows(ctx, CondUnits.cat(parts), out).expand()
         class_cond = class_emb[labels]

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 
 
-def superpose(mu: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def superpose(
+    mu: torch.Tensor, sigma: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 8 over the clients (dim 0): ``(mean mu_i, sqrt(mean sigma_i^2))``."""
     if mu.shape != sigma.shape or mu.ndim != 2 or len(mu) == 0:
         raise ValueError(
@@ -27,7 +29,9 @@ def superpose(mu: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torc
     return mu.mean(0), sigma.pow(2).mean(0).sqrt()
 
 
-def reparameterise(mu_s: torch.Tensor, sigma_s: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def reparameterise(
+    mu_s: torch.Tensor, sigma_s: torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
     """``z_i = mu_s + sigma_s * eps_i`` (``eps`` ``[n, latent]``, standard normal)."""
     return mu_s + sigma_s * eps
 

@@ -38,7 +38,9 @@ def subset_names(model: nn.Module, spec: str) -> list[str]:
     """
     items = [s.strip() for s in spec.split(",") if s.strip()]
     names = [n for n, _ in model.named_parameters()]
-    missing = [it for it in items if not any(n == it or n.startswith(it + ".") for n in names)]
+    missing = [
+        it for it in items if not any(n == it or n.startswith(it + ".") for n in names)
+    ]
     if not items or missing:
         raise ValueError(
             f"{missing or spec!r} name no parameter of the classifier; its parameters "
@@ -105,7 +107,9 @@ class WeightAE(nn.Module):
                 nn.ConvTranspose1d(a, b, kernel, 2, kernel // 2, output_padding=1),
                 nn.LeakyReLU(0.2),
             ]
-        self.decoder = nn.Sequential(*dec, nn.Conv1d(rev[-1], 1, kernel, 1, kernel // 2))
+        self.decoder = nn.Sequential(
+            *dec, nn.Conv1d(rev[-1], 1, kernel, 1, kernel // 2)
+        )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(F.pad(x, (0, self.padded - self.dim))[:, None, :])
@@ -118,7 +122,9 @@ class WeightAE(nn.Module):
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
-    freqs = torch.exp(-math.log(10_000) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(
+        -math.log(10_000) * torch.arange(half, dtype=torch.float32) / half
+    )
     args = t.float()[:, None] * freqs[None, :]
     return torch.cat([args.sin(), args.cos()], dim=1)
 
@@ -128,7 +134,9 @@ class LatentDenoiser(nn.Module):
     one-channel sequence; residual dilated conv blocks, each shifted by a
     projection of the sinusoidal timestep embedding."""
 
-    def __init__(self, latent: int, channels: int = 32, blocks: int = 4, time_dim: int = 64):
+    def __init__(
+        self, latent: int, channels: int = 32, blocks: int = 4, time_dim: int = 64
+    ):
         super().__init__()
         self.latent, self.time_dim = latent, time_dim
         self.time = nn.Sequential(
@@ -136,7 +144,8 @@ class LatentDenoiser(nn.Module):
         )
         self.inp = nn.Conv1d(1, channels, 3, padding=1)
         self.convs = nn.ModuleList(
-            nn.Conv1d(channels, channels, 3, padding=2**i, dilation=2**i) for i in range(blocks)
+            nn.Conv1d(channels, channels, 3, padding=2**i, dilation=2**i)
+            for i in range(blocks)
         )
         self.temb = nn.ModuleList(nn.Linear(time_dim, channels) for _ in range(blocks))
         self.norms = nn.ModuleList(nn.GroupNorm(8, channels) for _ in range(blocks))
@@ -188,7 +197,9 @@ class FedDiffModel:
     config: dict[str, Any]
     ae: WeightAE
     denoiser: LatentDenoiser
-    pool_mu: torch.Tensor  # [N, latent], frozen encoder, sorted by accuracy (best first)
+    pool_mu: (
+        torch.Tensor
+    )  # [N, latent], frozen encoder, sorted by accuracy (best first)
     pool_acc: torch.Tensor  # [N]
     mean: torch.Tensor  # [D]
     scale: float
@@ -291,7 +302,9 @@ def train_denoiser(z: torch.Tensor, s: BuildSettings, seed: int) -> LatentDenois
     torch.manual_seed(seed)
     net = LatentDenoiser(z.shape[1], s.denoiser_channels, s.denoiser_blocks)
     opt = torch.optim.AdamW(net.parameters(), lr=s.denoiser_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, s.denoiser_train_steps))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, max(1, s.denoiser_train_steps)
+    )
     abar = M.ddpm_schedule(s.ddpm_steps)["abar"]
     g = _seeded(seed + 2)
     for _ in range(s.denoiser_train_steps):
@@ -398,7 +411,8 @@ def build_feddiff(
         str(out / "autoencoder.safetensors"),
     )
     save_file(
-        {k: v.contiguous() for k, v in den.state_dict().items()}, str(out / "denoiser.safetensors")
+        {k: v.contiguous() for k, v in den.state_dict().items()},
+        str(out / "denoiser.safetensors"),
     )
     save_file(
         {
@@ -489,7 +503,9 @@ def _sample_accuracy(
     g = _seeded(seed + 3)
     sched = M.ddpm_schedule(s.ddpm_steps)
     z = (
-        sample_latents(den, torch.randn(4, ae.latent, generator=g), s.ddpm_steps - 1, sched, g)
+        sample_latents(
+            den, torch.randn(4, ae.latent, generator=g), s.ddpm_steps - 1, sched, g
+        )
         * latent_scale
     )
     vecs = ae.decode(z) * scale + mean

@@ -55,7 +55,9 @@ from .model_feddiff import (
 )
 
 
-def proxy_accuracy(state: dict[str, torch.Tensor], model: FedDiffModel, image_size: int) -> float:
+def proxy_accuracy(
+    state: dict[str, torch.Tensor], model: FedDiffModel, image_size: int
+) -> float:
     """Accuracy of a classifier state on the stored proxy set (the public images
     that ranked the pool), resized to the run's image size."""
     from common.train import accuracy
@@ -117,7 +119,9 @@ def consolidate(
     ls = model.latent_scale
     ae = copy.deepcopy(model.ae)
     enc_params = [
-        p for n, p in ae.named_parameters() if n.split(".")[0] in ("encoder", "to_mu", "to_logvar")
+        p
+        for n, p in ae.named_parameters()
+        if n.split(".")[0] in ("encoder", "to_mu", "to_logvar")
     ]
     for p in ae.parameters():
         p.requires_grad_(False)
@@ -156,7 +160,9 @@ def consolidate(
         decoded = model.ae.decode(z0 * ls)
     timings["denoise"] = time.perf_counter() - t0
     info = {
-        "positives_pool_accuracy": [round(float(model.pool_acc[i]), 4) for i in positives],
+        "positives_pool_accuracy": [
+            round(float(model.pool_acc[i]), 4) for i in positives
+        ],
         "finetune_loss_first": [round(v, 5) for v in losses[0]] if losses else None,
         "finetune_loss_last": [round(v, 5) for v in losses[-1]] if losses else None,
         "sigma_s_mean": round(float(sigma_s.mean()), 5),
@@ -196,7 +202,9 @@ class FedDiff(OneShotMethod):
                 f"classifier={mc['arch']!r}; rebuild it for yours with `python -m "
                 "bench pretrain --stage feddiff`"
             )
-        run_net = build_classifier(ctx.cfg.classifier, mc["in_channels"], mc["num_classes"])
+        run_net = build_classifier(
+            ctx.cfg.classifier, mc["in_channels"], mc["num_classes"]
+        )
         if {k: tuple(v.shape) for k, v in run_net.state_dict().items()} != {
             k: tuple(v.shape) for k, v in self.model.pool_best.items()
         }:
@@ -217,11 +225,15 @@ class FedDiff(OneShotMethod):
                 f"{(mc['num_classes'], mc['in_channels'])}: method='feddiff' needs a "
                 "weight pool of the same classifier on proxy data of the same classes"
             )
-        net = build_classifier(mc["arch"], mc["in_channels"], mc["num_classes"], mc["width"])
+        net = build_classifier(
+            mc["arch"], mc["in_channels"], mc["num_classes"], mc["width"]
+        )
         try:
             names = subset_names(net, opts.feddiff_params)
         except ValueError as e:
-            raise ConfigError(f"feddiff-params = {opts.feddiff_params!r}: {e}") from None
+            raise ConfigError(
+                f"feddiff-params = {opts.feddiff_params!r}: {e}"
+            ) from None
         if names != mc["params"]:
             raise ConfigError(
                 f"feddiff-params = {opts.feddiff_params!r} selects {names}, the FedDiff "
@@ -244,13 +256,17 @@ class FedDiff(OneShotMethod):
         m = self.model
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        shares = cap_shares([float(r.num_examples) for r in replies], ctx.cfg.max_weight_share)
+        shares = cap_shares(
+            [float(r.num_examples) for r in replies], ctx.cfg.max_weight_share
+        )
         avg = fedavg_state_dicts([r.tensors for r in replies], shares)
         timings["aggregate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         names, shapes = m.names, m.shapes
-        x = torch.stack([m.normalise(flatten_subset(r.tensors, names)) for r in replies])
+        x = torch.stack(
+            [m.normalise(flatten_subset(r.tensors, names)) for r in replies]
+        )
         client_acc = torch.tensor(
             [proxy_accuracy(r.tensors, m, ctx.cfg.image_size) for r in replies]
         )
@@ -262,7 +278,9 @@ class FedDiff(OneShotMethod):
         decoded, info = consolidate(m, x, client_acc, opts, ctx.cfg.seed, timings)
 
         t0 = time.perf_counter()
-        candidates = [avg | unflatten_subset(m.denormalise(v), names, shapes) for v in decoded]
+        candidates = [
+            avg | unflatten_subset(m.denormalise(v), names, shapes) for v in decoded
+        ]
         cand_acc = [proxy_accuracy(s, m, ctx.cfg.image_size) for s in candidates]
         pick = max(range(len(candidates)), key=lambda i: cand_acc[i])
         state = candidates[pick]
@@ -282,7 +300,9 @@ class FedDiff(OneShotMethod):
         timings["references"] = time.perf_counter() - t0
         size = sum(int(torch.tensor(shapes[n]).prod()) for n in names)
         extra = {
-            "weight_shares": {r.partition_id: s for r, s in zip(replies, shares, strict=True)},
+            "weight_shares": {
+                r.partition_id: s for r, s in zip(replies, shares, strict=True)
+            },
             "feddiff": {
                 "references": refs,
                 "references_reason": reason,

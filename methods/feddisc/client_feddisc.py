@@ -18,7 +18,9 @@ from . import payload_feddisc as P
 from .config_feddisc import FedDiscConfig
 
 
-def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, k: int, seed: int) -> P.Prototypes:
+def prototypes(
+    embeddings: torch.Tensor, labels: torch.Tensor, k: int, seed: int
+) -> P.Prototypes:
     """Up to ``k`` k-means centres per class (a class with <= k samples: the samples)."""
     centres, ids = [], []
     for c in labels.unique().tolist():
@@ -26,7 +28,9 @@ def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, k: int, seed: int
         cent = x if len(x) <= k else kmeans(x, k, seed=seed + c)[0]
         centres.append(cent)
         ids += [c] * len(cent)
-    return P.Prototypes(torch.cat(centres)[:, None, :], torch.tensor(ids, dtype=torch.int64))
+    return P.Prototypes(
+        torch.cat(centres)[:, None, :], torch.tensor(ids, dtype=torch.int64)
+    )
 
 
 def collect(job: ClientJob) -> ClientResult:
@@ -34,7 +38,9 @@ def collect(job: ClientJob) -> ClientResult:
 
     t0 = time.perf_counter()
     k = job.cfg.options(FedDiscConfig).feddisc_clusters
-    encoder = load_image_encoder(job.cfg.captioner if job.cfg.captioner != "oracle" else "embedded")
+    encoder = load_image_encoder(
+        job.cfg.captioner if job.cfg.captioner != "oracle" else "embedded"
+    )
     emb = encoder.encode(job.data.train_images)
     protos = prototypes(emb, job.data.train_labels, k, job.seed)
     return ClientResult(

@@ -50,7 +50,9 @@ from . import payload_feddisc as P
 from .config_feddisc import FedDiscConfig
 
 
-def modality_gap(img: torch.Tensor, txt: torch.Tensor, mapped: torch.Tensor) -> dict[str, float]:
+def modality_gap(
+    img: torch.Tensor, txt: torch.Tensor, mapped: torch.Tensor
+) -> dict[str, float]:
     """Paired cosine and centroid distance of image vs text embeddings, raw (where
     both live in one space: a pooled generator) and mapped."""
 
@@ -92,7 +94,9 @@ class FedDisc(OneShotMethod):
                 "'mnist', or a generator conditioned on image embeddings"
             )
         images, captions = pairs
-        encoder_name = ctx.cfg.captioner if ctx.cfg.captioner != "oracle" else "embedded"
+        encoder_name = (
+            ctx.cfg.captioner if ctx.cfg.captioner != "oracle" else "embedded"
+        )
         img = load_image_encoder(encoder_name).encode(images)
         # pooled: one unit vector [D]; sequence (Stable Diffusion): the whole
         # [L, D] token sequence the UNet attends to, flattened, not normalised
@@ -104,7 +108,9 @@ class FedDisc(OneShotMethod):
         self.map = fit_linear_map(img[:cut], txt[:cut])
         self.image_dim = int(img.shape[1])
         held = img[cut:] if len(img) > cut else img
-        self.gap = modality_gap(held, txt[len(txt) - len(held) :], self._to_text(held).flatten(1))
+        self.gap = modality_gap(
+            held, txt[len(txt) - len(held) :], self._to_text(held).flatten(1)
+        )
 
     def _to_text(self, img: torch.Tensor) -> torch.Tensor:
         """Image embeddings ``[n, D_img]`` -> generator conditioning ``[n, L, D]``."""
@@ -136,7 +142,9 @@ class FedDisc(OneShotMethod):
             domain = torch.empty_like(centres)
             for c in p.class_ids.unique().tolist():
                 mine = p.class_ids == c
-                domain[mine] = self._to_text(p.centres[mine, 0, :].float().mean(0, keepdim=True))
+                domain[mine] = self._to_text(
+                    p.centres[mine, 0, :].float().mean(0, keepdim=True)
+                )
             # images-per-class images over the m centres of a class, round-robin
             parts.append(
                 class_units(

@@ -40,8 +40,12 @@ class FedLmgConfig(KeysModel):
     def _archs(cls, v: str) -> str:
         bad = [a for a in v.split(",") if a.strip() and a.strip() not in ARCHS]
         if bad:
-            raise ValueError(f"fedlmg-client-classifiers={v!r}: {bad} not in {', '.join(ARCHS)}")
+            raise ValueError(
+                f"fedlmg-client-classifiers={v!r}: {bad} not in {', '.join(ARCHS)}"
+            )
         return v
 
     def client_classifiers(self) -> list[str]:
-        return [a.strip() for a in self.fedlmg_client_classifiers.split(",") if a.strip()]
+        return [
+            a.strip() for a in self.fedlmg_client_classifiers.split(",") if a.strip()
+        ]

@@ -31,11 +31,15 @@ class ClientModel:
         return torch.nonzero(self.class_counts > 0).flatten().tolist()
 
 
-def layout(state: dict[str, torch.Tensor], counts: torch.Tensor) -> dict[str, torch.Tensor]:
+def layout(
+    state: dict[str, torch.Tensor], counts: torch.Tensor
+) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in state.items()} | {COUNTS: counts.to(torch.int64)}
 
 
-def reference_state(arch: str, channels: int, num_classes: int) -> dict[str, torch.Tensor]:
+def reference_state(
+    arch: str, channels: int, num_classes: int
+) -> dict[str, torch.Tensor]:
     return build_classifier(arch, channels, num_classes).state_dict()
 
 
@@ -43,7 +47,9 @@ def unpack(
     tensors: dict[str, torch.Tensor], arch: object, *, channels: int, num_classes: int
 ) -> ClientModel:
     if not isinstance(arch, str) or arch not in ARCHS:
-        raise PayloadError(f"meta arch={C.safe_text(str(arch))!r} is not one of {', '.join(ARCHS)}")
+        raise PayloadError(
+            f"meta arch={C.safe_text(str(arch))!r} is not one of {', '.join(ARCHS)}"
+        )
     counts = C.require(tensors, COUNTS, "fedlmg payload")
     if counts.dtype != torch.int64 or tuple(counts.shape) != (num_classes,):
         raise PayloadError(
@@ -52,5 +58,7 @@ def unpack(
     if bool((counts < 0).any()) or int(counts.sum()) <= 0 or int(counts.max()) >= 10**9:
         raise PayloadError(f"{COUNTS} must be >= 0 with a positive sum below 1e9")
     state = {k: v for k, v in tensors.items() if k != COUNTS}
-    C.check_state_dict(state, reference_state(arch, channels, num_classes), f"{arch} model")
+    C.check_state_dict(
+        state, reference_state(arch, channels, num_classes), f"{arch} model"
+    )
     return ClientModel(arch, state, counts)

@@ -188,7 +188,11 @@ class FedLmg(OneShotMethod):
                 per_image = per_image.index_put(
                     (mine,),
                     guidance_loss(
-                        logits, bn, y_dev[idx.to(y_dev.device)][mine], opts.fedlmg_bn_weight, warmup
+                        logits,
+                        bn,
+                        y_dev[idx.to(y_dev.device)][mine],
+                        opts.fedlmg_bn_weight,
+                        warmup,
                     ),
                 )
             return per_image
@@ -240,7 +244,9 @@ class FedLmg(OneShotMethod):
         ens = torch.zeros(len(x), ctx.num_classes)
         for s in range(0, len(x), 512):
             xb = x[s : s + 512].to(ctx.device)
-            probs = {pid: F.softmax(m(xb).float(), dim=1).cpu() for pid, m in models.items()}
+            probs = {
+                pid: F.softmax(m(xb).float(), dim=1).cpu() for pid, m in models.items()
+            }
             ens[s : s + 512] = torch.stack(list(probs.values())).mean(0)
             for pid, p in probs.items():
                 mine = owners[s : s + 512] == pid

@@ -51,7 +51,9 @@ def train_client_lora(cfg: RunConfig, data: ClientData, seed: int) -> LoraResult
     # "shared": every client starts from the adapter the run seed draws (FedIT's
     # common initial adapter); "client": each client from its own.
     init_seed = cfg.seed if lcfg.lora_init == "shared" else seed
-    unet = attach_lora(gen.unet, lcfg.lora_rank, lcfg.lora_alpha, lcfg.target_list, seed=init_seed)
+    unet = attach_lora(
+        gen.unet, lcfg.lora_rank, lcfg.lora_alpha, lcfg.target_list, seed=init_seed
+    )
     losses = train_lora(
         unet,
         gen.scheduler,

@@ -46,8 +46,12 @@ def unpack(
     """``(adapter, embeddings)``; the adapter must have the reference's keys/shapes."""
     bad = [k for k in tensors if not k.startswith((ADAPTER, EMB))]
     if bad:
-        raise PayloadError(f"unexpected payload keys {[C.safe_text(k) for k in bad[:3]]}")
+        raise PayloadError(
+            f"unexpected payload keys {[C.safe_text(k) for k in bad[:3]]}"
+        )
     adapter = adapter_of(tensors)
     C.check_state_dict(adapter, reference, "adapter")
-    emb = payload_oscar.unpack(tensors, num_classes=num_classes, tokens=tokens, dim=dim, prefix=EMB)
+    emb = payload_oscar.unpack(
+        tensors, num_classes=num_classes, tokens=tokens, dim=dim, prefix=EMB
+    )
     return adapter, emb

@@ -91,15 +91,21 @@ class Lora(OneShotMethod):
         try:
             self.unpack(reply, ctx)
         except PayloadError as e:
-            raise PayloadError(f"{e} (lora-rank={ctx.cfg.options(LoraConfig).lora_rank})") from None
+            raise PayloadError(
+                f"{e} (lora-rank={ctx.cfg.options(LoraConfig).lora_rank})"
+            ) from None
 
     def merge(
         self, replies: list[Reply], ctx: ServerContext, out: ServerOutput
     ) -> tuple[dict, int, float]:
         """Merge the clients' adapters; returns ``(merged, rank, alpha)``."""
         lcfg = ctx.cfg.options(LoraConfig)
-        adapters = [{k: v.float() for k, v in self.unpack(r, ctx)[0].items()} for r in replies]
-        shares = cap_shares([float(r.num_examples) for r in replies], ctx.cfg.max_weight_share)
+        adapters = [
+            {k: v.float() for k, v in self.unpack(r, ctx)[0].items()} for r in replies
+        ]
+        shares = cap_shares(
+            [float(r.num_examples) for r in replies], ctx.cfg.max_weight_share
+        )
         scal = [lcfg.lora_alpha / lcfg.lora_rank] * len(adapters)
         t0 = time.perf_counter()
         # generative corrects the exact (svd) merge; every other merge is maths only
@@ -115,14 +121,18 @@ class Lora(OneShotMethod):
         )
         rank, alpha = int(info["rank"]), float(info["lora_alpha"])
         if lcfg.lora_merge == "generative":
-            merged = self.generative_correction(replies, adapters, merged, rank, alpha, ctx)
+            merged = self.generative_correction(
+                replies, adapters, merged, rank, alpha, ctx
+            )
         out.timings["merge"] = time.perf_counter() - t0
         out.extra["lora"] = {
             "merge": lcfg.lora_merge,
             "merged_rank": rank,
             "merged_alpha": alpha,
             "energy_kept": info.get("energy_kept"),
-            "client_adapter_bytes": int(sum(v.numel() * 2 for v in adapters[0].values())),
+            "client_adapter_bytes": int(
+                sum(v.numel() * 2 for v in adapters[0].values())
+            ),
             "merged_adapter_bytes": int(sum(v.numel() * 2 for v in merged.values())),
         }
         log(
@@ -159,7 +169,9 @@ class Lora(OneShotMethod):
         # 1. The auxiliary set: each client's adapter, each client's classes/captions
         latents, conds = [], []
         for r, adapter in zip(replies, adapters, strict=True):
-            set_lora_state(gen.unet, adapter, lcfg.lora_rank, lcfg.lora_alpha, lcfg.target_list)
+            set_lora_state(
+                gen.unet, adapter, lcfg.lora_rank, lcfg.lora_alpha, lcfg.target_list
+            )
             emb = self.unpack(r, ctx)[1]
             cond, _, _ = per_class_rows(
                 emb.means, emb.class_ids, r.partition_id, lcfg.lora_samples_per_class
@@ -218,7 +230,9 @@ class Lora(OneShotMethod):
                 )
             )
         conds, labels, owners, _ = budget_rows(ctx, CondUnits.cat(parts), out).expand()
-        images = synthesize_set(ctx, conds, labels, owners, out, source="lora:merged-adapter")
+        images = synthesize_set(
+            ctx, conds, labels, owners, out, source="lora:merged-adapter"
+        )
         ctx.generator.unet.unload_lora()
         # 3. Train the global classifier on the synthetic set
         train_global(ctx, images, labels, out)

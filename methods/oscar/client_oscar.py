@@ -68,10 +68,16 @@ def embed_classes(
     t0 = time.perf_counter()
     emb = encode_captions(cfg, caps)
     sigma = 0.0
-    k = cfg.options(OscarConfig).prototypes_per_class if prototypes is None else prototypes
+    k = (
+        cfg.options(OscarConfig).prototypes_per_class
+        if prototypes is None
+        else prototypes
+    )
     if k > 1:
         if cfg.dp_epsilon > 0:
-            raise ValueError("prototypes-per-class > 1 has no privacy guard; set dp-epsilon=0")
+            raise ValueError(
+                "prototypes-per-class > 1 has no privacy guard; set dp-epsilon=0"
+            )
         ids, means, counts = class_prototypes(emb, data.train_labels, k, seed)
     elif cfg.dp_epsilon > 0:
         g = torch.Generator().manual_seed(seed)

@@ -58,9 +58,13 @@ def unpack(
         )
     C.check_int_ids(ids, "class_ids", num_classes, per_class, "prototypes-per-class")
     if counts.dtype != torch.int64 or counts.ndim != 1:
-        raise PayloadError(f"counts must be 1-d int64, got {counts.dtype} {tuple(counts.shape)}")
+        raise PayloadError(
+            f"counts must be 1-d int64, got {counts.dtype} {tuple(counts.shape)}"
+        )
     if not (len(ids) == len(counts) == len(mean)) or len(ids) == 0:
-        raise PayloadError(f"{len(mean)} means, {len(ids)} class ids, {len(counts)} counts")
+        raise PayloadError(
+            f"{len(mean)} means, {len(ids)} class ids, {len(counts)} counts"
+        )
     if (counts <= 0).any() or (counts > MAX_COUNT).any():
         raise PayloadError(f"counts must be in [1, {MAX_COUNT}]")
     C.check_float(mean, "mean")

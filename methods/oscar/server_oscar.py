@@ -50,7 +50,10 @@ class Oscar(OneShotMethod):
 
     def check(self, ctx: ServerContext) -> None:
         check_embedding_kind(ctx)
-        if ctx.cfg.options(OscarConfig).prototypes_per_class > 1 and ctx.cfg.dp_epsilon > 0:
+        if (
+            ctx.cfg.options(OscarConfig).prototypes_per_class > 1
+            and ctx.cfg.dp_epsilon > 0
+        ):
             raise ConfigError(
                 "prototypes-per-class > 1 with dp-epsilon > 0: the privacy guard covers "
                 "per-class means only; set dp-epsilon=0 or prototypes-per-class=1"
@@ -78,7 +81,11 @@ class Oscar(OneShotMethod):
         parts = []
         for r in replies:
             e = P.unpack(
-                r.tensors, num_classes=ctx.num_classes, tokens=tokens, dim=dim, per_class=k
+                r.tensors,
+                num_classes=ctx.num_classes,
+                tokens=tokens,
+                dim=dim,
+                per_class=k,
             )
             parts.append(
                 class_units(
@@ -92,7 +99,9 @@ class Oscar(OneShotMethod):
             )
         units = CondUnits.cat(parts)
         conds, labels, owners, _ = budget_rows(ctx, units, out).expand()
-        images = synthesize_set(ctx, conds, labels, owners, out, source="oscar:caption-embedding")
+        images = synthesize_set(
+            ctx, conds, labels, owners, out, source="oscar:caption-embedding"
+        )
         train_global(ctx, images, labels, out)
         out.extra["num_synthetic"] = len(labels)
         return out
