@@ -9,6 +9,7 @@ evaluation that follows in the same run.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from common.config import RunConfig
 from common.datasets import ClientData, load_client_data
 from common.models import ARCHS
 from methods import METHODS, build_config
-from methods.base import ClientJob
+from methods.base import ClientJob, OneShotMethod
 
 app = ClientApp()
 
@@ -29,6 +30,8 @@ MEMORY = "uploaded"  # Context.state key of the node's own upload
 
 @functools.lru_cache(maxsize=4)
 def client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
+    """Partition ``partition_id`` of ``num_partitions`` of the run's dataset
+    (cached: a node's collect and evaluate messages share one copy)."""
     a = cfg.data_args()
     return load_client_data(
         a.dataset,
@@ -61,6 +64,7 @@ def node_partition(node_config: Any, own_data: bool) -> tuple[int, int]:
 
 
 def _job(msg: Message, context: Context) -> ClientJob:
+    """Parse a message and the node's context into the method's ``ClientJob``."""
     cfg = build_config(context.run_config)
     # A real SuperNode may point at its own data (node config data-path).
     data_path = context.node_config.get("data-path")
@@ -92,7 +96,8 @@ def _job(msg: Message, context: Context) -> ClientJob:
     )
 
 
-def _method(job: ClientJob, message_type: str, role: str):  # type: ignore[no-untyped-def]
+def _method(job: ClientJob, message_type: str, role: str) -> type[OneShotMethod]:
+    """The run's method, checked to handle ``message_type`` in ``role``."""
     method = METHODS[job.cfg.method]
     expected = method.collect_type if role == "collect" else method.evaluate_type
     if message_type != expected:
@@ -128,7 +133,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(C.pack_reply(job.meta(), metrics), reply_to=msg)
 
 
-def _register(message_type: str, handler) -> None:  # type: ignore[no-untyped-def]
+def _register(
+    message_type: str, handler: Callable[[Message, Context], Message]
+) -> None:
+    """Register ``handler`` for ``message_type`` (``<category>[.<action>]``)."""
     category, _, action = message_type.partition(".")
     decorator = getattr(app, category)  # app.train / app.evaluate / app.query
     (decorator(action) if action else decorator())(handler)

@@ -17,6 +17,10 @@ decoder, not the UNet, needs most memory per image (published SD-1.5 figures:
 ~0.25 GB per image for the UNet with CFG, ~0.8 GB per decoded 512-px image). An
 out-of-memory error halves the batch (or the decode chunk) and retries the same
 images: none is lost or repeated.
+
+Latent guidance (a loss on the predicted clean image) is in
+``common.synthesis_guidance``; sampling sharded over Ray workers in
+``common.synthesis_workers``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .generator import Generator
+from .synthesis_guidance import LatentGuidance, guidance_move, predicted_x0
 
 Output = Literal["images", "latents"]
 CPU_AUTO_BATCH = 256  # a CPU has memory to spare at the sizes it can afford
@@ -65,6 +70,8 @@ class MemoryModel:
 
 @dataclass(frozen=True)
 class MemoryPlan:
+    """A denoising batch and a decode chunk, with the reason they were chosen."""
+
     batch_size: int
     decode_chunk: int
     reason: str
@@ -139,72 +146,11 @@ def free_memory(device: torch.device) -> int | None:
 
 
 def is_oom(e: BaseException) -> bool:
+    """Whether ``e`` is an out-of-memory error (CUDA's, or one that says so)."""
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 # ---------------------------------------------------------------- sampling
-
-
-@dataclass(frozen=True)
-class LatentGuidance:
-    """Gradient guidance of the latent by a differentiable loss on the predicted
-    clean image (classifier guidance as FedLMG/FedCADO does it, Yang et al. 2025).
-
-    At every step, before the normal guided step: predict ``x0`` from ``x_t`` and
-    the guided ``eps`` (VP: ``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``), decode it
-    (VAE or decoder, then the dataset format of ``resize_to``), and move the latent
-    against the gradient of the loss: ``x_t <- x_t - step * grad_x loss(x0)``, or with
-    ``normalize`` by ``step`` noise standard deviations along it (``guidance_move``).
-    ``warmup`` extra such moves happen at the first step with ``warmup=True`` (the
-    method's loss may differ there, e.g. FedLMG's BN-only warm-up).
-
-    ``loss(images, rows, warmup)`` returns one loss per image ``[b]``: ``rows`` are
-    the images' global indices (a method looks up labels and models by them).
-    Losses are per image, so the gradients, like the noise, do not depend on the
-    batch the image is sampled in.
-    """
-
-    loss: Callable[[torch.Tensor, range, bool], torch.Tensor]
-    step: float = 1.0
-    warmup: int = 0
-    until: float = 1.0  # fraction of the steps that are guided (1: all)
-    # move each image by ``step`` noise standard deviations (``sqrt(1 - a_t)``) per
-    # element (root mean square) along its gradient's direction, instead of
-    # ``step * grad``: a step that means the same in any latent space and scale
-    normalize: bool = False
-
-
-def predicted_x0(
-    scheduler: Any, x: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor
-) -> torch.Tensor:
-    """The clean sample a VP scheduler's model output predicts at ``t`` (DDPM Eq. 15):
-    epsilon: ``(x - sqrt(1 - a_t) eps) / sqrt(a_t)``; v: ``sqrt(a_t) x - sqrt(1 - a_t) v``."""
-    a = scheduler.alphas_cumprod.to(x.device)[int(t)].to(x.dtype)
-    kind = scheduler.config.get("prediction_type", "epsilon")
-    if kind == "epsilon":
-        return (x - (1 - a).sqrt() * model_out) / a.sqrt()
-    if kind == "v_prediction":
-        return a.sqrt() * x - (1 - a).sqrt() * model_out
-    if kind == "sample":
-        return model_out
-    raise ValueError(f"latent guidance: prediction_type={kind!r} is not supported")
-
-
-def guidance_move(
-    grad: torch.Tensor, step: float, alpha_bar: torch.Tensor | float, normalize: bool
-) -> torch.Tensor:
-    """What ``LatentGuidance`` subtracts from ``x_t`` (``[b, ...]``): ``step * grad``,
-    or with ``normalize`` each image's gradient direction scaled to a root mean
-    square of ``step * sqrt(1 - alpha_bar_t)`` per element (``step`` noise standard
-    deviations at ``t``); a zero gradient gives no move."""
-    if not normalize:
-        return step * grad
-    rms = grad.flatten(1).pow(2).mean(1).sqrt()
-    scale = torch.where(rms > 0, 1.0 / rms.clamp_min(1e-30), torch.zeros_like(rms))
-    sigma = (
-        1.0 - torch.as_tensor(alpha_bar, dtype=grad.dtype, device=grad.device)
-    ).sqrt()
-    return grad * (step * sigma * scale).view(-1, *[1] * (grad.ndim - 1))
 
 
 def check_inputs(
@@ -257,6 +203,10 @@ def to_dataset_format(images: torch.Tensor, channels: int, size: int) -> torch.T
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in ``[-1, 1]`` -> uint8 ``round((x + 1) * 127.5)``, clamped; uint8
+    images come back unchanged (the inverse of ``from_uint8``)."""
+    if x.dtype == torch.uint8:
+        return x
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
@@ -523,120 +473,3 @@ def synthesize(
     with tqdm(total=len(cond), desc=desc, unit="img") as bar:
         x = sample(gen, cond, uncond, progress=bar.update, **kwargs)
     return x, time.perf_counter() - t0
-
-
-# ---------------------------------------------------------------- workers (Ray)
-
-
-@dataclass(frozen=True)
-class GeneratorSpec:
-    """What a worker needs to rebuild the same generator on its own device."""
-
-    path: str  # resolved folder or hub id
-    scheduler: str
-    precision: str  # "auto", "fp32", "fp16", "bf16"
-    decoder: str = ""
-    lora: tuple[dict[str, torch.Tensor], int, float, list[str]] | None = None
-
-    @classmethod
-    def of(
-        cls, gen: Generator, scheduler: str, precision: str, decoder: str = ""
-    ) -> GeneratorSpec:
-        """The spec of a loaded generator, with the LoRA adapter attached to it."""
-        from .lora import lora_spec
-
-        return cls(gen.path, scheduler, precision, decoder, lora_spec(gen.unet))
-
-    def build(self, device: torch.device) -> tuple[Generator, Any]:
-        from .device import resolve_dtype
-        from .generator import load_decoder, load_generator
-        from .lora import set_lora_state
-
-        gen = load_generator(
-            self.path, self.scheduler, device, resolve_dtype(self.precision, device)
-        )
-        if self.lora is not None:
-            state, rank, alpha, targets = self.lora
-            set_lora_state(gen.unet, state, rank, alpha, targets)
-            gen.unet.to(device, gen.dtype)
-        decoder = (
-            load_decoder(self.decoder, device, gen.dtype) if self.decoder else None
-        )
-        return gen, decoder
-
-
-def shards(n: int, workers: int) -> list[tuple[int, int]]:
-    """Contiguous ``[start, stop)`` ranges, as equal as possible, in order."""
-    workers = max(1, min(workers, n)) if n else 1
-    bounds = [round(i * n / workers) for i in range(workers + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(workers)]
-
-
-def sample_on_workers(
-    spec: GeneratorSpec,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
-    *,
-    workers: int,
-    ray_address: str = "",
-    gpus_per_worker: float = 0.0,
-    **kwargs: Any,
-) -> torch.Tensor:
-    """``sample`` sharded over ``workers`` Ray actors, one device each.
-
-    Each actor rebuilds the generator from ``spec`` and samples a contiguous shard
-    with ``first_index`` set to the shard's start: the result is the same images,
-    in the same order, as one worker. Joins a running Ray instance (a Flower
-    simulation's, or the cluster at ``ray_address``) or starts a local one.
-    """
-    import ray
-
-    if kwargs.get("latent_guidance") is not None:
-        raise ValueError(
-            "latent_guidance runs in the server process (its loss holds the clients' "
-            "models); sample without workers (synth-workers=1)"
-        )
-    if not ray.is_initialized():
-        ray.init(
-            address=ray_address or None,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-
-    # No CPU reservation: inside a Flower simulation the ClientApp actors may hold
-    # every CPU of the Ray instance, and a reserving actor would wait forever.
-    @ray.remote(num_cpus=0, num_gpus=gpus_per_worker)
-    class SynthesisWorker:
-        def __init__(self, spec: GeneratorSpec) -> None:
-            torch.set_num_threads(1)
-            dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            self.gen, self.decoder = spec.build(dev)
-
-        def sample(
-            self, cond: torch.Tensor, uncond: torch.Tensor, kw: dict
-        ) -> torch.Tensor:
-            return sample(self.gen, cond, uncond, decoder=self.decoder, **kw)
-
-    base = kwargs.pop("first_index", 0)
-    kwargs.pop("progress", None)
-    extras = kwargs.pop("extra_conds", None) or []
-    parts = shards(len(cond), workers)
-    actors = [SynthesisWorker.remote(spec) for _ in parts]  # type: ignore[attr-defined]
-    futures = [
-        a.sample.remote(
-            cond[lo:hi],
-            uncond,
-            kwargs
-            | {
-                "first_index": base + lo,
-                "extra_conds": [(e[lo:hi], w) for e, w in extras],
-            },
-        )
-        for a, (lo, hi) in zip(actors, parts, strict=True)
-    ]
-    try:
-        return torch.cat(ray.get(futures))
-    finally:
-        for a in actors:
-            ray.kill(a)

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .synthesis import from_uint8
+
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Random shifts of up to 1/8 of the image: cheap and label-preserving for digits."""
@@ -74,7 +76,7 @@ def train_classifier(
         for i in range(0, len(images), batch_size):
             idx = perm[i : i + batch_size].to(device)
             x = images[idx]
-            x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
+            x = from_uint8(x)
             if augment_shifts:
                 x = augment(x, g)
             if cuda:
@@ -101,10 +103,6 @@ def soft_cross_entropy(logits: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return -(q * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
-def _as_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
-
-
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -112,9 +110,10 @@ def predict(
     batch_size: int = 512,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
+    """Predicted class ids ``[N]`` of ``images`` (uint8 or float in ``[-1, 1]``)."""
     model.to(device).eval()
     out = [
-        model(_as_float(images[i : i + batch_size]).to(device)).argmax(1).cpu()
+        model(from_uint8(images[i : i + batch_size]).to(device)).argmax(1).cpu()
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
@@ -123,6 +122,7 @@ def predict(
 def accuracy(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512
 ) -> float:
+    """Fraction of ``images`` predicted as ``labels``; NaN for no labels."""
     if len(labels) == 0:
         return float("nan")
     return float((predict(model, images, batch_size) == labels).float().mean())
@@ -135,7 +135,7 @@ def features(
     """Penultimate-layer features (``model.embed``) for the FID-proxy."""
     model.eval()
     feats = [
-        model.embed(_as_float(images[i : i + batch_size]))  # type: ignore[operator]
+        model.embed(from_uint8(images[i : i + batch_size]))  # type: ignore[operator]
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat(feats)

@@ -62,6 +62,24 @@ class RealClock:
 
 
 @dataclass
+class Collected:
+    """What the round holds of its clients: the replies that passed screening,
+    the rejected ones and the missing ones (each with a reason)."""
+
+    replies: list[Reply] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    missing: list[dict[str, Any]] = field(default_factory=list)
+
+    def reject(self, node: int, reason: str, partition_id: Any = None) -> None:
+        """Record node ``node``'s reply as rejected for ``reason`` (logged)."""
+        entry: dict[str, Any] = {"node_id": int(node), "reason": reason}
+        if isinstance(partition_id, int) and not isinstance(partition_id, bool):
+            entry["partition_id"] = partition_id
+        self.rejected.append(entry)
+        log(WARNING, "Rejected node %s (partition %s): %s", node, partition_id, reason)
+
+
+@dataclass
 class WindowState:
     """What the window knows of the fleet; rebuilt from the journal on resume."""
 

@@ -2,14 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from common.data import (
+from common.datasets import load_client_data
+from common.mnist_domains import (
     MNIST_PUBLIC_SIZE,
     STYLES,
     load_mnist,
     mnist_client_pool,
     render_style,
 )
-from common.datasets import load_client_data
 
 
 def test_mnist_ships_in_the_package():
@@ -116,7 +116,7 @@ def test_unseen_domains_are_validated():
         build_config({"domains": "thick+sepia"})
     with pytest.raises(ValueError, match="transform"):
         render_style(np.zeros((1, 28, 28), np.uint8), "thick+sepia")
-    from common.data import caption
+    from common.mnist_domains import caption
 
     assert caption(3, "thick+mirrored") == caption(3, "thick")
 
@@ -154,13 +154,14 @@ def test_dirichlet_partitions_a_thousand_clients():
     5, then 2, and every partition can be loaded (the fleet's size)."""
     import numpy as np
 
-    from common.datasets import DataArgs, _partition_indices
+    from common.datasets import DataArgs
+    from common.datasets.partitions import partition_indices
 
     labels = np.repeat(np.arange(10), 3000)
     args = DataArgs("mnist-domains", partition="dirichlet", alpha=0.5, seed=0)
-    sizes = [len(_partition_indices(labels, None, args, p, 1000)) for p in (0, 999)]
+    sizes = [len(partition_indices(labels, None, args, p, 1000)) for p in (0, 999)]
     assert min(sizes) >= 2
     # sizes that worked before keep their partitions (min_partition_size 10)
-    small = [_partition_indices(labels, None, args, p, 4) for p in range(4)]
+    small = [partition_indices(labels, None, args, p, 4) for p in range(4)]
     assert min(len(x) for x in small) >= 10
     assert len(np.unique(np.concatenate(small))) == len(labels)

@@ -13,7 +13,7 @@ from fakegrid import FakeGrid
 from client_app.app import app as client_app
 from common import datasets as D
 from common.contract import PayloadError, Reply
-from common.data import load_mnist, render_style
+from common.mnist_domains import load_mnist, render_style
 from methods import build_config
 from methods.local.server_local import Local
 from server_app.round import clients_global_accuracy, run_one_shot
@@ -26,7 +26,7 @@ def _args(seed: int = 0, **kw) -> D.DataArgs:
 
 
 def _fresh(args: D.DataArgs, domains, per_class: int) -> D.GlobalTestSet:
-    D._global_test_set.cache_clear()  # recompute, not the cached copy
+    D.registry._global_test_set.cache_clear()  # recompute, not the cached copy
     test = D.global_test_set(args, domains, per_class)
     assert test is not None
     return test
@@ -46,7 +46,7 @@ def test_mnist_global_test_set_is_balanced_with_the_same_digits_in_every_domain(
     assert torch.equal(blocks[0], blocks[1]) and torch.equal(blocks[0], blocks[2])
     # the ids: 3 distinct test digits per class, sorted; the same in every domain
     raw, labels = load_mnist("test")
-    ids = D._balanced_ids(labels, 10, 3, seed=0)
+    ids = D.partitions.balanced_ids(labels, 10, 3, seed=0)
     assert len(set(ids.tolist())) == 30 and ids.tolist() == sorted(ids.tolist())
     assert torch.equal(torch.as_tensor(labels[ids]), blocks[0])
     inverted, thick = test.images[:30], test.images[30:60]

