@@ -7,17 +7,19 @@ import importlib
 import sys
 
 COMMANDS = {
-    "pretrain": "bench.pretrain",
-    "accuracy": "bench.accuracy",
-    "lora": "bench.lora",
-    "synth": "bench.synth",
+    "pretrain": "bench.pretrain.cli",
+    "accuracy": "bench.accuracy.cli",
+    "lora": "bench.lora.cli",
+    "synth": "bench.synth.cli",
     "ablation": "bench.ablation",
-    "fleet": "bench.fleet",
+    "fleet": "bench.fleet.cli",
+    "poison": "bench.poison",
     "simulation": "bench.simulation",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``argv[0]``'s command with the rest of ``argv``; 2 on an unknown one."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print(

@@ -3,7 +3,7 @@
 Accuracy of the global classifier against synthetic images per (client, class)
 (5, 10, 20, 30, 50), guidance scale (1, 2, 3, 5, 7.5) and sampler steps (5, 10,
 20, 40), the other settings at the run defaults. The clients' uploads are made
-once per seed and shared by every variant (``bench.inprocess``). The OSCAR paper
+once per seed and replayed to every variant's real round (``bench.inprocess``). The OSCAR paper
 finds accuracy levelling off near 30 images per class (guidance 7.5, 50 steps);
 ``levels_off`` checks that here: the gain from 30 to 50 images per class against
 the gain from 5 to 30.
@@ -20,7 +20,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.report import md_table, mean, num, pyplot, save_figure, std, write_json
+from bench.report import (
+    md_table,
+    mean,
+    num,
+    pyplot,
+    save_figure,
+    say,
+    std,
+    write_json,
+)
 
 # Attempts at closing the gap to the centralized model, each measured by itself
 # against the defaults on the same seeds (a new federation each: some change what
@@ -97,6 +106,7 @@ def levels_off(
 
 
 def plot(out: Path, summary: dict[str, list[dict[str, Any]]]) -> Path:
+    """``ablation.png``: both accuracies against each sweep's value (± std)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(summary), figsize=(4.2 * len(summary), 3.4))
     for ax, (sweep, points) in zip(axes, summary.items(), strict=True):
@@ -122,6 +132,7 @@ def plot(out: Path, summary: dict[str, list[dict[str, Any]]]) -> Path:
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
+    """Write ``ablation.json``, ``ablation.md`` and ``ablation.png`` to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "ablation.json", report)
     summary = report["summary"]
@@ -167,11 +178,13 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the sweeps (or ``--attempts``) over seeds; 0 when done."""
     import os
     import platform
 
-    from bench.accuracy import QUICK_WORLD, default_run_config, parse_seeds
-    from bench.inprocess import federation, run_variant, say
+    from bench.accuracy.config import QUICK_WORLD
+    from bench.inprocess import federation, run_variant
+    from bench.run_config import default_run_config, parse_seeds
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     p = argparse.ArgumentParser(prog="python -m bench ablation")
@@ -271,8 +284,9 @@ def run_attempts(
 ) -> int:
     """Each attempt with its own uploads, on the same seeds, against the centralized
     model of the accuracy bench (``run_centralized``: the same global test set)."""
-    from bench.accuracy import build_cfg, default_run_config, run_centralized
-    from bench.inprocess import federation, run_variant, say
+    from bench.accuracy.oracle import run_centralized
+    from bench.inprocess import federation, run_variant
+    from bench.run_config import build_cfg, default_run_config
 
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -283,19 +297,11 @@ def run_attempts(
         oracle[seed] = central["global_accuracy"]
         for name, a in ATTEMPTS.items():
             fed = federation(base | a, args.clients)
-            per_class = [
-                len(u.embeddings.class_ids)
-                and 2
-                * u.embeddings.means[0].numel()
-                * len(u.embeddings.class_ids)
-                / len(u.embeddings.class_ids.unique())
-                for u in fed.uploads
-            ]  # fp16 bytes of the vectors of one (client, class)
             row = run_variant(fed, {}, name) | {
-                "upload_bytes_per_class": mean(per_class)
+                "upload_bytes_per_class": fed.vector_bytes_per_class()
             }
             rows.append(row)
-            report = {
+            report: dict[str, Any] = {
                 "machine": machine,
                 "seeds": seeds,
                 "overrides": over,

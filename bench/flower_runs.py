@@ -33,7 +33,7 @@ from typing import Any
 
 from deploy import local_superlink, procs
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .run_config import REPO_ROOT
 
 # Ports of the benchmark's own SuperLink (flwr's defaults are 39091 / 39093).
 SUPERLINK_PORT = 39191

@@ -1,8 +1,8 @@
 """What the benchmark reports share: statistics over seeds, cell formats, files.
 
-Used by :mod:`bench.accuracy` and :mod:`bench.lora`. Every cell formatter
-writes ``"n/a"`` for a missing value (``None``), so a report can be written
-after every run, before all numbers are in.
+Used by every benchmark. Every cell formatter writes ``"n/a"`` for a missing
+value (``None``), so a report can be written after every run, before all
+numbers are in.
 """
 
 from __future__ import annotations
@@ -14,6 +14,12 @@ import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+
+def say(msg: str, tag: str = "bench") -> None:
+    """Print one progress line, ``[tag] msg``, at once (not buffered)."""
+    print(f"[{tag}] {msg}", flush=True)
+
 
 # ---------------------------------------------------------------- over seeds
 

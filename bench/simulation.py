@@ -27,10 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.flower_runs import LocalSimulation, parse_run_config_string
-
-
-def say(msg: str) -> None:
-    print(f"[bench] {msg}", flush=True)
+from bench.report import say
 
 
 class MemorySampler(threading.Thread):
@@ -155,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = [int(x) for x in args.supernodes.split(",") if x.strip()]
     overrides = parse_run_config_string(args.run_config) if args.run_config else {}
     rows = [run_size(args.work, n, overrides, args.timeout_s) for n in sizes]
-    report = {
+    report: dict[str, Any] = {
         "command": "python -m bench simulation " + " ".join(argv or []),
         "machine": {
             "processor": platform.processor() or platform.machine(),

@@ -9,8 +9,12 @@ import shutil
 
 import pytest
 
-from bench import accuracy as A
 from bench import report as R
+from bench import run_config as RC
+from bench.accuracy import config as AC
+from bench.accuracy import records as AREC
+from bench.accuracy import report as AR
+from bench.accuracy import tables as T
 from bench.flower_runs import (
     LocalSimulation,
     parse_run_config_string,
@@ -43,7 +47,7 @@ def fake_results(
 
 @pytest.fixture
 def records() -> list[dict]:
-    rec = A.record_from_results
+    rec = AREC.record_from_results
     return [
         # oscar: per-run means 0.5, 0.7, 0.9 -> mean 0.7, sample std 0.2;
         # global 0.4, 0.5, 0.6 -> mean 0.5, sample std 0.1
@@ -64,22 +68,26 @@ def records() -> list[dict]:
 
 
 def test_record_keeps_what_the_benchmark_needs():
-    r = A.record_from_results("oscar", 3, fake_results(0.5, [0.4, 0.6], 768.0), 12.345)
+    r = AREC.record_from_results(
+        "oscar", 3, fake_results(0.5, [0.4, 0.6], 768.0), 12.345
+    )
     assert r["ok"] and r["seed"] == 3 and r["wall_s"] == 12.35
     assert r["mean_accuracy"] == 0.5 and r["upload_bytes_per_client"] == 768.0
     assert r["global_accuracy"] is None and r["global_accuracy_per_domain"] == {}
-    g = A.record_from_results("oscar", 3, fake_results(0.5, [0.4, 0.6], glob=0.3), 1.0)
+    g = AREC.record_from_results(
+        "oscar", 3, fake_results(0.5, [0.4, 0.6], glob=0.3), 1.0
+    )
     assert g["global_accuracy"] == 0.3 and g["global_test_size"] == 2000
     assert g["global_accuracy_per_domain"] == pytest.approx(
         {"inverted": 0.2, "thick": 0.4}
     )
     assert [c["accuracy"] for c in r["clients"]] == [0.4, 0.6]
-    bad = A.record_from_results("oscar", 0, {"mean_accuracy": None}, 1.0)
+    bad = AREC.record_from_results("oscar", 0, {"mean_accuracy": None}, 1.0)
     assert not bad["ok"] and "mean_accuracy" in bad["error"]
 
 
 def test_aggregate_mean_std_gap_by_hand(records):
-    s = A.aggregate(records, ["oscar", "fedavg", "centralized"])
+    s = AREC.aggregate(records, ["oscar", "fedavg", "centralized"])
     assert list(s) == ["oscar", "fedavg", "centralized"]
     o = s["oscar"]
     assert o["mean_accuracy"] == pytest.approx(0.7)
@@ -113,13 +121,13 @@ def test_aggregate_mean_std_gap_by_hand(records):
 
 
 def test_aggregate_without_oracle_has_no_gap(records):
-    s = A.aggregate([r for r in records if r["method"] == "oscar"])
+    s = AREC.aggregate([r for r in records if r["method"] == "oscar"])
     assert s["oscar"]["gap_to_oracle"] is None
 
 
 def test_tables(records):
-    s = A.aggregate(records, ["oscar", "fedavg", "centralized"])
-    table = A.format_table(s)
+    s = AREC.aggregate(records, ["oscar", "fedavg", "centralized"])
+    table = T.format_table(s)
     lines = table.splitlines()
     assert lines[0].startswith("| method | mean acc")
     assert "gap to oracle" in lines[0] and "upload B/client" in lines[0]
@@ -128,10 +136,10 @@ def test_tables(records):
     assert lines[4].startswith(
         "| centralized (oracle, in-process) | 90.0 | 14.1 | 0 (reference)"
     )
-    dom = A.format_domain_table(s).splitlines()
+    dom = T.format_domain_table(s).splitlines()
     assert dom[0] == "| method | inverted | thick |"
     assert dom[2] == "| oscar | 60.0 | 80.0 |"
-    head = A.format_global_table(s).splitlines()
+    head = T.format_global_table(s).splitlines()
     assert head[0].startswith("| method | global acc (%) | std (%) | gap to oracle")
     assert head[2] == "| oscar | 50.0 | 10.0 | -30.0 | 0 | n/a | 30.0 |"
     assert head[3] == (
@@ -140,7 +148,7 @@ def test_tables(records):
     assert head[4].startswith(
         "| centralized (oracle, in-process) | 80.0 | 0.0 | 0 (reference)"
     )
-    gdom = A.format_global_domain_table(s).splitlines()
+    gdom = T.format_global_domain_table(s).splitlines()
     assert gdom[0] == "| method | inverted | thick |"
     assert gdom[2] == "| oscar | 40.0 | 60.0 |" and gdom[3] == "| fedavg | n/a | n/a |"
 
@@ -187,14 +195,14 @@ def test_fid_table():
             "oscar_judge_accuracy": 0.5,
         },
     }
-    lines = A.format_fid_table(fid).splitlines()
+    lines = T.format_fid_table(fid).splitlines()
     assert lines[2] == "| thin | 1.00 | 2.50 | 2.00 | 9.00 | 50.0 |  |"
     assert lines[3].startswith("| **mean** | 1.00")
 
 
 def test_plot_and_report_files(records, tmp_path):
-    s = A.aggregate(records, ["oscar", "fedavg", "centralized"])
-    assert A.plot_summary(s, tmp_path / "a.png").stat().st_size > 1000
+    s = AREC.aggregate(records, ["oscar", "fedavg", "centralized"])
+    assert AR.plot_summary(s, tmp_path / "a.png").stat().st_size > 1000
     report = {
         "argv": ["--quick"],
         "quick": True,
@@ -212,7 +220,7 @@ def test_plot_and_report_files(records, tmp_path):
         "summary": s,
         "wall_time_s": {"total": 1.0},
     }
-    A.write_report(tmp_path / "out", report)
+    AR.write_report(tmp_path / "out", report)
     md = (tmp_path / "out" / "accuracy.md").read_text()
     assert "`python -m bench accuracy --quick`" in md
     assert "| oscar | 70.0 | 20.0 | -20.0 |" in md and "fedavg seed 0: boom" in md
@@ -228,8 +236,9 @@ def test_plot_and_report_files(records, tmp_path):
 
 def test_plot_with_nothing_to_show(tmp_path):
     assert (
-        A.plot_summary(
-            A.aggregate([A.record_from_results("x", 0, None, 1.0)]), tmp_path / "a.png"
+        AR.plot_summary(
+            AREC.aggregate([AREC.record_from_results("x", 0, None, 1.0)]),
+            tmp_path / "a.png",
         )
         is None
     )
@@ -239,18 +248,18 @@ def test_plot_with_nothing_to_show(tmp_path):
 
 
 def test_parse_methods_and_seeds():
-    assert A.parse_methods(None) == list(A.DEFAULT_METHODS)
-    assert A.parse_methods(["oscar,fedavg", "local", "oscar"]) == [
+    assert AC.parse_methods(None) == list(AC.DEFAULT_METHODS)
+    assert AC.parse_methods(["oscar,fedavg", "local", "oscar"]) == [
         "oscar",
         "fedavg",
         "local",
     ]
     with pytest.raises(ValueError, match="unknown \\['lora2'\\]"):
-        A.parse_methods(["lora2"])
-    assert A.parse_seeds("0,1, 2") == [0, 1, 2]
+        AC.parse_methods(["lora2"])
+    assert RC.parse_seeds("0,1, 2") == [0, 1, 2]
     with pytest.raises(ValueError, match="comma-separated integers"):
-        A.parse_seeds("a,b")
-    assert A.parse_sets(["train-epochs=3", "captioner=oracle", 'method="fedavg"']) == {
+        RC.parse_seeds("a,b")
+    assert RC.parse_sets(["train-epochs=3", "captioner=oracle", 'method="fedavg"']) == {
         "train-epochs": 3,
         "captioner": "oracle",
         "method": "fedavg",
@@ -258,19 +267,19 @@ def test_parse_methods_and_seeds():
 
 
 def test_run_overrides_are_valid_app_configs():
-    base = A.base_overrides(quick=True, num_clients=4)
+    base = AC.base_overrides(quick=True, num_clients=4)
     assert base["min-clients"] == 4
-    assert base["max-examples-per-client"] == A.QUICK["max-examples-per-client"]
-    for m, spec in A.METHODS.items():
+    assert base["max-examples-per-client"] == AC.QUICK["max-examples-per-client"]
+    for m, spec in AC.METHODS.items():
         if spec is None:
             with pytest.raises(ValueError, match="in-process"):
-                A.run_overrides(m, 0, base)
+                AC.run_overrides(m, 0, base)
             continue
-        over = A.run_overrides(m, 7, base)
+        over = AC.run_overrides(m, 7, base)
         assert over["seed"] == 7
-        A.build_cfg(over)  # the app's own validation accepts it
-    assert A.run_overrides("oscar-oracle", 0, base)["captioner"] == "oracle"
-    assert A.run_overrides("oscar-dp", 0, base)["dp-epsilon"] == 1.0
+        RC.build_cfg(over)  # the app's own validation accepts it
+    assert AC.run_overrides("oscar-oracle", 0, base)["captioner"] == "oracle"
+    assert AC.run_overrides("oscar-dp", 0, base)["dp-epsilon"] == 1.0
 
 
 # ---------------------------------------------------------------- run-config strings
@@ -313,7 +322,7 @@ def test_run_config_string_round_trips_through_flowers_parser(tmp_path):
 def test_flwr_command_line(tmp_path):
     sim = LocalSimulation(tmp_path, 3)
     cmd = sim.command({"seed": 1})
-    assert cmd[:5] == ["flwr", "run", str(A.REPO_ROOT), "local", "--stream"]
+    assert cmd[:5] == ["flwr", "run", str(RC.REPO_ROOT), "local", "--stream"]
     assert cmd[5:] == [
         "--federation-config",
         "num-supernodes=3",
@@ -354,14 +363,14 @@ def test_one_local_run_through_flower(tiny_stack, tmp_path):
     assert run.ok, run.error
     assert run.results["method"] == "local" and run.results["num_clients"] == 2
     assert (tmp_path / "runs" / "smoke" / "results.json").is_file()
-    rec = A.record_from_results("local", 0, run.results, run.wall_s)
+    rec = AREC.record_from_results("local", 0, run.results, run.wall_s)
     assert rec["ok"] and 0.0 <= rec["mean_accuracy"] <= 1.0
     assert not _superlink_processes(sim.flwr_home)  # stopped on exit
 
 
 def test_paired_differences_by_hand_including_in_run_references():
     def rec(method, seed, acc, refs=None, ok=True):
-        r = A.record_from_results(
+        r = AREC.record_from_results(
             method,
             seed,
             {
@@ -391,7 +400,7 @@ def test_paired_differences_by_hand_including_in_run_references():
     ]
     assert runs[0]["client_s_per_image"] == 0.01 and runs[0]["client_s"] == 2.0
     assert runs[0]["references"] == {"feddiff:pool-best": 0.70}
-    paired = {(p["a"], p["b"]): p for p in A.paired_differences(runs)}
+    paired = {(p["a"], p["b"]): p for p in AREC.paired_differences(runs)}
     p = paired[("dense", "fedavg")]
     assert p["seeds"] == [0, 1] and p["wins"] == 1
     assert p["diffs"] == pytest.approx([0.10, -0.05]) and p[
@@ -400,6 +409,72 @@ def test_paired_differences_by_hand_including_in_run_references():
     q = paired[("feddiff", "feddiff:pool-best")]
     assert q["diffs"] == pytest.approx([-0.10, 0.30]) and q["wins"] == 1
     assert ("oscar", "class-names") not in paired  # no common seed: no row
-    table = A.format_paired_table(A.paired_differences(runs))
+    table = T.format_paired_table(AREC.paired_differences(runs))
     assert "dense vs fedavg | +2.5 | 0: +10.0, 1: -5.0 | 1/2" in table
-    assert A.reference_rows(runs) == [["feddiff:pool-best", "60.0", "14.1", "2"]]
+    assert AREC.reference_rows(runs) == [["feddiff:pool-best", "60.0", "14.1", "2"]]
+
+
+# ---------------------------------------------------------------- experiment files
+
+
+def test_an_experiment_file_sets_options_under_the_command_line(tmp_path):
+    from bench.accuracy.cli import parse_options
+
+    f = tmp_path / "e.toml"
+    f.write_text(
+        'seeds = [3, 4]\nclients = 2\nmethods = ["oscar", "fedavg"]\nquick = true\n'
+        "[run-config]\ntrain-epochs = 2\n"
+    )
+    args, rc = parse_options(["--experiment", str(f)])
+    assert (args.seeds, args.clients, args.methods) == ("3,4", 2, ["oscar", "fedavg"])
+    assert args.quick and not args.no_fid and rc == {"train-epochs": 2}
+    # the command line wins; --set adds to the file's run-config and wins over it
+    args, rc = parse_options(["--experiment", str(f), "--clients", "5", "--seeds", "1"])
+    assert (args.seeds, args.clients) == ("1", 5)
+    base = AC.base_overrides(
+        args.quick, args.clients, rc | RC.parse_sets(["train-epochs=9"])
+    )
+    assert base["train-epochs"] == 9 and base["min-clients"] == 5
+    # no file: the parser's own defaults
+    args, rc = parse_options([])
+    assert (args.seeds, args.clients, args.quick, rc) == ("0,1,2", 4, False, {})
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("client = 4\n", "unknown key 'client'"),
+        ('clients = "4"\n', "clients = '4' must be int"),
+        ("quick = 1\n", "quick = 1 must be bool"),
+        ("clients = true\n", "clients = True must be int"),
+        ('run-config = "x"\n', r"\[run-config\] must be a table"),
+        ("seeds = [0,\n", "--experiment"),
+    ],
+)
+def test_a_bad_experiment_file_is_refused_by_name(tmp_path, text, match):
+    from bench.accuracy.experiment import load_experiment
+
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_experiment(f)
+    with pytest.raises(ValueError, match="--experiment"):
+        load_experiment(tmp_path / "missing.toml")
+
+
+def test_the_shipped_experiments_are_valid_app_configs():
+    from bench.accuracy.experiment import load_experiment
+
+    files = sorted((RC.REPO_ROOT / "bench" / "experiments").glob("*.toml"))
+    assert files
+    for f in files:
+        defaults, rc = load_experiment(f)
+        seeds = RC.parse_seeds(defaults.get("seeds", "0"))
+        base = AC.base_overrides(
+            defaults.get("quick", False), defaults.get("clients", 4), rc
+        )
+        for m in AC.parse_methods(defaults.get("methods")):
+            if AC.METHODS[m] is not None:
+                RC.build_cfg(AC.run_overrides(m, seeds[0], base))
+    quick, _ = load_experiment(RC.REPO_ROOT / "bench" / "experiments" / "quick.toml")
+    assert quick["methods"] == list(AC.DEFAULT_METHODS) and quick["quick"]

@@ -9,7 +9,10 @@ import pytest
 import torch
 from flwr.app import Message, RecordDict
 
-from bench import fleet as F
+from bench import replay
+from bench.fleet import core
+from bench.fleet import plan as P
+from bench.fleet import report as FR
 from common import contract as C
 from deploy.inprocess import FIRST_NODE_ID, Device, InProcessGrid
 
@@ -26,7 +29,9 @@ def _recorded(partition: int) -> bytes:
     return recorddict_to_proto(content).SerializeToString()
 
 
-def _ask(client: F.ReplayClient, kind: str, pid: int, n: int) -> tuple[str, Message]:
+def _ask(
+    client: replay.ReplayClient, kind: str, pid: int, n: int
+) -> tuple[str, Message]:
     """Push one ``kind`` message to the device on partition ``pid`` of ``n``
     through the in-process Grid; ``(message id, reply)``."""
     device = Device(FIRST_NODE_ID + pid, {"partition-id": pid, "num-partitions": n})
@@ -38,7 +43,9 @@ def _ask(client: F.ReplayClient, kind: str, pid: int, n: int) -> tuple[str, Mess
 
 
 def test_the_replay_client_answers_with_the_pool_modulo_its_size():
-    client = F.ReplayClient([_recorded(0), _recorded(1)], "train.embed", "evaluate")
+    client = replay.ReplayClient(
+        [_recorded(0), _recorded(1)], "train.embed", "evaluate"
+    )
     mid, reply = _ask(client, "train.embed", 5, 8)  # 5 mod 2 = pool partition 1
     assert reply.metadata.reply_to_message_id == mid and not reply.has_error()
     r = C.unpack_reply(FIRST_NODE_ID + 5, reply.content, "payload")
@@ -58,7 +65,7 @@ def test_the_replay_client_answers_with_the_pool_modulo_its_size():
 
 
 def test_the_fleet_plan_has_silent_late_and_on_time_devices():
-    plan = F.plan_fleet(100, 600.0)
+    plan = P.plan_fleet(100, 600.0)
     assert len(plan.silent) == 10 and len(plan.late) == 5
     assert not set(plan.silent) & set(plan.late)
     assert len(plan.on_time) == 85
@@ -73,7 +80,7 @@ def test_the_fleet_plan_has_silent_late_and_on_time_devices():
     shifted = plan.devices(shift_s=100.0)
     assert shifted[0].arrive_s == plan.arrive_s[0] - 100.0
     with pytest.raises(ValueError, match="fleet size 3 < 4"):
-        F.plan_fleet(3)
+        P.plan_fleet(3)
 
 
 @pytest.mark.timeout(300)
@@ -83,7 +90,7 @@ def test_the_bench_core_at_tiny_sizes_loses_nothing_and_asks_nobody_twice(
     """Sizes 4 and 8 replayed from a pool of 4 on the tiny stack: the kill +
     resume loses no upload and asks no device twice; late and missing devices
     are listed; synth-budget=0 runs where it fits and is estimated elsewhere."""
-    rc = F.bench_config(
+    rc = P.bench_config(
         True,
         {
             k: fast_config[k]
@@ -91,11 +98,11 @@ def test_the_bench_core_at_tiny_sizes_loses_nothing_and_asks_nobody_twice(
         }
         | {"images-per-class": 3, "synth-budget": 20},
     )
-    report = F.run_fleet(
+    report = core.run_fleet(
         [4, 8], rc, tmp_path / "work", pool=4, isolate=False, max_unbudgeted=60
     )
     report |= {"argv": ["--sizes", "4,8"], "quick": True}
-    F.write_outputs(tmp_path / "out", report)
+    FR.write_outputs(tmp_path / "out", report)
     got = json.loads((tmp_path / "out" / "fleet.json").read_text())
     checks = {c["check"]: c["ok"] for c in got["checks"]}
     assert checks["0 uploads lost at every N (kill + resume)"]

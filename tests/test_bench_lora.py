@@ -6,7 +6,10 @@ import json
 
 import pytest
 
-from bench import lora as L
+from bench.lora import cli, runner
+from bench.lora import report as R
+from bench.lora import summary as S
+from bench.lora import world as W
 
 
 def _rec(variant, seed, fids, accs, domains=("a", "b")):
@@ -40,7 +43,7 @@ def records():
 
 
 def test_aggregate_by_hand(records):
-    s = L.aggregate(records)
+    s = S.aggregate(records)
     assert list(s) == ["none", "fedavg", "svd"]
     # none: per-seed means 15 and 15 -> 15, std 0; acc 0.6 and 0.6
     assert s["none"]["mean_fid_proxy"] == pytest.approx(15.0)
@@ -53,13 +56,13 @@ def test_aggregate_by_hand(records):
     assert s["svd"]["mean_accuracy"] == pytest.approx(0.85)
     assert s["svd"]["energy_kept"] == pytest.approx(0.9)
     assert s["none"]["merge_s"] is None and s["svd"]["merge_s"] == pytest.approx(0.5)
-    assert L.wins(s, "svd", "fedavg") == {"fid_proxy": True, "accuracy": True}
-    assert L.wins(s, "none", "fedavg") == {"fid_proxy": False, "accuracy": False}
-    assert L.wins(s, "stack", "fedavg") is None
+    assert S.wins(s, "svd", "fedavg") == {"fid_proxy": True, "accuracy": True}
+    assert S.wins(s, "none", "fedavg") == {"fid_proxy": False, "accuracy": False}
+    assert S.wins(s, "stack", "fedavg") is None
 
 
 def test_std_over_seeds(records):
-    s = L.aggregate(records + [_rec("none", 2, [30.0, 30.0], [0.0, 0.0])])
+    s = S.aggregate(records + [_rec("none", 2, [30.0, 30.0], [0.0, 0.0])])
     # per-seed FID means 15, 15, 30: mean 20, sample std sqrt(75)
     assert s["none"]["mean_fid_proxy"] == pytest.approx(20.0)
     assert s["none"]["std_fid_proxy"] == pytest.approx(75**0.5)
@@ -68,7 +71,7 @@ def test_std_over_seeds(records):
 def test_seed_wins_are_paired_by_seed(records):
     # svd vs fedavg, seed 0: FID 5 vs 9, acc 0.85 vs 0.70; seed 1: FID 5 vs 9,
     # acc 0.85 vs 0.70 -> wins 2/2, mean differences -4 and +0.15.
-    w = L.seed_wins(records, "svd", "fedavg")
+    w = S.seed_wins(records, "svd", "fedavg")
     assert w == {
         "seeds": 2,
         "fid_proxy_wins": 2,
@@ -77,15 +80,15 @@ def test_seed_wins_are_paired_by_seed(records):
         "mean_accuracy_diff": pytest.approx(0.15),
     }
     # none vs fedavg: FID 15 vs 9 (worse) both seeds; acc 0.6 vs 0.7 both seeds
-    w = L.seed_wins(records, "none", "fedavg")
+    w = S.seed_wins(records, "none", "fedavg")
     assert (w["fid_proxy_wins"], w["accuracy_wins"]) == (0, 0)
     # a seed one variant lacks is not compared
-    assert L.seed_wins(records[:-1], "svd", "fedavg")["seeds"] == 1
-    assert L.seed_wins(records, "stack", "fedavg") is None
+    assert S.seed_wins(records[:-1], "svd", "fedavg")["seeds"] == 1
+    assert S.seed_wins(records, "stack", "fedavg") is None
 
 
 def test_paired_diffs_by_hand(records):
-    d = L.paired_diffs(records)
+    d = S.paired_diffs(records)
     assert set(d) == {"none", "svd"}  # fedavg is the base
     # seed 0: svd FID 5 - 9 = -4, acc 0.85 - 0.70 = 0.15; none: 15 - 9, 0.6 - 0.7
     assert d["svd"][0] == pytest.approx((-4.0, 0.15))
@@ -97,9 +100,9 @@ def test_checks_name_each_challenger_present(records):
     recs = records + [
         r | {"variant": "stack"} for r in records if r["variant"] == "none"
     ]
-    chk = L.checks(recs, L.aggregate(recs))
+    chk = S.checks(recs, S.aggregate(recs))
     assert list(chk) == ["stack vs fedavg", "svd vs fedavg"]
-    stack, svd = L.format_checks(chk)
+    stack, svd = R.format_checks(chk)
     assert svd.startswith("* svd vs fedavg: beats fedavg on the means")
     assert "lower FID-proxy in 2/2, higher accuracy in 2/2" in svd
     assert "-4.00 FID-proxy, +15.0 accuracy points" in svd
@@ -109,11 +112,11 @@ def test_checks_name_each_challenger_present(records):
 
 
 def test_tables_and_report_files(records, tmp_path):
-    s = L.aggregate(records)
-    table = L.format_table(s)
+    s = S.aggregate(records)
+    table = R.format_table(s)
     assert "| svd | 5.00 ± 0.00 | 85.0 ± 0.0 |" in table
     assert "| none |" in table and "n/a" in table
-    dom = L.format_domain_table(s)
+    dom = R.format_domain_table(s)
     assert "a FID / acc%" in dom and "| fedavg | 7.00 / 65.0 | 11.00 / 75.0 |" in dom
     report = {
         "command": "python -m bench lora --quick",
@@ -122,7 +125,7 @@ def test_tables_and_report_files(records, tmp_path):
         "seeds": [0, 1],
         "num_clients": 2,
         "config": {
-            "domains": L.WORLDS["shared"],
+            "domains": W.WORLDS["shared"],
             "dirichlet-alpha": 0.5,
             "max-examples-per-client": 800,
             "test-fraction": 0.2,
@@ -141,9 +144,9 @@ def test_tables_and_report_files(records, tmp_path):
         "wall_s": 1.0,
         "records": records,
         "summary": s,
-        "checks": L.checks(records, s),
+        "checks": S.checks(records, s),
     }
-    L.write_report(tmp_path, report)
+    R.write_report(tmp_path, report)
     assert json.loads((tmp_path / "lora.json").read_text())["summary"]["svd"]
     md = (tmp_path / "lora.md").read_text()
     assert table in md and "* svd vs fedavg: beats fedavg" in md
@@ -152,24 +155,24 @@ def test_tables_and_report_files(records, tmp_path):
 
 
 def test_cli_rejects_bad_arguments(capsys):
-    assert L.main(["--variants", "svd,bogus"]) == 2
+    assert cli.main(["--variants", "svd,bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
-    assert L.main(["--set", "lora-merge-rank=0"]) == 2
+    assert cli.main(["--set", "lora-merge-rank=0"]) == 2
     assert "lora-merge-rank" in capsys.readouterr().err
 
 
 def test_cli_rejects_unknown_world(capsys):
     with pytest.raises(SystemExit):
-        L.main(["--world", "bogus"])
+        cli.main(["--world", "bogus"])
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("world", sorted(L.WORLDS))
+@pytest.mark.parametrize("world", sorted(W.WORLDS))
 def test_worlds_are_unseen_and_valid(world):
-    from common.data import UNSEEN_TRANSFORMS, domain_parts
+    from common.mnist_domains import UNSEEN_TRANSFORMS, domain_parts
     from methods import build_config
 
-    cfg = build_config(L.WORLD | L.QUICK | {"domains": L.WORLDS[world]})
+    cfg = build_config(W.WORLD | W.QUICK | {"domains": W.WORLDS[world]})
     transforms = [domain_parts(d)[1] for d in cfg.domain_list]
     assert all(t and set(t) <= set(UNSEEN_TRANSFORMS) for t in transforms)
     if world == "shared":  # one new domain for every client, each in its style
@@ -177,14 +180,14 @@ def test_worlds_are_unseen_and_valid(world):
         assert len({domain_parts(d)[0] for d in cfg.domain_list}) == 4
     else:  # a different new concept per client
         assert len({t for t in transforms}) == len(transforms)
-    assert set(L.VARIANTS) == {"none", "own", *L.MERGES}
+    assert set(W.VARIANTS) == {"none", "own", *W.MERGES}
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_one_seed_runs_the_apps_code_paths(tiny_stack, fast_config, tmp_path):
-    over = fast_config | L.WORLD | {"lora-steps": 2, "lora-samples-per-class": 1}
-    recs = L.run_seed(over, 0, 2, ("none", "stack", "generative", "own"), tmp_path)
+    over = fast_config | W.WORLD | {"lora-steps": 2, "lora-samples-per-class": 1}
+    recs = runner.run_seed(over, 0, 2, ("none", "stack", "generative", "own"), tmp_path)
     by = {r["variant"]: r for r in recs}
     assert list(by) == ["none", "stack", "generative", "own"]
     for r in recs:

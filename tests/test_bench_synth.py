@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.synth import compare_pipeline, summarize_quality, write_report
+from bench.synth.pipeline import compare_pipeline
+from bench.synth.quality import summarize_quality
+from bench.synth.report import write_report
 
 
 def test_engine_equals_diffusers_stable_diffusion_pipeline():
@@ -88,3 +90,34 @@ def test_ablation_summary_and_levelling_off_by_hand(tmp_path):
     )
     assert "levels off" in (tmp_path / "ablation.md").read_text()
     assert (tmp_path / "ablation.png").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_variants_replay_the_recorded_uploads_through_the_real_round(
+    tiny_stack, fast_config, monkeypatch
+):
+    """bench.inprocess: the clients' uploads are recorded once; every variant
+    is the whole round (deploy.inprocess.run_round) on them, with real client
+    evaluations and the FID-proxy of the round's saved synthetic set."""
+    from bench.inprocess import federation, run_variant
+    from methods.oscar import client_oscar
+
+    fed = federation(fast_config | {"seed": 0}, 2)
+    assert len(fed.replies) == 2 and fed.info["collect_type"] == "train.embed"
+    assert fed.vector_bytes_per_class() > 0
+
+    def no_second_upload(job):
+        raise AssertionError("a variant asked a client to compute its upload again")
+
+    monkeypatch.setattr(client_oscar, "collect", no_second_upload)
+    rows = [
+        run_variant(fed, {}, "default"),
+        run_variant(fed, {"num-inference-steps": 1}, "one-step"),
+    ]
+    for row in rows:
+        assert row["seed"] == 0 and row["images"] > 0 and row["img_s"] > 0
+        assert 0.0 <= row["accuracy"] <= 1.0  # the clients' own evaluations
+        assert 0.0 <= row["global_accuracy"] <= 1.0
+        assert row["fid_proxy"] >= 0.0
+    assert rows[0]["images"] == rows[1]["images"]
+    assert [r["variant"] for r in rows] == ["default", "one-step"]
