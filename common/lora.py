@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from .diffusion import diffusion_loss
 
 # A diffusers model with PeftAdapterMixin (UNet2DConditionModel). Typed Any: mypy
 # does not see diffusers' ModelMixin as an nn.Module (as in common/generator.py).
@@ -333,14 +334,8 @@ def train_lora(
                 u = uncond.to(device, dtype).expand_as(c)
                 c = torch.where(drop.to(device)[:, None, None], u, c)
 
-            # q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 - ᾱ_t) I)
-            noisy = noise_scheduler.add_noise(x0, noise, t)
-            if prediction_type == "epsilon":
-                target = noise
-            else:
-                target = noise_scheduler.get_velocity(x0, noise, t)
-            pred = unet(noisy, t, encoder_hidden_states=c).sample
-            loss = F.mse_loss(pred.float(), target.float())
+            # the denoising loss on x_t ~ q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 - ᾱ_t) I)
+            loss = diffusion_loss(unet, noise_scheduler, x0, c, t, noise)
 
             losses.append(float(loss.detach()))
             # Stop before a non-finite loss reaches the adapter's weights.

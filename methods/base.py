@@ -58,6 +58,10 @@ class ClientJob:
 
     @property
     def seed(self) -> int:
+        """This client's seed: the run seed and its partition (or node) id.
+
+        The server knows it too: it seeds reproducible work, never privacy
+        noise (``common.dp.noise_rng``)."""
         who = self.partition_id if self.partition_id >= 0 else self.node_id % 1_000_003
         return self.cfg.seed * 1000 + who
 
@@ -145,30 +149,37 @@ class ServerContext:
 
     @property
     def num_classes(self) -> int:
+        """Classes of the federation (0 while unknown)."""
         return self.info.num_classes if self.info else 0
 
     @property
     def class_names(self) -> list[str]:
+        """Class names, in class-id order (empty while unknown)."""
         return list(self.info.class_names) if self.info else []
 
     @property
     def channels(self) -> int:
+        """Image channels of the clients' data (1 while unknown)."""
         return self.info.channels if self.info else 1
 
     @property
     def max_upload_bytes(self) -> int:
+        """``max-upload-mb`` in bytes: a larger reply is rejected."""
         return int(self.cfg.max_upload_mb * 2**20)
 
     @functools.cached_property
     def device(self) -> torch.device:
+        """The server's device (``device``)."""
         return resolve_device(self.cfg.device)
 
     @functools.cached_property
     def dtype(self) -> torch.dtype:
+        """The server's floating precision (``precision`` on ``device``)."""
         return resolve_dtype(self.cfg.precision, self.device)
 
     @functools.cached_property
     def generator(self) -> Any:
+        """The run's generator (``generator``, ``scheduler``), loaded once."""
         from common.generator import load_generator
 
         return load_generator(
@@ -198,6 +209,7 @@ class ServerContext:
 
     @functools.cached_property
     def text_encoder(self) -> Any:
+        """The run's text encoder (``text-encoder``), loaded once."""
         from common.text_encoder import load_text_encoder
 
         return load_text_encoder(self.cfg.text_encoder, self.device)
@@ -220,10 +232,14 @@ class OneShotMethod:
     # ---- client half (Flower-free)
     @staticmethod
     def client_collect(job: ClientJob) -> ClientResult:
+        """The client's work for the collect message (default: nothing but its
+        example count); a method sets its ``client_<name>.collect``."""
         return ClientResult(metrics={"num-examples": float(len(job.data.train_labels))})
 
     @staticmethod
     def client_evaluate(job: ClientJob) -> dict[str, float]:
+        """Metrics of what was pushed back (default: the global classifier's
+        accuracy on the client's held-out split)."""
         return evaluate_classifier(job)
 
     # ---- server half
@@ -231,6 +247,7 @@ class OneShotMethod:
         """Fail fast, before any client work, on a config the method cannot run."""
 
     def collect_content(self, ctx: ServerContext) -> RecordDict:
+        """What goes down with the collect request (default: the method's name)."""
         content = RecordDict()
         content[C.KEY_CONFIG] = C.config_record({"method": self.name})
         return content
@@ -243,9 +260,13 @@ class OneShotMethod:
         """
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
+        """The server's work on the accepted replies: the global classifier (or
+        what else is pushed back), timings, samples and the method's numbers."""
         return ServerOutput()
 
     def push_content(self, out: ServerOutput, ctx: ServerContext) -> RecordDict:
+        """What goes down with the evaluate message: the config, the global
+        classifier and ``out.push_arrays`` (fp16)."""
         content = RecordDict()
         content[C.KEY_CONFIG] = C.config_record(
             {"method": self.name, "arch": out.arch, "num-classes": ctx.num_classes}

@@ -1,11 +1,18 @@
-"""Server steps shared by the synthesis-based methods.
+"""Steps shared by the methods, written once.
 
+Every method that samples with the run's generator: ``check_embedding_kind``
+(before any client works), ``embedding_shape`` and ``check_reply_embedding``
+(uploads of conditioning vectors), ``classes_uploaded`` (its upload cost).
 ``class_units`` / ``CondUnits``: what a method would sample, one distinct
 condition per unit with the images it gets; ``budget_rows``: that set bounded
 to ``synth-budget`` images; ``synthesize_set``: a labelled conditioning set ->
 images through the one synthesis engine (``common.synthesis``), in the clients'
-image format, with a few kept per (client, class) for the sample grid.
-``train_global``: the global classifier on the synthetic set.
+image format, with a few kept per (client, class) for the sample grid
+(``keep_samples``).
+
+``fit_classifier``: the run's classifier trained with the run's settings, the
+one training step behind ``train_global`` (the global classifier on the
+synthetic set) and one-shot FedAvg's local training.
 """
 
 from __future__ import annotations
@@ -18,27 +25,59 @@ from typing import Any, Literal
 
 import torch
 from flwr.common.logger import log
+from torch import nn
 
+from common.config import ConfigError, RunConfig
+from common.contract import PayloadError, Reply
 from common.maths import (
     allocate_budget,
     apportion,
     capped_unit_weights,
-    reduce_conditions,
 )
 from common.models import build_classifier
-from common.synthesis import (
-    GeneratorSpec,
-    LatentGuidance,
-    from_uint8,
-    sample_on_workers,
-    synthesize,
-)
+from common.robust import robust_reduce_conditions
+from common.synthesis import LatentGuidance, from_uint8, synthesize
 from common.synthesis_settings import SAMPLER_KEYS, SynthesisSettings
+from common.synthesis_workers import GeneratorSpec, sample_on_workers
 from common.train import train_classifier
 
 from .base import ServerContext, ServerOutput
 
 SAMPLES_PER_CELL = 6  # images kept per (client, class) for the sample grid
+
+
+def check_embedding_kind(ctx: ServerContext) -> None:
+    """Raise ``ConfigError`` unless the generator is conditioned on the run's
+    ``embedding`` kind (loads the generator: call it from ``check``)."""
+    gen = ctx.generator
+    if gen.embedding != ctx.cfg.embedding:
+        raise ConfigError(
+            f"embedding={ctx.cfg.embedding!r} but generator={ctx.cfg.generator!r} is "
+            f"conditioned on {gen.embedding!r} embeddings; set embedding={gen.embedding!r}"
+        )
+
+
+def embedding_shape(ctx: ServerContext) -> tuple[int, int]:
+    """``(tokens, dim)`` of one conditioning vector for this server's models."""
+    return int(ctx.uncond.shape[1]), int(ctx.generator.cond_dim)
+
+
+def check_reply_embedding(reply: Reply, ctx: ServerContext) -> tuple[int, int]:
+    """Reject a reply whose meta ``embedding`` is not the run's kind; returns the
+    ``(tokens, dim)`` its conditioning vectors must have (``embedding_shape``)."""
+    if reply.meta.get("embedding") != ctx.cfg.embedding:
+        raise PayloadError(
+            f"embedding kind {reply.meta.get('embedding')!r} != {ctx.cfg.embedding!r}"
+        )
+    return embedding_shape(ctx)
+
+
+def classes_uploaded(replies: list[Reply], key: str = "class_ids") -> dict[str, Any]:
+    """Upload bytes per uploaded (client, class): every client's upload over the
+    distinct ids of its ``key`` tensor (the 2 KB-per-class budget)."""
+    n = sum(len(r.tensors[key].unique()) for r in replies if key in r.tensors)
+    total = sum(r.upload_bytes for r in replies)
+    return {"upload_bytes_per_class": total / n if n else None}
 
 
 def synth_workers(ctx: ServerContext) -> int:
@@ -106,6 +145,7 @@ class CondUnits:
 
     @staticmethod
     def cat(parts: list[CondUnits]) -> CondUnits:
+        """The units of ``parts``, one after the other."""
         extras = zip(*(p.extras for p in parts), strict=True)
         return CondUnits(
             torch.cat([p.conds for p in parts]),
@@ -117,6 +157,7 @@ class CondUnits:
         )
 
     def select(self, idx: torch.Tensor) -> CondUnits:
+        """The units at ``idx``."""
         return CondUnits(
             self.conds[idx],
             self.labels[idx],
@@ -208,8 +249,10 @@ def budget_rows(
        (``capped_unit_weights``, one-shot FedAvg's cap); ``represent="centres"``:
        the representatives are the centres of a weighted k-means of the class's
        conditions (``reduce_conditions``; extras concatenated, so a centre is a
-       pair), each owned, for the sample grid, by the owner of most weight in
-       its cluster; ``"clients"``: ``k_c`` of the units drawn without
+       pair; each centre recomputed from its cluster under
+       ``robust-aggregation``, ``common.robust.robust_reduce_conditions``),
+       each owned, for the sample grid, by the owner of most weight in its
+       cluster; ``"clients"``: ``k_c`` of the units drawn without
        replacement with probability ~ weight from a generator seeded by
        ``seed + c``, in their order (conditions that are not vectors: FedLMG's
        guiding classifiers, of different architectures);
@@ -242,8 +285,13 @@ def budget_rows(
                 rep = replace(sub.select(pick.values), weights=w[pick.values])
             else:
                 flat = [sub.conds.flatten(1), *(e.flatten(1) for e in sub.extras)]
-                centres, cw, assign = reduce_conditions(
-                    torch.cat(flat, 1), w, k, seed=ctx.cfg.seed + c
+                centres, cw, assign = robust_reduce_conditions(
+                    torch.cat(flat, 1),
+                    w,
+                    k,
+                    ctx.cfg.seed + c,
+                    ctx.cfg.robust_aggregation,
+                    ctx.cfg.robust_fraction,
                 )
                 pieces = centres.split([f.shape[1] for f in flat], dim=1)
                 kc = len(centres)
@@ -340,13 +388,7 @@ def synthesize_set(
         over["latent_guidance"] = latent_guidance
     images, seconds = sample_images(ctx, conds, desc=desc, **over)
     out.timings["synthesize"] = out.timings.get("synthesize", 0.0) + seconds
-    for o in owners.unique().tolist():
-        for c in labels.unique().tolist():
-            idx = torch.nonzero((owners == o) & (labels == c)).flatten()
-            if len(idx):
-                out.samples[(int(o), int(c))] = from_uint8(
-                    images[idx[:SAMPLES_PER_CELL]]
-                )
+    keep_samples(out, images, labels, owners)
     if save:
         prior = out.extra.get("synthetic_set")
         path = save_synthetic_set(
@@ -364,6 +406,20 @@ def synthesize_set(
     return images
 
 
+def keep_samples(
+    out: ServerOutput, images: torch.Tensor, labels: torch.Tensor, owners: torch.Tensor
+) -> None:
+    """Keep the first ``SAMPLES_PER_CELL`` images of every (owner, class) in
+    ``out.samples`` (float in ``[-1, 1]``), for the sample grid."""
+    for o in owners.unique().tolist():
+        for c in labels.unique().tolist():
+            idx = torch.nonzero((owners == o) & (labels == c)).flatten()
+            if len(idx):
+                out.samples[(int(o), int(c))] = from_uint8(
+                    images[idx[:SAMPLES_PER_CELL]]
+                )
+
+
 def per_class_rows(
     means: torch.Tensor, class_ids: torch.Tensor, owner: int, n: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -373,6 +429,58 @@ def per_class_rows(
     return conds, labels, torch.full_like(labels, owner)
 
 
+def fit_classifier(
+    cfg: RunConfig,
+    channels: int,
+    num_classes: int,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int,
+    seed: int,
+    init_state: dict[str, torch.Tensor] | None = None,
+    **loop: Any,
+) -> nn.Module:
+    """The run's ``classifier`` trained on ``images`` with the run's batch size
+    and learning rate (``common.train.train_classifier``).
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Gives ``classifier``, ``train-batch-size`` and ``learning-rate``.
+    channels, num_classes : int
+        The classifier's input channels and outputs.
+    images, labels : Tensor
+        ``[N, C, H, W]`` (uint8 or float in ``[-1, 1]``) and ``[N]``.
+    epochs, seed : int
+        Passes over the data; the seed of the initialisation, batches and shifts.
+    init_state : dict, optional
+        Weights to start from instead of the seeded initialisation.
+    **loop
+        Further ``train_classifier`` arguments (``device``, ``soft_targets``, ...).
+
+    Returns
+    -------
+    nn.Module
+        The trained classifier.
+    """
+    torch.manual_seed(seed)
+    model = build_classifier(cfg.classifier, channels, num_classes)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    train_classifier(
+        model,
+        images,
+        labels,
+        epochs=epochs,
+        batch_size=cfg.train_batch_size,
+        lr=cfg.learning_rate,
+        seed=seed,
+        **loop,
+    )
+    return model
+
+
 def train_global(
     ctx: ServerContext,
     images: torch.Tensor,
@@ -380,19 +488,17 @@ def train_global(
     out: ServerOutput,
     soft_targets: torch.Tensor | None = None,
 ) -> None:
-    """Train the global classifier on the synthetic set (server device);
-    ``soft_targets``: teacher probabilities distilled beside the labels."""
+    """Train the global classifier on the synthetic set (server device) into
+    ``out``; ``soft_targets``: teacher probabilities distilled beside the labels."""
     cfg = ctx.cfg
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    model = build_classifier(cfg.classifier, ctx.channels, ctx.num_classes)
-    train_classifier(
-        model,
+    model = fit_classifier(
+        cfg,
+        ctx.channels,
+        ctx.num_classes,
         images,
         labels,
         epochs=cfg.train_epochs,
-        batch_size=cfg.train_batch_size,
-        lr=cfg.learning_rate,
         seed=cfg.seed,
         device=ctx.device,
         progress=True,

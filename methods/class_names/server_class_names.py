@@ -10,17 +10,29 @@ import torch
 from common.contract import Reply
 
 from ..base import OneShotMethod, ServerContext, ServerOutput
-from ..oscar.server_oscar import check_embedding_kind
-from ..steps import CondUnits, budget_rows, synthesize_set, train_global
+from ..steps import (
+    CondUnits,
+    budget_rows,
+    check_embedding_kind,
+    synthesize_set,
+    train_global,
+)
 
 
 class ClassNames(OneShotMethod):
+    """Class names only: the server prompts the generator with each class's
+    prompt and trains the global classifier on the images; clients upload nothing
+    but their envelope."""
+
     name = "class-names"
 
     def check(self, ctx: ServerContext) -> None:
+        """Refuse a generator not conditioned on the run's ``embedding`` kind."""
         check_embedding_kind(ctx)
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
+        """Synthesize ``images-per-class`` images per class per reply from the class
+        prompts (within ``synth-budget``) and train the global classifier on them."""
         out = ServerOutput()
         assert ctx.info is not None  # the round learned the classes before this
         # Same synthetic-set size as OSCAR: images-per-class per client per class,

@@ -3,9 +3,9 @@
 a generator, with no data on the server.
 
 Clients train the shared initial classifier once and upload it (one-shot FedAvg's
-client and payload, ``methods/fedavg``). The server holds the ensemble
-``f_E(x) = mean_k f_k(x)`` of the client models' logits and a student ``f_S``
-(the global model), and for ``train-epochs`` epochs alternates:
+client, payload and collection: ``Dense`` subclasses ``FedAvg``). The server holds
+the ensemble ``f_E(x) = mean_k f_k(x)`` of the client models' logits and a student
+``f_S`` (the global model), and for ``train-epochs`` epochs alternates:
 
 1. data generation: a generator ``G`` (re-initialised every epoch) and its
    latents ``z`` take ``dense-g-steps`` Adam steps on (paper eq. 4-7)
@@ -58,37 +58,22 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from flwr.app import RecordDict
 from flwr.common.logger import log
 from torch import nn
 
+# DENSE's BN term is the batch one, the code's DeepInversionHook (shared with FedLMG)
+from common.bn_statistics import BNStatistics, bn_statistic_loss  # noqa: F401
 from common.contract import PayloadError, Reply
 from common.models import build_classifier
+from common.synthesis import from_uint8, to_uint8
 from common.train import augment
 
-from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
-from ..fedavg import client_fedavg
-from ..fedavg import payload_fedavg as P
-from ..fedavg.server_fedavg import initial_state, send_initial_state
-from ..steps import SAMPLES_PER_CELL
+from ..base import ServerContext, ServerOutput
+from ..fedavg.server_fedavg import FedAvg
+from ..steps import keep_samples
 from .config_dense import DenseConfig
 
 # ---------------------------------------------------------------- maths (pure)
-
-
-def bn_statistic_loss(
-    x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor
-) -> torch.Tensor:
-    """DeepInversion's term for one BatchNorm layer (the code's DeepInversionHook):
-    ``‖σ²(x) − running_var‖₂ + ‖μ(x) − running_mean‖₂``, with the per-channel mean
-    and biased variance of the layer's input ``x`` ``[N, C, H, W]`` over the batch
-    and the pixels."""
-    x = x.float()
-    mean = x.mean(dim=(0, 2, 3))
-    var = x.transpose(0, 1).reshape(x.shape[1], -1).var(dim=1, unbiased=False)
-    return torch.linalg.vector_norm(
-        running_var.float() - var
-    ) + torch.linalg.vector_norm(running_mean.float() - mean)
 
 
 def kl_per_sample(
@@ -165,6 +150,8 @@ class Generator(nn.Module):
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents ``z`` ``[n, nz]`` -> images ``[n, channels, size, size]`` in
+        ``[-1, 1]``."""
         x = self.blocks(self.l1(z).view(len(z), -1, self.init, self.init))
         return x[..., : self.size, : self.size] * 2.0 - 1.0
 
@@ -180,38 +167,6 @@ def reset_generator(gen: nn.Module, g: torch.Generator) -> None:
             nn.init.normal_(m.weight, 1.0, 0.02, generator=g)
             nn.init.zeros_(m.bias)
             m.reset_running_stats()
-
-
-class BNStatistics:
-    """Forward hooks on every BatchNorm2d of ``models``; ``pop()`` returns the sum
-    of ``bn_statistic_loss`` over the layers since the last call."""
-
-    def __init__(self, models: Sequence[nn.Module]):
-        self.terms: list[torch.Tensor] = []
-        self.handles = [
-            m.register_forward_hook(self._hook)
-            for model in models
-            for m in model.modules()
-            if isinstance(m, nn.BatchNorm2d)
-        ]
-
-    def _hook(
-        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], _: Any
-    ) -> None:
-        assert isinstance(module, nn.BatchNorm2d)
-        assert module.running_mean is not None and module.running_var is not None
-        self.terms.append(
-            bn_statistic_loss(inputs[0], module.running_mean, module.running_var)
-        )
-
-    def pop(self) -> torch.Tensor:
-        total = torch.stack(self.terms).sum() if self.terms else torch.zeros(())
-        self.terms = []
-        return total
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 # ---------------------------------------------------------------- the two phases
@@ -237,6 +192,7 @@ class DenseSettings:
 
     @classmethod
     def of(cls, ctx: ServerContext) -> DenseSettings:
+        """The settings of a run (its validated config)."""
         o, cfg = ctx.cfg.options(DenseConfig), ctx.cfg
         return cls(
             epochs=cfg.train_epochs,
@@ -326,7 +282,7 @@ def distill_epoch(
     perm = torch.randperm(len(pool), generator=g)
     total, agree, steps = 0.0, 0, 0
     for i in range(0, len(pool), s.kd_batch):
-        x = pool[perm[i : i + s.kd_batch]].to(device).float() / 127.5 - 1.0
+        x = from_uint8(pool[perm[i : i + s.kd_batch]].to(device))
         x = augment(x, g)
         with torch.no_grad(), _autocast(device, dtype):
             t_out = ensemble_logits(teachers, x)
@@ -340,11 +296,6 @@ def distill_epoch(
         agree += int((s_out.argmax(1) == t_out.argmax(1)).sum())
         steps += 1
     return total / len(pool), steps, agree / len(pool)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """``[-1, 1]`` -> uint8 (the 8-bit quantisation of the code's PNG pool)."""
-    return ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
 
 
 def run_dense(
@@ -386,7 +337,7 @@ def run_dense(
         student.requires_grad_(False)
         x, terms = synthesize_batch(gen, teachers, student, labels, s, g, dtype)
         student.requires_grad_(True)
-        pool.append(to_uint8(x).cpu())
+        pool.append(to_uint8(x).cpu())  # the 8-bit quantisation of the code's PNGs
         pool_labels.append(labels.cpu())
         seconds["synthesize"] += time.perf_counter() - t0
         # 4. Model distillation: one pass over every batch so far
@@ -442,34 +393,34 @@ def _check_running_var(tensors: dict[str, torch.Tensor]) -> None:
             raise PayloadError(f"model tensor {k!r} has negative variances")
 
 
-class Dense(OneShotMethod):
+class Dense(FedAvg):
+    """One-shot FedAvg's client work, message, payload and collection (the
+    initial weights go down, a client's trained classifier comes up); DENSE's
+    server work instead of the average."""
+
     name = "dense"
     config = DenseConfig
-    collect_type = "train"  # one-shot FedAvg's client work and message
-    payload_key = P.RECORD
-
-    @staticmethod
-    def client_collect(job: ClientJob) -> ClientResult:
-        # one-shot FedAvg's local training, once (client-s, client-s-per-image)
-        return client_fedavg.collect(job)
-
-    def collect_content(self, ctx: ServerContext) -> RecordDict:
-        return send_initial_state(super().collect_content(ctx), ctx)
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
-        _check_running_var(P.unpack(reply.tensors, initial_state(ctx)))
+        """FedAvg's check against the initial weights, and refuse negative BN
+        running variances."""
+        super().validate(reply, ctx)
+        _check_running_var(reply.tensors)
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
+        """Distil the ensemble of the client models into a student started from the
+        initial weights, on images a generator synthesizes from that ensemble (DENSE's
+        two phases, ``run_dense``); the student is the global classifier."""
         cfg = ctx.cfg
         s = DenseSettings.of(ctx)
         # 1. The client models: the ensemble the student learns from
         teachers = []
-        for r in replies:
+        for r in replies:  # validated against the initial weights
             model = build_classifier(cfg.classifier, ctx.channels, ctx.num_classes)
-            model.load_state_dict(P.unpack(r.tensors, initial_state(ctx)))
+            model.load_state_dict(r.tensors)
             teachers.append(model)
         student = build_classifier(cfg.classifier, ctx.channels, ctx.num_classes)
-        student.load_state_dict(initial_state(ctx))
+        student.load_state_dict(self.reference_state(ctx))
         log(
             INFO,
             "DENSE: %d client models, %d epochs of %d generator steps on "
@@ -498,10 +449,8 @@ class Dense(OneShotMethod):
             arch=cfg.classifier,
             timings=dict(res["seconds"]),
         )
-        images, labels = res["images"], res["labels"]
-        for c in labels.unique().tolist():
-            keep = images[labels == c][:SAMPLES_PER_CELL]
-            out.samples[(-1, int(c))] = keep.float() / 127.5 - 1.0
+        labels = res["labels"]
+        keep_samples(out, res["images"], labels, torch.full_like(labels, -1))
         out.extra["num_synthetic"] = len(labels)
         out.extra["dense"] = res["numbers"]
         return out

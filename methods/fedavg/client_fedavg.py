@@ -1,4 +1,6 @@
-"""Local classifier training, free of Flower (one-shot FedAvg and ``local``)."""
+"""One-shot FedAvg's client work, free of Flower: train the received initial
+classifier on the client's data once and upload its weights. ``local``, FedLMG,
+DENSE and FedDiff reuse this local training."""
 
 from __future__ import annotations
 
@@ -9,9 +11,9 @@ import torch
 from common.config import RunConfig
 from common.datasets import ClientData
 from common.models import build_classifier
-from common.train import train_classifier
 
 from ..base import ClientJob, ClientResult
+from ..steps import fit_classifier
 from . import payload_fedavg as P
 
 
@@ -21,21 +23,18 @@ def train_local_model(
     init_state: dict[str, torch.Tensor] | None,
     seed: int,
 ) -> torch.nn.Module:
-    """Train the classifier on the client's data, from ``init_state`` if given."""
-    torch.manual_seed(seed)
-    model = build_classifier(cfg.classifier, data.channels, data.num_classes)
-    if init_state is not None:
-        model.load_state_dict(init_state)
-    train_classifier(
-        model,
+    """One-shot FedAvg's local training: ``local-epochs`` on the client's
+    training split, from ``init_state`` if given (else seeded by ``seed``)."""
+    return fit_classifier(
+        cfg,
+        data.channels,
+        data.num_classes,
         data.train_images,
         data.train_labels,
         epochs=cfg.local_epochs,
-        batch_size=cfg.train_batch_size,
-        lr=cfg.learning_rate,
         seed=seed,
+        init_state=init_state,
     )
-    return model
 
 
 def collect(job: ClientJob) -> ClientResult:

@@ -5,7 +5,10 @@ and upload the descriptions.
 Real work on the client, as in the paper: a UNet forward and backward pass per
 image (``feddeo-epochs`` passes over the data, ``feddeo-batch-size`` images per
 step); only the description (the conditioning, ``[1, L, D]``) gets gradients.
-``client-s`` and ``client-s-per-image`` measure it.
+``client-s`` and ``client-s-per-image`` measure it. With the privacy guard
+(``dp-epsilon`` > 0) each description is released with Gaussian noise around its
+class prompt's embedding (``learn_descriptions``), and the losses before / after
+stay on the client.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from common import dp
+from common.diffusion import diffusion_loss
+
 from ..base import ClientJob, ClientResult
 from . import payload_feddeo as P
 from .config_feddeo import FedDeoConfig
@@ -26,6 +32,9 @@ EVAL_IMAGES = 64  # images per class the loss before / after is measured on
 
 @dataclass
 class ClassFit:
+    """One class's fitted description and its diffusion loss before and after
+    the fit."""
+
     description: torch.Tensor  # [1, L, D]
     loss_before: float  # on fixed (image, t, noise) draws
     loss_after: float
@@ -43,27 +52,6 @@ def to_generator_input(gen: Any, images: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] != side:
         x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
     return gen.encode(x)
-
-
-def diffusion_loss(
-    unet: Any,
-    scheduler: Any,
-    x0: torch.Tensor,
-    cond: torch.Tensor,
-    t: torch.Tensor,
-    noise: torch.Tensor,
-) -> torch.Tensor:
-    """``|| target - eps_theta(x_t, t, c) ||^2`` with ``x_t = sqrt(a_t) x0 +
-    sqrt(1 - a_t) noise`` (Ho et al. 2020); the target is the noise, or the
-    velocity for a v-prediction generator."""
-    noisy = scheduler.add_noise(x0, noise, t)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(x0, noise, t)
-    else:
-        target = noise
-    c = cond.expand(len(x0), -1, -1)
-    pred = unet(noisy, t, encoder_hidden_states=c).sample
-    return F.mse_loss(pred.float(), target.float())
 
 
 def fit_description(
@@ -154,7 +142,14 @@ def fit_description(
 
 def learn_descriptions(job: ClientJob) -> tuple[P.Descriptions, dict[str, float]]:
     """One description per class of the client's training data, and the
-    metrics of the fit (image-weighted means over the classes)."""
+    metrics of the fit (image-weighted means over the classes).
+
+    With the privacy guard (dp-epsilon > 0) each description is released by
+    output perturbation around its class prompt's embedding (public):
+    ``init + clip(desc - init, dp-clip) + N(0, sigma^2 I)``, ``Delta = 2 dp-clip``
+    whatever the class's images did (``common.dp.private_vector``); classes are
+    disjoint. The losses before / after, computed on the images, are then not
+    sent; the distance is that of the released descriptions."""
     from common.generator import load_generator
     from common.text_encoder import load_text_encoder
 
@@ -189,6 +184,15 @@ def learn_descriptions(job: ClientJob) -> tuple[P.Descriptions, dict[str, float]
         counts.append(min(len(x0), EVAL_IMAGES))
     train_s = time.perf_counter() - t0
     desc = torch.cat([f.description for f in fits])
+    mu = dp.budget_mu(cfg.dp_epsilon, cfg.dp_delta)
+    private: dict[str, float] = {}
+    if mu > 0:
+        released = [
+            dp.private_vector(d, i, mu=mu, clip=cfg.dp_clip)
+            for d, i in zip(desc, inits.to(desc.dtype), strict=True)
+        ]
+        desc = torch.stack([r for r, _ in released]).to(desc.dtype)
+        private = dp.spent_metrics(mu, cfg.dp_delta, max(s for _, s in released))
     w = torch.tensor(counts, dtype=torch.float64) / sum(counts)
     dist = (desc - inits).flatten(1).norm(dim=1).double()
     metrics = {
@@ -200,6 +204,9 @@ def learn_descriptions(job: ClientJob) -> tuple[P.Descriptions, dict[str, float]
         "feddeo-steps": float(sum(f.steps for f in fits)),
         "feddeo-train-s": train_s,
     }
+    if private:  # the losses are statistics of the images: not released
+        del metrics["feddeo-loss-before"], metrics["feddeo-loss-after"]
+    metrics |= private
     return P.Descriptions(desc, torch.tensor(classes, dtype=torch.int64)), metrics
 
 

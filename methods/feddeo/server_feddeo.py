@@ -2,13 +2,24 @@
 description-enhanced one-shot FL. Each client learns one *description* per class
 of its data: the generator's conditioning, initialised from the class prompt's
 embedding and optimised with the diffusion noise-prediction loss on the client's
-images, the generator frozen. It uploads the descriptions; the server samples
-``images-per-class`` images per (client, class) with two guidance terms,
+images, the generator frozen (``client_feddeo``: SGD at lr 10, one epoch, batch 1
+by default, the code's values; with the privacy guard each description is
+released with Gaussian noise around its class prompt's embedding). It uploads
+the descriptions; the server
 
-    eps = eps_u + s1 (eps_class - eps_u) + s2 (eps_desc - eps_u)
+1. encodes the class prompts (the class term of the guidance);
+2. makes ``images-per-class`` rows per (client, class), conditioned on the
+   client's description; over ``synth-budget`` a class's descriptions are
+   reduced to weighted k-means centres (``budget_rows``);
+3. samples them with two guidance terms,
 
-(s1 = ``feddeo-class-guidance``, s2 = ``feddeo-description-guidance``, 3 and 3
-in the paper), and trains the global classifier on the union.
+       eps = eps_u + s1 (eps_class - eps_u) + s2 (eps_desc - eps_u)
+
+   (s1 = ``feddeo-class-guidance``, s2 = ``feddeo-description-guidance``, 3 and 3
+   in the paper; s1 = 0 drops the class term);
+4. trains the global classifier on the union; results.json's ``feddeo`` has how
+   far the descriptions moved from the class prompts (distance, cosine) and the
+   clients' mean diffusion loss before and after their fit.
 
 Deviations from the paper's code (Stable Diffusion 1.5 at 512 px on a GPU):
 * with the embedded generator the description is the pooled conditioning, one
@@ -21,9 +32,6 @@ Deviations from the paper's code (Stable Diffusion 1.5 at 512 px on a GPU):
 * ``images-per-class`` images per (client, class) (the code: 30), no
   safety-checker filter, the project's classifier instead of the code's
   ResNet fine-tuned on 224-px images;
-* the learning rate and optimiser are keys: the code's SGD at lr 10 is tuned to
-  SD's token sequence; the default here (see ``config_feddeo.py``) is tuned to
-  the embedded 64-d pooled conditioning;
 * the latents are the VAE's posterior mean (``Generator.encode``), not a sample;
   noise and timesteps are drawn from a seeded CPU generator.
 """
@@ -34,11 +42,20 @@ from typing import Any
 
 import torch
 
-from common.contract import PayloadError, Reply
+from common.contract import Reply
 
-from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
-from ..oscar.server_oscar import check_embedding_kind, classes_uploaded, embedding_shape
-from ..steps import CondUnits, budget_rows, class_units, synthesize_set, train_global
+from ..base import OneShotMethod, ServerContext, ServerOutput
+from ..steps import (
+    CondUnits,
+    budget_rows,
+    check_embedding_kind,
+    check_reply_embedding,
+    class_units,
+    classes_uploaded,
+    embedding_shape,
+    synthesize_set,
+    train_global,
+)
 from . import client_feddeo
 from . import payload_feddeo as P
 from .config_feddeo import FedDeoConfig
@@ -62,27 +79,31 @@ def _mean_metric(replies: list[Reply], key: str) -> float | None:
 
 
 class FedDeo(OneShotMethod):
+    """FedDEO: clients upload one learned description per class; the server
+    samples with description and class-prompt guidance and trains the global
+    classifier."""
+
     name = "feddeo"
     config = FedDeoConfig
     collect_type = "train.describe"
     payload_key = P.RECORD
-
-    @staticmethod
-    def client_collect(job: ClientJob) -> ClientResult:
-        return client_feddeo.collect(job)
+    client_collect = staticmethod(client_feddeo.collect)
 
     def check(self, ctx: ServerContext) -> None:
+        """Refuse a generator not conditioned on the run's ``embedding`` kind."""
         check_embedding_kind(ctx)
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
-        if reply.meta.get("embedding") != ctx.cfg.embedding:
-            raise PayloadError(
-                f"embedding kind {reply.meta.get('embedding')!r} != {ctx.cfg.embedding!r}"
-            )
-        tokens, dim = embedding_shape(ctx)
+        """Reject a reply of another embedding kind, or descriptions not of the
+        conditioning shape or with repeated or out-of-range class ids."""
+        tokens, dim = check_reply_embedding(reply, ctx)
         P.unpack(reply.tensors, num_classes=ctx.num_classes, tokens=tokens, dim=dim)
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
+        """Sample ``images-per-class`` images per (client, class) from its
+        description, the class prompt as a second guidance term (within
+        ``synth-budget``), train the global classifier on them and report how far
+        the descriptions moved from the prompts."""
         out = ServerOutput()
         assert ctx.info is not None  # the round learned the classes before this
         opts = ctx.cfg.options(FedDeoConfig)
@@ -134,4 +155,5 @@ class FedDeo(OneShotMethod):
         return out
 
     def summary(self, replies: list[Reply]) -> dict[str, Any]:
+        """Upload bytes per (client, class): one class's description."""
         return classes_uploaded(replies)

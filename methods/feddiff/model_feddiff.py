@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.synthesis import from_uint8, to_uint8
+
 from . import maths_feddiff as M
 
 # ------------------------------------------------------------------ the subset
@@ -50,12 +52,14 @@ def subset_names(model: nn.Module, spec: str) -> list[str]:
 
 
 def flatten_subset(state: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    """The parameters ``names`` of ``state``, flattened and concatenated (float)."""
     return torch.cat([state[n].detach().float().reshape(-1) for n in names])
 
 
 def unflatten_subset(
     vec: torch.Tensor, names: list[str], shapes: dict[str, list[int]]
 ) -> dict[str, torch.Tensor]:
+    """The inverse of ``flatten_subset``: ``{name: tensor of shapes[name]}``."""
     out, i = {}, 0
     for n in names:
         k = math.prod(shapes[n])
@@ -112,15 +116,19 @@ class WeightAE(nn.Module):
         )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, log_var)``, each ``[n, latent]``, of flattened vectors ``x``
+        ``[n, dim]``; ``log_var`` clamped to ``[-20, 10]``."""
         h = self.encoder(F.pad(x, (0, self.padded - self.dim))[:, None, :])
         return self.to_mu(h), self.to_logvar(h).clamp(-20, 10)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents ``z`` ``[n, latent]`` -> vectors ``[n, dim]`` (the padding dropped)."""
         h = self.from_latent(z).view(-1, self.channels[-1], self.last)
         return self.decoder(h)[:, 0, : self.dim]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding ``[sin(t f_k), cos(t f_k)]``, ``f_k = 10000^(-k/half)``."""
     half = dim // 2
     freqs = torch.exp(
         -math.log(10_000) * torch.arange(half, dtype=torch.float32) / half
@@ -152,6 +160,8 @@ class LatentDenoiser(nn.Module):
         self.out = nn.Conv1d(channels, 1, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The predicted noise ``[n, latent]`` of noisy latents ``x`` ``[n, latent]``
+        at timesteps ``t`` ``[n]``."""
         temb = self.time(timestep_embedding(t, self.time_dim))
         h = self.inp(x[:, None, :])
         for conv, proj, norm in zip(self.convs, self.temb, self.norms, strict=True):
@@ -210,17 +220,34 @@ class FedDiffModel:
 
     @property
     def names(self) -> list[str]:
+        """The generated subset's parameter names, in the model's order."""
         return list(self.config["params"])
 
     @property
     def shapes(self) -> dict[str, list[int]]:
+        """Each generated parameter's shape."""
         return dict(self.config["shapes"])
 
     def normalise(self, vec: torch.Tensor) -> torch.Tensor:
+        """A flattened subset -> the autoencoder's units (pool mean 0, scale 1)."""
         return (vec - self.mean) / self.scale
 
     def denormalise(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``normalise``."""
         return x * self.scale + self.mean
+
+    def classifier(self, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """The classifier the pool was built of (``arch``, ``width``), with
+        ``state`` loaded if given."""
+        from common.models import build_classifier
+
+        c = self.config
+        net = build_classifier(
+            c["arch"], c["in_channels"], c["num_classes"], c["width"]
+        )
+        if state is not None:
+            net.load_state_dict(state)
+        return net
 
 
 def _seeded(seed: int) -> torch.Generator:
@@ -258,8 +285,7 @@ def train_pool(
     for step in range(1, s.pool_steps + 1):
         model.train()
         idx = torch.randint(len(images), (s.batch,), generator=g)
-        x = images[idx]
-        x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
+        x = from_uint8(images[idx])
         loss = F.cross_entropy(model(augment(x, g)), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -345,7 +371,7 @@ def build_feddiff(
     ``out``; return the folder's config (with metrics and wall times)."""
     from safetensors.torch import save_file
 
-    from common.models import build_classifier, save_classifier
+    from common.models import save_classifier
 
     wall: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -386,24 +412,26 @@ def build_feddiff(
     wall["denoiser"] = time.perf_counter() - t0
     log(f"feddiff latent DDPM: {wall['denoiser']:.0f} s")
 
-    # generated-from-noise samples of the DDPM, decoded: how well they classify
-    sample_acc = _sample_accuracy(
-        ae,
-        den,
-        best,
-        names,
-        shapes,
-        mean,
-        scale,
-        latent_scale,
-        s,
-        eval_images,
-        eval_labels,
-        arch,
-        in_channels,
-        num_classes,
-        seed,
+    settings = asdict(s)
+    settings["ae_channels"] = list(s.ae_channels)
+    cfg: dict[str, Any] = {
+        "arch": arch,
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "width": s.width,
+        "params": names,
+        "shapes": shapes,
+        "dim": int(vecs.shape[1]),
+        "scale": scale,
+        "latent_scale": latent_scale,
+        "seed": seed,
+        "settings": settings,
+    }
+    built = FedDiffModel(
+        cfg, ae, den, mu, accs, mean, scale, latent_scale, pool_best=best
     )
+    # generated-from-noise samples of the DDPM, decoded: how well they classify
+    sample_acc = _sample_accuracy(built, eval_images, eval_labels, seed)
 
     out.mkdir(parents=True, exist_ok=True)
     save_file(
@@ -420,28 +448,15 @@ def build_feddiff(
             "pool_accuracy": accs.float(),
             "mean": mean.contiguous(),
             "pool_sigma": (0.5 * logvar).exp().contiguous(),
-            "proxy_images": _to_uint8(eval_images),
+            "proxy_images": to_uint8(eval_images).contiguous(),
             "proxy_labels": eval_labels.long(),
         },
         str(out / "pool.safetensors"),
     )
-    model = build_classifier(arch, in_channels, num_classes, s.width)
-    model.load_state_dict(best)
-    save_classifier(model, out / "pool_best", arch, in_channels, num_classes)
-    settings = asdict(s)
-    settings["ae_channels"] = list(s.ae_channels)
-    cfg = {
-        "arch": arch,
-        "in_channels": in_channels,
-        "num_classes": num_classes,
-        "width": s.width,
-        "params": names,
-        "shapes": shapes,
-        "dim": int(vecs.shape[1]),
-        "scale": scale,
-        "latent_scale": latent_scale,
-        "seed": seed,
-        "settings": settings,
+    save_classifier(
+        built.classifier(best), out / "pool_best", arch, in_channels, num_classes
+    )
+    cfg |= {
         "pool": {
             "size": len(vecs),
             "accuracy_best": float(accs[0]),
@@ -480,51 +495,35 @@ def sample_latents(
 
 
 def _sample_accuracy(
-    ae,
-    den,
-    best,
-    names,
-    shapes,
-    mean,
-    scale,
-    latent_scale,
-    s,
-    images,
-    labels,
-    arch,
-    in_channels,
-    num_classes,
-    seed,
+    model: FedDiffModel, images: torch.Tensor, labels: torch.Tensor, seed: int
 ) -> list[float]:
     """Accuracy of 4 subsets generated from pure noise, on the pool-best backbone."""
-    from common.models import build_classifier
     from common.train import accuracy
 
     g = _seeded(seed + 3)
-    sched = M.ddpm_schedule(s.ddpm_steps)
+    steps = int(model.config["settings"]["ddpm_steps"])
+    sched = M.ddpm_schedule(steps)
     z = (
         sample_latents(
-            den, torch.randn(4, ae.latent, generator=g), s.ddpm_steps - 1, sched, g
+            model.denoiser,
+            torch.randn(4, model.ae.latent, generator=g),
+            steps - 1,
+            sched,
+            g,
         )
-        * latent_scale
+        * model.latent_scale
     )
-    vecs = ae.decode(z) * scale + mean
-    accs = []
-    for v in vecs:
-        model = build_classifier(arch, in_channels, num_classes, s.width)
-        model.load_state_dict(best | unflatten_subset(v, names, shapes))
-        accs.append(round(accuracy(model, images, labels), 4))
-    return accs
-
-
-def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] as uint8 (``common.train`` reads uint8 back the same way)."""
-    if x.dtype == torch.uint8:
-        return x.contiguous()
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).contiguous()
+    vecs = model.denormalise(model.ae.decode(z))
+    subset = [unflatten_subset(v, model.names, model.shapes) for v in vecs]
+    return [
+        round(accuracy(model.classifier(model.pool_best | sub), images, labels), 4)
+        for sub in subset
+    ]
 
 
 def load_feddiff(path: str | Path) -> FedDiffModel:
+    """Load a folder written by ``build_feddiff``; ``FileNotFoundError`` says how
+    to build one."""
     from safetensors.torch import load_file
 
     from common.models import load_classifier

@@ -9,10 +9,11 @@ input and latent noise augmentation (Eq. 5-6) and a latent DDPM with a 1-D CNN
 epsilon predictor (Eq. 7).
 
 In the round: every client fine-tunes the pool's best classifier on its data and
-uploads it (one-shot FedAvg's client and payload). The server encodes each
-client's subset to ``(mu_i, sigma_i)``, superposes them (Eq. 8), fine-tunes a copy
-of the encoder on ``reconstruction(dec(z_i), x_i) + alpha KL(N(mu_s, sigma_s^2) ||
-N(0, 1)) + beta InfoNCE(mu_i, pool latent of similar accuracy)`` with ``z_i = mu_s +
+uploads it (one-shot FedAvg's client, payload and collection: ``FedDiff``
+subclasses ``FedAvg``). The server encodes each client's subset to
+``(mu_i, sigma_i)``, superposes them (Eq. 8), fine-tunes a copy of the encoder
+on ``reconstruction(dec(z_i), x_i) + alpha KL(N(mu_s, sigma_s^2) || N(0, 1)) +
+beta InfoNCE(mu_i, pool latent of similar accuracy)`` with ``z_i = mu_s +
 sigma_s eps_i`` (Eq. 9-11), noises ``z_i`` to step T and denoises them with the
 latent DDPM (Eq. 12), decodes them and keeps the candidate with the best accuracy
 on the proxy set; the parameters outside the subset are the clients' (capped-share)
@@ -31,18 +32,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from flwr.app import RecordDict
 
 from common import contract as C
 from common.config import ConfigError
 from common.contract import Reply
-from common.maths import cap_shares, fedavg_state_dicts
 from common.models import build_classifier
+from common.synthesis import from_uint8
 from common.weights import resolve_model
 
-from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
-from ..fedavg import client_fedavg
-from ..fedavg import payload_fedavg as P
+from ..base import ServerContext, ServerOutput
+from ..fedavg.server_fedavg import FedAvg, average_uploads, weight_shares
 from . import maths_feddiff as M
 from .config_feddiff import FedDiffConfig
 from .model_feddiff import (
@@ -62,17 +61,10 @@ def proxy_accuracy(
     that ranked the pool), resized to the run's image size."""
     from common.train import accuracy
 
-    net = build_classifier(
-        model.config["arch"],
-        model.config["in_channels"],
-        model.config["num_classes"],
-        model.config["width"],
-    )
-    net.load_state_dict(state)
-    x = model.proxy_images.float() / 127.5 - 1.0
+    x = from_uint8(model.proxy_images)
     if x.shape[-1] != image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear")
-    return accuracy(net, x, model.proxy_labels)
+    return accuracy(model.classifier(state), x, model.proxy_labels)
 
 
 def global_references(
@@ -171,15 +163,13 @@ def consolidate(
     return decoded, info
 
 
-class FedDiff(OneShotMethod):
+class FedDiff(FedAvg):
+    """One-shot FedAvg's client work, payload and collection, from the pool's
+    best classifier instead of a seeded one; FedDiff's consolidation instead of
+    the average (which it keeps for the parameters outside the subset)."""
+
     name = "feddiff"
     config = FedDiffConfig
-    collect_type = "train"
-    payload_key = P.RECORD
-
-    @staticmethod
-    def client_collect(job: ClientJob) -> ClientResult:
-        return client_fedavg.collect(job)
 
     def check(self, ctx: ServerContext) -> None:
         """Load the pool/AE/DDPM folder; the classifier, classes and subset must be
@@ -225,11 +215,8 @@ class FedDiff(OneShotMethod):
                 f"{(mc['num_classes'], mc['in_channels'])}: method='feddiff' needs a "
                 "weight pool of the same classifier on proxy data of the same classes"
             )
-        net = build_classifier(
-            mc["arch"], mc["in_channels"], mc["num_classes"], mc["width"]
-        )
         try:
-            names = subset_names(net, opts.feddiff_params)
+            names = subset_names(self.model.classifier(), opts.feddiff_params)
         except ValueError as e:
             raise ConfigError(
                 f"feddiff-params = {opts.feddiff_params!r}: {e}"
@@ -242,24 +229,20 @@ class FedDiff(OneShotMethod):
                 "pretrain --stage feddiff --feddiff-params ...`"
             )
 
-    def collect_content(self, ctx: ServerContext) -> RecordDict:
+    def reference_state(self, ctx: ServerContext) -> dict[str, torch.Tensor]:
         """The pool's best classifier goes down: every client fine-tunes it."""
-        content = super().collect_content(ctx)
-        content[P.RECORD] = C.to_array_record(self.model.pool_best)
-        return content
-
-    def validate(self, reply: Reply, ctx: ServerContext) -> None:
-        P.unpack(reply.tensors, self.model.pool_best)
+        return self.model.pool_best
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
+        """Average the uploads; consolidate the clients' generated subset in the
+        autoencoder's latent space (superpose, fine-tune the encoder, denoise with the
+        latent DDPM); keep the decoded candidate, on top of the average, with the best
+        proxy accuracy; report the three references."""
         opts = ctx.cfg.options(FedDiffConfig)
         m = self.model
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        shares = cap_shares(
-            [float(r.num_examples) for r in replies], ctx.cfg.max_weight_share
-        )
-        avg = fedavg_state_dicts([r.tensors for r in replies], shares)
+        avg, shares = average_uploads(replies, ctx)
         timings["aggregate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -300,9 +283,7 @@ class FedDiff(OneShotMethod):
         timings["references"] = time.perf_counter() - t0
         size = sum(int(torch.tensor(shapes[n]).prod()) for n in names)
         extra = {
-            "weight_shares": {
-                r.partition_id: s for r, s in zip(replies, shares, strict=True)
-            },
+            "weight_shares": weight_shares(replies, shares),
             "feddiff": {
                 "references": refs,
                 "references_reason": reason,

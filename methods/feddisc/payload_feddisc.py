@@ -1,9 +1,9 @@
-"""FedDISC's payload, the one place its layout is written.
+"""FedDISC's payload, in the ``class_vectors`` layout (``methods/class_vectors.py``).
 
-``centres``    float16 ``[M, 1, D]``: k-means centres of the client's CLIP image
+``centres``    float16 ``[K, 1, D]``: k-means centres of the client's CLIP image
                embeddings, up to ``feddisc-clusters`` per class (a class with no
                more samples than that sends its samples)
-``class_ids``  int64 ``[M]``: the class of each centre, in ``[0, num-classes)``
+``class_ids``  int64 ``[K]``: the class of each centre, in ``[0, num-classes)``
 """
 
 from __future__ import annotations
@@ -12,43 +12,37 @@ from dataclasses import dataclass
 
 import torch
 
-from common import contract as C
-from common.contract import PayloadError
+from .. import class_vectors
 
 RECORD = "prototypes"
 
 
 @dataclass
 class Prototypes:
-    centres: torch.Tensor  # [M, 1, D]
-    class_ids: torch.Tensor  # [M]
+    """A client's k-means centres of its CLIP image embeddings ``[K, 1, D]``
+    and their class ids ``[K]``."""
+
+    centres: torch.Tensor  # [K, 1, D]
+    class_ids: torch.Tensor  # [K]
 
 
 def layout(p: Prototypes) -> dict[str, torch.Tensor]:
-    return {
-        "centres": p.centres.to(torch.float16),
-        "class_ids": p.class_ids.to(torch.int64),
-    }
+    """The payload a client sends (``class_vectors`` layout)."""
+    return class_vectors.layout("centres", p.centres, p.class_ids)
 
 
 def unpack(
     tensors: dict[str, torch.Tensor], *, num_classes: int, dim: int, max_per_class: int
 ) -> Prototypes:
-    centres = C.require(tensors, "centres", "prototypes payload")
-    ids = C.require(tensors, "class_ids", "prototypes payload")
-    if set(tensors) != {"centres", "class_ids"}:
-        raise PayloadError(
-            f"unexpected payload keys {sorted(set(tensors) - {'centres', 'class_ids'})}"
-        )
-    if centres.dtype not in (torch.float16, torch.float32):
-        raise PayloadError(f"centres have dtype {centres.dtype}, expected float16")
-    if centres.ndim != 3 or tuple(centres.shape[1:]) != (1, dim) or len(centres) == 0:
-        raise PayloadError(
-            f"centres have shape {tuple(centres.shape)}, expected [M, 1, {dim}] "
-            "(another image encoder?)"
-        )
-    C.check_int_ids(ids, "class_ids", num_classes, max_per_class, "feddisc-clusters")
-    if len(ids) != len(centres):
-        raise PayloadError(f"{len(ids)} class ids for {len(centres)} centres")
-    C.check_float(centres, "centres")
+    """Read and check the layout, at most ``max_per_class`` centres per class;
+    ``PayloadError`` names what is wrong."""
+    centres, ids = class_vectors.unpack(
+        tensors,
+        "centres",
+        shape=(1, dim),
+        num_classes=num_classes,
+        hint="another image encoder?",
+        max_per_class=max_per_class,
+        per_class_key="feddisc-clusters",
+    )
     return Prototypes(centres, ids)

@@ -42,9 +42,16 @@ from common.contract import Reply
 from common.datasets import public_pairs
 from common.maths import apply_linear_map, fit_linear_map
 
-from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
-from ..oscar.server_oscar import check_embedding_kind
-from ..steps import CondUnits, budget_rows, class_units, synthesize_set, train_global
+from ..base import OneShotMethod, ServerContext, ServerOutput
+from ..steps import (
+    CondUnits,
+    budget_rows,
+    check_embedding_kind,
+    class_units,
+    classes_uploaded,
+    synthesize_set,
+    train_global,
+)
 from . import client_feddisc
 from . import payload_feddisc as P
 from .config_feddisc import FedDiscConfig
@@ -70,14 +77,16 @@ def modality_gap(
 
 
 class FedDisc(OneShotMethod):
+    """FedDISC: clients upload k-means centres of their CLIP image embeddings
+    per class; the server maps them into the generator's conditioning, samples
+    with each centre and its client's domain feature as guidance terms and trains
+    the global classifier."""
+
     name = "feddisc"
     config = FedDiscConfig
     collect_type = "train.prototypes"
     payload_key = P.RECORD
-
-    @staticmethod
-    def client_collect(job: ClientJob) -> ClientResult:
-        return client_feddisc.collect(job)
+    client_collect = staticmethod(client_feddisc.collect)
 
     def check(self, ctx: ServerContext) -> None:
         """Fit the image -> text-embedding map on public pairs (before any client works)."""
@@ -118,6 +127,8 @@ class FedDisc(OneShotMethod):
         return y.view(len(img), *self.cond_shape)
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
+        """Reject centres not of the image encoder's dimension (set by ``check``)
+        or more than ``feddisc-clusters`` of one class."""
         P.unpack(
             reply.tensors,
             num_classes=ctx.num_classes,
@@ -126,6 +137,10 @@ class FedDisc(OneShotMethod):
         )
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
+        """Map each centre, and its client's mean centre of the class (the domain
+        feature), to the generator's conditioning; sample ``images-per-class`` images
+        per (client, class) over its centres with both as guidance terms (within
+        ``synth-budget``) and train the global classifier on them."""
         out = ServerOutput()
         opts = ctx.cfg.options(FedDiscConfig)
         parts = []
@@ -179,6 +194,4 @@ class FedDisc(OneShotMethod):
 
     def summary(self, replies: list[Reply]) -> dict[str, Any]:
         """Upload bytes per (client, class): the centres of one class."""
-        classes = sum(len(r.tensors["class_ids"].unique()) for r in replies)
-        total = sum(r.upload_bytes for r in replies)
-        return {"upload_bytes_per_class": total / classes if classes else None}
+        return classes_uploaded(replies)

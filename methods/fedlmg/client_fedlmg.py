@@ -23,6 +23,8 @@ def client_arch(job: ClientJob) -> str:
 
 
 def collect(job: ClientJob) -> ClientResult:
+    """Train the client's own-architecture classifier once; upload it with the
+    class counts."""
     t0 = time.perf_counter()
     arch = client_arch(job)
     cfg = job.cfg.model_copy(update={"classifier": arch})

@@ -22,30 +22,38 @@ COUNTS = "_class_counts"
 
 @dataclass
 class ClientModel:
+    """A client's upload: its classifier's architecture and state dict, and its
+    training examples per class."""
+
     arch: str
     state: dict[str, torch.Tensor]
     class_counts: torch.Tensor  # [K] int64
 
     @property
     def classes(self) -> list[int]:
+        """The class ids the client has training examples of."""
         return torch.nonzero(self.class_counts > 0).flatten().tolist()
 
 
 def layout(
     state: dict[str, torch.Tensor], counts: torch.Tensor
 ) -> dict[str, torch.Tensor]:
+    """The payload a client sends: its state dict and its class counts."""
     return {k: v.detach() for k, v in state.items()} | {COUNTS: counts.to(torch.int64)}
 
 
 def reference_state(
     arch: str, channels: int, num_classes: int
 ) -> dict[str, torch.Tensor]:
+    """A freshly built ``arch`` classifier's state: the keys and shapes to expect."""
     return build_classifier(arch, channels, num_classes).state_dict()
 
 
 def unpack(
     tensors: dict[str, torch.Tensor], arch: object, *, channels: int, num_classes: int
 ) -> ClientModel:
+    """Read and check the layout for the envelope's ``arch``; ``PayloadError``
+    names what is wrong."""
     if not isinstance(arch, str) or arch not in ARCHS:
         raise PayloadError(
             f"meta arch={C.safe_text(str(arch))!r} is not one of {', '.join(ARCHS)}"

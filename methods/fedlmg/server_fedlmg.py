@@ -1,28 +1,44 @@
 """FedLMG (Yang et al., ICML 2025, arXiv 2311.08870; code MingzhaoYang/FedCADO):
 one-shot, model-heterogeneous FL with local-model-guided diffusion. Clients train
-their classifier once, each in its own architecture, and upload it; the server
-samples every (client, class) the client has data for with the class prompt and,
-at every step, moves the latent against the gradient of the client model's loss
-on the predicted clean image:
+their classifier once, each in its own architecture (``classifier``,
+``fedlmg-client-classifiers`` or a SuperNode's node-config ``classifier``), and
+upload it with their examples per class. The server
 
-    x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)         eps: the CFG-guided eps
-    L      = CE(f_client(D(x0_hat)), y) + 0.1 * sum_BN ||mu - mu_run|| + ||var - var_run||
-    x_t   <- x_t - grad_x L,   then the normal guided step from the moved x_t
+1. makes ``images-per-class`` rows per (client, class the client has examples
+   of), each conditioned on the class prompt; over ``synth-budget``, a class keeps
+   a weighted draw of its clients (``budget_rows(represent="clients")``: a guiding
+   model is a network of its client's architecture, there is nothing to average);
+2. samples them with the run's sampler; at every guided step (the first
+   ``fedlmg-guided-fraction`` of them, after ``fedlmg-warmup-steps`` BN-only moves
+   at t = T) it moves the latent against the gradient of the row's own client
+   model's loss on the predicted clean image, then takes the normal guided step:
 
-(``bn_statistic_loss``, ``guidance_loss``; the moves run in the synthesis engine as
-``LatentGuidance``), after a BN-only warm-up of a few moves at t = T. The global
-model is trained on the union of the guided images: ``ft`` (cross-entropy),
-``md`` (+ soft labels of the averaged client ensemble), ``sd`` (+ soft labels of
-the client model that guided each image).
+       x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)         eps: the CFG-guided eps
+       L      = CE(f_client(D(x0_hat)), y)
+                + fedlmg-bn-weight * sum_BN (||mu - mu_run|| + ||var - var_run||)
+       x_t   <- x_t - step * sqrt(1 - a_t) * g / rms(g)       g = grad_x L (``rms``)
+       x_t   <- x_t - step * g                                  (``none``: the code's)
+
+   with ``step`` = ``fedlmg-guidance-step`` (``bn_statistic_loss``,
+   ``guidance_loss``; the moves run in the synthesis engine as ``LatentGuidance``);
+3. trains the global model on the guided images: ``fedlmg-aggregation`` = ``ft``
+   (cross-entropy), ``md`` (+ soft labels of the averaged client ensemble), ``sd``
+   (+ soft labels of the client model that guided each image); results.json's
+   ``fedlmg`` has the clients' architectures and how often a guiding model
+   classifies its own images as their label.
 
 Deviations from the paper's code:
-* the run's scheduler and steps (default DPM-Solver++ 10 steps with the
-  guidance cut-off) instead of DDPM 50, ``images-per-class`` images per
-  (client, class) (paper: 30), and only the classes a client has examples of
-  (the code samples every class from every client: its clients each hold one
-  domain with all classes; here labels are skewed, and a client model says
-  nothing of a class it never saw). The client therefore also uploads its class
-  counts (``K`` integers);
+* the move normalised per image to ``step`` noise standard deviations (default
+  ``rms``, step 0.5) instead of the raw gradient times 1: the code's step is tuned
+  to SD latents decoded by the VAE at 224 px, and a raw gradient's size changes
+  with the decoder, the resolution and the client model;
+* the run's sampler (default DPM-Solver++ 10 steps with the guidance cut-off)
+  instead of DDPM 50; 2 warm-up moves instead of 10 (each a UNet forward and
+  backward per image on the CPU); ``images-per-class`` per (client, class)
+  (paper: 30), and only the classes a client has examples of (the code's clients
+  each hold one domain with all classes; here labels are skewed, and a client
+  model says nothing of a class it never saw), hence the uploaded class counts
+  (``K`` integers);
 * the BN statistics are per image (the code samples with batch size 1), so the
   images do not depend on how the engine batches them;
 * the client classifiers are ordinary classifiers of the clean image (the code's
@@ -34,36 +50,36 @@ Deviations from the paper's code:
 
 from __future__ import annotations
 
-from typing import Any
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.bn_statistics import BNStatistics
+from common.bn_statistics import bn_statistic_loss as _bn_statistic_loss
 from common.config import ConfigError
 from common.contract import Reply
 from common.models import build_classifier
-from common.synthesis import LatentGuidance
+from common.synthesis import LatentGuidance, from_uint8
 
-from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
-from ..oscar.server_oscar import check_embedding_kind
-from ..steps import CondUnits, budget_rows, synthesize_set, train_global
+from ..base import OneShotMethod, ServerContext, ServerOutput
+from ..steps import (
+    CondUnits,
+    budget_rows,
+    check_embedding_kind,
+    synthesize_set,
+    train_global,
+)
 from . import client_fedlmg
 from . import payload_fedlmg as P
 from .config_fedlmg import FedLmgConfig
 
 # ---------------------------------------------------------------- maths
 
-
-def bn_statistic_loss(
-    h: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor
-) -> torch.Tensor:
-    """Per image ``n``: ``||mean_hw h_n - mu_run||_2 + ||var_hw h_n - var_run||_2``
-    for a BN layer's input ``h`` ``[N, C, H, W]`` (DeepInversion's statistic, over
-    one image's positions); returns ``[N]``."""
-    mean = h.mean(dim=(2, 3))
-    var = h.var(dim=(2, 3), unbiased=False)
-    return (mean - running_mean).norm(dim=1) + (var - running_var).norm(dim=1)
+# DeepInversion's term over one image's positions (the code samples one image at
+# a time): ``||mean_hw h_n - mu_run||_2 + ||var_hw h_n - var_run||_2``, ``[N]``
+bn_statistic_loss = functools.partial(_bn_statistic_loss, per_image=True)
 
 
 class GuidingModel:
@@ -71,24 +87,13 @@ class GuidingModel:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model.eval().requires_grad_(False)
-        self.inputs: list[tuple[nn.BatchNorm2d, torch.Tensor]] = []
-        for m in self.model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.register_forward_hook(self._keep)
-
-    def _keep(self, m: nn.Module, inp: tuple[torch.Tensor, ...], _: Any) -> None:
-        assert isinstance(m, nn.BatchNorm2d)
-        self.inputs.append((m, inp[0]))
+        self.bn = BNStatistics([self.model], per_image=True)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits [N, K], summed BN-statistic loss [N])``."""
-        self.inputs = []
+        self.bn.pop()  # drop what an earlier call left
         logits = self.model(x)
-        bn = torch.zeros(len(x), device=x.device)
-        for m, h in self.inputs:
-            assert m.running_mean is not None and m.running_var is not None
-            bn = bn + bn_statistic_loss(h.float(), m.running_mean, m.running_var)
-        self.inputs = []
+        bn = torch.zeros(len(x), device=x.device) + self.bn.pop()
         return logits.float(), bn
 
 
@@ -108,16 +113,19 @@ def guidance_loss(
 
 
 class FedLmg(OneShotMethod):
+    """FedLMG: clients upload classifiers of their own architectures; each
+    synthetic image is guided by the model of the client it stands for, and the
+    global classifier learns the guided images."""
+
     name = "fedlmg"
     config = FedLmgConfig
     collect_type = "train.fedlmg"
     payload_key = P.RECORD
-
-    @staticmethod
-    def client_collect(job: ClientJob) -> ClientResult:
-        return client_fedlmg.collect(job)
+    client_collect = staticmethod(client_fedlmg.collect)
 
     def check(self, ctx: ServerContext) -> None:
+        """Refuse a generator not conditioned on the run's ``embedding`` kind, or a
+        scheduler that scales the initial noise (the x0 prediction assumes sigma 1)."""
         check_embedding_kind(ctx)
         if float(ctx.generator.scheduler.init_noise_sigma) != 1.0:
             raise ConfigError(
@@ -136,6 +144,8 @@ class FedLmg(OneShotMethod):
         )
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
+        """Reject a reply whose meta ``arch`` is unknown, or whose state dict or
+        class counts do not fit that architecture and the classes."""
         self._unpack(reply, ctx)
 
     def _models(self, replies: list[Reply], ctx: ServerContext) -> dict[int, nn.Module]:
@@ -148,10 +158,15 @@ class FedLmg(OneShotMethod):
         return models
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
+        """Sample ``images-per-class`` images per (client, class it has examples
+        of) from the class prompt (within ``synth-budget``), each steered by its
+        client's model (cross-entropy and BN-statistic loss on the predicted clean
+        image); train the global classifier on them, with soft labels for ``md`` /
+        ``sd``."""
         out = ServerOutput()
         opts = ctx.cfg.options(FedLmgConfig)
         assert ctx.info is not None
-        n = opts.fedlmg_images_per_class
+        n = ctx.cfg.images_per_class
         models = self._models(replies, ctx)
         # 1. One row per image: every (client, class the client has seen); over
         #    synth-budget, a weighted draw of a class's clients (a guiding model is
@@ -239,7 +254,7 @@ class FedLmg(OneShotMethod):
         """Soft labels for ``md`` (the averaged ensemble) or ``sd`` (each image's
         guiding model; ``ft``: none), and how often the guiding model agrees with
         the label."""
-        x = images.float() / 127.5 - 1.0
+        x = from_uint8(images)
         own = torch.zeros(len(x), ctx.num_classes)
         ens = torch.zeros(len(x), ctx.num_classes)
         for s in range(0, len(x), 512):

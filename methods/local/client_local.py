@@ -15,6 +15,7 @@ from ..fedavg.client_fedavg import train_local_model
 
 
 def collect(job: ClientJob) -> ClientResult:
+    """Train on the own data; report the own and the global test accuracy."""
     t0 = time.perf_counter()
     model = train_local_model(job.cfg, job.data, None, job.seed)
     acc = accuracy(model, job.data.test_images, job.data.test_labels)

@@ -13,15 +13,22 @@ from . import client_local
 
 
 class Local(OneShotMethod):
+    """No federation: each client trains and evaluates its own classifier; the
+    server checks the reported accuracies and pushes nothing back."""
+
     name = "local"
     collect_type = "train.local"
     evaluate_type = None  # clients already evaluated their own models
 
     @staticmethod
     def client_collect(job: ClientJob) -> ClientResult:
+        """Train a classifier on the client's own data; report its accuracy on the
+        held-out split and on the global test set (``client_local.collect``)."""
         return client_local.collect(job)
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
+        """Reject a reply without an accuracy in ``[0, 1]``, or with a global-test
+        accuracy outside it."""
         acc = reply.metrics.get("accuracy")
         if acc is None or not 0.0 <= acc <= 1.0:
             raise PayloadError(f"accuracy={acc} is not in [0, 1]")

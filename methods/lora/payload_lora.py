@@ -25,6 +25,7 @@ EMB = "emb/"
 def layout(
     adapter: dict[str, torch.Tensor], emb: payload_oscar.ClassEmbeddings | None
 ) -> dict[str, torch.Tensor]:
+    """The upload: the adapter under ``adapter/``, the embeddings under ``emb/``."""
     out = {ADAPTER + k: v for k, v in adapter.items()}
     if emb is not None:
         out |= payload_oscar.layout(emb, prefix=EMB)
@@ -32,6 +33,7 @@ def layout(
 
 
 def adapter_of(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter's tensors of a payload, without the ``adapter/`` prefix."""
     return {k[len(ADAPTER) :]: v for k, v in tensors.items() if k.startswith(ADAPTER)}
 
 

@@ -28,16 +28,18 @@ from flwr.common.logger import log
 from common.contract import PayloadError, Reply
 from common.lora import attach_lora, get_lora_state, set_lora_state, train_lora
 from common.lora_merge import merge_adapters
-from common.maths import cap_shares
 from common.synthesis import sample
 from common.synthesis_settings import SynthesisSettings
 
-from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
-from ..oscar.server_oscar import check_embedding_kind, classes_uploaded, embedding_shape
+from ..base import OneShotMethod, ServerContext, ServerOutput
+from ..fedavg.server_fedavg import capped_shares
 from ..steps import (
     CondUnits,
     budget_rows,
+    check_embedding_kind,
     class_units,
+    classes_uploaded,
+    embedding_shape,
     per_class_rows,
     synthesize_set,
     train_global,
@@ -48,21 +50,22 @@ from .config_lora import LoraConfig
 
 
 class Lora(OneShotMethod):
+    """One-shot federated LoRA: clients upload a LoRA adapter of the generator's
+    UNet with their per-class caption embeddings; the server merges the adapters,
+    pushes the merged one back and trains the global classifier on its samples."""
+
     name = "lora"
     config = LoraConfig
     collect_type = "train.lora"
     payload_key = P.RECORD
     evaluate_type = "evaluate.lora"
-
-    @staticmethod
-    def client_collect(job: ClientJob) -> ClientResult:
-        return client_lora.collect(job)
-
-    @staticmethod
-    def client_evaluate(job: ClientJob) -> dict[str, float]:
-        return client_lora.evaluate(job)
+    client_collect = staticmethod(client_lora.collect)
+    client_evaluate = staticmethod(client_lora.evaluate)
 
     def check(self, ctx: ServerContext) -> None:
+        """Refuse a generator not conditioned on the run's ``embedding`` kind;
+        keep the generator's fingerprint and the adapter every client must send
+        (keys and shapes at ``lora-rank``)."""
         check_embedding_kind(ctx)
         lcfg = ctx.cfg.options(LoraConfig)
         self.fingerprint = ctx.generator.fingerprint()
@@ -73,6 +76,9 @@ class Lora(OneShotMethod):
         unet.unload_lora()
 
     def unpack(self, reply: Reply, ctx: ServerContext) -> tuple[dict, Any]:
+        """``(adapter, caption embeddings)`` of a reply, checked against the
+        reference adapter (set by ``check``) and the conditioning shape;
+        ``PayloadError`` names what is wrong."""
         tokens, dim = embedding_shape(ctx)
         return P.unpack(
             reply.tensors,
@@ -83,6 +89,8 @@ class Lora(OneShotMethod):
         )
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
+        """Reject an adapter for another base generator (meta ``base-model``), or
+        one whose keys, shapes or caption embeddings do not fit."""
         if reply.meta.get("base-model") != self.fingerprint:
             raise PayloadError(
                 f"adapter is for base model {reply.meta.get('base-model')!r}, "
@@ -103,9 +111,7 @@ class Lora(OneShotMethod):
         adapters = [
             {k: v.float() for k, v in self.unpack(r, ctx)[0].items()} for r in replies
         ]
-        shares = cap_shares(
-            [float(r.num_examples) for r in replies], ctx.cfg.max_weight_share
-        )
+        shares = capped_shares(replies, ctx)
         scal = [lcfg.lora_alpha / lcfg.lora_rank] * len(adapters)
         t0 = time.perf_counter()
         # generative corrects the exact (svd) merge; every other merge is maths only
@@ -210,6 +216,10 @@ class Lora(OneShotMethod):
         return corrected
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
+        """Merge the adapters (``lora-merge``); sample ``images-per-class`` images
+        per (client, class) from the merged generator with the client's caption
+        embeddings (within ``synth-budget``); train the global classifier on them and
+        push the merged adapter back."""
         out = ServerOutput()
         lcfg = ctx.cfg.options(LoraConfig)
         # 1. Merge the adapters
@@ -242,4 +252,6 @@ class Lora(OneShotMethod):
         return out
 
     def summary(self, replies: list[Reply]) -> dict[str, Any]:
+        """Upload bytes per (client, class): the whole upload, adapter included,
+        over the classes of its caption embeddings."""
         return classes_uploaded(replies, key=P.EMB + "class_ids")

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from common import dp
 from common.config import RunConfig
 from common.datasets import ClientData
-from common.maths import kmeans, per_class_mean, private_class_means
+from common.maths import kmeans, per_class_mean
 
 from ..base import ClientJob, ClientResult
 from . import payload_oscar as P
@@ -24,11 +25,15 @@ from .config_oscar import OscarConfig
 
 @dataclass
 class EmbedResult:
+    """A client's OSCAR release: the per-class embeddings, the captions behind
+    them, the timings and the privacy spent."""
+
     embeddings: P.ClassEmbeddings
     captions: list[str]
     caption_s_per_image: float
     encode_s: float
-    dp_sigma: float
+    dp_sigma: float  # the largest noise std (0: no privacy guard)
+    dp_mu: float  # the upload's Gaussian-DP mu (0: no privacy guard)
 
 
 def caption_images(cfg: RunConfig, data: ClientData) -> tuple[list[str], float]:
@@ -60,36 +65,39 @@ def encode_captions(cfg: RunConfig, captions: list[str]) -> torch.Tensor:
 
 
 def embed_classes(
-    cfg: RunConfig, data: ClientData, seed: int = 0, prototypes: int | None = None
+    cfg: RunConfig,
+    data: ClientData,
+    seed: int = 0,
+    prototypes: int | None = None,
+    dp_mu: float | None = None,
 ) -> EmbedResult:
-    """OSCAR client: caption -> CLIP text embedding -> per-class mean (-> DP noise),
-    or ``prototypes`` k-means centres per class (default: prototypes-per-class)."""
+    """OSCAR client: caption -> CLIP text embedding -> per-class mean, or
+    ``prototypes`` k-means centres per class (default: prototypes-per-class).
+
+    With the privacy guard (``dp_mu`` > 0; default: the whole dp-epsilon /
+    dp-delta budget) the embeddings are clipped to dp-clip and the release is
+    ``dp_mu``-GDP (``common.dp``): noisy per-class means, or DP-Lloyd centres
+    with noisy counts for k > 1; classes are disjoint, so the upload is too."""
     caps, cap_s = caption_images(cfg, data)
     t0 = time.perf_counter()
     emb = encode_captions(cfg, caps)
     sigma = 0.0
+    mu = dp.budget_mu(cfg.dp_epsilon, cfg.dp_delta) if dp_mu is None else dp_mu
     k = (
         cfg.options(OscarConfig).prototypes_per_class
         if prototypes is None
         else prototypes
     )
-    if k > 1:
-        if cfg.dp_epsilon > 0:
-            raise ValueError(
-                "prototypes-per-class > 1 has no privacy guard; set dp-epsilon=0"
-            )
-        ids, means, counts = class_prototypes(emb, data.train_labels, k, seed)
-    elif cfg.dp_epsilon > 0:
-        g = torch.Generator().manual_seed(seed)
-        ids, means, counts, sigma = private_class_means(
-            emb,
-            data.train_labels,
-            data.num_classes,
-            epsilon=cfg.dp_epsilon,
-            delta=cfg.dp_delta,
-            clip=cfg.dp_clip,
-            generator=g,
+    if mu > 0 and k > 1:
+        ids, means, counts, sigma = private_prototypes(
+            emb, data.train_labels, k, mu=mu, clip=cfg.dp_clip
         )
+    elif mu > 0:
+        ids, means, counts, sigma = dp.private_class_means(
+            emb, data.train_labels, data.num_classes, mu=mu, clip=cfg.dp_clip
+        )
+    elif k > 1:
+        ids, means, counts = class_prototypes(emb, data.train_labels, k, seed)
     else:
         ids, means, counts = per_class_mean(emb, data.train_labels, data.num_classes)
     return EmbedResult(
@@ -98,6 +106,7 @@ def embed_classes(
         caption_s_per_image=cap_s,
         encode_s=time.perf_counter() - t0,
         dp_sigma=sigma,
+        dp_mu=mu,
     )
 
 
@@ -119,24 +128,47 @@ def class_prototypes(
     return torch.tensor(ids, dtype=torch.int64), torch.cat(centres), torch.cat(counts)
 
 
+def private_prototypes(
+    emb: torch.Tensor, labels: torch.Tensor, k: int, *, mu: float, clip: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Up to ``k`` DP-Lloyd centres per class of the clipped caption embeddings
+    (``common.dp.private_kmeans``, ``mu``-GDP per class, classes disjoint):
+    ``(class_ids [M], centres [M, L, D] float64, noisy counts [M] >= 1, largest
+    sigma)``."""
+    ids, centres, counts, sigma = [], [], [], 0.0
+    for c in labels.unique().tolist():
+        x = emb[labels == c]
+        cent, n, s = dp.private_kmeans(x.reshape(len(x), -1), k, mu=mu, clip=clip)
+        centres.append(cent.reshape(-1, *x.shape[1:]))
+        counts.append(n.round().clamp_min(1).to(torch.int64))
+        ids += [c] * len(cent)
+        sigma = max(sigma, s)
+    return (
+        torch.tensor(ids, dtype=torch.int64),
+        torch.cat(centres),
+        torch.cat(counts),
+        sigma,
+    )
+
+
 def collect(job: ClientJob) -> ClientResult:
-    """Upload one conditioning vector per class (never images or features)."""
+    """Upload one conditioning vector per class (never images or features).
+
+    With the privacy guard on, nothing computed from the images goes up but
+    the private release: no example caption."""
     t0 = time.perf_counter()
     cfg = job.cfg
     r = embed_classes(cfg, job.data, seed=job.seed)
+    private = r.dp_mu > 0
+    example = r.captions[0][:200] if r.captions and not private else ""
     return ClientResult(
         payload=P.layout(r.embeddings),
-        meta={
-            "embedding": cfg.embedding,
-            "example-caption": r.captions[0][:200] if r.captions else "",
-        },
+        meta={"embedding": cfg.embedding, "example-caption": example},
         metrics={
             "num-examples": float(len(job.data.train_labels)),
             "caption-s-per-image": r.caption_s_per_image,
             "client-s": time.perf_counter() - t0,
-            "dp-epsilon": cfg.dp_epsilon,
-            "dp-delta": cfg.dp_delta if cfg.dp_epsilon > 0 else 0.0,
-            "dp-sigma": r.dp_sigma,
-        },
+        }
+        | (dp.spent_metrics(r.dp_mu, cfg.dp_delta, r.dp_sigma) if private else {}),
         half=True,
     )

@@ -23,12 +23,16 @@ MAX_COUNT = C.MAX_EXAMPLES
 
 @dataclass
 class ClassEmbeddings:
+    """Conditioning vectors ``[K, tokens, dim]`` with their class ids ``[K]``
+    and the number of images behind each ``[K]``."""
+
     class_ids: torch.Tensor  # [K] int64
     means: torch.Tensor  # [K, tokens, dim]
     counts: torch.Tensor  # [K] int64
 
 
 def layout(e: ClassEmbeddings, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The payload a client sends (keys under ``prefix``)."""
     return {
         f"{prefix}mean": e.means.to(torch.float16),
         f"{prefix}class_ids": e.class_ids.to(torch.int64),

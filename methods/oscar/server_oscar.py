@@ -14,57 +14,45 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.config import ConfigError
-from common.contract import PayloadError, Reply
+from common.contract import Reply
 
-from ..base import ClientResult, OneShotMethod, ServerContext, ServerOutput
-from ..steps import CondUnits, budget_rows, class_units, synthesize_set, train_global
+from ..base import OneShotMethod, ServerContext, ServerOutput
+from ..steps import (
+    CondUnits,
+    budget_rows,
+    check_embedding_kind,
+    check_reply_embedding,
+    class_units,
+    classes_uploaded,
+    embedding_shape,
+    synthesize_set,
+    train_global,
+)
 from . import client_oscar
 from . import payload_oscar as P
 from .config_oscar import OscarConfig
 
 
-def embedding_shape(ctx: ServerContext) -> tuple[int, int]:
-    """``(tokens, dim)`` of one conditioning vector for this server's models."""
-    return int(ctx.uncond.shape[1]), int(ctx.generator.cond_dim)
-
-
-def check_embedding_kind(ctx: ServerContext) -> None:
-    gen = ctx.generator
-    if gen.embedding != ctx.cfg.embedding:
-        raise ConfigError(
-            f"embedding={ctx.cfg.embedding!r} but generator={ctx.cfg.generator!r} is "
-            f"conditioned on {gen.embedding!r} embeddings; set embedding={gen.embedding!r}"
-        )
-
-
 class Oscar(OneShotMethod):
+    """OSCAR: clients upload per-class caption embeddings; the server samples
+    images from them with classifier-free guidance and trains the global
+    classifier."""
+
     name = "oscar"
     config = OscarConfig
     collect_type = "train.embed"
     payload_key = P.RECORD
-
-    @staticmethod
-    def client_collect(job: Any) -> ClientResult:
-        return client_oscar.collect(job)
+    client_collect = staticmethod(client_oscar.collect)
 
     def check(self, ctx: ServerContext) -> None:
+        """Refuse a generator not conditioned on the run's ``embedding`` kind."""
         check_embedding_kind(ctx)
-        if (
-            ctx.cfg.options(OscarConfig).prototypes_per_class > 1
-            and ctx.cfg.dp_epsilon > 0
-        ):
-            raise ConfigError(
-                "prototypes-per-class > 1 with dp-epsilon > 0: the privacy guard covers "
-                "per-class means only; set dp-epsilon=0 or prototypes-per-class=1"
-            )
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
-        if reply.meta.get("embedding") != ctx.cfg.embedding:
-            raise PayloadError(
-                f"embedding kind {reply.meta.get('embedding')!r} != {ctx.cfg.embedding!r}"
-            )
-        tokens, dim = embedding_shape(ctx)
+        """Reject a reply of another embedding kind, or vectors not of the
+        conditioning shape, more than ``prototypes-per-class`` of one class, or counts
+        out of range."""
+        tokens, dim = check_reply_embedding(reply, ctx)
         P.unpack(
             reply.tensors,
             num_classes=ctx.num_classes,
@@ -74,6 +62,9 @@ class Oscar(OneShotMethod):
         )
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
+        """Sample ``images-per-class`` images per (client, class), spread over its
+        vectors by their counts (within ``synth-budget``), and train the global
+        classifier on them."""
         out = ServerOutput()
         tokens, dim = embedding_shape(ctx)
         k = ctx.cfg.options(OscarConfig).prototypes_per_class
@@ -107,11 +98,5 @@ class Oscar(OneShotMethod):
         return out
 
     def summary(self, replies: list[Reply]) -> dict[str, Any]:
+        """Upload bytes per (client, class): one class's conditioning vectors."""
         return classes_uploaded(replies)
-
-
-def classes_uploaded(replies: list[Reply], key: str = "class_ids") -> dict[str, Any]:
-    """Upload bytes per uploaded (client, class) (the 2 KB-per-class budget)."""
-    n = sum(len(r.tensors[key].unique()) for r in replies if key in r.tensors)
-    total = sum(r.upload_bytes for r in replies)
-    return {"upload_bytes_per_class": total / n if n else None}
