@@ -208,12 +208,12 @@ class EdgeCluster(Cluster):
         cmd[cmd.index("--superlink") + 1] = f"{host_ip(i)}:{self.relay_port(i)}"
         return ["ip", "netns", "exec", ns_name(i), *cmd]
 
-    def start(self, timeout_s: float = 120.0) -> None:
+    def start(self, timeout_s: float = 120.0, online: int | None = None) -> None:
         # A certificate that names every node-facing address.
         for d in (self.certs_dir, self.logs_dir):
             d.mkdir(parents=True, exist_ok=True)
         if not (self.certs_dir / "server.pem").is_file():
-            self._check_call(
+            self.cli.check_call(
                 [
                     "bash",
                     str(CERTS_SH),
@@ -228,7 +228,7 @@ class EdgeCluster(Cluster):
             )
             relay.start()
             self.relays.append(relay)
-        super().start(timeout_s)
+        super().start(timeout_s, online)
 
     def stop(self, timeout_s: float = 15.0) -> None:
         super().stop(timeout_s)

@@ -55,6 +55,7 @@ class Device:
     silent: bool = False  # never replies (crashed, out of battery)
     leave_s: float | None = None  # disconnects this long after the start
     tamper: Tamper | None = None  # rewrites its upload (None from it: no reply)
+    public_key: bytes | None = None  # its registered key (PEM), listed by get_nodes
 
 
 @dataclass
@@ -118,7 +119,7 @@ class InProcessGrid(Grid):
         return d.arrive_s <= t and (d.leave_s is None or t < d.leave_s)
 
     # Grid's API ------------------------------------------------------------
-    def set_run(self, run_id: int) -> None:  # pragma: no cover - unused
+    def set_run(self, run: Any) -> None:  # pragma: no cover - unused
         pass
 
     @property
@@ -138,8 +139,15 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return [n for n, d in self.devices.items() if self._connected(d)]
 
-    def get_nodes(self) -> list[Any]:  # pragma: no cover - unused
-        return []
+    def get_nodes(self) -> list[Any]:
+        """Flower's ``NodeInfo`` of the connected devices (with their keys)."""
+        from flwr.proto.node_pb2 import NodeInfo
+
+        return [
+            NodeInfo(node_id=n, public_key=d.public_key or b"")
+            for n, d in self.devices.items()
+            if self._connected(d)
+        ]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -203,9 +211,10 @@ class InProcessGrid(Grid):
             )
         # Uploads are tampered with; evaluation replies go through untouched.
         if d.tamper is not None and not _is_evaluation(msg):
-            reply = d.tamper(reply, msg)
-            if reply is None:  # the node never answers
+            tampered = d.tamper(reply, msg)
+            if tampered is None:  # the node never answers
                 return None
+            reply = tampered
         reply.metadata.__dict__["_src_node_id"] = node  # the SuperLink sets it
         return reply
 
@@ -226,7 +235,9 @@ def run_round(
     from server_app.round import run_one_shot
 
     if client_app is None:
-        from client_app.app import app as client_app
+        from client_app.app import app
+
+        client_app = app
     grid = InProcessGrid(client_app, devices, run_config, clock)
     res = run_one_shot(grid, build_config(run_config), run_id, clock=grid.clock)
     return res, grid

@@ -12,6 +12,7 @@ whatever is still alive after a timeout. ``psutil`` (a dependency of
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -21,8 +22,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -222,6 +224,49 @@ def wait_until(ready: Callable[[], bool], timeout_s: float, interval_s: float) -
     return True
 
 
+def wait_health(
+    proc: subprocess.Popen,
+    name: str,
+    url: str,
+    cafile: Path,
+    log_path: Path,
+    timeout_s: float,
+    also: Callable[[], bool] | None = None,
+) -> None:
+    """Until ``GET url`` (HTTPS, checked against ``cafile``) answers 2xx and
+    ``also()`` holds; ``RuntimeError`` if ``proc`` exits, ``TimeoutError`` after
+    ``timeout_s``."""
+    ctx = ssl.create_default_context(cafile=str(cafile))
+
+    def ready() -> bool:
+        check_running(name, proc, log_path)
+        return http_ok(url, verify=ctx, timeout_s=2) and (also is None or also())
+
+    if not wait_until(ready, timeout_s, 0.5):
+        raise TimeoutError(
+            f"{name} did not answer on {url} within {timeout_s:.0f} s; see {log_path}"
+        )
+
+
+def refuse_alive(pidfile: Path, why: str) -> None:
+    """Raise ``RuntimeError(why)`` if a process of ``pidfile`` (``{name: pid}``
+    JSON, e.g. what ``--keep`` leaves running) is alive; remove a stale file."""
+    if not pidfile.is_file():
+        return
+    alive = []
+    for name, pid in json.loads(pidfile.read_text()).items():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            pass  # alive, someone else's
+        alive.append(f"{name} (pid {pid})")
+    if alive:
+        raise RuntimeError(f"{why}: {', '.join(alive)} still running")
+    pidfile.unlink()
+
+
 def find_processes(match: Callable[[list[str]], bool]) -> list[Any]:
     """Every process (``psutil.Process``) whose command line ``match`` accepts."""
     import psutil
@@ -323,3 +368,63 @@ def terminate(procs: Sequence[subprocess.Popen], timeout_s: float) -> None:
             _signal_group(p.pid, signal.SIGKILL)
             p.wait(timeout=10)
     _kill_left(descendants, max(0.1, deadline - time.monotonic()))
+
+
+# ---------------------------------------------------------------- a group
+
+
+@dataclass
+class Proc:
+    """A process started here: its name (and log file name) and its log."""
+
+    name: str
+    popen: subprocess.Popen
+    log: IO[str]
+
+
+class Processes:
+    """Named processes started here, each logging to ``<logs_dir>/<name>.log``.
+
+    ``len()`` is how many are held; :meth:`stop` stops them all (those named in
+    ``last`` after the others), :meth:`release` lets them run on unwatched.
+    """
+
+    def __init__(self, logs_dir: Path, cwd: Path) -> None:
+        self.logs_dir = logs_dir
+        self.cwd = cwd
+        self.items: list[Proc] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[Proc]:
+        return iter(list(self.items))
+
+    def start(self, name: str, cmd: Sequence[str], env: Mapping[str, str]) -> Proc:
+        """:func:`spawn` ``cmd`` with its output in ``<name>.log`` (truncated)."""
+        log = open(self.logs_dir / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
+        proc = Proc(name, spawn(cmd, log, env=env, cwd=self.cwd), log)
+        self.items.append(proc)
+        return proc
+
+    def get(self, name: str) -> Proc | None:
+        return next((p for p in self.items if p.name == name), None)
+
+    def forget(self, proc: Proc) -> None:
+        """Close ``proc``'s log and stop holding it (it has ended, or is left)."""
+        proc.log.close()
+        self.items.remove(proc)
+
+    def stop(self, timeout_s: float, last: Sequence[str] = ()) -> None:
+        """:func:`terminate` every process, those named in ``last`` after the rest."""
+        terminate([p.popen for p in self.items if p.name not in last], timeout_s)
+        terminate([p.popen for p in self.items if p.name in last], timeout_s)
+        for p in list(self.items):
+            self.forget(p)
+
+    def release(self) -> list[Proc]:
+        """Stop holding every process (they keep running); returns them."""
+        left = list(self.items)
+        for p in left:
+            self.forget(p)  # the processes keep their own handles
+        return left

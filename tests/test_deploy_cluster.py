@@ -69,20 +69,56 @@ def test_commands_carry_tls_auth_and_partitions(tmp_path):
     text = cl.commands_text('method="local"')
     for cmd in (link, cl.supernode_cmd(0)):
         assert " ".join(cmd[:3]) in text
-    assert f"flwr supernode register {tmp_path}/keys/node-1.pub deploy" in text
-    assert "flwr run" in text and "--run-config 'method=\"local\"'" in text
+    # keys registered and recorded in the device registry; runs read it
+    assert (
+        f"python -m deploy.devices register --registry {tmp_path}/devices.json "
+        f"--connection deploy node-0={tmp_path}/keys/node-0.pub@0/3" in text
+    )
+    assert "flwr run" in text and '--run-config \'method="local" ' in text
+    assert f'device-registry="{tmp_path}/devices.json"' in text
+    assert "fleet_front" not in text
+
+
+def test_front_commands_keep_the_superlink_on_loopback(tmp_path):
+    cl = C.Cluster(tmp_path, 2, port=9100, front=True)
+    link = cl.superlink_cmd()
+    assert link[link.index("--host") + 1] == "127.0.0.1"
+    assert link[link.index("--port") + 1] == "9099"  # the port below the front's
+    front = cl.front_cmd()
+    assert front[1:3] == ["-m", "deploy.fleet_front"]
+    assert front[front.index("--listen") + 1] == "127.0.0.1:9100"
+    assert front[front.index("--upstream") + 1] == "127.0.0.1:9099"
+    node = cl.supernode_cmd(1)
+    assert node[node.index("--superlink") + 1] == "127.0.0.1:9100"  # the front
+    assert cl.address == "127.0.0.1:9099"  # the operator's flwr CLI: the SuperLink
+    assert 'address = "127.0.0.1:9099"' in cl.connection_toml()
+    text = cl.commands_text()
+    assert "python -m deploy.fleet_front --listen 127.0.0.1:9100" in text
+    with pytest.raises(ValueError, match="transport='rest'"):
+        C.Cluster(tmp_path, 2, front=True, transport="grpc-rere")
+    # the registry names each node's partition, or none for its own data
+    cl = C.Cluster(tmp_path, 2, node_configs={1: 'data-path="/d"'})
+    specs = cl.device_specs()
+    assert [(s.name, s.partition_id, s.num_partitions) for s in specs] == [
+        ("node-0", 0, 2),
+        ("node-1", None, None),
+    ]
+    assert C.Cluster(tmp_path, 2, auth=False).run_config("x=1") == (
+        f'x=1 output-dir="{tmp_path / "outputs"}"'
+    )
 
 
 def test_readme_quotes_print_commands(monkeypatch):
     """deploy/README.md shows --print-commands' output verbatim: docs match code."""
     root = Path(C.__file__).resolve().parents[1]
     monkeypatch.chdir(root)  # the README's command is run from the repository root
-    cl = C.Cluster("/srv/flower", 3, port=9093)
+    cl = C.Cluster("/srv/flower", 3, port=9093, front=True)
     text = cl.commands_text('method="oscar" output-dir="/srv/flower/outputs"')
     assert text in (root / "deploy" / "README.md").read_text(), (
         "deploy/README.md is out of date: paste the output of `python -m "
-        "deploy.cluster --nodes 3 --workdir /srv/flower --port 9093 --run-config "
-        '\'method="oscar" output-dir="/srv/flower/outputs"\' --print-commands`'
+        "deploy.cluster --nodes 3 --workdir /srv/flower --port 9093 --front "
+        '--run-config \'method="oscar" output-dir="/srv/flower/outputs"\' '
+        "--print-commands`"
     )
 
 
