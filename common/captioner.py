@@ -59,6 +59,17 @@ class RetrievalCaptioner:
         labels: torch.Tensor | None = None,
         batch_size: int = 512,
     ) -> list[str]:
+        """One caption per image: the bank entry of highest cosine similarity.
+
+        Parameters
+        ----------
+        images : Tensor
+            ``[N, C, H, W]`` in ``[-1, 1]``.
+        labels : Tensor, optional
+            ``[N]`` class ids; only captions of the image's own class compete.
+        batch_size : int
+            Images per forward pass.
+        """
         out: list[str] = []
         for i in range(0, len(images), batch_size):
             px = prepare_pixels(
@@ -89,6 +100,8 @@ class GenerativeCaptioner:
         labels: torch.Tensor | None = None,
         batch_size: int = 16,
     ) -> list[str]:
+        """One generated caption per image (``[N, C, H, W]`` in ``[-1, 1]``);
+        ``labels`` is ignored (the network does not take them)."""
         out: list[str] = []
         for i in range(0, len(images), batch_size):
             x = (
@@ -154,6 +167,8 @@ class ImageEncoder:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """Images ``[N, C, H, W]`` in ``[-1, 1]`` -> unit-norm image embeddings
+        ``[N, D]``."""
         out = []
         for i in range(0, len(images), batch_size):
             px = prepare_pixels(

@@ -131,11 +131,13 @@ class Reply:
 
     @property
     def class_names(self) -> tuple[str, ...] | None:
+        """The class names the client reported (meta ``class-names``), or None."""
         names = self.meta.get("class-names")
         return tuple(names.split(",")) if isinstance(names, str) and names else None
 
     @property
     def channels(self) -> int | None:
+        """The image channels the client reported (meta ``channels``), or None."""
         ch = self.meta.get("channels")
         return ch if isinstance(ch, int) else None
 
@@ -146,6 +148,20 @@ def pack_reply(
     arrays: dict[str, dict[str, torch.Tensor]] | None = None,
     half: bool = False,
 ) -> RecordDict:
+    """A client's reply: ``meta`` (with the schema version), ``metrics`` and
+    one ArrayRecord per entry of ``arrays``.
+
+    Parameters
+    ----------
+    meta : dict
+        Scalars the server reads (domain, partition id, class names, ...).
+    metrics : dict
+        Float metrics of the client's work.
+    arrays : dict, optional
+        ``{record key: {tensor name: tensor}}``, one ArrayRecord each.
+    half : bool
+        Send floating-point tensors as float16.
+    """
     content = RecordDict()
     content[KEY_META] = ConfigRecord({**meta, "schema": SCHEMA_VERSION})
     content[KEY_METRICS] = MetricRecord(dict(metrics))  # type: ignore[arg-type]
@@ -287,6 +303,7 @@ def _unpack_reply(
 def require(
     tensors: dict[str, torch.Tensor], key: str, what: str = "payload"
 ) -> torch.Tensor:
+    """``tensors[key]``, or ``PayloadError`` naming ``what`` lacks it."""
     if key not in tensors:
         raise PayloadError(f"{what} lacks {key!r} (has {sorted(tensors)[:5]})")
     return tensors[key]
@@ -311,18 +328,18 @@ def check_int_ids(
         raise PayloadError(f"{name} has dtype {t.dtype}, expected int64")
     if t.ndim != 1:
         raise PayloadError(f"{name} has shape {tuple(t.shape)}, expected 1-d")
-    ids = t.tolist()
-    bad = [i for i in ids if not 0 <= i < hi]
-    if bad:
-        raise PayloadError(f"{name} has value(s) {bad[:5]} outside [0, {hi})")
-    most = max((ids.count(i) for i in set(ids)), default=0)
+    # O(ids + hi), not O(ids x classes): a client may send a million ids
+    bad = t[(t < 0) | (t >= hi)]
+    if len(bad):
+        raise PayloadError(f"{name} has value(s) {bad[:5].tolist()} outside [0, {hi})")
+    most = int(torch.bincount(t).max()) if len(t) else 0
     if max_repeat == 1 and most > 1:
         raise PayloadError(f"{name} repeats an id")
     if most > max_repeat:
         raise PayloadError(
             f"{most} entries for one id in {name}, more than {what}={max_repeat}"
         )
-    return ids
+    return t.tolist()
 
 
 def check_state_dict(

@@ -40,6 +40,7 @@ class Generator:
 
     @property
     def cond_dim(self) -> int:
+        """Width of the conditioning the UNet attends to (``cross_attention_dim``)."""
         return int(self.unet.config.cross_attention_dim)
 
     @property
@@ -66,6 +67,7 @@ class Generator:
         return torch.cat(out)
 
     def fingerprint(self) -> str:
+        """A digest of the UNet's weights (``generator_fingerprint``)."""
         return generator_fingerprint(self.unet)
 
 

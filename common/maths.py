@@ -1,9 +1,9 @@
 """Pure maths of the one-shot round: no Flower, no I/O.
 
 Per-class averaging (OSCAR uploads), weighted averaging of model weights
-(one-shot FedAvg), the Gaussian mechanism for the privacy guard, the
-Fréchet distance behind the FID-proxy, and the synthesis budget's weighted
-k-means and apportionment.
+(one-shot FedAvg), the Fréchet distance behind the FID-proxy, and the
+synthesis budget's weighted k-means and apportionment. The privacy guard's
+maths is in ``common.dp``.
 """
 
 from __future__ import annotations
@@ -120,70 +120,46 @@ def fedavg_state_dicts(
     return out
 
 
-def clip_rows(x: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """Scale each row (flattened) to L2 norm at most ``max_norm``."""
-    flat = x.reshape(len(x), -1)
-    norms = flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return (flat * torch.clamp(max_norm / norms, max=1.0)).reshape(x.shape)
+def frechet_distance_checked(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> tuple[float, str | None]:
+    """``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})`` (Heusel et al. 2017), or
+    ``(nan, reason)`` where it is not defined; never raises on statistics of the
+    right shapes.
 
-
-def gaussian_sigma(epsilon: float, delta: float, sensitivity: float) -> float:
-    """Noise std of the Gaussian mechanism (Dwork & Roth 2014, Thm A.1).
-
-    ``sigma = sensitivity * sqrt(2 ln(1.25 / delta)) / epsilon`` gives
-    (epsilon, delta)-DP for epsilon < 1; beyond that it is a common heuristic.
+    ``Tr((S1 S2)^{1/2}) = Tr((A S2 A)^{1/2})`` with ``A = S1^{1/2}``: ``S1 S2 =
+    A (A S2 A) A^{-1}`` is similar to the symmetric PSD ``A S2 A`` (for a
+    singular ``S1`` by continuity), whose square root has the trace
+    ``sum_i sqrt(lambda_i)`` over its eigenvalues. Both square roots come from
+    ``eigh`` of symmetric matrices (eigenvalues below 0, rounding, clipped to 0),
+    which holds on singular covariances, unlike ``scipy.linalg.sqrtm`` of the
+    non-symmetric product. Non-finite statistics (the NaN samples of a LoRA
+    adapter of norm 6e4 made ``sqrtm`` raise on every client) give ``nan``.
     """
-    if epsilon <= 0 or not 0 < delta < 1 or sensitivity < 0:
-        raise ValueError(f"need epsilon > 0, 0 < delta < 1; got {epsilon}, {delta}")
-    return sensitivity * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
-
-
-def private_class_means(
-    embeddings: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    *,
-    epsilon: float,
-    delta: float,
-    clip: float,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """Per-class means of clipped embeddings plus Gaussian noise.
-
-    Each example lies in one class, so the class means compose in parallel: the
-    whole upload is (epsilon, delta)-DP under replace-one adjacency (counts are
-    treated as public). Replacing one example moves a mean by at most
-    ``2 * clip / n_c``. Returns ``(class_ids, noisy means, counts, max sigma)``.
-    """
-    ids, means, counts = per_class_mean(
-        clip_rows(embeddings, clip), labels, num_classes
-    )
-    max_sigma = 0.0
-    noisy = means.clone()
-    for i, n in enumerate(counts.tolist()):
-        sigma = gaussian_sigma(epsilon, delta, 2.0 * clip / n)
-        max_sigma = max(max_sigma, sigma)
-        noisy[i] += sigma * torch.randn(
-            means[i].shape, generator=generator, dtype=means.dtype
-        )
-    return ids, noisy, counts, max_sigma
+    stats = [np.asarray(a, dtype=np.float64) for a in (mu1, sigma1, mu2, sigma2)]
+    m1, s1, m2, s2 = stats
+    if any(not np.isfinite(a).all() for a in stats):
+        return math.nan, "the feature statistics hold NaN or Inf (non-finite samples)"
+    s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
+    try:
+        w, v = np.linalg.eigh(s1)
+        a = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T  # S1^{1/2}
+        lam = np.linalg.eigvalsh(a @ s2 @ a)
+    except np.linalg.LinAlgError as e:  # eigh did not converge
+        return math.nan, f"eigendecomposition failed: {e}"
+    tr_covmean = float(np.sqrt(np.clip(lam, 0.0, None)).sum())
+    diff = m1 - m2
+    d = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+    if not math.isfinite(d):
+        return math.nan, "the distance overflows float64"
+    return max(d, 0.0), None  # a distance: rounding below 0 is 0
 
 
 def frechet_distance(
     mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
 ) -> float:
-    """``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})`` (Heusel et al. 2017)."""
-    from scipy import linalg
-
-    diff = mu1 - mu2
-    covmean = np.asarray(linalg.sqrtm(sigma1 @ sigma2))
-    if not np.isfinite(covmean).all():  # near-singular product: regularise
-        eps = np.eye(len(sigma1)) * 1e-6
-        covmean = np.asarray(linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps)))
-    covmean = np.real(covmean)
-    return float(
-        diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
-    )
+    """The Fréchet distance (``frechet_distance_checked``); ``nan`` where undefined."""
+    return frechet_distance_checked(mu1, sigma1, mu2, sigma2)[0]
 
 
 def feature_stats(feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -195,7 +171,10 @@ def feature_stats(feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fid_proxy(real_feats: torch.Tensor, fake_feats: torch.Tensor) -> float:
-    """Fréchet distance between two feature sets (the FID-proxy)."""
+    """Fréchet distance between two feature sets (the FID-proxy); ``nan`` where it
+    is not defined (``frechet_distance_checked``: e.g. non-finite features)."""
+    if not (torch.isfinite(real_feats).all() and torch.isfinite(fake_feats).all()):
+        return math.nan
     return frechet_distance(*feature_stats(real_feats), *feature_stats(fake_feats))
 
 

@@ -29,6 +29,7 @@ class TextEncoder:
 
     @property
     def max_length(self) -> int:
+        """Tokens a prompt is padded or truncated to."""
         cfg = self.model.config
         text_cfg = getattr(cfg, "text_config", cfg)
         return int(
@@ -39,6 +40,18 @@ class TextEncoder:
     def encode(
         self, texts: list[str], kind: str = "pooled", batch_size: int = 256
     ) -> torch.Tensor:
+        """Prompts -> conditioning ``[N, L, D]`` on the CPU.
+
+        Parameters
+        ----------
+        texts : list of str
+            The prompts.
+        kind : str
+            ``pooled``: one token, the unit-norm projected text embedding (L = 1);
+            ``sequence``: the last hidden states of the text tower.
+        batch_size : int
+            Prompts per forward pass.
+        """
         if kind not in EMBEDDINGS:
             raise ValueError(
                 f"embedding={kind!r} is not one of {', '.join(EMBEDDINGS)}"

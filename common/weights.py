@@ -69,9 +69,28 @@ def quiet_hub_logging() -> None:
     diffusers.utils.logging.set_verbosity_error()
 
 
+def loads_weights(cls: Any) -> bool:
+    """Whether ``cls.from_pretrained`` loads weights (a transformers or diffusers
+    model, an auto-model class, a pipeline), so takes ``use_safetensors``;
+    configs, tokenizers, processors and schedulers load none."""
+    from diffusers import DiffusionPipeline, ModelMixin
+    from transformers import PreTrainedModel
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    kinds = (PreTrainedModel, _BaseAutoModelClass, ModelMixin, DiffusionPipeline)
+    return isinstance(cls, type) and issubclass(cls, kinds)
+
+
 def load_pretrained(cls: Any, name: str, role: str, **kwargs: Any) -> Any:
-    """``cls.from_pretrained`` with an error that names the role and the fix."""
+    """``cls.from_pretrained`` with an error that names the role and the fix.
+
+    Weights load from safetensors only (``use_safetensors=True``): a pickled
+    ``.bin`` checkpoint from the hub can run code as it loads; a folder that has
+    only one is refused with the fix (``save_pretrained`` writes safetensors).
+    """
     quiet_hub_logging()
+    if loads_weights(cls):
+        kwargs.setdefault("use_safetensors", True)
     try:
         return cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:

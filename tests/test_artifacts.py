@@ -227,7 +227,9 @@ def test_a_lora_global_model_loads_into_a_diffusers_pipeline(fast_config, tmp_pa
         vae=gen.vae,
         text_encoder=None,
         tokenizer=None,
-        unet=UNet2DConditionModel.from_pretrained(sd / "unet").eval(),
+        unet=UNet2DConditionModel.from_pretrained(
+            sd / "unet", use_safetensors=True
+        ).eval(),
         scheduler=gen.scheduler,
         safety_checker=None,
         feature_extractor=None,
@@ -248,7 +250,9 @@ def test_a_lora_global_model_loads_into_a_diffusers_pipeline(fast_config, tmp_pa
     pipe.load_lora_weights(str(path))
     adapted = _run_pipe(pipe, cond, uncond, latents, steps, guidance)
     # the bare-UNet route that config.json's "load" names
-    bare = UNet2DConditionModel.from_pretrained(sd / "unet").eval()
+    bare = UNet2DConditionModel.from_pretrained(
+        sd / "unet", use_safetensors=True
+    ).eval()
     bare.load_lora_adapter(str(path), weight_name=LORA_WEIGHTS, prefix="unet")
     t = torch.tensor(10)
     with torch.no_grad():

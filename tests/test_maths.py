@@ -1,19 +1,14 @@
 """Maths checked against values computed by hand."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
 
 from common.maths import (
-    clip_rows,
     fedavg_state_dicts,
     fid_proxy,
     frechet_distance,
-    gaussian_sigma,
     per_class_mean,
-    private_class_means,
     weighted_average,
 )
 
@@ -47,33 +42,6 @@ def test_weighted_average_and_fedavg():
     assert int(avg["n"]) == 7  # integer buffers are not averaged
     with pytest.raises(ValueError, match="positive sum"):
         weighted_average([a, b], [0, 0])
-
-
-def test_clip_rows():
-    x = torch.tensor([[3.0, 4.0], [0.3, 0.4]])  # norms 5 and 0.5
-    out = clip_rows(x, 1.0)
-    assert torch.allclose(out, torch.tensor([[0.6, 0.8], [0.3, 0.4]]))
-
-
-def test_gaussian_sigma_by_hand():
-    # sqrt(2 ln(1.25/1e-5)) = sqrt(2 * 11.736) = 4.845; / eps 0.5 * sens 0.2 -> 1.938
-    expected = 0.2 * math.sqrt(2 * math.log(1.25 / 1e-5)) / 0.5
-    assert gaussian_sigma(0.5, 1e-5, 0.2) == pytest.approx(expected)
-    assert expected == pytest.approx(1.938, abs=1e-3)
-
-
-def test_private_class_means_noise_scale():
-    torch.manual_seed(0)
-    emb = torch.randn(400, 1, 8)
-    labels = torch.zeros(400, dtype=torch.long)
-    g = torch.Generator().manual_seed(0)
-    ids, noisy, counts, sigma = private_class_means(
-        emb, labels, 1, epsilon=1.0, delta=1e-5, clip=1.0, generator=g
-    )
-    assert sigma == pytest.approx(gaussian_sigma(1.0, 1e-5, 2.0 / 400))
-    clean = clip_rows(emb, 1.0).mean(0)
-    # the noise is sigma-sized, not zero
-    assert 0 < float((noisy[0] - clean).abs().max()) < 6 * sigma
 
 
 def test_frechet_distance_1d_by_hand():
