@@ -6,7 +6,7 @@ Both are saved as ``config.json`` + ``model.safetensors`` (``save_classifier``),
 loaded with ``load_classifier``; ``classify`` turns image files into class names.
 
 Input convention of every classifier here (the clients' data pipeline,
-``common.datasets._pil_to_tensor``): float ``[N, C, S, S]`` with
+``common.datasets.pil_to_tensor``): float ``[N, C, S, S]`` with
 ``x = pixel / 127.5 - 1`` in ``[-1, 1]``; ``C = 1`` is grayscale (PIL mode ``L``),
 ``C = 3`` RGB; ``S`` is the run's ``image-size``.
 """
@@ -14,7 +14,7 @@ Input convention of every classifier here (the clients' data pipeline,
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,19 @@ import torch
 from torch import nn
 
 ARCHS = ("cnn", "resnet18")
+
+# Global models a method adds (``register_classifier``): arch -> builder
+# ``(in_channels, num_classes) -> nn.Module``; e.g. ``zero-shot``
+# (``methods/zero_shot``). Never a ``classifier`` value: nothing trains them.
+EXTRA_ARCHS: dict[str, Callable[[int, int], nn.Module]] = {}
+
+
+def register_classifier(arch: str, builder: Callable[[int, int], nn.Module]) -> None:
+    """Let ``build_classifier`` (hence the round's evaluation, ``global_model/``
+    and ``load_classifier``) build ``arch``; its state dict must say the rest."""
+    if arch in ARCHS:
+        raise ValueError(f"arch={arch!r} is built in; register another name")
+    EXTRA_ARCHS[arch] = builder
 
 
 class SmallCNN(nn.Module):
@@ -54,6 +67,7 @@ class SmallCNN(nn.Module):
         return self.features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``[N, num_classes]``."""
         return self.head(self.features(x))
 
 
@@ -96,20 +110,39 @@ class ResNet18(nn.Module):
         self.head = nn.Linear(512, num_classes)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features ``[N, 512]`` (used by the FID-proxy)."""
         return self.pool(self.layers(self.stem(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``[N, num_classes]``."""
         return self.head(self.embed(x))
 
 
 def build_classifier(
     arch: str, in_channels: int, num_classes: int, width: int = 32
 ) -> nn.Module:
+    """A classifier of architecture ``arch`` (one of ``ARCHS``, or of
+    ``EXTRA_ARCHS``: built empty, its ``load_state_dict`` sizes it).
+
+    Parameters
+    ----------
+    arch : str
+        ``cnn`` (``SmallCNN``), ``resnet18`` or a registered one.
+    in_channels, num_classes : int
+        Image channels and classes.
+    width : int
+        Channels of the CNN's first layer (the ResNet ignores it).
+    """
     if arch == "cnn":
         return SmallCNN(in_channels, num_classes, width)
     if arch == "resnet18":
         return ResNet18(in_channels, num_classes)
-    raise ValueError(f"classifier={arch!r} is not one of {', '.join(ARCHS)}")
+    if arch in EXTRA_ARCHS:
+        return EXTRA_ARCHS[arch](in_channels, num_classes)
+    raise ValueError(
+        f"classifier={arch!r} is not one of {', '.join((*ARCHS, *EXTRA_ARCHS))} "
+        "(a method's own architecture is known once `methods` is imported)"
+    )
 
 
 def input_spec(in_channels: int) -> dict[str, Any]:
@@ -123,7 +156,7 @@ def input_spec(in_channels: int) -> dict[str, Any]:
         "resize": "PIL Image.resize((image_size, image_size)), Pillow's default "
         "filter (bicubic), as image-folder and Hugging Face clients load images; "
         "MNIST clients render 28 px digits down with antialiased bilinear "
-        "(common.data.render_style); an image of image_size px is used as is",
+        "(common.mnist_domains.render_style); an image of image_size px is used as is",
         "range": [-1.0, 1.0],
         "formula": "x = pixel / 127.5 - 1 (pixel: uint8 in 0..255)",
         "output": "logits [N, num_classes]; argmax indexes class_names",
@@ -241,7 +274,7 @@ def classify(
         classify("out/my-run/global_model", ["a.png", "b.png"])  # ["seven", "one"]
 
     Each image goes through the clients' data pipeline
-    (``common.datasets._pil_to_tensor``): converted to grayscale or RGB as the
+    (``common.datasets.pil_to_tensor``): converted to grayscale or RGB as the
     classifier's ``in_channels`` say, resized to its ``image_size`` (PIL, default
     filter), ``x = pixel / 127.5 - 1``.
 
@@ -265,7 +298,7 @@ def classify(
     """
     from PIL import Image
 
-    from .datasets import _pil_to_tensor
+    from .datasets import pil_to_tensor
     from .train import predict
 
     # 1. Check inputs
@@ -288,9 +321,9 @@ def classify(
     for i, im in enumerate(images):
         if isinstance(im, (str, Path)):
             with Image.open(im) as f:
-                xs.append(_pil_to_tensor(f, channels, size))
+                xs.append(pil_to_tensor(f, channels, size))
         elif isinstance(im, Image.Image):
-            xs.append(_pil_to_tensor(im, channels, size))
+            xs.append(pil_to_tensor(im, channels, size))
         else:
             raise TypeError(
                 f"images[{i}] is a {type(im).__name__}; give a PIL image or a path"
