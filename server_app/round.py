@@ -3,8 +3,12 @@
     0. check the config against the models
     -> 1. collection window: ask each node as it connects, screen and persist
           each reply as it arrives (``server_app.collect``)
-    -> 2. validate every persisted upload (cross-checks, the method's checks)
-    -> 3. server work (checkpointed) -> 4. evaluate on the global test set
+    -> 2. validate every persisted upload (the node's registered identity,
+          ``server_app.identity``; cross-checks, the method's checks; with
+          ``screen-outliers``, the cohort's plausibility screens)
+    -> 3. server work (checkpointed; a global model that is not finite or not
+          plausible is refused: the run stops, nothing is pushed)
+    -> 4. evaluate on the global test set
     -> 5. report -> 6. push back to the contributors and take their evaluations
     -> 7. report again
 
@@ -17,53 +21,45 @@ round names no method and no dataset: it calls the method's interface
 from __future__ import annotations
 
 import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Message
+import torch
+from flwr.app import Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common import contract as C
 from common.config import RunConfig
-from common.contract import PayloadError, Reply
+from common.contract import PayloadError
 from common.datasets import (
     GLOBAL_METRIC,
     GLOBAL_SIZE_METRIC,
     GLOBAL_TEST_PER_CLASS,
     NO_GLOBAL_TEST,
-    DatasetInfo,
     dataset_info,
     global_test_set,
     participating_domains,
 )
+from common.robust import global_model_problem
 from methods import get_method
 from methods.base import OneShotMethod, ServerContext, ServerOutput
 
 from . import artifacts, persist, results
-from .collect import POLL_S, Clock, RealClock, run_window, take_late
+from .collect import POLL_S, Clock, Collected, RealClock, run_window, take_late
+from .identity import node_fingerprints
 from .outputs import resolve_output_dir
-
-
-class RoundError(RuntimeError):
-    """The round cannot go on (too few valid clients, no nodes)."""
-
-
-@dataclass
-class Collected:
-    replies: list[Reply] = field(default_factory=list)
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-    missing: list[dict[str, Any]] = field(default_factory=list)
-
-    def reject(self, node: int, reason: str, partition_id: Any = None) -> None:
-        entry: dict[str, Any] = {"node_id": int(node), "reason": reason}
-        if isinstance(partition_id, int) and not isinstance(partition_id, bool):
-            entry["partition_id"] = partition_id
-        self.rejected.append(entry)
-        log(WARNING, "Rejected node %s (partition %s): %s", node, partition_id, reason)
+from .screening import (  # noqa: F401  (re-exported: the round's step 2)
+    RoundError,
+    assign_client_ids,
+    check_classes,
+    learn_classes,
+    load_registry,
+    precheck,
+    reject_outliers,
+    screen,
+)
 
 
 def run_dir_for(cfg: RunConfig, run_id: int | str) -> Path:
@@ -78,119 +74,6 @@ def run_dir_for(cfg: RunConfig, run_id: int | str) -> Path:
     if run_dir.parent != root:
         raise RoundError(f"run folder {run_dir} is not inside output-dir {root}")
     return run_dir
-
-
-def learn_classes(ctx: ServerContext, replies: list[Reply]) -> DatasetInfo:
-    """The dataset registry's classes, or the plurality over validated envelopes."""
-    if ctx.info is not None:
-        return ctx.info
-    votes = Counter(
-        (r.class_names, r.channels) for r in replies if r.class_names and r.channels
-    )
-    if not votes:
-        raise RoundError(
-            f"dataset={ctx.cfg.dataset!r} does not name its classes and no valid "
-            "reply reported them"
-        )
-    # plurality; ties go to the first in sorted order, so arrival order never decides
-    best = max(votes.values())
-    names, channels = min(k for k, v in votes.items() if v == best)
-    return DatasetInfo(ctx.cfg.dataset, names, int(channels))  # type: ignore[arg-type]
-
-
-def screen(method: OneShotMethod, ctx: ServerContext, got: Collected) -> Collected:
-    """Cross-checks and the method's validation of replies whose envelope is valid.
-
-    Used on fresh replies and again on persisted ones when a run resumes.
-    """
-    out = Collected(rejected=list(got.rejected), missing=list(got.missing))
-    # One upload per node: the first one counts (a node is asked once).
-    seen: set[int] = set()
-    firsts = []
-    for r in got.replies:
-        if r.node_id in seen:
-            log(
-                WARNING,
-                "Node %s uploaded twice; only its first upload counts",
-                r.node_id,
-            )
-            continue
-        seen.add(r.node_id)
-        firsts.append(r)
-    # A partition id claimed by two nodes: neither can be trusted with it.
-    claims: dict[int, list[int]] = defaultdict(list)
-    for r in firsts:
-        if r.partition_id != C.NO_PARTITION:
-            claims[r.partition_id].append(r.node_id)
-    candidates = []
-    for r in firsts:
-        if len(claims[r.partition_id]) > 1:
-            out.reject(
-                r.node_id,
-                f"partition-id {r.partition_id} is claimed by nodes "
-                f"{sorted(claims[r.partition_id])}; all claims rejected",
-                r.partition_id,
-            )
-        else:
-            candidates.append(r)
-    ctx.info = learn_classes(ctx, candidates)
-    for r in candidates:
-        try:
-            check_classes(r, ctx.info)
-            method.validate(r, ctx)
-        except PayloadError as e:
-            out.reject(r.node_id, str(e), r.partition_id)
-            continue
-        except Exception as e:  # a validator bug must not end the round either
-            out.reject(
-                r.node_id,
-                f"validation failed: {e.__class__.__name__}: {C.safe_text(e)}",
-                r.partition_id,
-            )
-            continue
-        out.replies.append(r)
-    assign_client_ids(out.replies)
-    out.replies.sort(key=lambda r: r.partition_id)
-    return out
-
-
-def assign_client_ids(replies: list[Reply]) -> None:
-    """Devices with their own data declare no partition: they get the ids after
-    the largest declared one, in node-id order (the same on every resume)."""
-    declared = [r.partition_id for r in replies if r.partition_id != C.NO_PARTITION]
-    nxt = max(declared, default=-1) + 1
-    for r in sorted(replies, key=lambda r: r.node_id):
-        if r.partition_id == C.NO_PARTITION:
-            r.meta["client-id-assigned"] = True
-            r.partition_id = nxt
-            nxt += 1
-
-
-def precheck(method: OneShotMethod, ctx: ServerContext) -> Any:
-    """The checks one upload can get on arrival (toward ``target-clients``): the
-    dataset's classes and the method's validation, where the classes are known."""
-
-    def check(r: Reply) -> str | None:
-        if ctx.info is None:
-            return None  # classes come from the vote at the close
-        try:
-            check_classes(r, ctx.info)
-            method.validate(r, ctx)
-        except Exception as e:
-            return str(e)
-        return None
-
-    return check
-
-
-def check_classes(r: Reply, info: DatasetInfo) -> None:
-    if r.class_names is not None and r.class_names != info.class_names:
-        raise PayloadError(
-            f"class-names {C.safe_text(','.join(r.class_names))!r} disagree "
-            f"with the dataset's {C.safe_text(','.join(info.class_names))!r}"
-        )
-    if r.channels is not None and r.channels != info.channels:
-        raise PayloadError(f"channels={r.channels}, the dataset has {info.channels}")
 
 
 def clients_global_accuracy(
@@ -305,6 +188,7 @@ def run_one_shot(
 
     # 0. Fail fast on a config the method cannot run (before any client works)
     method.check(ctx)
+    registry = load_registry(cfg)
 
     # 1. The collection window: each node asked as it connects, each reply
     # screened and persisted as it arrives; resumed from the journal if any
@@ -329,15 +213,17 @@ def run_one_shot(
             window_s=cfg.collect_window_s,
             target_clients=cfg.target_clients,
             quiet_s=cfg.collect_quiet_s,
-            precheck=precheck(method, ctx),
+            precheck=precheck(method, ctx, registry),
             clock=clock,
         )
     timings["collect"] = time.perf_counter() - t0
 
-    # 2. Validate every persisted upload: cross-checks, classes, the method's checks
+    # 2. Validate every persisted upload: registered identity, cross-checks,
+    # classes, the method's checks
     loaded = persist.load_uploads(run_dir, method.name)
     assert loaded is not None  # the window closed above
-    got = screen(method, ctx, Collected(*loaded))
+    keys = node_fingerprints(grid) if registry is not None else {}
+    got = screen(method, ctx, Collected(*loaded), registry, keys)
     fleet = fleet_summary(journal, got)
     if len(got.replies) < cfg.min_clients:
         raise RoundError(
@@ -348,10 +234,29 @@ def run_one_shot(
 
     # 3. Server work (synthesize and train, merge, aggregate), checkpointed
     out = persist.load_output(run_dir) if cfg.run_name else None
+    fresh = out is None
     if out is not None:
         log(INFO, "Loaded the persisted server output: server work is not repeated")
     else:
         out = method.server_work(got.replies, ctx)
+    # A global model that is not finite or not plausible is refused: nothing is
+    # kept, evaluated or pushed, and results.json says why (a run again with
+    # other settings redoes the server work)
+    push = method.push_content(out, ctx) if method.evaluate_type is not None else None
+    problem = global_model_problem(
+        global_records(out, push), [r.tensors for r in got.replies]
+    )
+    if problem is not None:
+        timings.update(out.timings)
+        out.extra["global_model_refused"] = problem
+        results.report(
+            method, ctx, got, out, {}, timings, download, None, fleet, final=False
+        )
+        raise RoundError(
+            f"the global model is refused, nothing is pushed: {problem} (recorded "
+            "in results.json as global_model_refused)"
+        )
+    if fresh:
         persist.save_output(run_dir, out)
     # the global model in the formats users' tools load (rewritten on a resume)
     artifacts.save_global_model(run_dir, out, ctx, method.name)
@@ -388,11 +293,11 @@ def run_one_shot(
     # 6. Push the global model to every contributor still connected; take their
     # evaluations as they arrive (up to evaluate-timeout-s)
     t0 = time.perf_counter()
-    content = method.push_content(out, ctx)
-    download["push"] = C.record_nbytes(content)
+    assert push is not None  # made with the check of the global model
+    download["push"] = C.record_nbytes(push)
     evals = push_and_evaluate(
         grid,
-        content,
+        push,
         method.evaluate_type,
         [r.node_id for r in got.replies],
         ctx,
@@ -404,6 +309,21 @@ def run_one_shot(
 
     # 7. Report: results.json, plots and the per-client table
     return report(evals, final=True)
+
+
+def global_records(
+    out: ServerOutput, push: RecordDict | None
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The global model as it is evaluated and pushed: the classifier, and every
+    ArrayRecord of the push message decoded (a record sent as fp16 is read back
+    as fp16, so what it cannot hold shows as Inf)."""
+    records: dict[str, dict[str, torch.Tensor]] = {}
+    if out.model_state is not None:
+        records[C.KEY_MODEL] = out.model_state
+    if push is not None:
+        for name, rec in push.array_records.items():
+            records[name] = C.from_array_record(rec)
+    return records
 
 
 def push_and_evaluate(

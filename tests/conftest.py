@@ -13,7 +13,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-torch.set_num_threads(2)
+# Under pytest-xdist (pyproject's addopts: ``-n auto``) each worker gets one
+# intra-op thread: the workers already fill the cores, and oversubscribed
+# torch threads only make every test slower.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+torch.set_num_threads(1 if WORKER else 2)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -53,7 +57,21 @@ def fast_config(tmp_path) -> dict:
             "min-clients": 2,
             "lora-steps": 2,
             "lora-samples-per-class": 2,
-            "fedlmg-images-per-class": 3,
         }
     )
     return rc
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per core plus one.
+
+    Many tests wait on subprocesses (``flwr run``, SuperLinks, the browser) and
+    leave their core idle meanwhile; one extra worker fills that time.
+    """
+    return (os.cpu_count() or 1) + 1
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Start the long end-to-end tests first so that no worker ends the run
+    alone on one of them (xdist hands out tests in collection order)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -339,7 +339,7 @@ def test_no_budget_or_a_large_one_leaves_the_rows_as_they_were(
 ):
     unlimited, out0 = _server_rows(name, 0, fast_config, tmp_path, monkeypatch)
     large, _ = _server_rows(name, 10**6, fast_config, tmp_path / "b", monkeypatch)
-    n = 3  # images-per-class and fedlmg-images-per-class in fast_config
+    n = 3  # images-per-class in fast_config
     asked = _requested_labels(name, n)
     assert unlimited["labels"].tolist() == asked
     owners = (

@@ -16,8 +16,14 @@ import pytest
 import torch
 
 from common.captioner import RetrievalCaptioner, load_captioner
-from common.data import STYLES, class_name_prompt, load_mnist, phrase_bank, render_style
 from common.generator import load_generator
+from common.mnist_domains import (
+    STYLES,
+    class_name_prompt,
+    load_mnist,
+    phrase_bank,
+    render_style,
+)
 from common.models import load_classifier
 from common.synthesis import sample
 from common.text_encoder import load_text_encoder
@@ -111,7 +117,7 @@ def test_retrieval_gets_the_style_with_labels(stack):
 
 
 @pytest.mark.xfail(
-    reason="common.data renders 'thin' almost like 'plain' at 16 px (mean |difference| "
+    reason="common.mnist_domains renders 'thin' almost like 'plain' at 16 px (mean |difference| "
     "0.02 in [0, 1], vs 0.13 for 'thick'): retrieval labels it 'plain'",
     strict=False,
 )

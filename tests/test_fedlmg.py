@@ -114,7 +114,7 @@ def test_clients_of_two_architectures_in_one_round(
         "fedlmg-client-classifiers": "cnn,resnet18",
         "fedlmg-aggregation": aggregation,
         "fedlmg-warmup-steps": 1,
-        "fedlmg-images-per-class": 2,
+        "images-per-class": 2,
     }
     grid = FakeGrid(client_app, 3, fast_config)
     res = run_one_shot(grid, build_config(fast_config), f"lmg-{aggregation}")
@@ -176,7 +176,7 @@ def test_guidance_runs_through_the_vae_of_a_latent_stable_diffusion_generator(
         "generator": str(sd),
         "text-encoder": str(sd),
         "embedding": "sequence",
-        "fedlmg-images-per-class": 2,
+        "images-per-class": 2,
         "fedlmg-warmup-steps": 1,
         "scheduler": "ddim",
     }

@@ -8,8 +8,8 @@ import torch
 from tiny_stack import make_tiny_sd
 
 from common.captioner import load_captioner
-from common.data import phrase_bank
 from common.generator import load_generator
+from common.mnist_domains import phrase_bank
 from common.synthesis import sample, to_dataset_format
 from common.text_encoder import load_text_encoder
 
@@ -26,7 +26,7 @@ def test_clip_folder_as_text_encoder_and_retrieval_captioner(tiny_stack_dir):
     cap = load_captioner(path, texts, torch.as_tensor(labels))
     caps = cap.caption(torch.zeros(4, 1, 16, 16), torch.tensor([0, 3, 3, 9]))
     # restricted to the given label's captions
-    from common.data import DIGIT_NAMES
+    from common.mnist_domains import DIGIT_NAMES
 
     assert all(DIGIT_NAMES[y] in c for c, y in zip(caps, [0, 3, 3, 9], strict=True))
 

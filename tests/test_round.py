@@ -361,3 +361,130 @@ def test_oscar_rejects_more_vectors_per_class_than_configured(tiny_stack, fast_c
 
     _, res = _run(fast_config, nodes=3, tamper={1: _tamper_embeddings(repeat_class)})
     assert res["num_clients"] == 2 and "repeats" in res["rejected"][0]["reason"]
+
+
+# ---------------------------------------------------------------- issue 27
+
+
+def _scale_weights(factor):
+    """An upload of a classifier state dict with every floating tensor scaled:
+    finite (fp32 holds 1e30 x a weight), so it passes validation."""
+
+    def hook(reply: Message, msg: Message) -> Message:
+        t = C.from_array_record(reply.content.array_records[C.KEY_MODEL])
+        scaled = {k: v * factor if v.is_floating_point() else v for k, v in t.items()}
+        reply.content[C.KEY_MODEL] = C.to_array_record(scaled)
+        return reply
+
+    return hook
+
+
+@pytest.mark.parametrize("method", ["fedavg", "dense", "feddiff"])
+def test_implausible_global_model_is_refused_and_nothing_pushed(
+    method, tiny_stack, fast_config, tmp_path
+):
+    """One client's weights x 1e30 make the global model 1e30-sized (FedAvg) or
+    NaN (DENSE's distilled student, FedDiff's consolidated weights): the round
+    pushes nothing, saves no global model and says why in results.json."""
+    fast_config.update({"method": method, "run-name": f"huge-{method}"})
+    grid = FakeGrid(client_app, 3, fast_config, tamper={1: _scale_weights(1e30)})
+    with pytest.raises(RoundError, match="global model is refused"):
+        run_one_shot(grid, build_config(fast_config), "huge")
+    assert not [n for n, t in grid.sent if t.startswith("evaluate")]
+    run_dir = tmp_path / "out" / f"huge-{method}"
+    res = json.loads((run_dir / "results.json").read_text())
+    why = res["global_model_refused"]
+    assert "NaN or Inf" in why or "over 1e+06" in why, why
+    assert res["num_clients"] == 3 and res["global_accuracy"] is None
+    assert not (run_dir / "checkpoints").exists() or not any(
+        (run_dir / "checkpoints").iterdir()
+    )
+
+
+def test_robust_aggregation_median_survives_the_huge_client(tiny_stack, fast_config):
+    fast_config.update({"method": "fedavg", "robust-aggregation": "median"})
+    _, res = _run(fast_config, nodes=3, tamper={1: _scale_weights(1e30)})
+    assert "global_model_refused" not in res and res["global_accuracy"] is not None
+    assert res["mean_accuracy"] is not None  # pushed and evaluated by all three
+
+
+def test_global_model_goes_to_contributors_only_and_outliers_are_screened(
+    tiny_stack, fast_config
+):
+    """Four partitions and a late device: partition 2 scales its weights x 50
+    (rejected by screen-outliers, with the reason), the late device answers
+    after the window closed; the push goes to the three contributors only."""
+    from deploy.inprocess import Device, partition_fleet, run_round
+
+    fast_config.update(
+        {
+            "method": "fedavg",
+            "screen-outliers": True,
+            "collect-window-s": 60.0,
+            "collect-quiet-s": 0.0,
+        }
+    )
+    fleet = partition_fleet(4, {2: _scale_weights(50.0)})
+    for d in fleet:
+        d.evaluate_s = 5.0  # the clock passes the late upload's arrival meanwhile
+    late = Device(201, {"partition-id": 4, "num-partitions": 5}, reply_s=61.0)
+    res, grid = run_round([*fleet, late], fast_config)
+    pushed = sorted(n for n, t in grid.sent if t.startswith("evaluate"))
+    assert pushed == [101, 102, 104]
+    assert res["fleet"]["rejected"] == [103] and res["fleet"]["late"] == [201]
+    assert "weight norm" in res["rejected"][0]["reason"]
+    assert "screen-outliers" in res["rejected"][0]["reason"]
+
+
+def _named(node, names, channels=3):
+    return C.Reply(node, node, 10, 0, {"class-names": names, "channels": channels}, {})
+
+
+def test_class_vote_needs_a_strict_majority(tmp_path):
+    from methods.base import ServerContext
+    from server_app.round import learn_classes
+
+    ctx = ServerContext(build_config({"dataset": "folder"}), tmp_path, info=None)
+    # 3 of 4 agree: theirs, whatever the fourth claims
+    got = learn_classes(ctx, [_named(i, "a,b") for i in range(3)] + [_named(3, "x")])
+    assert got.class_names == ("a", "b") and got.channels == 3
+    # 2 of 4 is a plurality, not a majority; 1-1 is a tie: the round stops, naming
+    # the lists, rather than taking the alphabetically first
+    for replies in (
+        [_named(0, "a,b"), _named(1, "a,b"), _named(2, "x"), _named(3, "y")],
+        [_named(0, "b,c"), _named(1, "a,b")],
+        [_named(0, "a,b", 1), _named(1, "a,b", 3)],  # the same names, other channels
+    ):
+        with pytest.raises(RoundError, match="no majority"):
+            learn_classes(ctx, replies)
+
+
+def test_image_folder_class_tie_stops_the_round(tiny_stack, fast_config, tmp_path):
+    from tiny_stack import make_image_folder
+
+    folder = make_image_folder(tmp_path / "folder", 20)
+    fast_config.update(
+        {"method": "class-names", "dataset": str(folder), "partition": "iid"}
+    )
+    # two clients, two class lists: one client must not impose its classes
+    with pytest.raises(RoundError, match="no majority.*cat,dog,bird"):
+        _run(fast_config, nodes=2, tamper={0: _other_classes})
+
+
+def test_lora_evaluation_survives_an_undefined_fid_proxy(
+    tiny_stack, fast_config, monkeypatch
+):
+    """NaN samples (an adapter of norm 6e4) made scipy's sqrtm raise on every
+    client, and the whole evaluation was lost: now the FID-proxy is undefined
+    (NaN) and left out, and each client's accuracy still comes back."""
+    import common.train
+
+    def nan_features(judge, x, *args, **kwargs):
+        return torch.full((len(x), 8), float("nan"))
+
+    monkeypatch.setattr(common.train, "features", nan_features)
+    fast_config["method"] = "lora"
+    _, res = _run(fast_config, nodes=2)
+    assert [c["status"] for c in res["clients"]] == ["ok", "ok"]
+    assert all("fid-proxy" not in c["evaluation"] for c in res["clients"])
+    assert res["mean_fid_proxy"] is None

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from common.data import vocabulary
 from common.generator import build_generator, save_generator
+from common.mnist_domains import vocabulary
 from common.models import SmallCNN, save_classifier
 from common.text_encoder import build_clip, build_tokenizer
 
@@ -51,7 +51,7 @@ def tiny_feddiff_settings():
 def make_tiny_feddiff(out: Path) -> dict:
     """FedDiff's pool, autoencoder and latent DDPM, built by the same function as
     the embedded ones (``python -m bench pretrain --stage feddiff``), tiny."""
-    from common.data import public_styled_set
+    from common.mnist_domains import public_styled_set
     from methods.feddiff.model_feddiff import build_feddiff
 
     full = public_styled_set(image_size=16, seed=0)
@@ -125,7 +125,7 @@ def _digits(n_per_class: int) -> tuple[list, list[int]]:
     """Real MNIST digits 0, 1, 7 as PIL images, standing in for three classes."""
     from PIL import Image
 
-    from common.data import mnist_client_pool
+    from common.mnist_domains import mnist_client_pool
 
     x, y = mnist_client_pool()
     images, labels = [], []
