@@ -12,47 +12,54 @@ writes pyproject's defaults and README's tables from this registry.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
 from common.config import ConfigError, RunConfig, all_keys, parse_config
 
 from .base import OneShotMethod
-from .class_names import ClassNames
-from .dense import Dense
-from .fedavg import FedAvg
-from .feddeo import FedDeo
-from .feddiff import FedDiff
-from .feddisc import FedDisc
-from .fedld import FedLD
-from .fedlmg import FedLmg
-from .fgl_instance import FglInstance
-from .guha import Guha
-from .local import Local
-from .lora import Lora
-from .oscar import Oscar
-from .public_only import PublicOnly
-from .zero_shot import ZeroShot
+
+# The registry: one line per method folder, in the order of README's tables.
+# Each folder's ``__init__.py`` exports its OneShotMethod subclass in ``__all__``.
+FOLDERS: tuple[str, ...] = (
+    "oscar",
+    "fedavg",
+    "class_names",
+    "local",
+    "public_only",
+    "zero_shot",
+    "lora",
+    "feddisc",
+    "fedlmg",
+    "feddeo",
+    "feddiff",
+    "dense",
+    "fgl_instance",
+    "fedld",
+    "guha",
+)
+
+
+def _method_class(folder: str) -> type[OneShotMethod]:
+    """The one OneShotMethod subclass that ``methods/<folder>/`` exports."""
+    module = importlib.import_module(f"{__name__}.{folder}")
+    found = [
+        obj
+        for key in getattr(module, "__all__", ())
+        if isinstance(obj := getattr(module, key), type)
+        and issubclass(obj, OneShotMethod)
+    ]
+    if len(found) != 1:
+        raise ImportError(
+            f"methods/{folder}/__init__.py must list exactly one OneShotMethod "
+            f"subclass in __all__; it lists {[c.__name__ for c in found]}"
+        )
+    return found[0]
+
 
 METHODS: dict[str, type[OneShotMethod]] = {
-    m.name: m
-    for m in (
-        Oscar,
-        FedAvg,
-        ClassNames,
-        Local,
-        PublicOnly,
-        ZeroShot,
-        Lora,
-        FedDisc,
-        FedLmg,
-        FedDeo,
-        FedDiff,
-        Dense,
-        FglInstance,
-        FedLD,
-        Guha,
-    )
+    cls.name: cls for cls in map(_method_class, FOLDERS)
 }
 
 

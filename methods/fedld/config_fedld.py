@@ -8,6 +8,9 @@ from common.config import KeysModel
 
 
 class FedLDConfig(KeysModel):
+    """FedLD's own keys: mixture components per class, the SDEdit strength and
+    the client's minimum of images per component."""
+
     fedld_components: int = Field(
         3,
         ge=1,

@@ -26,6 +26,8 @@ class Mixture:
 
     @property
     def weights(self) -> torch.Tensor:
+        """The mixture weights: each component's image count over the
+        class's total."""
         c = self.counts.double()
         return c / c.sum()
 

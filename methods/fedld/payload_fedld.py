@@ -30,6 +30,9 @@ MAX_ABS_MEAN = 1e4
 
 @dataclass
 class ClassMixtures:
+    """One client's upload: per component its class id, image count, mean and
+    diagonal variance in the generator's space."""
+
     class_ids: torch.Tensor  # [M] int64
     counts: torch.Tensor  # [M] int64
     means: torch.Tensor  # [M, C, H, W]
@@ -37,6 +40,8 @@ class ClassMixtures:
 
 
 def layout(m: ClassMixtures) -> dict[str, torch.Tensor]:
+    """The record's tensors: ids and counts as int64, means and variances as
+    fp16."""
     return {
         "class_ids": m.class_ids.to(torch.int64),
         "counts": m.counts.to(torch.int64),

@@ -57,6 +57,8 @@ DRAW_STREAM = 1 << 40
 
 
 def unpack(reply: Reply, ctx: ServerContext) -> P.ClassMixtures:
+    """A reply's mixtures, checked against the run's classes, the generator's
+    sample shape and ``fedld-components``."""
     return P.unpack(
         reply.tensors,
         num_classes=ctx.num_classes,
@@ -106,6 +108,9 @@ def save_set(
 
 
 class FedLD(OneShotMethod):
+    """FedLD: clients upload per-class Gaussian mixtures of their generator-
+    space latents; the server draws from them and denoises class-prompted."""
+
     name = "fedld"
     config = FedLDConfig
     collect_type = "train.mixtures"
@@ -113,15 +118,23 @@ class FedLD(OneShotMethod):
 
     @staticmethod
     def client_collect(job: ClientJob) -> ClientResult:
+        """The client's work: fit the per-class mixtures
+        (``client_fedld.collect``)."""
         return client_fedld.collect(job)
 
     def check(self, ctx: ServerContext) -> None:
+        """Refuse, before any client works, a text encoder whose embedding
+        kind the generator cannot take."""
         check_embedding_kind(ctx)
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
+        """Reject a reply whose mixtures do not unpack against the run's
+        shapes and classes."""
         unpack(reply, ctx)
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
+        """Draw initial latents from every client's class mixtures, denoise
+        them class-prompted and train the global classifier."""
         out = ServerOutput()
         assert ctx.info is not None  # the round learned the classes before this
         strength = ctx.cfg.options(FedLDConfig).fedld_strength

@@ -8,6 +8,9 @@ from common.config import KeysModel
 
 
 class FglInstanceConfig(KeysModel):
+    """FGL-instance's own key: the cap on instance prompts a client uploads per
+    class."""
+
     fgl_instances_per_class: int = Field(
         0,
         ge=0,

@@ -20,11 +20,15 @@ RECORD = "instances"  # the ArrayRecord that carries the payload
 
 @dataclass
 class InstanceEmbeddings:
+    """One client's upload: one encoded caption per training image and its class
+    id."""
+
     class_ids: torch.Tensor  # [N] int64
     embeddings: torch.Tensor  # [N, tokens, dim]
 
 
 def layout(e: InstanceEmbeddings) -> dict[str, torch.Tensor]:
+    """The record's tensors: embeddings as fp16, class ids as int64."""
     return {
         "embeddings": e.embeddings.to(torch.float16),
         "class_ids": e.class_ids.to(torch.int64),

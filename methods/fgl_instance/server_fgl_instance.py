@@ -46,6 +46,8 @@ SOURCE = "fgl-instance:caption-embedding"
 
 
 def unpack(reply: Reply, ctx: ServerContext) -> P.InstanceEmbeddings:
+    """A reply's instance embeddings, checked against the generator's embedding
+    shape, the classes and ``fgl-instances-per-class``."""
     tokens, dim = embedding_shape(ctx)
     return P.unpack(
         reply.tensors,
@@ -71,6 +73,9 @@ def instance_units(e: P.InstanceEmbeddings, owner: int, weight: float) -> CondUn
 
 
 class FglInstance(OneShotMethod):
+    """FGL with instance-level prompts: one encoded caption per client image;
+    the server synthesizes one image per caption."""
+
     name = "fgl-instance"
     config = FglInstanceConfig
     collect_type = "train.instances"
@@ -78,16 +83,24 @@ class FglInstance(OneShotMethod):
 
     @staticmethod
     def client_collect(job: ClientJob) -> ClientResult:
+        """The client's work: caption and encode every training image
+        (``client_fgl_instance.collect``)."""
         return client_fgl_instance.collect(job)
 
     def check(self, ctx: ServerContext) -> None:
+        """Refuse, before any client works, a text encoder whose embedding
+        kind the generator cannot take."""
         check_embedding_kind(ctx)
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
+        """Reject a reply whose embeddings do not match the generator's
+        conditioning shape or the classes."""
         check_reply_embedding(reply, ctx)
         unpack(reply, ctx)
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
+        """Synthesize one image per uploaded caption (within ``synth-
+        budget``) and train the global classifier on them."""
         out = ServerOutput()
         # 1. One image per uploaded caption, bounded by synth-budget (centres of
         #    the class's captions, so identical captions merge first)

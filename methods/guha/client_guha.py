@@ -12,6 +12,8 @@ from .payload_guha import VALIDATION
 
 
 def collect(job: ClientJob) -> ClientResult:
+    """Train the local classifier as one-shot FedAvg does and add its accuracy
+    on the client's held-out split (the client-side cross-validation score)."""
     t0 = time.perf_counter()
     trained = client_fedavg.collect(job)
     acc = classifier_accuracy(

@@ -12,6 +12,9 @@ Selection = Literal["client-cv", "server-cv", "data", "random", "all"]
 
 
 class GuhaConfig(KeysModel):
+    """Guha et al.'s own keys: how the ensemble is selected, its size and the
+    public images used to validate and to distil."""
+
     guha_selection: Selection = Field(
         "client-cv",
         description="which client models enter the ensemble: client-cv (the paper's "

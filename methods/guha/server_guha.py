@@ -115,6 +115,8 @@ class ServerData:
 
 
 def server_data(ctx: ServerContext) -> ServerData:
+    """The server's public images: a labelled validation part (``server-cv``)
+    and an unlabelled distillation part; refused if the dataset has too few."""
     opts = ctx.cfg.options(GuhaConfig)
     n_val, n_dis = opts.guha_validation_images, opts.guha_distill_images
     pairs = public_pairs(ctx.cfg.data_args(), n_val + n_dis)
@@ -146,6 +148,8 @@ class Guha(FedAvg):
     client_collect = staticmethod(client_guha.collect)
 
     def check(self, ctx: ServerContext) -> None:
+        """Load the server's public images before any client works; refuse
+        ``server-cv`` where their captions name no class."""
         self._data = data = server_data(ctx)
         if ctx.cfg.options(GuhaConfig).guha_selection == "server-cv" and (
             data.val_labels is None
@@ -157,9 +161,13 @@ class Guha(FedAvg):
             )
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
+        """Reject a reply whose classifier does not match the shared
+        architecture (FedAvg's checks)."""
         P.unpack(reply, self.reference_state(ctx))
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
+        """Select the ensemble (``guha-selection``) and distil its averaged
+        softmax into the global classifier on the public images."""
         cfg, opts = ctx.cfg, ctx.cfg.options(GuhaConfig)
         out = ServerOutput()
         t0 = time.perf_counter()
