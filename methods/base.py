@@ -228,6 +228,10 @@ class OneShotMethod:
     collect_type: ClassVar[str] = QUERY_INFO
     payload_key: ClassVar[str | None] = None
     evaluate_type: ClassVar[str | None] = EVALUATE  # None: nothing is pushed back
+    # True where the client applies differential privacy to everything it uploads
+    # when dp-epsilon > 0 (README, "Differential privacy"); the round refuses
+    # dp-epsilon > 0 for a method that uploads without it.
+    private_uploads: ClassVar[bool] = False
 
     # ---- client half (Flower-free)
     @staticmethod

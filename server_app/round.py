@@ -31,7 +31,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common import contract as C
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.contract import PayloadError
 from common.datasets import (
     GLOBAL_METRIC,
@@ -60,6 +60,24 @@ from .screening import (  # noqa: F401  (re-exported: the round's step 2)
     reject_outliers,
     screen,
 )
+
+
+def check_privacy(method: OneShotMethod, cfg: RunConfig) -> None:
+    """Refuse ``dp-epsilon > 0`` for a method whose upload has no DP mechanism:
+    a user who asks for privacy must never get an unprotected upload."""
+    if (
+        cfg.dp_epsilon > 0
+        and method.payload_key is not None
+        and not method.private_uploads
+    ):
+        from methods import METHODS
+
+        private = ", ".join(n for n, m in METHODS.items() if m.private_uploads)
+        raise ConfigError(
+            f"dp-epsilon={cfg.dp_epsilon:g}: method={method.name!r} uploads without "
+            f"differential privacy (no mechanism for its upload yet); use dp-epsilon=0, "
+            f"or a method that has one: {private}"
+        )
 
 
 def run_dir_for(cfg: RunConfig, run_id: int | str) -> Path:
@@ -187,6 +205,7 @@ def run_one_shot(
     log(INFO, "One-shot round: method=%s, run dir %s", method.name, run_dir)
 
     # 0. Fail fast on a config the method cannot run (before any client works)
+    check_privacy(method, cfg)
     method.check(ctx)
     registry = load_registry(cfg)
 

@@ -164,3 +164,20 @@ def test_dp_sgd_without_noise_or_clipping_is_train_lora(tmp_path, monkeypatch):
         assert torch.allclose(private[k], plain[k], atol=1e-5), k
     # the step moved the adapter (B starts at zero)
     assert any(float(v.abs().max()) > 0 for k, v in private.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_dp_is_refused_where_a_method_uploads_without_it(name, fast_config):
+    """dp-epsilon > 0 never yields an unprotected upload: a method that uploads
+    something and has no mechanism for it is refused before any client works."""
+    from common.config import ConfigError
+    from server_app.round import check_privacy
+
+    method = METHODS[name]()
+    cfg = build_config(fast_config | {"method": name, "dp-epsilon": 1.0})
+    if method.payload_key is None or method.private_uploads:
+        check_privacy(method, cfg)
+        return
+    with pytest.raises(ConfigError, match=rf"dp-epsilon=1: method='{name}'"):
+        check_privacy(method, cfg)
+    check_privacy(method, build_config(fast_config | {"method": name}))

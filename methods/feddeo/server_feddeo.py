@@ -83,6 +83,7 @@ class FedDeo(OneShotMethod):
     samples with description and class-prompt guidance and trains the global
     classifier."""
 
+    private_uploads = True
     name = "feddeo"
     config = FedDeoConfig
     collect_type = "train.describe"

@@ -82,6 +82,7 @@ class FedDisc(OneShotMethod):
     with each centre and its client's domain feature as guidance terms and trains
     the global classifier."""
 
+    private_uploads = True
     name = "feddisc"
     config = FedDiscConfig
     collect_type = "train.prototypes"

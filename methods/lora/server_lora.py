@@ -54,6 +54,7 @@ class Lora(OneShotMethod):
     UNet with their per-class caption embeddings; the server merges the adapters,
     pushes the merged one back and trains the global classifier on its samples."""
 
+    private_uploads = True
     name = "lora"
     config = LoraConfig
     collect_type = "train.lora"

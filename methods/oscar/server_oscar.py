@@ -38,6 +38,7 @@ class Oscar(OneShotMethod):
     images from them with classifier-free guidance and trains the global
     classifier."""
 
+    private_uploads = True
     name = "oscar"
     config = OscarConfig
     collect_type = "train.embed"
