@@ -233,6 +233,32 @@ def _check_training_inputs(
         raise ValueError("images or cond contain NaN or Inf")
 
 
+def trainable_lora_parameters(
+    unet: UNet, noise_scheduler: Any
+) -> list[torch.nn.Parameter]:
+    """The UNet's LoRA parameters, made trainable in float32; refuses a UNet with
+    no adapter and a scheduler whose prediction type the loss does not support.
+
+    float32 even on a half-precision base: AdamW's small updates vanish in
+    fp16/bf16; peft casts activations to the adapter's dtype and the result back
+    to the base's.
+    """
+    params = lora_parameters(unet)
+    if not params:
+        raise ValueError("the UNet has no LoRA parameters; call attach_lora first")
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(
+            f"scheduler prediction_type={prediction_type!r} is not supported; "
+            "use 'epsilon' or 'v_prediction'"
+        )
+    for p in params:
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
 def train_lora(
     unet: UNet,
     noise_scheduler: Any,
@@ -285,25 +311,12 @@ def train_lora(
     """
     # 1. Check inputs
     _check_training_inputs(images, cond, uncond, steps, lr, batch_size, cond_dropout)
-    params = lora_parameters(unet)
-    if not params:
-        raise ValueError("the UNet has no LoRA parameters; call attach_lora first")
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(
-            f"scheduler prediction_type={prediction_type!r} is not supported; "
-            "use 'epsilon' or 'v_prediction'"
-        )
 
-    # 2. Set up: only LoRA parameters are optimised, in float32 even on a
-    # half-precision base (AdamW's small updates vanish in fp16/bf16; peft casts
-    # activations to the adapter's dtype and the result back to the base's).
+    # 2. Set up: only LoRA parameters are optimised, in float32 (see
+    # trainable_lora_parameters)
+    params = trainable_lora_parameters(unet, noise_scheduler)
     device = params[0].device
     dtype = next(unet.parameters()).dtype
-    for p in params:
-        if p.dtype != torch.float32:
-            p.data = p.data.float()
-        p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
     n = len(images)

@@ -76,29 +76,18 @@ def train_lora_private(
     """
     from torch.func import functional_call, grad_and_value, vmap
 
-    from common.lora import lora_parameters
+    from common.lora import trainable_lora_parameters
 
     # 1. Check inputs
-    params = lora_parameters(unet)
-    names = [n for n, _ in unet.named_parameters() if ".lora_" in n]
-    if not params:
-        raise ValueError("the UNet has no LoRA parameters; call attach_lora first")
     if not mu > 0 or not clip > 0:
         raise ValueError(f"need mu > 0 and dp-clip > 0; got {mu}, {clip}")
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(
-            f"scheduler prediction_type={prediction_type!r} is not supported; "
-            "use 'epsilon' or 'v_prediction'"
-        )
 
     # 2. Set up as train_lora does; the noise std from the participation bound
+    params = trainable_lora_parameters(unet, noise_scheduler)
+    prediction_type = noise_scheduler.config.prediction_type
+    names = [n for n, _ in unet.named_parameters() if ".lora_" in n]
     device = params[0].device
     dtype = next(unet.parameters()).dtype
-    for p in params:
-        if p.dtype != torch.float32:
-            p.data = p.data.float()
-        p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr)
     g = torch.Generator().manual_seed(seed)  # public draws: batches, t, noise
     rng = dp.noise_rng()  # the privacy noise: OS entropy
