@@ -410,7 +410,19 @@ def test_paired_differences_by_hand_including_in_run_references():
     assert q["diffs"] == pytest.approx([-0.10, 0.30]) and q["wins"] == 1
     assert ("oscar", "class-names") not in paired  # no common seed: no row
     table = T.format_paired_table(AREC.paired_differences(runs))
-    assert "dense vs fedavg | +2.5 | 0: +10.0, 1: -5.0 | 1/2" in table
+    # by hand: sd 0.0750 sqrt 2, se 0.075, t_{0.975, 1} = 12.706 -> +-95.3 pp; with
+    # one degree of freedom (Cauchy) p = 1 - (2 / pi) atan(t), t = 1/3 -> 0.795;
+    # feddiff's pair: t = 0.5 -> p = 0.705; Holm: 2 x 0.705 -> 1 (capped), then 1
+    assert p["p"] == pytest.approx(1 - 2 / math.pi * math.atan(1 / 3))
+    assert q["p"] == pytest.approx(1 - 2 / math.pi * math.atan(0.5))
+    assert p["p_holm"] == q["p_holm"] == 1.0 and not p["holds"]
+    assert p["ci95"] == pytest.approx(
+        [0.025 - 12.7062 * 0.075, 0.025 + 12.7062 * 0.075], abs=1e-4
+    )
+    assert (
+        "dense vs fedavg | +2.5 [-92.8, +97.8] | 0: +10.0, 1: -5.0 | 1/2 | 1.000 | no"
+        in table
+    )
     assert AREC.reference_rows(runs) == [["feddiff:pool-best", "60.0", "14.1", "2"]]
 
 

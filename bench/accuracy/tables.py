@@ -103,20 +103,45 @@ def format_domain_table(summary: dict[str, dict[str, Any]]) -> str:
 
 
 def format_paired_table(paired: list[dict[str, Any]]) -> str:
-    """Markdown: A vs B | mean A - B (pp) | per seed (pp) | A above B."""
+    """Markdown: A vs B | mean A - B [95% interval] (pp) | per seed (pp) | A above
+    B (seeds) | Holm p | ordering holds."""
+
+    def interval(p: dict[str, Any]) -> str:
+        lo, hi = p.get("ci95") or (None, None)
+        if lo is None or hi is None:
+            return pct(p["mean_diff"], True)
+        return f"{pct(p['mean_diff'], True)} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+    def holds(p: dict[str, Any]) -> str:
+        if p.get("p_holm") is None:
+            return "n/a (one seed)"
+        return "yes" if p["holds"] else "no"
+
     rows = [
         [
             f"{p['a']} vs {p['b']}",
-            pct(p["mean_diff"], True),
+            interval(p),
             ", ".join(
                 f"{s}: {100 * d:+.1f}"
                 for s, d in zip(p["seeds"], p["diffs"], strict=True)
             ),
             f"{p['wins']}/{len(p['seeds'])}",
+            "n/a" if p.get("p_holm") is None else f"{p['p_holm']:.3f}",
+            holds(p),
         ]
         for p in paired
     ]
-    return md_table(["pair", "mean diff (pp)", "per seed (pp)", "A above B"], rows)
+    return md_table(
+        [
+            "pair",
+            "mean diff [95% CI] (pp)",
+            "per seed (pp)",
+            "A above B",
+            "Holm p",
+            "A > B holds",
+        ],
+        rows,
+    )
 
 
 def format_fid_table(fid: dict[str, Any]) -> str:
