@@ -184,10 +184,9 @@ if kill_after:
     persist.Journal.upload = upload_then_die
 # The devices connect at times measured from the window's own start (1e9).
 clock = VirtualClock(start)
-res, grid = run_round(
+run_round(
     [Device(d.node_id, d.node_config, arrive_s=d.arrive_s - (start - 1e9),
             reply_s=d.reply_s) for d in devices], rc, clock=clock)
-print("SENT " + json.dumps(grid.sent))
 """
 
 
@@ -197,6 +196,8 @@ SPREAD = [[0.0, 0.0], [10.0, 0.0], [20.0, 0.0], [30.0, 0.0], [40.0, 0.0]]
 def _window_round(
     rc: dict, start: float, kill_after: int, spec: list = SPREAD
 ) -> subprocess.CompletedProcess:
+    """The round in its own process, killed by SIGKILL after ``kill_after``
+    uploads are journaled (the resume runs in this process: ``_resume``)."""
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     args = [json.dumps(rc), str(start), str(kill_after), json.dumps(spec)]
     return subprocess.run(
@@ -207,6 +208,24 @@ def _window_round(
         text=True,
         timeout=300,
     )
+
+
+def _resume(rc: dict, start: float, spec: list = SPREAD) -> list:
+    """The re-run after the kill, in this process (the same devices as
+    ``SCRIPT``'s, the clock at ``start``): the messages it sent."""
+    from deploy.inprocess import VirtualClock
+
+    devices = [
+        Device(
+            101 + p,
+            {"partition-id": p, "num-partitions": len(spec)},
+            arrive_s=a - (start - 1e9),
+            reply_s=r,
+        )
+        for p, (a, r) in enumerate(spec)
+    ]
+    _, grid = run_round(devices, rc, clock=VirtualClock(start))
+    return grid.sent
 
 
 @pytest.mark.timeout(600)
@@ -225,9 +244,7 @@ def test_killed_in_mid_window_resumes_losing_nothing_asking_nobody_twice(
     kept = [e["node_id"] for e in before if e["event"] == "upload"]
     assert kept == [101, 102] and not any(e["event"] == "closed" for e in before)
 
-    again = _window_round(rc, 1e9 + 25.0, kill_after=0)
-    assert again.returncode == 0, again.stderr[-2000:]
-    sent = json.loads(again.stdout.split("SENT ", 1)[1])
+    sent = _resume(rc, 1e9 + 25.0)
     asked_again = [n for n, t in sent if t == COLLECT]
     assert not set(asked_again) & set(kept)  # nobody heard from is asked twice
     assert asked_again == [103, 104, 105]
@@ -253,9 +270,7 @@ def test_resumed_after_the_window_ended_closes_at_once(tiny_stack, fast_config):
     spec = [[0.0, 0.0], [0.0, 0.0], [0.0, 50.0]]
     k = _window_round(rc, 1e9, kill_after=2, spec=spec)
     assert k.returncode == -signal.SIGKILL, k.stderr[-2000:]
-    again = _window_round(rc, 1e9 + 200.0, kill_after=0, spec=spec)
-    assert again.returncode == 0, again.stderr[-2000:]
-    sent = json.loads(again.stdout.split("SENT ", 1)[1])
+    sent = _resume(rc, 1e9 + 200.0, spec)
     assert [n for n, t in sent if t == COLLECT] == []
     res = json.loads((Path(rc["output-dir"]) / "late" / "results.json").read_text())
     assert res["fleet"]["valid"] == [101, 102] and res["fleet"]["missing"] == [103]
