@@ -21,11 +21,23 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "fedlmg-hetero": {"method": "fedlmg", "fedlmg-client-classifiers": "cnn,resnet18"},
     "dense": {"method": "dense"},
     "feddiff": {"method": "feddiff"},
+    "fedhydra": {"method": "fedhydra"},
+    "guha": {"method": "guha"},
+    "dosfl": {"method": "dosfl"},
+    "fedbip": {"method": "fedbip"},
+    "fgl-instance": {"method": "fgl-instance"},
+    "fedld": {"method": "fedld"},
+    "public-only": {"method": "public-only"},
+    "zero-shot": {"method": "zero-shot"},
     ORACLE: None,
 }
 
-# oscar-oracle and oscar-dp stay out of the default table to keep --quick within
-# 40 minutes on the 2-core CPU (--methods adds them).
+# What the server knows without any client (issue 23): every method's table row
+# is compared with these, paired over seeds.
+FLOORS = ("public-only", "zero-shot")
+
+# oscar-oracle, oscar-dp and fedlmg-hetero stay out of the default table to keep
+# --quick shorter on the 2-core CPU (--methods adds them).
 DEFAULT_METHODS = (
     "oscar",
     "feddisc",
@@ -35,7 +47,14 @@ DEFAULT_METHODS = (
     "fedavg",
     "dense",
     "feddiff",
+    "fedhydra",
+    "guha",
+    "dosfl",
+    "fedbip",
+    "fgl-instance",
+    "fedld",
     "local",
+    *FLOORS,
     ORACLE,
 )
 
@@ -64,7 +83,22 @@ PAIRS = (
     ("feddiff", "feddiff:fedavg"),
     ("feddiff", "feddiff:pool-best"),
     ("feddiff", "feddiff:average-with-pool-subset"),
+    # the orderings of the newer methods' papers against their own baselines
+    ("fedhydra", "dense"),
+    ("guha", "fedavg"),
+    ("dosfl", "fedavg"),
+    ("fedbip", "feddisc"),
+    ("fedbip", "class-names"),
+    ("fgl-instance", "class-names"),
+    ("fedld", "class-names"),
 )
+
+
+def floor_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
+    """(method, floor) for every benchmarked method that is not a floor or the
+    oracle, against each floor: a family of its own for Holm's correction."""
+    return [(m, f) for m in methods if m not in FLOORS and m != ORACLE for f in FLOORS]
+
 
 # --quick: the default world (partition, domains, image size, generator, sampler,
 # epochs) with fewer examples per client; smaller batches keep the number of

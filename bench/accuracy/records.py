@@ -172,7 +172,8 @@ def paired_differences(
     the pairs (``p_holm``), whether "A above B" holds at family-wise 5%
     (``holds``), and in how many seeds A is above B. Pairs with no common seed
     are left out."""
-    out = []
+    out: list[dict[str, Any]] = []
+    pvalues: list[float | None] = []
     for a, b in pairs:
         acc_a, acc_b = seed_accuracies(records, a), seed_accuracies(records, b)
         seeds = sorted(set(acc_a) & set(acc_b))
@@ -180,6 +181,7 @@ def paired_differences(
             continue
         diffs = [acc_a[s] - acc_b[s] for s in seeds]
         t = paired_t(diffs)
+        pvalues.append(t["p"])
         out.append(
             {
                 "a": a,
@@ -192,10 +194,12 @@ def paired_differences(
                 "wins": sum(d > 0 for d in diffs),
             }
         )
-    for pair, adj in zip(out, holm([p["p"] for p in out]), strict=True):
+    for pair, adj, mean_diff in zip(
+        out, holm(pvalues), [t["mean_diff"] for t in out], strict=True
+    ):
         pair["p_holm"] = adj
         # the ordering the pair claims holds: A above B at family-wise 5%
-        pair["holds"] = adj is not None and adj <= 0.05 and pair["mean_diff"] > 0
+        pair["holds"] = adj is not None and adj <= 0.05 and float(mean_diff) > 0
     return out
 
 

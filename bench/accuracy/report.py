@@ -7,7 +7,7 @@ from typing import Any
 
 from bench.report import md_table, pct, pyplot, save_figure, write_json
 
-from .config import NOTES, ORACLE
+from .config import NOTES, ORACLE, floor_pairs
 from .records import paired_differences, reference_rows
 from .tables import (
     format_domain_table,
@@ -55,6 +55,7 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         "",
         format_paired_table(paired_differences(report["runs"])),
         "",
+        *floor_section(report),
         *(
             [
                 "### References computed inside the runs (global accuracy %)",
@@ -115,6 +116,33 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         f"{'quick' if report['quick'] else 'full'}: {report['num_clients']} clients, "
         f"{len(report['seeds'])} seeds",
     )
+
+
+def floor_section(report: dict[str, Any]) -> list[str]:
+    """Markdown lines: every method against what the server knows without any
+    client (``FLOORS``), paired over seeds, Holm-corrected as one family; empty
+    when no floor ran."""
+    summary = report["summary"]
+    pairs = floor_pairs([m for m in report.get("methods", summary) if m in summary])
+    paired = paired_differences(report["runs"], pairs)
+    if not paired:
+        return []
+    below = sorted({p["a"] for p in paired if p["mean_diff"] <= 0})
+    return [
+        "### Against the floors: what the server knows without any client",
+        "",
+        "`public-only`: the global classifier trained on the server's public data "
+        "alone; `zero-shot`: the stack's image and text encoders with class-name "
+        "prompts, no training. A method that does not beat a floor adds nothing "
+        "the server did not already have.",
+        "",
+        format_paired_table(paired),
+        "",
+        "Not above both floors on average: "
+        + (", ".join(f"`{m}`" for m in below) if below else "none")
+        + ".",
+        "",
+    ]
 
 
 def plot_summary(
