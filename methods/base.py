@@ -6,7 +6,9 @@ A method is one folder ``methods/<name>/`` (``config_``, ``payload_``, ``client_
 * client half: ``client_collect(job) -> ClientResult`` (Flower-free work on the
   node's data), optionally ``client_evaluate(job) -> metrics``;
 * the wire: ``collect_type`` / ``evaluate_type`` (Flower message types) and
-  ``payload_key`` (the ArrayRecord its payload module lays out);
+  ``payload_key`` (the ArrayRecord its payload module lays out), the first two
+  taken from the payload module by the class keyword ``payload=`` (its
+  ``COLLECT_TYPE`` and ``RECORD``), the client half by ``client=``;
 * server half: ``check`` (fail fast before any client works), ``collect_content``
   (what goes down with the request), ``validate`` (reject one reply with a
   reason), ``server_work``, ``push_content``, ``summary`` (its lines of the report).
@@ -21,6 +23,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
@@ -232,6 +235,29 @@ class OneShotMethod:
     # when dp-epsilon > 0 (README, "Differential privacy"); the round refuses
     # dp-epsilon > 0 for a method that uploads without it.
     private_uploads: ClassVar[bool] = False
+
+    def __init_subclass__(
+        cls,
+        payload: ModuleType | None = None,
+        client: ModuleType | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Take the wire and the client half from the folder's modules:
+        ``class Oscar(OneShotMethod, payload=payload_oscar, client=client_oscar)``.
+
+        ``payload``: its ``COLLECT_TYPE`` (the collect message's type) and
+        ``RECORD`` (the ArrayRecord it lays out) become ``collect_type`` and
+        ``payload_key``; ``client``: its ``collect`` (and ``evaluate``, where it
+        has one) become ``client_collect`` (and ``client_evaluate``).
+        """
+        super().__init_subclass__(**kwargs)
+        if payload is not None:
+            cls.collect_type = payload.COLLECT_TYPE
+            cls.payload_key = payload.RECORD
+        if client is not None:
+            cls.client_collect = staticmethod(client.collect)  # type: ignore[method-assign]
+            if hasattr(client, "evaluate"):
+                cls.client_evaluate = staticmethod(client.evaluate)  # type: ignore[method-assign]
 
     # ---- client half (Flower-free)
     @staticmethod

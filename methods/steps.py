@@ -41,7 +41,7 @@ from common.synthesis_settings import SAMPLER_KEYS, SynthesisSettings
 from common.synthesis_workers import GeneratorSpec, sample_on_workers
 from common.train import train_classifier
 
-from .base import ServerContext, ServerOutput
+from .base import OneShotMethod, ServerContext, ServerOutput
 
 SAMPLES_PER_CELL = 6  # images kept per (client, class) for the sample grid
 
@@ -55,6 +55,17 @@ def check_embedding_kind(ctx: ServerContext) -> None:
             f"embedding={ctx.cfg.embedding!r} but generator={ctx.cfg.generator!r} is "
             f"conditioned on {gen.embedding!r} embeddings; set embedding={gen.embedding!r}"
         )
+
+
+class SynthesisMethod(OneShotMethod):
+    """A method whose server samples the text-conditioned generator: its
+    ``check`` refuses, before any client works, a generator not conditioned on
+    the run's ``embedding`` kind (a subclass that checks more calls
+    ``super().check(ctx)`` first)."""
+
+    def check(self, ctx: ServerContext) -> None:
+        """Refuse a generator not conditioned on the run's ``embedding`` kind."""
+        check_embedding_kind(ctx)
 
 
 def embedding_shape(ctx: ServerContext) -> tuple[int, int]:

@@ -179,10 +179,11 @@ def test_two_ray_workers_give_the_same_images(tiny_stack_dir):
     ref = sample(gen, cond, uncond, **kw)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
+        # two actors, each sampling its shard: the same images as one process
+        # (one actor is the same code path with one shard)
         spec = GeneratorSpec.of(gen, "ddpm", "fp32")
-        for workers in (1, 2):
-            x = sample_on_workers(spec, cond, uncond, workers=workers, **kw)
-            torch.testing.assert_close(x, ref, atol=1e-5, rtol=0)
+        x = sample_on_workers(spec, cond, uncond, workers=2, **kw)
+        torch.testing.assert_close(x, ref, atol=1e-5, rtol=0)
     finally:
         ray.shutdown()
 

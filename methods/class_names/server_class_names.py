@@ -9,26 +9,22 @@ import torch
 
 from common.contract import Reply
 
-from ..base import OneShotMethod, ServerContext, ServerOutput
+from ..base import ServerContext, ServerOutput
 from ..steps import (
     CondUnits,
+    SynthesisMethod,
     budget_rows,
-    check_embedding_kind,
     synthesize_set,
     train_global,
 )
 
 
-class ClassNames(OneShotMethod):
+class ClassNames(SynthesisMethod):
     """Class names only: the server prompts the generator with each class's
     prompt and trains the global classifier on the images; clients upload nothing
     but their envelope."""
 
     name = "class-names"
-
-    def check(self, ctx: ServerContext) -> None:
-        """Refuse a generator not conditioned on the run's ``embedding`` kind."""
-        check_embedding_kind(ctx)
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """Synthesize ``images-per-class`` images per class per reply from the class

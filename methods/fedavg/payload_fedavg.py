@@ -8,6 +8,7 @@ import torch
 from common import contract as C
 
 RECORD = C.KEY_MODEL
+COLLECT_TYPE = "train"  # the collect message's type
 
 
 def unpack(

@@ -85,14 +85,11 @@ def average_uploads(
     return state, shares
 
 
-class FedAvg(OneShotMethod):
+class FedAvg(OneShotMethod, payload=P, client=client_fedavg):
     """One-shot FedAvg: clients train the run's initial classifier once; the
     server averages their weights with capped example-count shares."""
 
     name = "fedavg"
-    collect_type = "train"
-    payload_key = P.RECORD
-    client_collect = staticmethod(client_fedavg.collect)
 
     def reference_state(self, ctx: ServerContext) -> dict[str, torch.Tensor]:
         """The weights that go down and that uploads must match: the run's

@@ -15,6 +15,7 @@ import torch
 from .. import class_vectors
 
 RECORD = "descriptions"
+COLLECT_TYPE = "train.describe"  # the collect message's type
 
 
 @dataclass

@@ -44,11 +44,11 @@ import torch
 
 from common.contract import Reply
 
-from ..base import OneShotMethod, ServerContext, ServerOutput
+from ..base import ServerContext, ServerOutput
 from ..steps import (
     CondUnits,
+    SynthesisMethod,
     budget_rows,
-    check_embedding_kind,
     check_reply_embedding,
     class_units,
     classes_uploaded,
@@ -78,7 +78,7 @@ def _mean_metric(replies: list[Reply], key: str) -> float | None:
     return round(sum(vals) / len(vals), 6) if vals else None
 
 
-class FedDeo(OneShotMethod):
+class FedDeo(SynthesisMethod, payload=P, client=client_feddeo):
     """FedDEO: clients upload one learned description per class; the server
     samples with description and class-prompt guidance and trains the global
     classifier."""
@@ -86,13 +86,6 @@ class FedDeo(OneShotMethod):
     private_uploads = True
     name = "feddeo"
     config = FedDeoConfig
-    collect_type = "train.describe"
-    payload_key = P.RECORD
-    client_collect = staticmethod(client_feddeo.collect)
-
-    def check(self, ctx: ServerContext) -> None:
-        """Refuse a generator not conditioned on the run's ``embedding`` kind."""
-        check_embedding_kind(ctx)
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
         """Reject a reply of another embedding kind, or descriptions not of the

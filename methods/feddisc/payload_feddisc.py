@@ -15,6 +15,7 @@ import torch
 from .. import class_vectors
 
 RECORD = "prototypes"
+COLLECT_TYPE = "train.prototypes"  # the collect message's type
 
 
 @dataclass

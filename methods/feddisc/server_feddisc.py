@@ -42,11 +42,11 @@ from common.contract import Reply
 from common.datasets import public_pairs
 from common.maths import apply_linear_map, fit_linear_map
 
-from ..base import OneShotMethod, ServerContext, ServerOutput
+from ..base import ServerContext, ServerOutput
 from ..steps import (
     CondUnits,
+    SynthesisMethod,
     budget_rows,
-    check_embedding_kind,
     class_units,
     classes_uploaded,
     synthesize_set,
@@ -76,7 +76,7 @@ def modality_gap(
     return gap
 
 
-class FedDisc(OneShotMethod):
+class FedDisc(SynthesisMethod, payload=P, client=client_feddisc):
     """FedDISC: clients upload k-means centres of their CLIP image embeddings
     per class; the server maps them into the generator's conditioning, samples
     with each centre and its client's domain feature as guidance terms and trains
@@ -85,15 +85,12 @@ class FedDisc(OneShotMethod):
     private_uploads = True
     name = "feddisc"
     config = FedDiscConfig
-    collect_type = "train.prototypes"
-    payload_key = P.RECORD
-    client_collect = staticmethod(client_feddisc.collect)
 
     def check(self, ctx: ServerContext) -> None:
         """Fit the image -> text-embedding map on public pairs (before any client works)."""
         from common.captioner import load_image_encoder
 
-        check_embedding_kind(ctx)
+        super().check(ctx)
         opts = ctx.cfg.options(FedDiscConfig)
         pairs = public_pairs(ctx.cfg.data_args(), opts.feddisc_map_pairs)
         if pairs is None:

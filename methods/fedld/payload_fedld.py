@@ -24,6 +24,7 @@ from common.contract import PayloadError
 from .maths_fedld import VAR_FLOOR
 
 RECORD = "mixtures"  # the ArrayRecord that carries the payload
+COLLECT_TYPE = "train.mixtures"  # the collect message's type
 MAX_VARIANCE = 1e4  # fp16 holds 6.5e4; latents of any sane VAE are far inside
 MAX_ABS_MEAN = 1e4
 

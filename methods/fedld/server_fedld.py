@@ -35,11 +35,11 @@ from flwr.common.logger import log
 from common.contract import Reply
 from common.synthesis import image_generators
 
-from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
+from ..base import ServerContext, ServerOutput
 from ..steps import (
     CondUnits,
+    SynthesisMethod,
     budget_rows,
-    check_embedding_kind,
     class_units,
     keep_samples,
     train_global,
@@ -107,25 +107,12 @@ def save_set(
     log(INFO, "Synthetic set (%d images) saved to %s", len(labels), path)
 
 
-class FedLD(OneShotMethod):
+class FedLD(SynthesisMethod, payload=P, client=client_fedld):
     """FedLD: clients upload per-class Gaussian mixtures of their generator-
     space latents; the server draws from them and denoises class-prompted."""
 
     name = "fedld"
     config = FedLDConfig
-    collect_type = "train.mixtures"
-    payload_key = P.RECORD
-
-    @staticmethod
-    def client_collect(job: ClientJob) -> ClientResult:
-        """The client's work: fit the per-class mixtures
-        (``client_fedld.collect``)."""
-        return client_fedld.collect(job)
-
-    def check(self, ctx: ServerContext) -> None:
-        """Refuse, before any client works, a text encoder whose embedding
-        kind the generator cannot take."""
-        check_embedding_kind(ctx)
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
         """Reject a reply whose mixtures do not unpack against the run's

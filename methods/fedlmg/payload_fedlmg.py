@@ -17,6 +17,7 @@ from common.contract import PayloadError
 from common.models import ARCHS, build_classifier
 
 RECORD = C.KEY_MODEL
+COLLECT_TYPE = "train.fedlmg"  # the collect message's type
 COUNTS = "_class_counts"
 
 

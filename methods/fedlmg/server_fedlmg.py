@@ -63,11 +63,11 @@ from common.contract import Reply
 from common.models import build_classifier
 from common.synthesis import LatentGuidance, from_uint8
 
-from ..base import OneShotMethod, ServerContext, ServerOutput
+from ..base import ServerContext, ServerOutput
 from ..steps import (
     CondUnits,
+    SynthesisMethod,
     budget_rows,
-    check_embedding_kind,
     synthesize_set,
     train_global,
 )
@@ -112,21 +112,18 @@ def guidance_loss(
 # ---------------------------------------------------------------- method
 
 
-class FedLmg(OneShotMethod):
+class FedLmg(SynthesisMethod, payload=P, client=client_fedlmg):
     """FedLMG: clients upload classifiers of their own architectures; each
     synthetic image is guided by the model of the client it stands for, and the
     global classifier learns the guided images."""
 
     name = "fedlmg"
     config = FedLmgConfig
-    collect_type = "train.fedlmg"
-    payload_key = P.RECORD
-    client_collect = staticmethod(client_fedlmg.collect)
 
     def check(self, ctx: ServerContext) -> None:
         """Refuse a generator not conditioned on the run's ``embedding`` kind, or a
         scheduler that scales the initial noise (the x0 prediction assumes sigma 1)."""
-        check_embedding_kind(ctx)
+        super().check(ctx)
         if float(ctx.generator.scheduler.init_noise_sigma) != 1.0:
             raise ConfigError(
                 f"method='fedlmg' predicts x0 with the variance-preserving formula; "

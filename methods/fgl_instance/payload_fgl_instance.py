@@ -16,6 +16,7 @@ from common import contract as C
 from common.contract import PayloadError
 
 RECORD = "instances"  # the ArrayRecord that carries the payload
+COLLECT_TYPE = "train.instances"  # the collect message's type
 
 
 @dataclass

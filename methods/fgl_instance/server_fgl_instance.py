@@ -28,11 +28,11 @@ import torch
 
 from common.contract import Reply
 
-from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
+from ..base import ServerContext, ServerOutput
 from ..steps import (
     CondUnits,
+    SynthesisMethod,
     budget_rows,
-    check_embedding_kind,
     check_reply_embedding,
     embedding_shape,
     synthesize_set,
@@ -72,25 +72,12 @@ def instance_units(e: P.InstanceEmbeddings, owner: int, weight: float) -> CondUn
     )
 
 
-class FglInstance(OneShotMethod):
+class FglInstance(SynthesisMethod, payload=P, client=client_fgl_instance):
     """FGL with instance-level prompts: one encoded caption per client image;
     the server synthesizes one image per caption."""
 
     name = "fgl-instance"
     config = FglInstanceConfig
-    collect_type = "train.instances"
-    payload_key = P.RECORD
-
-    @staticmethod
-    def client_collect(job: ClientJob) -> ClientResult:
-        """The client's work: caption and encode every training image
-        (``client_fgl_instance.collect``)."""
-        return client_fgl_instance.collect(job)
-
-    def check(self, ctx: ServerContext) -> None:
-        """Refuse, before any client works, a text encoder whose embedding
-        kind the generator cannot take."""
-        check_embedding_kind(ctx)
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
         """Reject a reply whose embeddings do not match the generator's

@@ -18,6 +18,7 @@ from common.contract import PayloadError
 from ..oscar import payload_oscar
 
 RECORD = "lora"
+COLLECT_TYPE = "train.lora"  # the collect message's type
 ADAPTER = "adapter/"
 EMB = "emb/"
 

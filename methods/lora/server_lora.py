@@ -31,12 +31,12 @@ from common.lora_merge import merge_adapters
 from common.synthesis import sample
 from common.synthesis_settings import SynthesisSettings
 
-from ..base import OneShotMethod, ServerContext, ServerOutput
+from ..base import ServerContext, ServerOutput
 from ..fedavg.server_fedavg import capped_shares
 from ..steps import (
     CondUnits,
+    SynthesisMethod,
     budget_rows,
-    check_embedding_kind,
     class_units,
     classes_uploaded,
     embedding_shape,
@@ -49,7 +49,7 @@ from . import payload_lora as P
 from .config_lora import LoraConfig
 
 
-class Lora(OneShotMethod):
+class Lora(SynthesisMethod, payload=P, client=client_lora):
     """One-shot federated LoRA: clients upload a LoRA adapter of the generator's
     UNet with their per-class caption embeddings; the server merges the adapters,
     pushes the merged one back and trains the global classifier on its samples."""
@@ -57,17 +57,13 @@ class Lora(OneShotMethod):
     private_uploads = True
     name = "lora"
     config = LoraConfig
-    collect_type = "train.lora"
-    payload_key = P.RECORD
     evaluate_type = "evaluate.lora"
-    client_collect = staticmethod(client_lora.collect)
-    client_evaluate = staticmethod(client_lora.evaluate)
 
     def check(self, ctx: ServerContext) -> None:
         """Refuse a generator not conditioned on the run's ``embedding`` kind;
         keep the generator's fingerprint and the adapter every client must send
         (keys and shapes at ``lora-rank``)."""
-        check_embedding_kind(ctx)
+        super().check(ctx)
         lcfg = ctx.cfg.options(LoraConfig)
         self.fingerprint = ctx.generator.fingerprint()
         # The adapter every client must send: keys and shapes of rank lora-rank.

@@ -18,6 +18,7 @@ from common import contract as C
 from common.contract import PayloadError
 
 RECORD = "embeddings"  # the ArrayRecord that carries the payload
+COLLECT_TYPE = "train.embed"  # the collect message's type
 MAX_COUNT = C.MAX_EXAMPLES
 
 

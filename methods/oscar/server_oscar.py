@@ -16,11 +16,11 @@ from typing import Any
 
 from common.contract import Reply
 
-from ..base import OneShotMethod, ServerContext, ServerOutput
+from ..base import ServerContext, ServerOutput
 from ..steps import (
     CondUnits,
+    SynthesisMethod,
     budget_rows,
-    check_embedding_kind,
     check_reply_embedding,
     class_units,
     classes_uploaded,
@@ -33,7 +33,7 @@ from . import payload_oscar as P
 from .config_oscar import OscarConfig
 
 
-class Oscar(OneShotMethod):
+class Oscar(SynthesisMethod, payload=P, client=client_oscar):
     """OSCAR: clients upload per-class caption embeddings; the server samples
     images from them with classifier-free guidance and trains the global
     classifier."""
@@ -41,13 +41,6 @@ class Oscar(OneShotMethod):
     private_uploads = True
     name = "oscar"
     config = OscarConfig
-    collect_type = "train.embed"
-    payload_key = P.RECORD
-    client_collect = staticmethod(client_oscar.collect)
-
-    def check(self, ctx: ServerContext) -> None:
-        """Refuse a generator not conditioned on the run's ``embedding`` kind."""
-        check_embedding_kind(ctx)
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
         """Reject a reply of another embedding kind, or vectors not of the
