@@ -51,14 +51,15 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from logging import INFO
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from flwr.common.logger import log
+from pydantic import BaseModel
 from torch import nn
 
 # DENSE's BN term is the batch one, the code's DeepInversionHook (shared with FedLMG)
@@ -106,6 +107,19 @@ def adversarial_loss(
 def ensemble_logits(models: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """The unweighted mean of the models' logits (the code's Ensemble_A)."""
     return torch.stack([m(x).float() for m in models]).mean(0)
+
+
+# The ensemble's logits of a batch, ``f_E(x)``: DENSE's is ``ensemble_logits`` over
+# the client models; a method built on DENSE (FedHydra) passes its own aggregation.
+# It must run every client model once per call (the BN-statistic hooks sum per run).
+Teacher = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _teacher(teachers: Sequence[nn.Module], teacher: Teacher | None) -> Teacher:
+    """``teacher``, or DENSE's mean of the ``teachers``' logits."""
+    if teacher is not None:
+        return teacher
+    return lambda x: ensemble_logits(teachers, x)
 
 
 def random_shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -225,11 +239,14 @@ def synthesize_batch(
     s: DenseSettings,
     g: torch.Generator,
     dtype: torch.dtype = torch.float32,
+    teacher: Teacher | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Phase 1 of one epoch: train a freshly initialised ``gen`` and its latents on
     ``L_G``; returns the batch with the lowest ``L_G`` (float, ``[-1, 1]``) and
-    its terms."""
+    its terms. ``teacher``: ``f_E`` (default: ``ensemble_logits`` of ``teachers``,
+    whose BN layers give the BN-statistic term either way)."""
     device = labels.device
+    f_e = _teacher(teachers, teacher)
     reset_generator(gen, g)
     gen.train()
     z = torch.randn(len(labels), s.nz, generator=g).to(device).requires_grad_()
@@ -243,7 +260,7 @@ def synthesize_batch(
             x = gen(z)
             view = random_shift(x, g)
             with _autocast(device, dtype):
-                t_out = ensemble_logits(teachers, view)
+                t_out = f_e(view)
                 s_out = student(view).float()
             loss_bn = hooks.pop().to(device)
             loss_oh = F.cross_entropy(t_out, labels)
@@ -275,9 +292,12 @@ def distill_epoch(
     g: torch.Generator,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
+    teacher: Teacher | None = None,
 ) -> tuple[float, int, float]:
     """Phase 2 of one epoch: one shuffled pass over the uint8 ``pool``;
-    returns ``(mean loss, steps, student-ensemble agreement)``."""
+    returns ``(mean loss, steps, student-ensemble agreement)``. ``teacher`` as
+    in ``synthesize_batch``."""
+    f_e = _teacher(teachers, teacher)
     student.train()
     perm = torch.randperm(len(pool), generator=g)
     total, agree, steps = 0.0, 0, 0
@@ -285,7 +305,7 @@ def distill_epoch(
         x = from_uint8(pool[perm[i : i + s.kd_batch]].to(device))
         x = augment(x, g)
         with torch.no_grad(), _autocast(device, dtype):
-            t_out = ensemble_logits(teachers, x)
+            t_out = f_e(x)
         with _autocast(device, dtype):
             s_out = student(x).float()
         loss = distillation_loss(s_out, t_out, s.temperature)
@@ -307,11 +327,14 @@ def run_dense(
     s: DenseSettings,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    teacher: Teacher | None = None,
 ) -> dict[str, Any]:
     """Both phases for ``s.epochs`` epochs; the student is trained in place.
 
-    Returns the pool (uint8), its labels, the seconds of each phase and DENSE's
-    numbers for results.json.
+    ``teacher`` is ``f_E``, the ensemble's logits of a batch (default: DENSE's
+    mean of the ``teachers``' logits); the BN-statistic term is over the
+    ``teachers`` either way. Returns the pool (uint8), its labels, the seconds of
+    each phase and DENSE's numbers for results.json.
     """
     # 1. Check inputs
     if not teachers:
@@ -335,7 +358,9 @@ def run_dense(
         t0 = time.perf_counter()
         labels = torch.randint(0, num_classes, (s.batch,), generator=g).to(device)
         student.requires_grad_(False)
-        x, terms = synthesize_batch(gen, teachers, student, labels, s, g, dtype)
+        x, terms = synthesize_batch(
+            gen, teachers, student, labels, s, g, dtype, teacher
+        )
         student.requires_grad_(True)
         pool.append(to_uint8(x).cpu())  # the 8-bit quantisation of the code's PNGs
         pool_labels.append(labels.cpu())
@@ -343,7 +368,7 @@ def run_dense(
         # 4. Model distillation: one pass over every batch so far
         t0 = time.perf_counter()
         kd_loss, steps, agreement = distill_epoch(
-            student, teachers, torch.cat(pool), opt, s, g, device, dtype
+            student, teachers, torch.cat(pool), opt, s, g, device, dtype, teacher
         )
         kd_steps += steps
         seconds["train"] += time.perf_counter() - t0
@@ -399,13 +424,33 @@ class Dense(FedAvg):
     server work instead of the average."""
 
     name = "dense"
-    config = DenseConfig
+    # the base class's type: a method built on DENSE (FedHydra) has its own keys
+    config: ClassVar[type[BaseModel] | None] = DenseConfig
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
         """FedAvg's check against the initial weights, and refuse negative BN
         running variances."""
         super().validate(reply, ctx)
         _check_running_var(reply.tensors)
+
+    def client_models(
+        self, replies: list[Reply], ctx: ServerContext
+    ) -> list[nn.Module]:
+        """The ensemble's members: each reply's classifier (validated against the
+        initial weights: the run's ``classifier``)."""
+        models = []
+        for r in replies:
+            model = build_classifier(ctx.cfg.classifier, ctx.channels, ctx.num_classes)
+            model.load_state_dict(r.tensors)
+            models.append(model)
+        return models
+
+    def ensemble(
+        self, models: list[nn.Module], replies: list[Reply], ctx: ServerContext
+    ) -> tuple[Teacher | None, dict[str, Any]]:
+        """``f_E`` and its entries of results.json: DENSE's is the mean of the
+        models' logits (``None``: ``run_dense``'s default) and adds none."""
+        return None, {}
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """Distil the ensemble of the client models into a student started from the
@@ -414,17 +459,15 @@ class Dense(FedAvg):
         cfg = ctx.cfg
         s = DenseSettings.of(ctx)
         # 1. The client models: the ensemble the student learns from
-        teachers = []
-        for r in replies:  # validated against the initial weights
-            model = build_classifier(cfg.classifier, ctx.channels, ctx.num_classes)
-            model.load_state_dict(r.tensors)
-            teachers.append(model)
+        teachers = self.client_models(replies, ctx)
+        teacher, numbers = self.ensemble(teachers, replies, ctx)
         student = build_classifier(cfg.classifier, ctx.channels, ctx.num_classes)
         student.load_state_dict(self.reference_state(ctx))
         log(
             INFO,
-            "DENSE: %d client models, %d epochs of %d generator steps on "
+            "%s: %d client models, %d epochs of %d generator steps on "
             "%d images, then distillation, on %s (%s)",
+            self.name,
             len(teachers),
             s.epochs,
             s.g_steps,
@@ -442,6 +485,7 @@ class Dense(FedAvg):
             s,
             device=ctx.device,
             dtype=ctx.dtype,
+            teacher=teacher,
         )
         # 3. The global model, a few images per class for the grid, the numbers
         out = ServerOutput(
@@ -453,4 +497,5 @@ class Dense(FedAvg):
         keep_samples(out, res["images"], labels, torch.full_like(labels, -1))
         out.extra["num_synthetic"] = len(labels)
         out.extra["dense"] = res["numbers"]
+        out.extra |= numbers
         return out
