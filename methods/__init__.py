@@ -38,6 +38,9 @@ FOLDERS: tuple[str, ...] = (
     "fgl_instance",
     "fedld",
     "guha",
+    "fedbip",
+    "fedhydra",
+    "dosfl",
 )
 
 
