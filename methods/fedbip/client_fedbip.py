@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from common.diffusion import diffusion_loss
+from common.synthesis_settings import SynthesisSettings
 
 from ..base import ClientJob, ClientResult
 from ..feddeo.client_feddeo import EVAL_IMAGES, to_generator_input
@@ -192,7 +193,8 @@ def personalize(job: ClientJob) -> tuple[P.BiLevel, int, dict[str, float]]:
 
     # 2. Instance level: z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) e, e private
     sampling = make_scheduler(gen.scheduler, cfg.scheduler)
-    t = noise_step(sampling, cfg.num_inference_steps, opts.fedbip_strength)
+    steps = SynthesisSettings.from_config(cfg).num_inference_steps
+    t = noise_step(sampling, steps, opts.fedbip_strength)
     abar = alpha_bar(sampling, t)
     pick = pick_instances(
         data.train_labels,

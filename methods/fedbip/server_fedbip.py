@@ -34,6 +34,7 @@ from flwr.common.logger import log
 
 from common.contract import Reply
 from common.synthesis import image_generators
+from common.synthesis_settings import SynthesisSettings
 
 from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
 from ..steps import (
@@ -65,7 +66,7 @@ def server_timestep(ctx: ServerContext) -> int:
     opts = ctx.cfg.options(FedBiPConfig)
     return noise_step(
         ctx.sampling_generator.scheduler,
-        ctx.cfg.num_inference_steps,
+        SynthesisSettings.from_config(ctx.cfg).num_inference_steps,
         opts.fedbip_strength,
     )
 
