@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from .generator import Generator
 from .synthesis_guidance import LatentGuidance, guidance_move, predicted_x0
+from .synthesis_start import Start, initial_state
 
 Output = Literal["images", "latents"]
 CPU_AUTO_BATCH = 256  # a CPU has memory to spare at the sizes it can afford
@@ -228,18 +229,27 @@ def _denoise(
     latent_guidance: LatentGuidance | None = None,
     to_images: Callable[[torch.Tensor], torch.Tensor] | None = None,
     rows: range | None = None,
+    start: Start | None = None,
 ) -> torch.Tensor:
-    """Steps 3-4 for one batch: x_T from the images' generators, then the loop.
+    """Steps 2-4 for one batch: the first state, then the loop.
 
     ``to_images`` maps denoised samples to images (decode, dataset format) for
-    ``latent_guidance``; ``rows`` are the batch's global image indices."""
+    ``latent_guidance``; ``rows`` are the batch's global image indices; ``start``
+    the batch's initial latents (``Start``), else x_T from the images' generators."""
     scheduler = gen.scheduler
     b = len(c)
-    # 2. Prepare timesteps (resets multistep schedulers' state)
-    scheduler.set_timesteps(num_inference_steps, device=gen.device)
-    # 3. Initial noise x_T ~ N(0, I), each image from its own generator
-    x = torch.stack([torch.randn(gen.sample_shape, generator=g) for g in gens])
-    x = x.to(gen.device, gen.dtype) * scheduler.init_noise_sigma
+    # 2-3. Prepare timesteps (resets multistep schedulers' state) and the first
+    #      state: x_T ~ N(0, I), each image from its own generator, or the last
+    #      ``strength`` of the schedule from ``start``'s latents (SDEdit)
+    x, timesteps = initial_state(
+        scheduler,
+        num_inference_steps,
+        gens,
+        gen.sample_shape,
+        gen.device,
+        gen.dtype,
+        start,
+    )
     step_kwargs: dict[str, Any] = (
         {"generator": gens}
         if "generator" in inspect.signature(scheduler.step).parameters
@@ -252,7 +262,7 @@ def _denoise(
     )
     n_ctx = 2 + len(extras)
     # the unconditional pass stops after this many steps (diffusers' CFG cut-off)
-    cutoff = math.ceil(guidance_cutoff * len(scheduler.timesteps))
+    cutoff = math.ceil(guidance_cutoff * len(timesteps))
 
     # 4. Denoising loop with classifier-free guidance (Ho & Salimans 2022):
     #    eps = eps(x, 0) + w (eps(x, c) - eps(x, 0)) + sum_k w_k (eps(x, c_k) - eps(x, 0))
@@ -273,7 +283,7 @@ def _denoise(
         return gen.unet(xin, t, encoder_hidden_states=c).sample
 
     guide = latent_guidance
-    n_guided = 0 if guide is None else math.ceil(guide.until * len(scheduler.timesteps))
+    n_guided = 0 if guide is None else math.ceil(guide.until * len(timesteps))
 
     def guide_step(
         x: torch.Tensor, t: torch.Tensor, i: int, warmup: bool
@@ -290,7 +300,7 @@ def _denoise(
             x - guidance_move(grad.to(x.dtype), guide.step, a, guide.normalize)
         ).detach()
 
-    for i, t in enumerate(scheduler.timesteps):
+    for i, t in enumerate(timesteps):
         if guide is not None and i < n_guided:
             for _ in range(guide.warmup if i == 0 else 0):
                 x = guide_step(x, t, i, warmup=True)
@@ -321,6 +331,7 @@ def sample(
     free_bytes: int | None = None,
     extra_conds: list[tuple[torch.Tensor, float]] | None = None,
     latent_guidance: LatentGuidance | None = None,
+    start: Start | None = None,
     progress: Callable[[int], Any] | None = None,
 ) -> torch.Tensor:
     """Sample one image per row of ``cond`` ``[N, L, D]``.
@@ -328,7 +339,8 @@ def sample(
     ``extra_conds``: further guidance terms ``(cond_k [N, L, D], w_k)`` added as
     ``w_k (eps(x, c_k) - eps(x, 0))`` (composable guidance). ``latent_guidance``:
     a loss on the predicted clean image steers every step (``LatentGuidance``;
-    it sees images in the format of ``resize_to``).
+    it sees images in the format of ``resize_to``). ``start``: initial latents,
+    one per row, denoised over the last ``strength`` of the schedule (``Start``).
 
     Returns ``[N, C, H, W]`` on the CPU: images in ``[-1, 1]`` (decoded by the VAE,
     or ``decoder``, for latent diffusion), resized on the device to
@@ -355,6 +367,8 @@ def sample(
                 f"extra_conds[{k}]: shape {tuple(e.shape)} must equal cond's "
                 f"{tuple(cond.shape)}, finite, with weight {w} >= 0"
             )
+    if start is not None:
+        start.check(len(cond), tuple(gen.sample_shape))
     u = uncond[:1].to(gen.device, gen.dtype)
 
     def to_images(z: torch.Tensor) -> torch.Tensor:
@@ -365,15 +379,17 @@ def sample(
         gen, cond, uncond, guidance_scale, batch_size, memory, free_bytes
     )
     out: list[torch.Tensor] = []
-    start = 0
-    while start < len(cond):
-        b = min(batch, len(cond) - start)
-        rows = range(first_index + start, first_index + start + b)
-        c = cond[start : start + b]
-        ex = [(e[start : start + b], w) for e, w in extra_conds]
+    lo = 0
+    while lo < len(cond):
+        b = min(batch, len(cond) - lo)
+        rows = range(first_index + lo, first_index + lo + b)
+        c = cond[lo : lo + b]
+        ex = [(e[lo : lo + b], w) for e, w in extra_conds]
+        st = start.rows(lo, lo + b) if start is not None else None
         if static_shapes and b < batch:  # pad with copies; their images are dropped
             c = _pad(c, batch)
             ex = [(_pad(e, batch), w) for e, w in ex]
+            st = st.padded(batch) if st is not None else None
             rows = range(rows.start, rows.start + batch)
         ex = [(e.to(gen.device, gen.dtype), w) for e, w in ex]
         try:
@@ -389,6 +405,7 @@ def sample(
                 latent_guidance,
                 to_images,
                 rows,
+                st,
             )[:b]
             # 5. Decode latents in chunks, clamp, convert on the device
             if output == "images":
@@ -403,7 +420,7 @@ def sample(
             batch = max(1, b // 2)  # the same images again, in smaller batches
             _empty_cache(gen.device)
             continue
-        start += b
+        lo += b
         if progress is not None:
             progress(b)
     if not out:

@@ -111,6 +111,7 @@ def sample_on_workers(
     base = kwargs.pop("first_index", 0)
     kwargs.pop("progress", None)
     extras = kwargs.pop("extra_conds", None) or []
+    start = kwargs.pop("start", None)  # a Start: each shard gets its rows
     parts = shards(len(cond), workers)
     actors = [SynthesisWorker.remote(spec) for _ in parts]  # type: ignore[attr-defined]
     futures = [
@@ -121,6 +122,7 @@ def sample_on_workers(
             | {
                 "first_index": base + lo,
                 "extra_conds": [(e[lo:hi], w) for e, w in extras],
+                "start": start.rows(lo, hi) if start is not None else None,
             },
         )
         for a, (lo, hi) in zip(actors, parts, strict=True)

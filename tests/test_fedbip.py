@@ -19,6 +19,7 @@ from client_app.app import app
 from common.contract import PayloadError, Reply
 from common.datasets import ClientData, dataset_info
 from common.generator import load_generator, make_scheduler
+from common.synthesis_start import alpha_bar, start_timestep, to_scheduler_state
 from common.text_encoder import load_text_encoder
 from methods import build_config
 from methods.base import ClientJob, ServerContext
@@ -38,7 +39,6 @@ from methods.fedbip.maths_fedbip import (
     private_rng,
     standard_normal,
 )
-from methods.fedbip.sampler_fedbip import alpha_bar, noise_step, to_scheduler_state
 from server_app.round import run_one_shot
 
 # ---------------------------------------------------------------- maths
@@ -111,8 +111,8 @@ def test_noise_step_and_scheduler_state_by_hand():
 
     base = DDPMScheduler(num_train_timesteps=1000, timestep_spacing="leading")
     ddim = DDIMScheduler.from_config(base.config)
-    assert noise_step(ddim, 10, 1.0) == 900  # the schedule's first step
-    assert noise_step(ddim, 10, 0.7) == 600  # start_step(10, .7) = 3
+    assert start_timestep(ddim, 10, 1.0) == 900  # the schedule's first step
+    assert start_timestep(ddim, 10, 0.7) == 600  # start_step(10, .7) = 3
     t = torch.tensor([600])
     a = alpha_bar(ddim, 600)
     z = torch.tensor([[2.0]])
@@ -405,7 +405,7 @@ def test_latent_generator_path_on_a_tiny_sd_model(fast_config, tmp_path):
     assert tuple(res.payload["latents"].shape) == (4, 4, 4, 4)  # 2 per class
     assert tuple(res.payload["class_tokens"].shape) == (2, 32)  # the tower's width
     sampling = make_scheduler(load_generator(str(sd), "default").scheduler, "ddim")
-    assert res.meta[P.TIMESTEP] == noise_step(sampling, 2, 1.0)
+    assert res.meta[P.TIMESTEP] == start_timestep(sampling, 2, 1.0)
     # server: sequence conditioning [M, 16, 32], denoised in latent space, decoded
     ctx = ServerContext(cfg, tmp_path, info=dataset_info(cfg.data_args()))
     method = FedBiP()

@@ -14,6 +14,7 @@ from tiny_stack import make_tiny_sd
 
 from common.contract import PayloadError, Reply
 from common.datasets import ClientData, dataset_info
+from common.synthesis_start import start_step
 from methods import build_config
 from methods.base import ClientJob, ServerContext
 from methods.fedld import FedLD, client_fedld
@@ -27,7 +28,6 @@ from methods.fedld.maths_fedld import (
     log_gaussian,
     mixture_log_likelihood,
 )
-from methods.fedld.sampler_fedld import start_step
 
 # ---------------------------------------------------------------- maths
 

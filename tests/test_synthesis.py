@@ -322,3 +322,88 @@ def test_normalized_latent_guidance_is_batch_independent(gens):
     b = sample(gen, cond, uncond, latent_guidance=steer, batch_size=1, **kw)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     assert a.mean() > plain.mean() + 0.05
+
+
+# ---------------------------------------------------------------- Start (SDEdit)
+
+
+def test_start_from_latents_is_diffusers_img2img_on_the_same_weights(tmp_path):
+    """``Start(z0, strength)`` is StableDiffusionImg2ImgPipeline given latents
+    (4 channels: used as they are) with the same per-image generators, prompt
+    embeddings and guidance: the same timesteps, the same noise, the same loop."""
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+    from tiny_stack import make_tiny_sd
+
+    from common.synthesis import image_generators
+    from common.synthesis_start import Start
+
+    gen = load_generator(str(make_tiny_sd(tmp_path / "sd")), scheduler="ddim")
+    gen.scheduler = DDIMScheduler.from_config(
+        gen.scheduler.config, steps_offset=1, clip_sample=False
+    )
+    g = torch.Generator().manual_seed(3)
+    n, steps, strength, guidance = 3, 4, 0.5, 3.0  # n * strength whole: int = round
+    cond = torch.randn(n, 16, 32, generator=g)
+    uncond = torch.randn(1, 16, 32, generator=g)
+    z0 = torch.randn(n, *gen.sample_shape, generator=g)
+    ours = sample(
+        gen,
+        cond,
+        uncond,
+        guidance_scale=guidance,
+        num_inference_steps=steps,
+        seed=5,
+        start=Start(z0, strength),
+    )
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=gen.vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=gen.unet,
+        scheduler=gen.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(
+        image=z0.clone(),
+        strength=strength,
+        prompt_embeds=cond,
+        negative_prompt_embeds=uncond.expand(n, -1, -1),
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=image_generators(5, range(n)),
+        output_type="pt",
+    ).images.float()
+    torch.testing.assert_close(ours, ref * 2 - 1, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("noised", [False, True])
+def test_start_is_batch_independent_and_checked(gens, noised):
+    from common.synthesis_start import Start
+
+    gen = gens["dpm"]
+    cond, uncond = _cond(5), torch.zeros(1, 1, 16)
+    z = torch.randn(5, *gen.sample_shape, generator=torch.Generator().manual_seed(1))
+    kw = dict(guidance_scale=2.0, num_inference_steps=4, seed=3)
+    ref = sample(gen, cond, uncond, batch_size=5, start=Start(z, 0.5, noised), **kw)
+    x = sample(gen, cond, uncond, batch_size=2, start=Start(z, 0.5, noised), **kw)
+    torch.testing.assert_close(x, ref, atol=1e-5, rtol=0)
+    x = sample(
+        gen,
+        cond,
+        uncond,
+        batch_size=3,
+        static_shapes=True,
+        start=Start(z, 0.5, noised),
+        **kw,
+    )
+    torch.testing.assert_close(x, ref, atol=1e-5, rtol=0)
+    # a lower strength keeps more of the start: closer to it than from noise
+    far = sample(gen, cond, uncond, start=Start(z, 1.0, noised), **kw)
+    assert (ref - z).abs().mean() < (far - z).abs().mean()
+    with pytest.raises(ValueError, match=r"start latents have shape \(4,"):
+        sample(gen, cond, uncond, start=Start(z[:4], 0.5, noised), **kw)
+    with pytest.raises(ValueError, match="strength=1.5"):
+        sample(gen, cond, uncond, start=Start(z, 1.5, noised), **kw)

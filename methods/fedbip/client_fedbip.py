@@ -28,6 +28,7 @@ import torch
 
 from common.diffusion import diffusion_loss
 from common.synthesis_settings import SynthesisSettings
+from common.synthesis_start import alpha_bar, start_timestep
 
 from ..base import ClientJob, ClientResult
 from ..feddeo.client_feddeo import EVAL_IMAGES, to_generator_input
@@ -41,7 +42,6 @@ from .concepts_fedbip import (
 )
 from .config_fedbip import FedBiPConfig
 from .maths_fedbip import forward_noise, private_rng, standard_normal
-from .sampler_fedbip import alpha_bar, noise_step
 
 
 @dataclass
@@ -194,7 +194,7 @@ def personalize(job: ClientJob) -> tuple[P.BiLevel, int, dict[str, float]]:
     # 2. Instance level: z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) e, e private
     sampling = make_scheduler(gen.scheduler, cfg.scheduler)
     steps = SynthesisSettings.from_config(cfg).num_inference_steps
-    t = noise_step(sampling, steps, opts.fedbip_strength)
+    t = start_timestep(sampling, steps, opts.fedbip_strength)
     abar = alpha_bar(sampling, t)
     pick = pick_instances(
         data.train_labels,

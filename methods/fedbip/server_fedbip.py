@@ -14,7 +14,7 @@ data with the frozen generator's denoising loss, ``client_fedbip``). The server
 3. conditions each row on the prompt with the client's domain token (plus
    ``fedbip-concept-noise`` per image) and its class token in the two slots
    (``concepts_fedbip``), and denoises the latent from ``t`` with classifier-free
-   guidance (``sampler_fedbip``);
+   guidance (the synthesis engine, started from the noised latents: ``Start``);
 4. trains the global classifier on the synthetic set.
 
 Deviations from the paper's code (Stable Diffusion 1.4 at 512 px on a GPU), in
@@ -35,6 +35,7 @@ from flwr.common.logger import log
 from common.contract import Reply
 from common.synthesis import image_generators
 from common.synthesis_settings import SynthesisSettings
+from common.synthesis_start import Start, alpha_bar, start_timestep
 
 from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
 from ..steps import (
@@ -44,6 +45,7 @@ from ..steps import (
     check_reply_embedding,
     classes_uploaded,
     keep_samples,
+    sample_images,
     train_global,
 )
 from . import client_fedbip
@@ -51,7 +53,6 @@ from . import payload_fedbip as P
 from .concepts_fedbip import concept_prompt, encode_with_concepts, token_width
 from .config_fedbip import FedBiPConfig
 from .maths_fedbip import instance_plan, interpolate_noised, perturb_token
-from .sampler_fedbip import alpha_bar, noise_step, sample_from_noised
 
 SOURCE = "fedbip:instance+concepts"
 # index offsets of the server's own noise streams, disjoint from the sampler's
@@ -62,9 +63,9 @@ ENCODE_BATCH = 256  # prompts per text-tower pass
 
 
 def server_timestep(ctx: ServerContext) -> int:
-    """The timestep the server's sampler starts at (``noise_step``)."""
+    """The timestep the server's sampler starts at (``start_timestep``)."""
     opts = ctx.cfg.options(FedBiPConfig)
-    return noise_step(
+    return start_timestep(
         ctx.sampling_generator.scheduler,
         SynthesisSettings.from_config(ctx.cfg).num_inference_steps,
         opts.fedbip_strength,
@@ -203,7 +204,9 @@ class FedBiP(OneShotMethod):
             ctx.device,
             ctx.dtype,
         )
-        images, seconds = sample_from_noised(ctx, z_t, cond, opts.fedbip_strength)
+        images, seconds = sample_images(
+            ctx, cond, desc="FedBiP", start=Start(z_t, opts.fedbip_strength, noised=True)
+        )
         out.timings["synthesize"] = seconds
         keep_samples(out, images, labels, owners)
         if cfg.save_synthetic:

@@ -15,7 +15,8 @@ No public code was found; this follows the paper's description:
    class's components by their counts (bounded by ``synth-budget``); each image
    draws ``z0 ~ N(mu_k, diag(var_k))``, is noised to the step at
    ``fedld-strength`` of the schedule (SDEdit) and denoised with classifier-free
-   guidance on the class prompt (``DatasetInfo.class_prompt``);
+   guidance on the class prompt (``DatasetInfo.class_prompt``) by the synthesis
+   engine (``common.synthesis``, started from the draws: ``Start``);
 3. the global classifier is trained on the synthetic set.
 
 Deviations (see README.md): the GMM is fitted to the clean latents and noised on
@@ -34,6 +35,7 @@ from flwr.common.logger import log
 
 from common.contract import Reply
 from common.synthesis import image_generators
+from common.synthesis_start import Start
 
 from ..base import ServerContext, ServerOutput
 from ..steps import (
@@ -42,13 +44,13 @@ from ..steps import (
     budget_rows,
     class_units,
     keep_samples,
+    sample_images,
     train_global,
 )
 from . import client_fedld
 from . import payload_fedld as P
 from .config_fedld import FedLDConfig
 from .maths_fedld import draw
-from .sampler_fedld import sample_from_latents
 
 SOURCE = "fedld:mixture-draw"
 # index offset of the mixture draws' noise streams: disjoint from the sampler's
@@ -160,7 +162,7 @@ class FedLD(SynthesisMethod, payload=P, client=client_fedld):
             ctx.device,
             ctx.dtype,
         )
-        images, _ = sample_from_latents(ctx, z0, conds, strength)
+        images, _ = sample_images(ctx, conds, desc="FedLD", start=Start(z0, strength))
         out.timings["synthesize"] = time.perf_counter() - t0
         keep_samples(out, images, labels, owners)
         if ctx.cfg.save_synthetic:
