@@ -38,6 +38,7 @@ from common.models import build_classifier
 from common.robust import robust_reduce_conditions
 from common.synthesis import LatentGuidance, from_uint8, synthesize
 from common.synthesis_settings import SAMPLER_KEYS, SynthesisSettings
+from common.synthesis_start import Start
 from common.synthesis_workers import GeneratorSpec, sample_on_workers
 from common.train import train_classifier
 
@@ -358,13 +359,15 @@ def synthesize_set(
     extra_conds: list[tuple[torch.Tensor, float]] | None = None,
     latent_guidance: LatentGuidance | None = None,
     source: str | None = None,
+    start: Start | None = None,
 ) -> torch.Tensor:
     """Sample one image per row of ``conds`` ``[M, L, D]``; keep a few per cell.
 
     ``owners`` is the partition id each row comes from (-1: no client);
     ``guidance_scale`` overrides ``guidance-scale`` (1.0: the conditional model);
     ``extra_conds`` adds guidance terms, ``latent_guidance`` a loss on the predicted
-    image (``common.synthesis.sample``). Returns uint8 images in the dataset's
+    image, ``start`` initial latents per row (``common.synthesis.sample``;
+    default: from noise). Returns uint8 images in the dataset's
     format (channels, image-size).
 
     With ``save-synthetic`` the set is saved at ``<run-dir>/synthetic/``
@@ -397,6 +400,8 @@ def synthesize_set(
         over["extra_conds"] = extra_conds
     if latent_guidance is not None:
         over["latent_guidance"] = latent_guidance
+    if start is not None:
+        over["start"] = start
     images, seconds = sample_images(ctx, conds, desc=desc, **over)
     out.timings["synthesize"] = out.timings.get("synthesize", 0.0) + seconds
     keep_samples(out, images, labels, owners)

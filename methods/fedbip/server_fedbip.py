@@ -44,8 +44,7 @@ from ..steps import (
     check_embedding_kind,
     check_reply_embedding,
     classes_uploaded,
-    keep_samples,
-    sample_images,
+    synthesize_set,
     train_global,
 )
 from . import client_fedbip
@@ -204,13 +203,16 @@ class FedBiP(OneShotMethod):
             ctx.device,
             ctx.dtype,
         )
-        images, seconds = sample_images(
-            ctx, cond, desc="FedBiP", start=Start(z_t, opts.fedbip_strength, noised=True)
+        images = synthesize_set(
+            ctx,
+            cond,
+            labels,
+            owners,
+            out,
+            "FedBiP",
+            source=SOURCE,
+            start=Start(z_t, opts.fedbip_strength, noised=True),
         )
-        out.timings["synthesize"] = seconds
-        keep_samples(out, images, labels, owners)
-        if cfg.save_synthetic:
-            self._save(ctx, out, images, labels, owners)
 
         # 4. The global classifier on the synthetic set
         train_global(ctx, images, labels, out)
@@ -252,22 +254,6 @@ class FedBiP(OneShotMethod):
                     ).cpu()
                 )
         return torch.cat(parts)
-
-    @staticmethod
-    def _save(
-        ctx: ServerContext,
-        out: ServerOutput,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        owners: torch.Tensor,
-    ) -> None:
-        from common.synthetic_set import SYNTHETIC_DIR, save_synthetic_set
-
-        path = save_synthetic_set(
-            ctx.run_dir / SYNTHETIC_DIR, images, labels, owners, SOURCE, ctx.class_names
-        )
-        out.extra["synthetic_set"] = {"path": str(path), "rows": len(labels)}
-        log(INFO, "Synthetic set (%d images) saved to %s", len(labels), path)
 
     def summary(self, replies: list[Reply]) -> dict[str, Any]:
         """Upload bytes per uploaded (client, class)."""

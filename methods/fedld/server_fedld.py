@@ -26,7 +26,6 @@ a minimum of images per component, a privacy floor the paper does not state.
 
 from __future__ import annotations
 
-import time
 from logging import INFO
 from typing import Any
 
@@ -43,8 +42,7 @@ from ..steps import (
     SynthesisMethod,
     budget_rows,
     class_units,
-    keep_samples,
-    sample_images,
+    synthesize_set,
     train_global,
 )
 from . import client_fedld
@@ -92,23 +90,6 @@ def mixture_units(
     return CondUnits.cat(parts)
 
 
-def save_set(
-    ctx: ServerContext,
-    out: ServerOutput,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    owners: torch.Tensor,
-) -> None:
-    """``save-synthetic``: the set at ``<run-dir>/synthetic/``."""
-    from common.synthetic_set import SYNTHETIC_DIR, save_synthetic_set
-
-    path = save_synthetic_set(
-        ctx.run_dir / SYNTHETIC_DIR, images, labels, owners, SOURCE, ctx.class_names
-    )
-    out.extra["synthetic_set"] = {"path": str(path), "rows": len(labels)}
-    log(INFO, "Synthetic set (%d images) saved to %s", len(labels), path)
-
-
 class FedLD(SynthesisMethod, payload=P, client=client_fedld):
     """FedLD: clients upload per-class Gaussian mixtures of their generator-
     space latents; the server draws from them and denoises class-prompted."""
@@ -138,7 +119,6 @@ class FedLD(SynthesisMethod, payload=P, client=client_fedld):
         conds, labels, owners, (means, variances) = units.expand()
         # 2. Initial latents: z0 = mu_k + sqrt(var_k) * n, n from its own stream
         shape = tuple(ctx.generator.sample_shape)
-        t0 = time.perf_counter()
         noise = (
             torch.stack(
                 [
@@ -162,11 +142,16 @@ class FedLD(SynthesisMethod, payload=P, client=client_fedld):
             ctx.device,
             ctx.dtype,
         )
-        images, _ = sample_images(ctx, conds, desc="FedLD", start=Start(z0, strength))
-        out.timings["synthesize"] = time.perf_counter() - t0
-        keep_samples(out, images, labels, owners)
-        if ctx.cfg.save_synthetic:
-            save_set(ctx, out, images, labels, owners)
+        images = synthesize_set(
+            ctx,
+            conds,
+            labels,
+            owners,
+            out,
+            "FedLD",
+            source=SOURCE,
+            start=Start(z0, strength),
+        )
         # 4. The global classifier on the synthetic set
         train_global(ctx, images, labels, out)
         out.extra["num_synthetic"] = len(labels)
