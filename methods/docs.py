@@ -334,29 +334,116 @@ def _link(text: str, url: str) -> str:
     return f"[{_cell(text)}]({url})" if url else _cell(text)
 
 
-def render_method_table() -> list[str]:
-    """README's method table: one row per registered method from its card; a
-    method without a card gets a row saying so."""
+# ---------------------------------------------------------------- measured costs
+
+# The committed bench results the method table quotes its measured costs from.
+# accuracy.json: one record per (method, seed) under "runs", with the client's
+# upload and its seconds per training image; lora.json: the LoRA bench's records
+# (one client fine-tune each, the same upload for every merge variant).
+ACCURACY_RESULTS = "bench-results/accuracy.json"
+LORA_RESULTS = "bench-results/lora.json"
+LORA_METHOD = "lora"
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A method's measured client cost: mean upload per client, mean client
+    seconds per training image (or per fine-tune), over the bench's runs."""
+
+    upload_bytes: float
+    client_s: float | None
+    per: str  # "image" or "fine-tune"
+    runs: int
+
+
+def _mean(xs: list[Any]) -> float | None:
+    xs = [float(x) for x in xs if x is not None and math.isfinite(float(x))]
+    return sum(xs) / len(xs) if xs else None
+
+
+def measured_costs(root: Path = ROOT) -> dict[str, Cost]:
+    """Per method, its mean upload and client time over the committed bench
+    results under ``root`` (a method with no run there is absent)."""
+    out: dict[str, Cost] = {}
+    acc = root / ACCURACY_RESULTS
+    if acc.is_file():
+        by_method: dict[str, list[dict[str, Any]]] = {}
+        for r in json.loads(acc.read_text()).get("runs", []):
+            if r.get("ok", True) and r.get("upload_bytes_per_client") is not None:
+                by_method.setdefault(r["method"], []).append(r)
+        for name, runs in by_method.items():
+            up = _mean([r["upload_bytes_per_client"] for r in runs])
+            if up is not None:
+                s = _mean([r.get("client_s_per_image") for r in runs])
+                out[name] = Cost(up, s, "image", len(runs))
+    lora = root / LORA_RESULTS
+    if lora.is_file():
+        recs = json.loads(lora.read_text()).get("records", [])
+        per_seed = {r["seed"]: r for r in recs if r.get("upload_bytes_per_client")}
+        up = _mean([r["upload_bytes_per_client"] for r in per_seed.values()])
+        if up is not None:
+            s = _mean([r.get("client_train_s") for r in per_seed.values()])
+            out[LORA_METHOD] = Cost(up, s, "fine-tune", len(per_seed))
+    return out
+
+
+def human_bytes(n: float) -> str:
+    """``1234`` -> ``"1.2 KB"`` (powers of 1000, as upload budgets are quoted)."""
+    for unit, size in (("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _cost_cells(cost: Cost | None) -> tuple[str, str]:
+    if cost is None:
+        return "not benched", "not benched"
+    if cost.client_s is None:
+        client = "none (no client training)"
+    elif cost.per == "image":
+        client = f"{cost.client_s * 1e3:.1f} ms per image"
+    else:
+        client = f"{cost.client_s:.0f} s per {cost.per}"
+    return human_bytes(cost.upload_bytes), client
+
+
+def render_method_table(root: Path = ROOT) -> list[str]:
+    """README's method table: one row per registered method from its card and
+    its measured costs (``measured_costs``); a method without a card gets a row
+    saying so."""
+    costs = measured_costs(root)
     out = [
-        "| method | family | what a client uploads | privacy class | paper | code | "
-        "what the server does |",
-        "|---|---|---|---|---|---|---|",
+        "| method | family | what a client uploads | upload per client | "
+        "client cost | privacy class | paper | code | what the server does |",
+        "|---|---|---|---:|---:|---|---|---|---|",
     ]
     for name, method in _registry().items():
         link = method_readme(method)
         card = method_card(method)
+        upload, client = _cost_cells(costs.get(name))
         if card is None:
             out.append(
-                f"| [`{name}`]({link}) | ? | ? | ? | ? | ? | no card: declare `CARD = "
-                f"MethodCard(...)` in `{_rel(method_folder(method))}/__init__.py` |"
+                f"| [`{name}`]({link}) | ? | ? | {upload} | {client} | ? | ? | ? | "
+                f"no card: declare `CARD = MethodCard(...)` in "
+                f"`{_rel(method_folder(method))}/__init__.py` |"
             )
             continue
         code = _link(card.code, f"https://github.com/{card.code}") if card.code else ""
         out.append(
             f"| [`{name}`]({link}) | {card.family} | {_cell(card.uploads)} | "
-            f"{card.privacy} | {_link(card.paper, card.paper_url)} | {code} | "
-            f"{_cell(card.summary)} |"
+            f"{upload} | {client} | {card.privacy} | "
+            f"{_link(card.paper, card.paper_url)} | {code} | {_cell(card.summary)} |"
         )
+    out += [
+        "",
+        f"Upload per client and client cost are measured, not declared: the mean "
+        f"over the runs of the committed quick accuracy bench (`{ACCURACY_RESULTS}`: "
+        "4 clients of at most 600 examples, 16-px images, the 2-core CPU it names) "
+        f"and, for `{LORA_METHOD}`, of the LoRA bench (`{LORA_RESULTS}`). Client cost "
+        "is the client's wall time over its training images (collection and local "
+        "training); a method with no client training shows none. Rerunning a bench "
+        f"and `{REGENERATE}` updates them.",
+    ]
     return out
 
 
@@ -380,11 +467,12 @@ def splice_block(text: str, name: str, body: list[str]) -> str:
     return "\n".join(lines[: i + 1] + [note, "", *body, ""] + lines[j:]) + "\n"
 
 
-def render_readme(text: str) -> str:
+def render_readme(text: str, root: Path = ROOT) -> str:
     """``text`` (README.md) with its config-key and method tables regenerated
-    between their markers."""
+    between their markers (measured costs from the bench results under
+    ``root``)."""
     text = splice_block(text, CONFIG_KEYS, render_config_table(key_groups()))
-    return splice_block(text, METHOD_TABLE, render_method_table())
+    return splice_block(text, METHOD_TABLE, render_method_table(root))
 
 
 # ---------------------------------------------------------------- the command
@@ -396,7 +484,7 @@ def generate(root: Path = ROOT) -> dict[Path, str]:
     py, readme = root / "pyproject.toml", root / "README.md"
     return {
         py: splice_pyproject(py.read_text(), key_groups()),
-        readme: render_readme(readme.read_text()),
+        readme: render_readme(readme.read_text(), root),
     }
 
 

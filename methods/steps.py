@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from logging import INFO
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from flwr.common.logger import log
@@ -45,6 +46,7 @@ from common.train import train_classifier
 from .base import OneShotMethod, ServerContext, ServerOutput
 
 SAMPLES_PER_CELL = 6  # images kept per (client, class) for the sample grid
+T = TypeVar("T")
 
 
 def check_embedding_kind(ctx: ServerContext) -> None:
@@ -82,6 +84,19 @@ def check_reply_embedding(reply: Reply, ctx: ServerContext) -> tuple[int, int]:
             f"embedding kind {reply.meta.get('embedding')!r} != {ctx.cfg.embedding!r}"
         )
     return embedding_shape(ctx)
+
+
+def unpack_conditions(
+    reply: Reply, ctx: ServerContext, unpack: Callable[..., T], **limits: Any
+) -> T:
+    """A reply's conditioning vectors, checked: ``unpack`` (a payload module's,
+    ``unpack(tensors, *, num_classes, tokens, dim, **limits)``) at this server's
+    ``(tokens, dim)``, after refusing another embedding kind
+    (``check_reply_embedding``). Raises ``PayloadError``."""
+    tokens, dim = check_reply_embedding(reply, ctx)
+    return unpack(
+        reply.tensors, num_classes=ctx.num_classes, tokens=tokens, dim=dim, **limits
+    )
 
 
 def classes_uploaded(replies: list[Reply], key: str = "class_ids") -> dict[str, Any]:

@@ -203,15 +203,9 @@ class FedBiP(OneShotMethod):
             ctx.device,
             ctx.dtype,
         )
+        start = Start(z_t, opts.fedbip_strength, noised=True)
         images = synthesize_set(
-            ctx,
-            cond,
-            labels,
-            owners,
-            out,
-            "FedBiP",
-            source=SOURCE,
-            start=Start(z_t, opts.fedbip_strength, noised=True),
+            ctx, cond, labels, owners, out, "FedBiP", source=SOURCE, start=start
         )
 
         # 4. The global classifier on the synthetic set

@@ -49,12 +49,11 @@ from ..steps import (
     CondUnits,
     SynthesisMethod,
     budget_rows,
-    check_reply_embedding,
     class_units,
     classes_uploaded,
-    embedding_shape,
     synthesize_set,
     train_global,
+    unpack_conditions,
 )
 from . import client_feddeo
 from . import payload_feddeo as P
@@ -90,8 +89,7 @@ class FedDeo(SynthesisMethod, payload=P, client=client_feddeo):
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
         """Reject a reply of another embedding kind, or descriptions not of the
         conditioning shape or with repeated or out-of-range class ids."""
-        tokens, dim = check_reply_embedding(reply, ctx)
-        P.unpack(reply.tensors, num_classes=ctx.num_classes, tokens=tokens, dim=dim)
+        unpack_conditions(reply, ctx, P.unpack)
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """Sample ``images-per-class`` images per (client, class) from its
@@ -102,7 +100,6 @@ class FedDeo(SynthesisMethod, payload=P, client=client_feddeo):
         assert ctx.info is not None  # the round learned the classes before this
         opts = ctx.cfg.options(FedDeoConfig)
         n = ctx.cfg.images_per_class
-        tokens, dim = embedding_shape(ctx)
 
         # 1. The class prompts' embeddings: the class term, and the descriptions' init
         prompts = [ctx.info.class_prompt(c) for c in range(ctx.num_classes)]
@@ -112,7 +109,7 @@ class FedDeo(SynthesisMethod, payload=P, client=client_feddeo):
         #    (within synth-budget: over it, k-means centres of a class's descriptions)
         descs, inits, parts = [], [], []
         for r in replies:
-            p = P.unpack(r.tensors, num_classes=ctx.num_classes, tokens=tokens, dim=dim)
+            p = unpack_conditions(r, ctx, P.unpack)
             descs.append(p.descriptions.float())
             inits.append(class_emb[p.class_ids])
             parts.append(

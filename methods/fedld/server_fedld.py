@@ -142,15 +142,9 @@ class FedLD(SynthesisMethod, payload=P, client=client_fedld):
             ctx.device,
             ctx.dtype,
         )
+        start = Start(z0, strength)
         images = synthesize_set(
-            ctx,
-            conds,
-            labels,
-            owners,
-            out,
-            "FedLD",
-            source=SOURCE,
-            start=Start(z0, strength),
+            ctx, conds, labels, owners, out, "FedLD", source=SOURCE, start=start
         )
         # 4. The global classifier on the synthetic set
         train_global(ctx, images, labels, out)

@@ -21,12 +21,11 @@ from ..steps import (
     CondUnits,
     SynthesisMethod,
     budget_rows,
-    check_reply_embedding,
     class_units,
     classes_uploaded,
-    embedding_shape,
     synthesize_set,
     train_global,
+    unpack_conditions,
 )
 from . import client_oscar
 from . import payload_oscar as P
@@ -46,32 +45,19 @@ class Oscar(SynthesisMethod, payload=P, client=client_oscar):
         """Reject a reply of another embedding kind, or vectors not of the
         conditioning shape, more than ``prototypes-per-class`` of one class, or counts
         out of range."""
-        tokens, dim = check_reply_embedding(reply, ctx)
-        P.unpack(
-            reply.tensors,
-            num_classes=ctx.num_classes,
-            tokens=tokens,
-            dim=dim,
-            per_class=ctx.cfg.options(OscarConfig).prototypes_per_class,
-        )
+        k = ctx.cfg.options(OscarConfig).prototypes_per_class
+        unpack_conditions(reply, ctx, P.unpack, per_class=k)
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """Sample ``images-per-class`` images per (client, class), spread over its
         vectors by their counts (within ``synth-budget``), and train the global
         classifier on them."""
         out = ServerOutput()
-        tokens, dim = embedding_shape(ctx)
         k = ctx.cfg.options(OscarConfig).prototypes_per_class
         # images-per-class per (client, class), over its vectors by their counts
         parts = []
         for r in replies:
-            e = P.unpack(
-                r.tensors,
-                num_classes=ctx.num_classes,
-                tokens=tokens,
-                dim=dim,
-                per_class=k,
-            )
+            e = unpack_conditions(r, ctx, P.unpack, per_class=k)
             parts.append(
                 class_units(
                     e.means,
