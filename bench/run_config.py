@@ -48,18 +48,32 @@ def build_cfg(overrides: dict[str, Any]) -> Any:
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0,1, 2"`` -> ``[0, 1, 2]`` (``--seeds``), duplicates dropped.
+    """``"0,1, 2"`` -> ``[0, 1, 2]``, ``"0-9"`` -> ``[0, ..., 9]`` (``--seeds``),
+    duplicates dropped.
 
     Raises
     ------
     ValueError
-        If ``text`` holds a non-integer or no seed at all.
+        If ``text`` holds a non-integer, an empty range or no seed at all.
     """
+    seeds: list[int] = []
     try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            lo, sep, hi = (
+                part.partition("-") if not part.startswith("-") else (part, "", "")
+            )
+            if sep:
+                if int(hi) < int(lo):
+                    raise ValueError
+                seeds += range(int(lo), int(hi) + 1)
+            else:
+                seeds.append(int(part))
     except ValueError:
         raise ValueError(
-            f"--seeds {text!r}: use comma-separated integers, e.g. 0,1,2"
+            f"--seeds {text!r}: use comma-separated integers or ranges, e.g. "
+            "0,1,2 or 0-9"
         ) from None
     if not seeds:
         raise ValueError(f"--seeds {text!r}: give at least one seed")

@@ -231,7 +231,16 @@ class RunConfig(KeysModel):
         "supports it, else fp16; fp32 on a CPU)",
     )
     seed: int = Field(
-        0, description="seed of partitioning, captioning, synthesis and training"
+        0,
+        description="seed of captioning, synthesis and training, and of the "
+        "partition unless `partition-seed` is set",
+    )
+    partition_seed: int = Field(
+        -1,
+        ge=-1,
+        description="seed of the partition alone (which examples each client "
+        "holds, its held-out split): hold the clients' data fixed while `seed` "
+        "varies; -1: `seed`",
     )
     # The round
     min_clients: int = Field(2, ge=1, description="replies needed to go on")
@@ -422,7 +431,7 @@ class RunConfig(KeysModel):
             domains=self.domain_list,
             max_examples=self.max_examples_per_client,
             test_fraction=self.test_fraction,
-            seed=self.seed,
+            seed=self.seed if self.partition_seed < 0 else self.partition_seed,
         )
 
     def to_flat(self) -> dict[str, Any]:

@@ -347,8 +347,10 @@ LORA_METHOD = "lora"
 
 @dataclass(frozen=True)
 class Cost:
-    """A method's measured client cost: mean upload per client, mean client
-    seconds per training image (or per fine-tune), over the bench's runs."""
+    """A method's measured client cost over the bench's runs: the mean upload
+    per client and the median client seconds per training image (or per
+    fine-tune); the median, because a run that shared the CPU is slow, not
+    cheap or dear."""
 
     upload_bytes: float
     client_s: float | None
@@ -356,14 +358,26 @@ class Cost:
     runs: int
 
 
+def _finite(xs: list[Any]) -> list[float]:
+    return [float(x) for x in xs if x is not None and math.isfinite(float(x))]
+
+
 def _mean(xs: list[Any]) -> float | None:
-    xs = [float(x) for x in xs if x is not None and math.isfinite(float(x))]
-    return sum(xs) / len(xs) if xs else None
+    v = _finite(xs)
+    return sum(v) / len(v) if v else None
+
+
+def _median(xs: list[Any]) -> float | None:
+    v = sorted(_finite(xs))
+    if not v:
+        return None
+    m = len(v) // 2
+    return v[m] if len(v) % 2 else (v[m - 1] + v[m]) / 2
 
 
 def measured_costs(root: Path = ROOT) -> dict[str, Cost]:
-    """Per method, its mean upload and client time over the committed bench
-    results under ``root`` (a method with no run there is absent)."""
+    """Per method, its mean upload and median client time over the committed
+    bench results under ``root`` (a method with no run there is absent)."""
     out: dict[str, Cost] = {}
     acc = root / ACCURACY_RESULTS
     if acc.is_file():
@@ -374,7 +388,7 @@ def measured_costs(root: Path = ROOT) -> dict[str, Cost]:
         for name, runs in by_method.items():
             up = _mean([r["upload_bytes_per_client"] for r in runs])
             if up is not None:
-                s = _mean([r.get("client_s_per_image") for r in runs])
+                s = _median([r.get("client_s_per_image") for r in runs])
                 out[name] = Cost(up, s, "image", len(runs))
     lora = root / LORA_RESULTS
     if lora.is_file():
@@ -382,7 +396,7 @@ def measured_costs(root: Path = ROOT) -> dict[str, Cost]:
         per_seed = {r["seed"]: r for r in recs if r.get("upload_bytes_per_client")}
         up = _mean([r["upload_bytes_per_client"] for r in per_seed.values()])
         if up is not None:
-            s = _mean([r.get("client_train_s") for r in per_seed.values()])
+            s = _median([r.get("client_train_s") for r in per_seed.values()])
             out[LORA_METHOD] = Cost(up, s, "fine-tune", len(per_seed))
     return out
 
@@ -437,7 +451,8 @@ def render_method_table(root: Path = ROOT) -> list[str]:
     out += [
         "",
         f"Upload per client and client cost are measured, not declared: the mean "
-        f"over the runs of the committed quick accuracy bench (`{ACCURACY_RESULTS}`: "
+        "upload and the median client time over the runs of the committed quick "
+        f"accuracy bench (`{ACCURACY_RESULTS}`: "
         "4 clients of at most 600 examples, 16-px images, the 2-core CPU it names) "
         f"and, for `{LORA_METHOD}`, of the LoRA bench (`{LORA_RESULTS}`). Client cost "
         "is the client's wall time over its training images (collection and local "

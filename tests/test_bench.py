@@ -257,8 +257,11 @@ def test_parse_methods_and_seeds():
     with pytest.raises(ValueError, match="unknown \\['lora2'\\]"):
         AC.parse_methods(["lora2"])
     assert RC.parse_seeds("0,1, 2") == [0, 1, 2]
-    with pytest.raises(ValueError, match="comma-separated integers"):
-        RC.parse_seeds("a,b")
+    assert RC.parse_seeds("0-9") == list(range(10))
+    assert RC.parse_seeds("3,0-2,1") == [3, 0, 1, 2]
+    for bad in ("a,b", "5-2", "1-x", ""):
+        with pytest.raises(ValueError, match="--seeds"):
+            RC.parse_seeds(bad)
     assert RC.parse_sets(["train-epochs=3", "captioner=oracle", 'method="fedavg"']) == {
         "train-epochs": 3,
         "captioner": "oracle",

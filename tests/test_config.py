@@ -61,3 +61,18 @@ def test_method_keys_are_validated_by_the_methods_model_and_replace_routes_them(
     with pytest.raises(KeyError):
         cfg.replace(nope=1)
     assert isinstance(cfg, RunConfig)
+
+
+def test_partition_seed_holds_the_clients_data_while_seed_varies():
+    """``partition-seed`` alone decides the partition; -1 (the default) follows
+    ``seed`` (issue 23: partition seed apart from synthesis / training seed)."""
+    from methods import build_config
+
+    assert build_config({"seed": 3}).data_args().seed == 3
+    fixed = [
+        build_config({"seed": s, "partition-seed": 7}).data_args() for s in (0, 1, 2)
+    ]
+    assert {a.seed for a in fixed} == {7}
+    assert build_config({"seed": 1, "partition-seed": 7}).seed == 1  # the rest varies
+    with pytest.raises(Exception, match="partition-seed|partition_seed"):
+        build_config({"partition-seed": -2})

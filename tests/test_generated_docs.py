@@ -140,7 +140,13 @@ def test_allowed_column_is_derived_from_the_field(field, shown):
 def _repo_copy(tmp_path: Path) -> Path:
     root = tmp_path / "repo"
     root.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in (
+        "pyproject.toml",
+        "README.md",
+        docs.ACCURACY_RESULTS,
+        docs.LORA_RESULTS,
+    ):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, root / name)
     return root
 
@@ -229,3 +235,78 @@ def test_a_new_method_folder_and_registry_line_are_picked_up(tmp_path, monkeypat
     assert "| `newm-strength` | `2.0` | > 0 | how hard it pushes |" in readme
     assert "newm" in next(ln for ln in readme.splitlines() if "| `method` |" in ln)
     assert not [w for w in docs.warnings(root) if "newm" in w]
+
+
+def test_method_table_quotes_the_measured_costs_of_the_bench_results(tmp_path):
+    """Upload is the mean, client cost the median over the committed bench's
+    runs, checked by hand: oscar (4,000 + 5,000 + 6,000) / 3 = 5.0 KB and the
+    median of 1, 2 and 9 ms per image is 2 ms (a run slowed by a shared CPU does
+    not move it); a failed run is left out; class-names trains nothing; LoRA's
+    records repeat one client fine-tune per merge variant, so it is per seed:
+    (100,000 + 300,000) / 2 = 200 KB, median of 30 and 50 s = 40 s."""
+    import json
+
+    (tmp_path / "bench-results").mkdir()
+    runs = [
+        {
+            "method": "oscar",
+            "seed": 0,
+            "ok": True,
+            "upload_bytes_per_client": 4000.0,
+            "client_s_per_image": 0.001,
+        },
+        {
+            "method": "oscar",
+            "seed": 1,
+            "ok": True,
+            "upload_bytes_per_client": 5000.0,
+            "client_s_per_image": 0.002,
+        },
+        {
+            "method": "oscar",
+            "seed": 3,
+            "ok": True,
+            "upload_bytes_per_client": 6000.0,
+            "client_s_per_image": 0.009,
+        },
+        {
+            "method": "oscar",
+            "seed": 2,
+            "ok": False,
+            "upload_bytes_per_client": 9e9,
+            "client_s_per_image": 9.0,
+        },
+        {
+            "method": "class-names",
+            "seed": 0,
+            "ok": True,
+            "upload_bytes_per_client": 183.0,
+            "client_s_per_image": None,
+        },
+    ]
+    (tmp_path / docs.ACCURACY_RESULTS).write_text(json.dumps({"runs": runs}))
+    records = [
+        {"variant": v, "seed": seed, "upload_bytes_per_client": up, "client_train_s": s}
+        for seed, up, s in ((0, 100000.0, 30.0), (1, 300000.0, 50.0))
+        for v in ("none", "fedavg", "ties")
+    ]
+    (tmp_path / docs.LORA_RESULTS).write_text(json.dumps({"records": records}))
+    costs = docs.measured_costs(tmp_path)
+    assert costs["oscar"] == docs.Cost(5000.0, pytest.approx(0.002), "image", 3)
+    assert costs["class-names"].client_s is None
+    assert costs["lora"] == docs.Cost(200000.0, 40.0, "fine-tune", 2)
+    rows = {
+        r.split("|")[1].strip(): [c.strip() for c in r.split("|")[4:6]]
+        for r in docs.render_method_table(tmp_path)
+        if r.startswith("| [`")
+    }
+    assert rows["[`oscar`](methods/oscar/README.md)"] == ["5.0 KB", "2.0 ms per image"]
+    assert rows["[`class-names`](methods/class_names/README.md)"] == [
+        "183 B",
+        "none (no client training)",
+    ]
+    assert rows["[`lora`](methods/lora/README.md)"] == [
+        "200.0 KB",
+        "40 s per fine-tune",
+    ]
+    assert rows["[`fedld`](methods/fedld/README.md)"] == ["not benched", "not benched"]

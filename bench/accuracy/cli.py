@@ -58,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"smaller runs ({', '.join(f'{k}={v}' for k, v in QUICK.items())})",
     )
     p.add_argument(
-        "--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)"
+        "--seeds",
+        default="0,1,2",
+        help="comma-separated seeds or ranges, e.g. 0-9 (default 0,1,2); each "
+        "run's `seed` (synthesis, training) and, unless `--set partition-seed=N` "
+        "holds the clients' data fixed, its partition",
     )
     p.add_argument(
         "--out", default="bench-results", help="output folder (default bench-results)"
