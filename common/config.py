@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from .datasets import DataArgs
-from .mnist_domains import STYLES, UNSEEN_TRANSFORMS, domain_parts
+from .mnist_domains import ALL_STYLES, UNSEEN_TRANSFORMS, domain_parts
 
 T = TypeVar("T", bound=BaseModel)
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -79,7 +79,7 @@ class RunConfig(KeysModel):
         "inverted,thick,thin,rotated,noisy",
         description="client `i` holds domain `i mod len(domains)`",
         json_schema_extra={
-            "allowed": f"comma list of {', '.join(STYLES)}, each optionally with "
+            "allowed": f"comma list of {', '.join(ALL_STYLES)}, each optionally with "
             f"`+` and one of {', '.join(UNSEEN_TRANSFORMS)}"
         },
     )
@@ -369,7 +369,7 @@ class RunConfig(KeysModel):
         if not names or bad:
             raise ValueError(
                 f"unknown domain(s) {bad or v!r}; use a comma-separated list of "
-                f"{', '.join(STYLES)}, each optionally with '+' and one of "
+                f"{', '.join(ALL_STYLES)}, each optionally with '+' and one of "
                 f"{', '.join(UNSEEN_TRANSFORMS)}"
             )
         return ",".join(names)

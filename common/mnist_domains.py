@@ -29,6 +29,15 @@ import torch.nn.functional as F
 STYLES: tuple[str, ...] = ("plain", "inverted", "thick", "thin", "rotated", "noisy")
 """Visual domains. ``plain`` dominates the public split; the others are rare."""
 
+UNSEEN_STYLES: tuple[str, ...] = ("outline", "striped")
+"""Styles that no part of the embedded stack saw in pretraining (no image, no
+caption word; ``tests/test_embedded_stack.py`` checks it): the held-out domains
+of the accuracy bench's ``held-out`` world. ``outline``: only the rim around the
+stroke (the stroke itself dark); ``striped``: the digit over horizontal
+stripes. Both are drawn at the output size, so they survive the resize."""
+
+ALL_STYLES: tuple[str, ...] = STYLES + UNSEEN_STYLES
+
 UNSEEN_TRANSFORMS: tuple[str, ...] = ("mirrored", "upside-down", "boxed", "small")
 """Transforms never used in pretraining: concepts the embedded generator has not
 seen. A domain may add them to a style with ``+`` (``"inverted+mirrored"``); the
@@ -39,9 +48,9 @@ def domain_parts(domain: str) -> tuple[str, tuple[str, ...]]:
     """``"inverted+mirrored"`` -> ``("inverted", ("mirrored",))``; checks every part."""
     parts = [p.strip() for p in domain.split("+")]
     base, extra = parts[0], tuple(parts[1:])
-    if base not in STYLES:
+    if base not in ALL_STYLES:
         raise ValueError(
-            f"domain {domain!r}: style {base!r} is not one of {', '.join(STYLES)}"
+            f"domain {domain!r}: style {base!r} is not one of {', '.join(ALL_STYLES)}"
         )
     bad = [t for t in extra if t not in UNSEEN_TRANSFORMS]
     if bad:
@@ -49,6 +58,13 @@ def domain_parts(domain: str) -> tuple[str, tuple[str, ...]]:
             f"domain {domain!r}: transform(s) {bad} not among {', '.join(UNSEEN_TRANSFORMS)}"
         )
     return base, extra
+
+
+def seen_in_pretraining(domain: str) -> bool:
+    """Whether the embedded stack's pretraining rendered images of ``domain``:
+    a style of ``STYLES`` with no unseen transform."""
+    base, extra = domain_parts(domain)
+    return base in STYLES and not extra
 
 
 DEFAULT_CLIENT_DOMAINS: tuple[str, ...] = (
@@ -80,6 +96,10 @@ STYLE_WORDS: dict[str, tuple[str, ...]] = {
     "thin": ("thin", "faint"),
     "rotated": ("rotated", "sideways"),
     "noisy": ("noisy", "grainy"),
+    # unseen styles: words for the oracle captioner; never in the phrase bank,
+    # so never in the stack's pretraining captions nor its vocabulary
+    "outline": ("outlined", "hollow"),
+    "striped": ("striped", "lined"),
 }
 
 PLAIN_TEMPLATES: tuple[str, ...] = (
@@ -162,8 +182,8 @@ def render_style(
     images : ndarray or Tensor
         uint8 digits ``[N, H, W]`` (or ``[N, 1, H, W]``).
     style : str
-        One of ``STYLES``, optionally with unseen transforms: ``"thick+boxed"``
-        (see ``UNSEEN_TRANSFORMS``).
+        One of ``STYLES`` or ``UNSEEN_STYLES``, optionally with unseen
+        transforms: ``"thick+boxed"`` (see ``UNSEEN_TRANSFORMS``).
     image_size : int
         Side of the output.
     seed : int
@@ -212,6 +232,12 @@ def render_style(
         )
     if style == "thin":  # restore full contrast lost to the thinner stroke
         x = x / x.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-3)
+    elif style == "outline":  # the rim the stroke would grow into, stroke dark
+        rim = (F.max_pool2d(x, kernel_size=3, stride=1, padding=1) - x).clamp(0, 1)
+        x = rim / rim.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-3)
+    elif style == "striped":  # two rows on, two off, under the digit
+        rows = (torch.arange(x.shape[-2]) // 2) % 2 == 0
+        x = torch.maximum(x, 0.45 * rows.to(x.dtype).view(-1, 1).expand_as(x[0, 0]))
     if "small" in extra:  # restore the contrast the half-size stroke lost
         lo = x.amin(dim=(-2, -1), keepdim=True)
         x = (x - lo) / (x.amax(dim=(-2, -1), keepdim=True) - lo).clamp_min(1e-3)

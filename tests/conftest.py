@@ -57,6 +57,21 @@ def fast_config(tmp_path) -> dict:
             "min-clients": 2,
             "lora-steps": 2,
             "lora-samples-per-class": 2,
+            # the methods' own work, shrunk the same way (a round test checks
+            # the plumbing, not the accuracy these buy)
+            "dense-g-steps": 2,
+            "dense-synthesis-batch-size": 16,
+            "guha-distill-images": 60,
+            "guha-validation-images": 30,
+            "dosfl-iterations": 3,
+            "dosfl-epochs": 1,
+            "dosfl-server-epochs": 2,
+            "feddisc-map-pairs": 100,
+            "feddiff-finetune-steps": 2,
+            "feddeo-batch-size": 16,
+            "fedbip-concept-steps": 2,
+            "fedbip-instances-per-class": 4,
+            "fedld-em-iters": 5,
         }
     )
     return rc

@@ -486,10 +486,65 @@ def test_the_shipped_experiments_are_valid_app_configs():
         defaults, rc = load_experiment(f)
         seeds = RC.parse_seeds(defaults.get("seeds", "0"))
         base = AC.base_overrides(
-            defaults.get("quick", False), defaults.get("clients", 4), rc
+            defaults.get("quick", False),
+            defaults.get("clients", 4),
+            rc,
+            defaults.get("world", "default"),
         )
         for m in AC.parse_methods(defaults.get("methods")):
             if AC.METHODS[m] is not None:
                 RC.build_cfg(AC.run_overrides(m, seeds[0], base))
     quick, _ = load_experiment(RC.REPO_ROOT / "bench" / "experiments" / "quick.toml")
     assert quick["methods"] == list(AC.DEFAULT_METHODS) and quick["quick"]
+    held, _ = load_experiment(RC.REPO_ROOT / "bench" / "experiments" / "held-out.toml")
+    assert held["world"] == "held-out" and len(RC.parse_seeds(held["seeds"])) >= 5
+    assert held["methods"] == list(AC.DEFAULT_METHODS)
+    with pytest.raises(ValueError, match="--world 'mars'"):
+        AC.base_overrides(True, 4, world="mars")
+
+
+def test_seen_and_unseen_domains_are_reported_apart_against_the_floors():
+    """By hand: method ``m`` on seen ``inverted`` and unseen ``outline``; per
+    seed its unseen accuracy minus public-only's is 0.10, 0.20, 0.30 (mean
+    0.20); the seen part is the mean over seeds of ``inverted`` alone."""
+    from bench.accuracy.records import aggregate, paired_differences, seed_accuracies
+    from bench.accuracy.report import domain_split_section, split_domains
+
+    assert split_domains(["inverted", "outline", "thick+boxed"]) == (
+        ["inverted"],
+        ["outline", "thick+boxed"],
+    )
+    assert split_domains(["cats"]) is None  # not the mnist-domains world
+    runs = []
+    for seed, (seen, unseen) in enumerate([(0.9, 0.5), (0.8, 0.6), (0.7, 0.7)]):
+        for name, s, u in (
+            ("m", seen, unseen),
+            ("public-only", 0.95, unseen - 0.1 * (seed + 1)),
+            ("zero-shot", 0.3, 0.1),
+        ):
+            runs.append(
+                {
+                    "method": name,
+                    "seed": seed,
+                    "ok": True,
+                    "global_accuracy": (s + u) / 2,
+                    "global_accuracy_per_domain": {"inverted": s, "outline": u},
+                    "mean_accuracy": 0.5,
+                    "clients": [],
+                }
+            )
+    assert seed_accuracies(runs, "m", ["outline"]) == {0: 0.5, 1: 0.6, 2: 0.7}
+    [p] = paired_differences(runs, [("m", "public-only")], domains=["outline"])
+    assert p["diffs"] == pytest.approx([0.1, 0.2, 0.3])
+    assert p["mean_diff"] == pytest.approx(0.2)
+    methods = ["m", "public-only", "zero-shot"]
+    report = {"summary": aggregate(runs, methods), "runs": runs, "methods": methods}
+    text = "\n".join(domain_split_section(report))
+    assert "| m | 80.0 | 60.0 |" in text.replace("%", "")
+    assert "| public-only | 95.0 | 40.0 |" in text.replace("%", "")
+    assert "Not above both floors on the unseen domains: none." in text
+    # no unseen domain: no section
+    for r in runs:
+        r["global_accuracy_per_domain"].pop("outline")
+    report["summary"] = aggregate(runs, methods)
+    assert domain_split_section(report) == []

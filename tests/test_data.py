@@ -4,11 +4,13 @@ import torch
 
 from common.datasets import load_client_data
 from common.mnist_domains import (
+    ALL_STYLES,
     MNIST_PUBLIC_SIZE,
-    STYLES,
+    UNSEEN_STYLES,
     load_mnist,
     mnist_client_pool,
     render_style,
+    seen_in_pretraining,
 )
 
 
@@ -27,7 +29,7 @@ def test_client_pool_is_disjoint_from_the_public_split():
     assert np.array_equal(pool[0], x[MNIST_PUBLIC_SIZE])
 
 
-@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("style", ALL_STYLES)
 def test_styles_render_in_range_and_deterministic(style):
     x, _ = load_mnist("test")
     a = render_style(x[:8], style, 16, seed=3)
@@ -106,6 +108,27 @@ def test_unseen_transforms_by_hand():
     # the digit sits in the top-left quarter; the rest is background
     assert torch.all(small[..., 14:, :] == -1) and torch.all(small[..., :, 14:] == -1)
     assert small.amax() == 1
+
+
+def test_unseen_styles_by_hand():
+    """``outline``: one lit pixel becomes the ring of its 8 neighbours, the pixel
+    itself dark; ``striped``: two rows at 0.45, two off, under the digit."""
+    dot = np.zeros((1, 16, 16), np.uint8)
+    dot[0, 8, 8] = 255
+    ring = render_style(dot, "outline", 16)[0, 0]
+    want = torch.full((16, 16), -1.0)
+    want[7:10, 7:10] = 1.0
+    want[8, 8] = -1.0
+    assert torch.equal(ring, want)
+    stripes = render_style(np.zeros((1, 16, 16), np.uint8), "striped", 16)[0, 0]
+    on = torch.tensor([(r // 2) % 2 == 0 for r in range(16)])
+    torch.testing.assert_close(stripes[on], torch.full((8, 16), -0.1))
+    assert torch.all(stripes[~on] == -1)
+    lit = render_style(dot, "striped", 16)[0, 0]
+    assert lit[8, 8] == 1 and lit[10, 0] == -1 and lit[8, 0] == pytest.approx(-0.1)
+    for s in UNSEEN_STYLES:
+        assert not seen_in_pretraining(s) and not seen_in_pretraining(s + "+boxed")
+    assert seen_in_pretraining("thick") and not seen_in_pretraining("thick+boxed")
 
 
 def test_unseen_domains_are_validated():

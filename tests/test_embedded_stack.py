@@ -18,11 +18,15 @@ import torch
 from common.captioner import RetrievalCaptioner, load_captioner
 from common.generator import load_generator
 from common.mnist_domains import (
+    STYLE_WORDS,
     STYLES,
+    UNSEEN_STYLES,
     class_name_prompt,
     load_mnist,
     phrase_bank,
     render_style,
+    seen_in_pretraining,
+    vocabulary,
 )
 from common.models import load_classifier
 from common.synthesis import sample
@@ -170,13 +174,60 @@ def test_class_name_prompt_gives_plain_digits(stack):
     assert sum(d == "plain" for d in detected) / len(detected) >= 0.8, detected
 
 
+# ``python -m bench pretrain`` with every style it renders recorded: the
+# recorder replaces ``render_style`` before any pretraining module imports it
+PRETRAIN_RECORDING_STYLES = """
+import json, sys
+import common.mnist_domains as world
+seen, render = set(), world.render_style
+def recording(images, style, *args, **kwargs):
+    seen.add(style)
+    return render(images, style, *args, **kwargs)
+world.render_style = recording
+from bench.__main__ import main
+rc = main(["pretrain", *sys.argv[2:]])
+open(sys.argv[1], "w").write(json.dumps(sorted(seen)))
+sys.exit(rc)
+"""
+
+
+def _vocabulary(clip_dir: Path) -> set[str]:
+    vocab = json.loads((clip_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    return {w.lower() for w in vocab}
+
+
+def test_no_unseen_style_word_is_in_the_shipped_stacks_vocabulary():
+    """The shipped stack's text tower never saw a word of the held-out styles
+    (nor do the captioner's phrase bank and the pretraining vocabulary hold
+    one): their prompts reach it as unknown tokens."""
+    words = {w for s in UNSEEN_STYLES for w in STYLE_WORDS[s]}
+    assert words and not words & _vocabulary(embedded_dir() / "clip")
+    assert not words & set(vocabulary())
+    texts, _, styles = phrase_bank()
+    assert not set(styles) & set(UNSEEN_STYLES)
+    assert not {w for t in texts for w in t.split()} & words
+    assert not {seen_in_pretraining(s) for s in UNSEEN_STYLES} - {False}
+
+
 @pytest.mark.slow
 def test_pretrain_quick_end_to_end(tmp_path):
-    """``python -m bench pretrain --quick`` writes a stack the loaders accept."""
-    out = tmp_path / "stack"
+    """``python -m bench pretrain --quick`` writes a stack the loaders accept,
+    and no image of a held-out style (``UNSEEN_STYLES``, an unseen transform)
+    reaches any part of it (issue 23): every image the pretraining renders, for
+    the encoders, the generator, the judge, the FedDiff pool and their
+    evaluation, is recorded."""
+    out, styles = tmp_path / "stack", tmp_path / "styles.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "pretrain", "--quick", "--out", str(out)],
+        [
+            sys.executable,
+            "-c",
+            PRETRAIN_RECORDING_STYLES,
+            str(styles),
+            "--quick",
+            "--out",
+            str(out),
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -184,6 +235,11 @@ def test_pretrain_quick_end_to_end(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    rendered = json.loads(styles.read_text())
+    assert set(rendered) == set(STYLES), rendered  # every seen style, nothing else
+    assert all(seen_in_pretraining(s) for s in rendered)
+    words = {w for s in UNSEEN_STYLES for w in STYLE_WORDS[s]}
+    assert not words & _vocabulary(out / "clip")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["quick"] and set(metrics["samples"]["per_style"]) == set(STYLES)
     texts, labels, _ = phrase_bank()

@@ -38,18 +38,20 @@ def test_oscar_and_lora_through_flower_simulation(tiny_stack, tmp_path):
         port=39491,
         control_port=39493,
     ) as sim:
-        runs["oscar"] = sim.run("oscar", SMALL | {"method": "oscar"}, timeout_s=200)
         runs["lora"] = sim.run(
             "lora",
             SMALL | {"method": "lora", "lora-merge": "svd", "lora-steps": 2},
             timeout_s=200,
         )
-        # a Hugging Face dataset folder written by save_to_disk, end to end, with
-        # the synthesis sharded over 2 Ray actors inside the simulation's own Ray
-        # (that sharding gives the same images: tests/test_synthesis.py)
+        # OSCAR on a Hugging Face dataset folder written by save_to_disk, end to
+        # end, with the synthesis sharded over 2 Ray actors inside the
+        # simulation's own Ray (that sharding gives the same images:
+        # tests/test_synthesis.py); the default dataset goes through Flower's
+        # simulation in README's first command (.ci/run) and in process in
+        # tests/test_round.py
         hf = make_hf_dataset(tmp_path / "hf-dataset", n_per_class=60)
-        runs["hf"] = sim.run(
-            "hf",
+        runs["oscar"] = sim.run(
+            "oscar",
             SMALL | {"method": "oscar", "dataset": str(hf), "synth-workers": 2},
             timeout_s=200,
         )
@@ -58,7 +60,7 @@ def test_oscar_and_lora_through_flower_simulation(tiny_stack, tmp_path):
     for name, run in runs.items():
         assert run.ok, f"{name}: {run.error}"
         res = run.results
-        assert res["method"] == {"hf": "oscar"}.get(name, name)
+        assert res["method"] == name
         assert res["num_clients"] == 3 and len(res["clients"]) == 3
         assert sorted(c["partition_id"] for c in res["clients"]) == [0, 1, 2]
         for c in res["clients"]:
@@ -80,10 +82,9 @@ def test_oscar_and_lora_through_flower_simulation(tiny_stack, tmp_path):
     # pooled fp16 vectors of the tiny encoder: far below the 2 KB/class budget
     assert 0 < oscar["upload_bytes_per_class"] <= 2048
     assert (runs["oscar"].run_dir / "synthetic_samples.png").is_file()
-
-    hf = runs["hf"].results
     assert (
-        hf["class_names"] == list(FOLDER_CLASSES) and hf["config"]["num-classes"] == 3
+        oscar["class_names"] == list(FOLDER_CLASSES)
+        and oscar["config"]["num-classes"] == 3
     )
-    assert hf["dataset"].endswith("hf-dataset")
-    assert "Synthesis sharded over 2 Ray workers" in runs["hf"].log_path.read_text()
+    assert oscar["dataset"].endswith("hf-dataset")
+    assert "Synthesis sharded over 2 Ray workers" in runs["oscar"].log_path.read_text()

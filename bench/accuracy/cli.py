@@ -28,6 +28,7 @@ from .config import (
     ORACLE,
     QUICK,
     QUICK_FID_PER_CLASS,
+    WORLDS,
     base_overrides,
     parse_methods,
     run_overrides,
@@ -84,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="extra run-config override for every run, e.g. --set train-epochs=3",
+    )
+    p.add_argument(
+        "--world",
+        default="default",
+        help=f"what the clients hold: {', '.join(WORLDS)} (default: default); "
+        "held-out: two of the four client domains are styles the embedded stack "
+        "never saw, reported apart",
     )
     p.add_argument("--no-fid", action="store_true", help="skip the FID-proxy section")
     p.add_argument(
@@ -195,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.clients < 1:
             raise ValueError(f"--clients {args.clients} must be >= 1")
         base = base_overrides(
-            args.quick, args.clients, file_config | parse_sets(args.sets)
+            args.quick, args.clients, file_config | parse_sets(args.sets), args.world
         )
         cfg0 = build_cfg(base | {"seed": seeds[0]})
         emb_dir = str(embedded_dir())
@@ -212,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "accuracy",
         "argv": list(argv) if argv is not None else [],
         "quick": args.quick,
+        "world": args.world,
         "seeds": seeds,
         "num_clients": args.clients,
         "methods": methods,

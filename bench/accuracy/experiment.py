@@ -34,6 +34,7 @@ OPTIONS: dict[str, tuple[str, tuple[type, ...]]] = {
     "clients": ("clients", (int,)),
     "methods": ("methods", (list, str)),
     "quick": ("quick", (bool,)),
+    "world": ("world", (str,)),
     "no-fid": ("no_fid", (bool,)),
     "fid-per-class": ("fid_per_class", (int,)),
     "timeout-s": ("timeout_s", (int, float)),

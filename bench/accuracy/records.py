@@ -148,8 +148,23 @@ def aggregate(
     return out
 
 
-def seed_accuracies(records: list[dict[str, Any]], name: str) -> dict[int, float]:
-    """Global accuracy per seed of a benchmarked method or a reference row."""
+def seed_accuracies(
+    records: list[dict[str, Any]], name: str, domains: Sequence[str] | None = None
+) -> dict[int, float]:
+    """Global accuracy per seed of a benchmarked method or a reference row; with
+    ``domains``, the mean of its accuracies on those domains of the global test
+    set (a run without all of them, and a reference row, has none)."""
+    if domains is not None:
+        return {
+            r["seed"]: sum(per[d] for d in domains) / len(domains)
+            for r in records
+            if r["method"] == name
+            and r.get("ok")
+            and domains
+            and all(
+                d in (per := r.get("global_accuracy_per_domain") or {}) for d in domains
+            )
+        }
     if name in REFERENCES:
         m, _ = REFERENCES[name]
         return {
@@ -165,17 +180,20 @@ def seed_accuracies(records: list[dict[str, Any]], name: str) -> dict[int, float
 
 
 def paired_differences(
-    records: list[dict[str, Any]], pairs: Sequence[tuple[str, str]] = PAIRS
+    records: list[dict[str, Any]],
+    pairs: Sequence[tuple[str, str]] = PAIRS,
+    domains: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Per pair (A, B): A - B in global accuracy per common seed, their mean with
-    a 95% t interval and the paired t-test's p-value, Holm's adjustment across
-    the pairs (``p_holm``), whether "A above B" holds at family-wise 5%
-    (``holds``), and in how many seeds A is above B. Pairs with no common seed
-    are left out."""
+    """Per pair (A, B): A - B in global accuracy per common seed (with
+    ``domains``: on those domains of the global test set), their mean with a 95%
+    t interval and the paired t-test's p-value, Holm's adjustment across the
+    pairs (``p_holm``), whether "A above B" holds at family-wise 5% (``holds``),
+    and in how many seeds A is above B. Pairs with no common seed are left out."""
     out: list[dict[str, Any]] = []
     pvalues: list[float | None] = []
     for a, b in pairs:
-        acc_a, acc_b = seed_accuracies(records, a), seed_accuracies(records, b)
+        acc_a = seed_accuracies(records, a, domains)
+        acc_b = seed_accuracies(records, b, domains)
         seeds = sorted(set(acc_a) & set(acc_b))
         if not seeds:
             continue

@@ -8,7 +8,7 @@ from typing import Any
 from bench.report import md_table, pct, pyplot, save_figure, write_json
 
 from .config import NOTES, ORACLE, floor_pairs
-from .records import paired_differences, reference_rows
+from .records import paired_differences, reference_rows, seed_accuracies
 from .tables import (
     format_domain_table,
     format_fid_table,
@@ -31,7 +31,8 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         "",
         "`" + " ".join(["python -m bench accuracy", *report["argv"]]) + "`",
         "",
-        f"* mode: **{'quick' if report['quick'] else 'full default config'}**; "
+        f"* mode: **{'quick' if report['quick'] else 'full default config'}**, "
+        f"world `{report.get('world', 'default')}`; "
         f"{report['num_clients']} clients; seeds {report['seeds']}; dataset "
         f"`{report['config']['dataset']}`, partition `{report['config']['partition']}`"
         f" (alpha {report['config']['dirichlet-alpha']}), domains `{report['config']['domains']}`",
@@ -56,6 +57,7 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         format_paired_table(paired_differences(report["runs"])),
         "",
         *floor_section(report),
+        *domain_split_section(report),
         *(
             [
                 "### References computed inside the runs (global accuracy %)",
@@ -143,6 +145,67 @@ def floor_section(report: dict[str, Any]) -> list[str]:
         + ".",
         "",
     ]
+
+
+def split_domains(domains: list[str]) -> tuple[list[str], list[str]] | None:
+    """``(seen, unseen)``: the global test's domains that the embedded stack's
+    pretraining rendered, and those it never saw (``seen_in_pretraining``);
+    ``None`` when a domain is not one of the ``mnist-domains`` world's."""
+    from common.mnist_domains import seen_in_pretraining
+
+    try:
+        seen = [d for d in domains if seen_in_pretraining(d)]
+    except ValueError:
+        return None
+    return seen, [d for d in domains if d not in seen]
+
+
+def domain_split_section(report: dict[str, Any]) -> list[str]:
+    """Markdown lines: accuracy on the seen and the unseen domains apart, and
+    every method against the floors on the unseen domains alone (paired over
+    seeds, Holm-corrected as one family); empty without an unseen domain."""
+    summary, runs = report["summary"], report["runs"]
+    doms = list(
+        dict.fromkeys(d for s in summary.values() for d in s["global_per_domain"])
+    )
+    split = split_domains(doms)
+    if split is None or not split[0] or not split[1]:
+        return []
+    seen, unseen = split
+
+    def acc(m: str, part: list[str]) -> str:
+        v = list(seed_accuracies(runs, m, part).values())
+        return pct(sum(v) / len(v)) if v else "-"
+
+    rows = [[m, acc(m, seen), acc(m, unseen)] for m in summary]
+    out = [
+        "### Seen and unseen domains",
+        "",
+        f"Seen: {', '.join(f'`{d}`' for d in seen)} (styles the embedded stack was "
+        f"pretrained on); unseen: {', '.join(f'`{d}`' for d in unseen)} (no image "
+        "or caption word of them reached any part of its pretraining: "
+        "`tests/test_embedded_stack.py`). Global accuracy on each part, mean over "
+        "its domains and over seeds.",
+        "",
+        md_table(["method", "seen domains", "unseen domains"], rows),
+        "",
+    ]
+    pairs = floor_pairs([m for m in report.get("methods", summary) if m in summary])
+    paired = paired_differences(runs, pairs, domains=unseen)
+    if paired:
+        below = sorted({p["a"] for p in paired if p["mean_diff"] <= 0})
+        out += [
+            "Against the floors on the unseen domains alone (what the federation "
+            "adds where the server's own models never looked):",
+            "",
+            format_paired_table(paired),
+            "",
+            "Not above both floors on the unseen domains: "
+            + (", ".join(f"`{m}`" for m in below) if below else "none")
+            + ".",
+            "",
+        ]
+    return out
 
 
 def plot_summary(
