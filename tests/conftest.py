@@ -23,6 +23,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+# The methods' own work, shrunk for tests: a round test checks the plumbing,
+# not the accuracy these buy (``python -m bench accuracy`` measures that).
+FAST_METHOD_KEYS = {
+    "dense-g-steps": 2,
+    "dense-synthesis-batch-size": 16,
+    "guha-distill-images": 60,
+    "guha-validation-images": 30,
+    "dosfl-iterations": 3,
+    "dosfl-epochs": 1,
+    "dosfl-server-epochs": 2,
+    "feddisc-map-pairs": 100,
+    "feddiff-finetune-steps": 2,
+    "feddeo-batch-size": 16,
+    "fedbip-concept-steps": 2,
+    "fedbip-instances-per-class": 4,
+    "fedld-em-iters": 5,
+}
+
+
 def default_run_config() -> dict:
     with open(ROOT / "pyproject.toml", "rb") as f:
         return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
@@ -57,22 +76,8 @@ def fast_config(tmp_path) -> dict:
             "min-clients": 2,
             "lora-steps": 2,
             "lora-samples-per-class": 2,
-            # the methods' own work, shrunk the same way (a round test checks
-            # the plumbing, not the accuracy these buy)
-            "dense-g-steps": 2,
-            "dense-synthesis-batch-size": 16,
-            "guha-distill-images": 60,
-            "guha-validation-images": 30,
-            "dosfl-iterations": 3,
-            "dosfl-epochs": 1,
-            "dosfl-server-epochs": 2,
-            "feddisc-map-pairs": 100,
-            "feddiff-finetune-steps": 2,
-            "feddeo-batch-size": 16,
-            "fedbip-concept-steps": 2,
-            "fedbip-instances-per-class": 4,
-            "fedld-em-iters": 5,
         }
+        | FAST_METHOD_KEYS
     )
     return rc
 

@@ -39,17 +39,21 @@ def genuine(tiny_stack_dir, tmp_path_factory):
     """One genuine collect reply per method, from the real ClientApp."""
     import os
 
-    from conftest import default_run_config
+    from conftest import FAST_METHOD_KEYS, default_run_config
 
     os.environ["ONESHOT_EMBEDDED_DIR"] = str(tiny_stack_dir)
-    rc = default_run_config() | {
-        "max-examples-per-client": 60,
-        "local-epochs": 1,
-        "lora-steps": 1,
-        "output-dir": str(tmp_path_factory.mktemp("fuzz")),
-        "max-upload-mb": 1.0,
-        "screen-outliers": True,  # the cohort screens are fuzzed too
-    }
+    rc = (
+        default_run_config()
+        | FAST_METHOD_KEYS
+        | {
+            "max-examples-per-client": 60,
+            "local-epochs": 1,
+            "lora-steps": 1,
+            "output-dir": str(tmp_path_factory.mktemp("fuzz")),
+            "max-upload-mb": 1.0,
+            "screen-outliers": True,  # the cohort screens are fuzzed too
+        }
+    )
     out = {}
     for name, cls in METHODS.items():
         cfg = build_config(rc | {"method": name})

@@ -7,15 +7,16 @@ checkpointed output: model, pushed arrays, push config).
 
 Two tests, split by what each one proves:
 
-* For every registered method, in this process: the round is interrupted at each
-  point by an exception no handler catches (``Interrupted`` derives from
-  ``BaseException``, as ``KeyboardInterrupt`` does), then resumed by a fresh round
-  on the same run directory. This checks that every method's uploads and output
-  survive the journal and the checkpoint.
+* For every registered method, in this process: the round is interrupted at the
+  first point by an exception no handler catches (``Interrupted`` derives from
+  ``BaseException``, as ``KeyboardInterrupt`` does), resumed on the same run
+  directory and interrupted at the second, then resumed to the end. This checks
+  that every method's uploads and output survive the journal and the checkpoint.
 * For three methods that cover the three kinds of output (synthesized set and
   classifier: oscar; averaged weights: fedavg; merged adapter: lora), the round is
-  its own Python process killed by SIGKILL, so nothing gets to clean up (no
-  ``finally``, no buffered write flushed); the resume runs here.
+  its own Python process killed by SIGKILL at each point in turn, so nothing gets
+  to clean up (no ``finally``, no buffered write flushed); the last resume runs
+  here.
 """
 
 from __future__ import annotations
@@ -133,25 +134,36 @@ def _check_resumed(method: str, reference: dict, resumed: dict, sent: list) -> N
 def test_interrupted_round_resumes_to_the_same_results(
     method, tiny_stack, fast_config, monkeypatch
 ):
+    """One run directory, interrupted twice: right after the server work, then
+    (resumed: the work redone from the journal, no client asked for its upload)
+    right after the checkpoint; resumed once more, it ends where an
+    uninterrupted round ends."""
     fast_config["method"] = method
     out = Path(fast_config["output-dir"])
     reference, _ = _run(fast_config | {"run-name": "reference"})
+    cls = METHODS[method]
+    rc = fast_config | {"run-name": "interrupted"}
 
-    for mode in MODES:
-        rc = fast_config | {"run-name": mode}
-        with monkeypatch.context() as patch:
-            if mode == "kill-after-work":
-                cls = METHODS[method]
-                patch.setattr(cls, "server_work", _then_interrupt(cls.server_work))
-            else:
-                patch.setattr(
-                    persist, "save_output", _then_interrupt(persist.save_output)
-                )
-            with pytest.raises(Interrupted):
-                run_one_shot(FakeGrid(app, NODES, rc), build_config(rc), "run")
-        _check_interrupted(out / mode, method)
-        resumed, sent = _run(rc)
-        _check_resumed(method, reference, resumed, sent)
+    # 1. Interrupted after the server work, before its checkpoint
+    with monkeypatch.context() as patch:
+        patch.setattr(cls, "server_work", _then_interrupt(cls.server_work))
+        with pytest.raises(Interrupted):
+            run_one_shot(FakeGrid(app, NODES, rc), build_config(rc), "run")
+    _check_interrupted(out / "interrupted", method)
+
+    # 2. Resumed (the work redone from the persisted uploads), interrupted right
+    #    after the checkpoint
+    grid = FakeGrid(app, NODES, rc)
+    with monkeypatch.context() as patch:
+        patch.setattr(persist, "save_output", _then_interrupt(persist.save_output))
+        with pytest.raises(Interrupted):
+            run_one_shot(grid, build_config(rc), "run")
+    assert all(t != cls.collect_type for _, t in grid.sent)
+    _check_interrupted(out / "interrupted", method)
+
+    # 3. Resumed from the checkpoint: the push, the evaluation, the results
+    resumed, sent = _run(rc)
+    _check_resumed(method, reference, resumed, sent)
 
 
 @pytest.mark.slow
@@ -162,8 +174,10 @@ def test_killed_process_resumes_to_the_same_results(method, tiny_stack, fast_con
     out = Path(fast_config["output-dir"])
     reference, _ = _run(fast_config | {"run-name": "reference"})
 
+    # Killed after the work; killed again, resumed, after the checkpoint; resumed
+    # here to the end (one run directory, as in the in-process test)
+    rc = fast_config | {"run-name": "killed"}
     for mode in MODES:
-        rc = fast_config | {"run-name": mode}
         killed = subprocess.run(
             [sys.executable, "-c", SCRIPT, json.dumps(rc), mode, str(NODES)],
             cwd=ROOT,
@@ -174,6 +188,6 @@ def test_killed_process_resumes_to_the_same_results(method, tiny_stack, fast_con
             timeout=300,
         )
         assert killed.returncode == -signal.SIGKILL, (mode, killed.stderr[-2000:])
-        _check_interrupted(out / mode, method)
-        resumed, sent = _run(rc)
-        _check_resumed(method, reference, resumed, sent)
+        _check_interrupted(out / "killed", method)
+    resumed, sent = _run(rc)
+    _check_resumed(method, reference, resumed, sent)
