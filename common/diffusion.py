@@ -51,3 +51,25 @@ def diffusion_loss(
     c = cond.expand(len(x0), -1, -1)
     pred = unet(noisy, t, encoder_hidden_states=c).sample
     return F.mse_loss(pred.float(), target.float())
+
+
+def descend(
+    opt: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    *,
+    step: int,
+    what: str,
+    lr_key: str,
+    lr: float,
+) -> None:
+    """One optimizer step on ``loss``, stopped before a non-finite loss reaches
+    the weights: ``ValueError`` naming the training (``what``), its ``step`` and
+    the run-config key of its learning rate (``lr_key``, now ``lr``)."""
+    if not torch.isfinite(loss).all():
+        raise ValueError(
+            f"{what} diverged at step {step} (loss {float(loss.detach().mean())}); "
+            f"lower {lr_key} (now {lr})"
+        )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()

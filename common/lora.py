@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .diffusion import diffusion_loss
+from .diffusion import descend, diffusion_loss
 
 # A diffusers model with PeftAdapterMixin (UNet2DConditionModel). Typed Any: mypy
 # does not see diffusers' ModelMixin as an nn.Module (as in common/generator.py).
@@ -351,15 +351,14 @@ def train_lora(
             loss = diffusion_loss(unet, noise_scheduler, x0, c, t, noise)
 
             losses.append(float(loss.detach()))
-            # Stop before a non-finite loss reaches the adapter's weights.
-            if not torch.isfinite(loss):
-                raise ValueError(
-                    f"LoRA training diverged at step {len(losses)} (loss {losses[-1]}); "
-                    f"lower lora-learning-rate (now {lr})"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            descend(  # stops before a non-finite loss reaches the adapter's weights
+                opt,
+                loss,
+                step=len(losses),
+                what="LoRA training",
+                lr_key="lora-learning-rate",
+                lr=lr,
+            )
     finally:
         unet.train(was_training)
     return losses

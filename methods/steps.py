@@ -99,11 +99,20 @@ def unpack_conditions(
     )
 
 
-def classes_uploaded(replies: list[Reply], key: str = "class_ids") -> dict[str, Any]:
+def classes_uploaded(
+    replies: list[Reply], key: str = "class_ids", item: str | None = None
+) -> dict[str, Any]:
     """Upload bytes per uploaded (client, class): every client's upload over the
-    distinct ids of its ``key`` tensor (the 2 KB-per-class budget)."""
+    distinct ids of its ``key`` tensor (the 2 KB-per-class budget); with
+    ``item``, also per row of that tensor (``upload_bytes_per_<item>``: one
+    component, one instance)."""
     n = sum(len(r.tensors[key].unique()) for r in replies if key in r.tensors)
     total = sum(r.upload_bytes for r in replies)
+    if item is not None:
+        rows = sum(len(r.tensors[key]) for r in replies if key in r.tensors)
+        return classes_uploaded(replies, key) | {
+            f"upload_bytes_per_{item}": total / rows if rows else None
+        }
     return {"upload_bytes_per_class": total / n if n else None}
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from common.diffusion import diffusion_loss
+from common.diffusion import descend, diffusion_loss
 from common.synthesis_settings import SynthesisSettings
 from common.synthesis_start import alpha_bar, start_timestep
 
@@ -128,14 +128,14 @@ def fit_concepts(
         t = torch.randint(0, num_t, (len(idx),), generator=g)
         noise = torch.randn((len(idx), *x0.shape[1:]), generator=g).to(device, dtype)
         loss = loss_on(idx, t, noise)
-        if not torch.isfinite(loss):
-            raise ValueError(
-                f"concept training diverged at step {step + 1} (loss {float(loss)}); "
-                f"lower fedbip-concept-lr (now {lr})"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        descend(
+            opt,
+            loss,
+            step=step + 1,
+            what="concept training",
+            lr_key="fedbip-concept-lr",
+            lr=lr,
+        )
     return ConceptFit(d.detach().cpu(), c.detach().cpu(), before, eval_loss(), steps)
 
 

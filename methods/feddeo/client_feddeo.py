@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from common import dp
-from common.diffusion import diffusion_loss
+from common.diffusion import descend, diffusion_loss
 
 from ..base import ClientJob, ClientResult
 from . import payload_feddeo as P
@@ -127,15 +127,15 @@ def fit_description(
                 t,
                 noise.to(device, dtype),
             )
-            if not torch.isfinite(loss):
-                raise ValueError(
-                    f"description training diverged at step {steps + 1} (loss "
-                    f"{float(loss)}); lower feddeo-learning-rate (now {lr})"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
             steps += 1
+            descend(
+                opt,
+                loss,
+                step=steps,
+                what="description training",
+                lr_key="feddeo-learning-rate",
+                lr=lr,
+            )
     desc = desc.detach()
     return ClassFit(desc.cpu(), before, eval_loss(desc), steps)
 

@@ -42,6 +42,7 @@ from ..steps import (
     SynthesisMethod,
     budget_rows,
     class_units,
+    classes_uploaded,
     synthesize_set,
     train_global,
 )
@@ -157,15 +158,4 @@ class FedLD(SynthesisMethod, payload=P, client=client_fedld):
 
     def summary(self, replies: list[Reply]) -> dict[str, Any]:
         """Upload bytes per uploaded (client, class) and per component."""
-        classes = comps = 0
-        for r in replies:
-            ids = r.tensors.get("class_ids")
-            if ids is None:
-                continue
-            classes += len(ids.unique())
-            comps += len(ids)
-        total = sum(r.upload_bytes for r in replies)
-        return {
-            "upload_bytes_per_class": total / classes if classes else None,
-            "upload_bytes_per_component": total / comps if comps else None,
-        }
+        return classes_uploaded(replies, item="component")

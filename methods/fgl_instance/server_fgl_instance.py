@@ -34,6 +34,7 @@ from ..steps import (
     SynthesisMethod,
     budget_rows,
     check_reply_embedding,
+    classes_uploaded,
     embedding_shape,
     synthesize_set,
     train_global,
@@ -107,14 +108,4 @@ class FglInstance(SynthesisMethod, payload=P, client=client_fgl_instance):
 
     def summary(self, replies: list[Reply]) -> dict[str, Any]:
         """Upload bytes per uploaded (client, class) and per uploaded instance."""
-        classes = instances = 0
-        for r in replies:
-            ids = r.tensors.get("class_ids")
-            if ids is not None:
-                classes += len(ids.unique())
-                instances += len(ids)
-        total = sum(r.upload_bytes for r in replies)
-        return {
-            "upload_bytes_per_class": total / classes if classes else None,
-            "upload_bytes_per_instance": total / instances if instances else None,
-        }
+        return classes_uploaded(replies, item="instance")
