@@ -8,14 +8,12 @@ bf16, CFG 7.5, 32 images, eager, median of 3 (random weights: no hub weights).
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
-from bench.synth.pipeline import build_sd
+from bench.synth.pipeline import build_sd, median_time, sd15_prompts
 from common.synthesis import sample
 from common.synthesis_settings import SynthesisSettings
 
@@ -28,20 +26,10 @@ def main() -> None:
     dpm = DPMSolverMultistepScheduler.from_config(
         ddim.config, algorithm_type="dpmsolver++"
     )
-    g = torch.Generator().manual_seed(1)
-    cond = torch.randn(32, 77, 768, generator=g)
-    unc = torch.randn(1, 77, 768, generator=g)
+    cond, unc = sd15_prompts(32)
 
     def t(fn: Callable[[], object], reps: int = 3) -> float:
-        fn()
-        ts = []
-        for _ in range(reps):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
+        return median_time(fn, dev, reps)
 
     rows = []
     for name, sch, steps, cut in (

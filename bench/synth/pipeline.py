@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -137,6 +138,27 @@ def build_sd(
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], object], device: torch.device, reps: int = 3) -> float:
+    """Median wall seconds of ``reps`` calls of ``fn`` after one warm-up, the
+    device synchronised around each."""
+    fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def sd15_prompts(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random SD-1.5-shaped prompt embeddings ``[n, 77, 768]`` and one
+    unconditional ``[1, 77, 768]`` (seeded)."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 77, 768, generator=g), torch.randn(1, 77, 768, generator=g)
 
 
 def compare_pipeline(

@@ -8,13 +8,11 @@ decode alone, one UNet call on the CFG batch of 64.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
-from bench.synth.pipeline import build_sd
+from bench.synth.pipeline import build_sd, median_time, sd15_prompts
 from common.synthesis import sample
 from common.synthesis_settings import SynthesisSettings
 
@@ -24,20 +22,10 @@ def main() -> None:
     dev = torch.device("cuda")
     gen, pipe = build_sd("sd15", 512, dev, torch.bfloat16)
     print({type(p).__name__ for p in gen.unet.attn_processors.values()})
-    g = torch.Generator().manual_seed(1)
-    cond = torch.randn(32, 77, 768, generator=g)
-    unc = torch.randn(1, 77, 768, generator=g)
+    cond, unc = sd15_prompts(32)
 
     def t(fn: Callable[[], object], reps: int = 3) -> float:
-        fn()
-        ts = []
-        for _ in range(reps):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
+        return median_time(fn, dev, reps)
 
     kw = SynthesisSettings(
         guidance_scale=7.5, num_inference_steps=25, batch_size=32
