@@ -15,7 +15,7 @@ from flwr.app import Error, Message
 
 from client_app.app import app as client_app
 from common import contract as C
-from methods import METHODS, ConfigError, build_config
+from methods import METHODS, ConfigError, build_config, docs
 from methods.lora import payload_lora
 from methods.oscar import payload_oscar
 from server_app.round import RoundError, run_one_shot
@@ -56,6 +56,11 @@ def test_every_method_completes_and_writes_results(
     }
     assert on_disk["config"]["num-classes"] == 10
     assert on_disk["num_clients"] == 3 and not on_disk["rejected"]
+    # issue 26: every method's upload per client and per class, and what kind of
+    # data it uploads (its card's privacy class)
+    assert on_disk["upload_bytes_per_client"] >= 0
+    assert "upload_bytes_per_class" in on_disk
+    assert on_disk["privacy_class"] == docs.method_card(METHODS[method]).privacy
     assert {c["partition_id"] for c in on_disk["clients"]} == {0, 1, 2}
     assert all(0.0 <= c["accuracy"] <= 1.0 for c in on_disk["clients"])
     # every client that did work reports its cost per training example too
