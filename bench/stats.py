@@ -1,6 +1,6 @@
 """Statistics of paired per-seed differences: a t interval and Holm's correction.
 
-Pure functions over plain lists, checked by hand in ``tests/test_bench_stats.py``.
+Pure functions over plain lists, checked by hand in ``tests/bench/test_bench_stats.py``.
 A claimed ordering "A above B" is a paired difference over the same seeds (same
 partition, same synthesis seed): its mean, a two-sided 95% interval from the
 t distribution with ``n - 1`` degrees of freedom, the two-sided p-value of the

@@ -37,7 +37,7 @@ Client weights (e.g. dataset sizes) are normalised to ``w_i`` summing to 1
 Conv LoRA factors (``A`` [r, in, kh, kw], ``B`` [out, r, 1, 1]) are merged as a
 ``Linear(in·kh·kw, out)``: peft's ``Conv2d`` ΔW is ``B·A`` on the flattened
 factors and its merges act on it entry-wise, so the result is the same
-(``tests/test_lora_merge.py`` checks it against a real ``Conv2d``), and peft's
+(``tests/unit/test_lora_merge.py`` checks it against a real ``Conv2d``), and peft's
 conv reshape, which fails when ``rank > min(out, in·kh·kw)``, is avoided.
 
 What the caller sets when loading the merged adapter into a ``LoraConfig``

@@ -31,7 +31,7 @@ STYLES: tuple[str, ...] = ("plain", "inverted", "thick", "thin", "rotated", "noi
 
 UNSEEN_STYLES: tuple[str, ...] = ("outline", "striped")
 """Styles that no part of the embedded stack saw in pretraining (no image, no
-caption word; ``tests/test_embedded_stack.py`` checks it): the held-out domains
+caption word; ``tests/unit/test_embedded_stack.py`` checks it): the held-out domains
 of the accuracy bench's ``held-out`` world. ``outline``: only the rim around the
 stroke (the stroke itself dark); ``striped``: the digit over horizontal
 stripes. Both are drawn at the output size, so they survive the resize."""

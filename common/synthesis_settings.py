@@ -5,7 +5,7 @@ Every caller of the synthesis engine (``common.synthesis.sample``,
 ``SynthesisSettings``, built from the run config with ``from_config`` (a method's
 own guidance or a benchmark's sweep value as an override) or, where no run config
 exists (pretraining, the engine benchmark), constructed directly.
-``tests/test_synthesis_settings.py`` fails if code outside the engine passes a
+``tests/unit/test_synthesis_settings.py`` fails if code outside the engine passes a
 sampler key by hand.
 """
 

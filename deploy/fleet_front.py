@@ -40,7 +40,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 # Flower's Fleet API routes (flwr 1.41, ``flwr.superlink.routers.fleet.router``;
-# tests/test_deploy_control.py checks this list against it).
+# tests/deploy/test_deploy_control.py checks this list against it).
 FLEET_ROUTES = frozenset(
     ("POST", f"/v1/fleet/{name}")
     for name in (

@@ -504,7 +504,7 @@ def generate(root: Path = ROOT) -> dict[Path, str]:
 
 
 def warnings(root: Path = ROOT) -> list[str]:
-    """What a registered method still lacks (tests/test_generated_docs.py fails on
+    """What a registered method still lacks (tests/unit/test_generated_docs.py fails on
     each): a description per key, a card, a README in its folder; and the keys
     of pyproject's table that no model declares (regenerating drops them)."""
     groups = key_groups()

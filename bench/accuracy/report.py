@@ -184,7 +184,7 @@ def domain_split_section(report: dict[str, Any]) -> list[str]:
         f"Seen: {', '.join(f'`{d}`' for d in seen)} (styles the embedded stack was "
         f"pretrained on); unseen: {', '.join(f'`{d}`' for d in unseen)} (no image "
         "or caption word of them reached any part of its pretraining: "
-        "`tests/test_embedded_stack.py`). Global accuracy on each part, mean over "
+        "`tests/unit/test_embedded_stack.py`). Global accuracy on each part, mean over "
         "its domains and over seeds.",
         "",
         md_table(["method", "seen domains", "unseen domains"], rows),

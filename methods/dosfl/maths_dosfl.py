@@ -17,7 +17,7 @@ statistics; their running statistics, the plain average over the steps with
 ``replay_model``, are updated as a replay updates them, without gradient) and
 in eval mode for ``L``, as the replayed model is evaluated.
 
-No Flower, no I/O: functions of tensors, checked by hand in ``tests/test_dosfl.py``.
+No Flower, no I/O: functions of tensors, checked by hand in ``tests/methods/test_dosfl.py``.
 """
 
 from __future__ import annotations

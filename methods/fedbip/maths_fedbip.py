@@ -3,7 +3,7 @@ interpolation of two noised latents that keeps the noise level, the plan of
 which instances a synthetic image starts from, the perturbation of a concept
 token and the client's private noise generator.
 
-No Flower, no I/O: functions of tensors, checked by hand in ``tests/test_fedbip.py``.
+No Flower, no I/O: functions of tensors, checked by hand in ``tests/methods/test_fedbip.py``.
 """
 
 from __future__ import annotations

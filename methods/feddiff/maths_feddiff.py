@@ -1,5 +1,5 @@
 """FedDiff's maths as pure functions (section 2 of the paper; hand-checked in
-tests/test_feddiff.py).
+tests/methods/test_feddiff.py).
 
 * ``superpose``: Eq. 8, ``mu_s = mean_i mu_i``, ``sigma_s^2 = mean_i sigma_i^2``;
 * ``reparameterise``: ``z_i = mu_s + sigma_s * eps_i``;

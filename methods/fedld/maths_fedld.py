@@ -1,6 +1,6 @@
 """FedLD's maths, pure: a diagonal Gaussian mixture fitted by EM, and draws from it.
 
-No Flower, no I/O: functions of tensors, checked by hand in ``tests/test_fedld.py``.
+No Flower, no I/O: functions of tensors, checked by hand in ``tests/methods/test_fedld.py``.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from common.text_encoder import load_text_encoder
 from common.train import predict
 from common.weights import embedded_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAX_BYTES = 30 * 1024 * 1024
 
 

@@ -20,7 +20,7 @@ from pydantic import Field
 from common.config import KeysModel
 from methods import METHODS, build_config, config_keys, docs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _app_config(text: str) -> dict:

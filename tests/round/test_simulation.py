@@ -46,9 +46,9 @@ def test_oscar_and_lora_through_flower_simulation(tiny_stack, tmp_path):
         # OSCAR on a Hugging Face dataset folder written by save_to_disk, end to
         # end, with the synthesis sharded over 2 Ray actors inside the
         # simulation's own Ray (that sharding gives the same images:
-        # tests/test_synthesis.py); the default dataset goes through Flower's
+        # tests/unit/test_synthesis.py); the default dataset goes through Flower's
         # simulation in README's first command (.ci/run) and in process in
-        # tests/test_round.py
+        # tests/round/test_round.py
         hf = make_hf_dataset(tmp_path / "hf-dataset", n_per_class=60)
         runs["oscar"] = sim.run(
             "oscar",

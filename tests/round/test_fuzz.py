@@ -5,7 +5,7 @@ client controls (meta, metrics, arrays: keys, dtypes, shapes, values, whole
 records) and feeds it through the server's validation exactly as the round does
 (``check_envelope``, the journal, then ``screen``). The invariant: validation never raises; a
 reply is either accepted (and then unpacks again cleanly) or rejected with a
-reason. ``tests/test_bad_replies.py`` drives hand-made bad replies through the
+reason. ``tests/round/test_bad_replies.py`` drives hand-made bad replies through the
 whole round.
 """
 

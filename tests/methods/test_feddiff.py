@@ -26,7 +26,7 @@ from methods.feddiff.model_feddiff import (
 )
 from methods.feddiff.server_feddiff import consolidate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED = ROOT / "common" / "embedded" / "feddiff"
 TINY_RECON_MAX = 0.5  # the tiny builder's AE (normalised units; pool variance = 1)
 SHIPPED_RECON_MAX = 0.1  # the shipped one's recorded pool reconstruction error (0.074)

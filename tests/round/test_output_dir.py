@@ -32,7 +32,7 @@ from server_app.outputs import (
 )
 from server_app.round import RoundError, run_dir_for
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TOY_PYPROJECT = """\
 [build-system]

@@ -3,7 +3,7 @@ round's screening by it, in process (``deploy.inprocess``: the real round and th
 real ClientApp over devices whose node configs can lie).
 
 The end-to-end check through a real TLS + node-auth SuperLink is
-``tests/test_deploy_identity.py``.
+``tests/deploy/test_deploy_identity.py``.
 """
 
 from __future__ import annotations

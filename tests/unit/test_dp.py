@@ -16,7 +16,7 @@ from scipy.stats import norm
 
 from common import dp
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _delta(sigma: float, eps: float, sens: float) -> float:

@@ -37,7 +37,7 @@ from methods import METHODS, build_config
 from server_app import persist
 from server_app.round import run_one_shot
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODES = ("kill-after-work", "kill-after-checkpoint")
 NODES = 3
 

@@ -1,12 +1,12 @@
 """The README stays in step with the code: Quickstart and CI (its generated tables:
-``tests/test_generated_docs.py``)."""
+``tests/unit/test_generated_docs.py``)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 
 

@@ -21,7 +21,7 @@ from flwr.common.constant import ErrorCode
 
 from deploy.inprocess import Device, InProcessGrid, run_round
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COLLECT = "train.embed"  # oscar's collect message
 
 

@@ -46,7 +46,7 @@ def _chromium() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
         pytest.fail(
-            "chromium is not installed: tests/test_report.py opens report.html in a "
+            "chromium is not installed: tests/round/test_report.py opens report.html in a "
             "real headless browser. Install it (Debian/Ubuntu, as root): "
             "apt-get update && apt-get install -y chromium   (.ci/run does this)",
             pytrace=False,

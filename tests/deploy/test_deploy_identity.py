@@ -8,7 +8,7 @@ config that claims partition 0, node 0's. The round takes each upload's identity
 from the authenticated node it came from (Flower's ``src_node_id``, bound to the
 registered key), so node 2 is rejected with the reason and node 0's upload is
 used; without a registry both claims of partition 0 would have been rejected
-(``tests/test_identity.py`` checks that, and the rest, in process). ~100 s on 2
+(``tests/round/test_identity.py`` checks that, and the rest, in process). ~100 s on 2
 cores.
 """
 

@@ -10,7 +10,7 @@ import pytest
 
 from common.synthesis_settings import SAMPLER_KEYS, SynthesisSettings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENGINE = {"common/synthesis.py", "common/synthesis_settings.py"}
 ENTRY_POINTS = {"sample", "synthesize", "sample_on_workers", "engine_sample"}
 CONFIG_FIELDS = {
