@@ -4,12 +4,41 @@ balanced draws of a test split."""
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 import numpy as np
 import torch
 
 from .base import ClientData, DataArgs, DatasetInfo
+
+
+def partitioners() -> types.ModuleType:
+    """``flwr_datasets.partitioner`` without flwr-datasets' plotting package.
+
+    ``flwr_datasets/__init__.py`` imports ``flwr_datasets.visualization``, which
+    imports seaborn and matplotlib (about 1.2 s and their memory in every
+    ClientApp process, on an edge device for nothing: a client only partitions).
+    While the package is first imported, a placeholder stands in for that one
+    submodule and is removed afterwards, so a later ``import
+    flwr_datasets.visualization`` gets the real one."""
+    name = "flwr_datasets.visualization"
+    if "flwr_datasets" in sys.modules:
+        import flwr_datasets.partitioner as loaded
+
+        return loaded
+    stub = types.ModuleType(name)
+    sys.modules[name] = stub
+    try:
+        import flwr_datasets
+        import flwr_datasets.partitioner as fresh
+    finally:
+        if sys.modules.get(name) is stub:
+            del sys.modules[name]
+        if getattr(sys.modules.get("flwr_datasets"), "visualization", None) is stub:
+            del flwr_datasets.visualization
+    return fresh
 
 
 def partition_indices(
@@ -37,9 +66,11 @@ def partition_indices(
     partition, alpha, seed = args.partition, args.alpha, args.seed
     classes_per_client = args.classes_per_client
     from datasets import Dataset
-    from flwr_datasets.partitioner import (
-        IidPartitioner,
-        PathologicalPartitioner,
+
+    fp = partitioners()
+    IidPartitioner, PathologicalPartitioner = (
+        fp.IidPartitioner,
+        fp.PathologicalPartitioner,
     )
 
     ds = Dataset.from_dict({"label": labels.tolist(), "idx": list(range(len(labels)))})
@@ -85,7 +116,7 @@ def _dirichlet_indices(
     The same seed gives the same partitions at every size that worked before."""
     import warnings
 
-    from flwr_datasets.partitioner import DirichletPartitioner
+    DirichletPartitioner = partitioners().DirichletPartitioner
 
     for min_size in (10, 5, 2):
         part = DirichletPartitioner(

@@ -188,3 +188,27 @@ def test_dirichlet_partitions_a_thousand_clients():
     small = [partition_indices(labels, None, args, p, 4) for p in range(4)]
     assert min(len(x) for x in small) >= 10
     assert len(np.unique(np.concatenate(small))) == len(labels)
+
+
+def test_a_client_partitions_without_flwr_datasets_plotting_package():
+    """A ClientApp process loads its partition without seaborn / matplotlib
+    (flwr-datasets' package init imports them); the real plotting module is
+    still importable afterwards."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from methods import build_config\n"
+        "from client_app.app import client_data\n"
+        "cfg = build_config({'method': 'local', 'max-examples-per-client': 60})\n"
+        "assert len(client_data(cfg, 0, 3).train_labels) > 0\n"
+        "print(sorted(m for m in ('seaborn', 'matplotlib') if m in sys.modules))\n"
+        "import flwr_datasets.visualization as v\n"
+        "print(hasattr(v, 'plot_label_distributions'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["[]", "True"], out.stdout
