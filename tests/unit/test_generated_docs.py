@@ -316,6 +316,9 @@ def test_readme_method_table_has_measured_costs_for_every_method():
     """Issue 26: README's method table lists every method with its measured
     upload size and client cost (the committed bench results cover them all)."""
     block = _block((ROOT / "README.md").read_text(), "methods")
-    missing = [ln.split("|")[1].strip() for ln in block.splitlines()
-               if ln.startswith("| [`") and "not benched" in ln]
+    missing = [
+        ln.split("|")[1].strip()
+        for ln in block.splitlines()
+        if ln.startswith("| [`") and "not benched" in ln
+    ]
     assert not missing, f"methods with no measured cost in README: {missing}"
