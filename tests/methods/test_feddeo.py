@@ -246,7 +246,10 @@ def test_both_halves_on_a_latent_stable_diffusion_generator(
     assert result.payload["descriptions"].shape == (2, 16, 32)
     assert result.payload["descriptions"].dtype == torch.float16
     assert result.metrics["client-s"] > 0 and result.metrics["client-s-per-image"] > 0
-    assert result.metrics["feddeo-steps"] == 12  # batch 1, 1 epoch
+    # 12 images in 2 classes, 1 epoch at fast_config's feddeo-batch-size of 16:
+    # one step per class
+    assert fast_config["feddeo-batch-size"] == 16
+    assert result.metrics["feddeo-steps"] == 2
     reply = Reply(1, 0, 12, 100, result.meta, result.metrics, result.payload)
     method.validate(reply, ctx)
     out = method.server_work([reply], ctx)

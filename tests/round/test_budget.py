@@ -181,7 +181,7 @@ def _reply(i: int, tensors: dict, meta: dict | None = None) -> Reply:
 
 def _embedding_replies(ctx: ServerContext, method) -> list[Reply]:  # oscar
     from methods.oscar import payload_oscar as P
-    from methods.oscar.server_oscar import embedding_shape
+    from methods.steps import embedding_shape
 
     tokens, dim = embedding_shape(ctx)
     out = []
@@ -195,7 +195,7 @@ def _embedding_replies(ctx: ServerContext, method) -> list[Reply]:  # oscar
 
 def _description_replies(ctx: ServerContext, method) -> list[Reply]:  # feddeo
     from methods.feddeo import payload_feddeo as P
-    from methods.oscar.server_oscar import embedding_shape
+    from methods.steps import embedding_shape
 
     tokens, dim = embedding_shape(ctx)
     out = []
