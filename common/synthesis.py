@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .generator import Generator
 from .synthesis_guidance import LatentGuidance, guidance_move, predicted_x0
-from .synthesis_start import Start, initial_state
+from .synthesis_start import Start, initial_state, pad_rows
 
 Output = Literal["images", "latents"]
 CPU_AUTO_BATCH = 256  # a CPU has memory to spare at the sizes it can afford
@@ -387,8 +387,8 @@ def sample(
         ex = [(e[lo : lo + b], w) for e, w in extra_conds]
         st = start.rows(lo, lo + b) if start is not None else None
         if static_shapes and b < batch:  # pad with copies; their images are dropped
-            c = _pad(c, batch)
-            ex = [(_pad(e, batch), w) for e, w in ex]
+            c = pad_rows(c, batch)
+            ex = [(pad_rows(e, batch), w) for e, w in ex]
             st = st.padded(batch) if st is not None else None
             rows = range(rows.start, rows.start + batch)
         ex = [(e.to(gen.device, gen.dtype), w) for e, w in ex]
@@ -426,10 +426,6 @@ def sample(
     if not out:
         return torch.empty(0, *gen.sample_shape)
     return torch.cat(out)
-
-
-def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.cat([t, t[-1:].expand(n - len(t), *t.shape[1:])])
 
 
 def _plan(

@@ -39,9 +39,7 @@ class Start:
 
     def padded(self, n: int) -> Start:
         """Padded to ``n`` rows with copies of the last (static shapes)."""
-        z = self.latents
-        z = torch.cat([z, z[-1:].expand(n - len(z), *z.shape[1:])])
-        return Start(z, self.strength, self.noised)
+        return Start(pad_rows(self.latents, n), self.strength, self.noised)
 
     def check(self, num_rows: int, sample_shape: tuple[int, ...]) -> None:
         """Raise ``ValueError`` naming the bad value and what it must be."""
@@ -56,6 +54,11 @@ class Start:
             raise ValueError("start latents contain NaN or Inf")
         if not 0 < self.strength <= 1:
             raise ValueError(f"start strength={self.strength} must be in (0, 1]")
+
+
+def pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` padded to ``n`` rows with copies of its last row."""
+    return torch.cat([t, t[-1:].expand(n - len(t), *t.shape[1:])])
 
 
 def start_step(num_inference_steps: int, strength: float) -> int:

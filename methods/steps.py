@@ -106,14 +106,14 @@ def classes_uploaded(
     distinct ids of its ``key`` tensor (the 2 KB-per-class budget); with
     ``item``, also per row of that tensor (``upload_bytes_per_<item>``: one
     component, one instance)."""
-    n = sum(len(r.tensors[key].unique()) for r in replies if key in r.tensors)
+    ids = [r.tensors[key] for r in replies if key in r.tensors]
     total = sum(r.upload_bytes for r in replies)
+    n = sum(len(t.unique()) for t in ids)
+    out = {"upload_bytes_per_class": total / n if n else None}
     if item is not None:
-        rows = sum(len(r.tensors[key]) for r in replies if key in r.tensors)
-        return classes_uploaded(replies, key) | {
-            f"upload_bytes_per_{item}": total / rows if rows else None
-        }
-    return {"upload_bytes_per_class": total / n if n else None}
+        rows = sum(len(t) for t in ids)
+        out[f"upload_bytes_per_{item}"] = total / rows if rows else None
+    return out
 
 
 def synth_workers(ctx: ServerContext) -> int:
