@@ -16,6 +16,21 @@ from pathlib import Path
 from typing import Any
 
 
+def machine() -> str:
+    """This machine in words: CPU model, core count, OS (for a timed report)."""
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} CPU cores, {platform.system()}"
+
+
 def say(msg: str, tag: str = "bench") -> None:
     """Print one progress line, ``[tag] msg``, at once (not buffered)."""
     print(f"[{tag}] {msg}", flush=True)

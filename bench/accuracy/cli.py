@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.flower_runs import FlowerRun, LocalSimulation
-from bench.report import nbytes, say
+from bench.report import machine, nbytes, say
 from bench.run_config import build_cfg, parse_seeds, parse_sets
 from deploy.procs import log_tail
 
@@ -38,6 +38,7 @@ from .fid import generator_fid
 from .oracle import run_centralized
 from .records import aggregate, paired_differences, record_from_results
 from .report import write_report
+from .resume import done_pairs, kept_runs, load_previous
 from .tables import (
     format_domain_table,
     format_fid_table,
@@ -95,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-fid", action="store_true", help="skip the FID-proxy section")
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the successful runs of <out>/accuracy.json (same world, quick, "
+        "clients, overrides and stack) and run only the missing (method, seed) "
+        "pairs: resumes a stopped bench, or extends it with more --seeds",
+    )
+    p.add_argument(
         "--experiment",
         default=None,
         metavar="FILE",
@@ -122,27 +130,27 @@ def run_flower_methods(
     base: dict[str, Any],
     timeout_s: float,
     on_record: Any,
+    skip: frozenset[tuple[str, int]] = frozenset(),
 ) -> None:
-    """Every (seed, method) through ``flwr run``; ``on_record(rec)`` after each."""
-    total, done = len(methods) * len(seeds), 0
-    for seed in seeds:
-        for m in methods:
-            done += 1
-            say(f"[{done:>2}/{total}] {m} seed={seed} ...")
-            run: FlowerRun = sim.run(
-                f"{m}-seed{seed}", run_overrides(m, seed, base), timeout_s
+    """Every (seed, method) not in ``skip`` through ``flwr run``;
+    ``on_record(rec)`` after each."""
+    todo = [(s, m) for s in seeds for m in methods if (m, s) not in skip]
+    for done, (seed, m) in enumerate(todo, 1):
+        say(f"[{done:>2}/{len(todo)}] {m} seed={seed} ...")
+        run: FlowerRun = sim.run(
+            f"{m}-seed{seed}", run_overrides(m, seed, base), timeout_s
+        )
+        rec = record_from_results(m, seed, run.results, run.wall_s, error=run.error)
+        if rec["ok"]:
+            say(
+                f"        global acc {_acc(rec['global_accuracy'])}, mean client "
+                f"acc {rec['mean_accuracy']:.4f}, upload "
+                f"{nbytes(rec['upload_bytes_per_client'])} B/client, "
+                f"{run.wall_s:.1f} s"
             )
-            rec = record_from_results(m, seed, run.results, run.wall_s, error=run.error)
-            if rec["ok"]:
-                say(
-                    f"        global acc {_acc(rec['global_accuracy'])}, mean client "
-                    f"acc {rec['mean_accuracy']:.4f}, upload "
-                    f"{nbytes(rec['upload_bytes_per_client'])} B/client, "
-                    f"{run.wall_s:.1f} s"
-                )
-            else:
-                say(f"        FAILED: {rec['error']}\n{log_tail(run.log_path, 15)}")
-            on_record(rec)
+        else:
+            say(f"        FAILED: {rec['error']}\n{log_tail(run.log_path, 15)}")
+        on_record(rec)
 
 
 def _acc(x: float | None) -> str:
@@ -230,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "embedded_dir": emb_dir,
         "embedded_checksums": stack_checksums(Path(emb_dir)),
         "cpu_count": os.cpu_count(),
+        "machine": machine(),
         "runs": [],
         "summary": {},
         "wall_time_s": {},
@@ -237,28 +246,46 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.experiment:
         report["experiment"] = str(args.experiment)
+    earlier_s = 0.0
+    if args.resume:
+        try:
+            prev = load_previous(out)
+            kept = [] if prev is None else kept_runs(prev, report, methods, seeds)
+        except ValueError as e:
+            print(f"error: {e}")
+            return 2
+        if prev is not None:
+            earlier_s = float(prev.get("wall_time_s", {}).get("total", 0.0))
+            report["runs"] = kept
+            report["resumed"] = {"kept_runs": len(kept), "earlier_wall_s": earlier_s}
+            if prev.get("fid_proxy"):
+                report["fid_proxy"] = prev["fid_proxy"]
+            say(f"resume: keeping {len(kept)} finished runs of {out / 'accuracy.json'}")
+    skip = frozenset(done_pairs(report["runs"]))
 
     def add(rec: dict[str, Any]) -> None:  # the report is rewritten after every run
         report["runs"].append(rec)
         report["summary"] = aggregate(report["runs"], methods)
-        report["wall_time_s"]["total"] = round(time.perf_counter() - t_start, 1)
+        report["wall_time_s"]["total"] = round(
+            earlier_s + time.perf_counter() - t_start, 1
+        )
         write_report(out, report)
 
     # 1. Federated methods: the real app through flwr run (one SuperLink for all)
     flower = [m for m in methods if METHODS[m] is not None]
-    if flower:
+    if any((m, s) not in skip for m in flower for s in seeds):
         t0 = time.perf_counter()
         # On SIGTERM too, unwind through LocalSimulation.__exit__ (stops the SuperLink).
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         # Scratch (FLWR_HOME, every run folder, the Flower logs) under <out>/flower/.
         with LocalSimulation(out / "flower", args.clients, echo=args.echo) as sim:
-            run_flower_methods(sim, flower, seeds, base, args.timeout_s, add)
+            run_flower_methods(sim, flower, seeds, base, args.timeout_s, add, skip)
         report["wall_time_s"]["flower_runs"] = round(time.perf_counter() - t0, 1)
 
     # 2. The centralized oracle, in-process (not through Flower)
     if ORACLE in methods:
         t0 = time.perf_counter()
-        for seed in seeds:
+        for seed in (s for s in seeds if (ORACLE, s) not in skip):
             res, wall = run_centralized(build_cfg(base | {"seed": seed}), args.clients)
             say(
                 f"{ORACLE} (in-process) seed={seed}: global acc "
@@ -269,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         report["wall_time_s"]["centralized"] = round(time.perf_counter() - t0, 1)
 
     # 3. Generator quality per domain (FID-proxy), in-process
-    if not args.no_fid:
+    if not args.no_fid and not report.get("fid_proxy"):
         k = args.fid_per_class or (
             QUICK_FID_PER_CLASS if args.quick else FULL_FID_PER_CLASS
         )
@@ -279,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         report["wall_time_s"]["fid_proxy"] = report["fid_proxy"]["wall_s"]
 
     # 4. Report
-    report["wall_time_s"]["total"] = round(time.perf_counter() - t_start, 1)
+    report["summary"] = aggregate(report["runs"], methods)
+    report["wall_time_s"]["total"] = round(earlier_s + time.perf_counter() - t_start, 1)
     write_report(out, report)
     print("\nAccuracy on the global test set")
     print(format_global_table(report["summary"]))
