@@ -319,6 +319,39 @@ def check_float(t: torch.Tensor, name: str) -> None:
         raise PayloadError(f"tensor {name!r} contains NaN or Inf")
 
 
+# What a conditioning vector of the wrong shape most likely means.
+EMBEDDING_HINT = "wrong text encoder or embedding kind?"
+# ... and a latent of the wrong shape.
+LATENT_HINT = (
+    "the latent shape of the server's generator: same generator on both sides?"
+)
+
+
+def check_rows(
+    t: torch.Tensor,
+    name: str,
+    shape: tuple[int, ...],
+    hint: str,
+    rows: str = "N",
+    min_rows: int = 1,
+) -> None:
+    """An upload of per-row vectors (embeddings, latents, learned tokens):
+    float16 (or float32) of shape ``[rows >= min_rows, *shape]``, finite.
+
+    ``hint`` says in the error what a wrong shape most likely means (another
+    text encoder or generator on the client)."""
+    if t.dtype not in (torch.float16, torch.float32):
+        raise PayloadError(f"{name} has dtype {t.dtype}, expected float16")
+    if t.ndim != 1 + len(shape) or tuple(t.shape[1:]) != tuple(shape):
+        raise PayloadError(
+            f"{name} has shape {tuple(t.shape)}, expected [{rows}, "
+            f"{', '.join(map(str, shape))}] ({hint})"
+        )
+    if len(t) < min_rows:
+        raise PayloadError(f"{name} has {len(t)} rows, expected >= {min_rows}")
+    check_float(t, name)
+
+
 def check_int_ids(
     t: torch.Tensor, name: str, hi: int, max_repeat: int = 1, what: str = ""
 ) -> list[int]:

@@ -5,8 +5,8 @@ Each method lives in ``methods/<name>/`` with fixed file prefixes:
 record layout: pack, unpack, validate; used by both sides), ``client_<name>.py``
 (Flower-free client work) and ``server_<name>.py`` (check, validate, server work,
 push). A method with no client work or no keys of its own has no such file. Its
-``__init__.py`` exports the class and declares its ``CARD`` (``methods/card.py``),
-its ``README.md`` describes it; ``python -m methods docs`` (``methods/docs.py``)
+``__init__.py`` exports the class, its ``card.toml`` is its row of README's method
+table (``methods/card.py``), its ``README.md`` describes it; ``python -m methods docs`` (``methods/docs.py``)
 writes pyproject's defaults and README's tables from this registry.
 """
 

@@ -1,14 +1,20 @@
 """A method's card: what README's method table says about it.
 
-Each ``methods/<name>/__init__.py`` declares ``CARD = MethodCard(...)`` beside its
-method class; ``python -m methods docs`` reads it through the registry. Plain data,
-validated on construction; no Flower, no torch.
+Each method folder holds its card as data, ``methods/<name>/card.toml`` (the
+keys of :class:`MethodCard`); ``python -m methods docs`` reads it through the
+registry with :func:`load_card`. Plain data, validated on loading; no Flower,
+no torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Literal, get_args
+
+import tomllib
+
+CARD_FILE = "card.toml"
 
 Family = Literal[
     "feature-based", "model-based", "data-based", "diffusion-model FL", "baseline"
@@ -59,3 +65,37 @@ class MethodCard:
             raise ValueError(
                 f"paper_url={self.paper_url!r}: give an https:// link (or '')"
             )
+
+
+def load_card(folder: Path) -> MethodCard | None:
+    """The card in ``folder/card.toml``; ``None`` if the folder has none.
+
+    Raises
+    ------
+    ValueError
+        Naming the file and the bad key or value: not TOML, a key that
+        :class:`MethodCard` does not have, a missing key, a non-string value,
+        or a value its checks refuse.
+    """
+    path = Path(folder) / CARD_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not TOML ({e})") from e
+    known = {f.name for f in fields(MethodCard)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown key(s) {unknown}; the keys are {sorted(known)}"
+        )
+    for key, value in data.items():
+        if not isinstance(value, str):
+            raise ValueError(f"{path}: {key} = {value!r} must be a string")
+    try:
+        return MethodCard(**data)
+    except TypeError as e:  # a required key is missing
+        raise ValueError(f"{path}: {e}") from e
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e

@@ -62,15 +62,8 @@ def unpack(
         raise PayloadError(
             f"unexpected payload keys {sorted(set(tensors) - {key, IDS})}"
         )
-    if vectors.dtype not in (torch.float16, torch.float32):
-        raise PayloadError(f"{key} have dtype {vectors.dtype}, expected float16")
-    if vectors.ndim != 3 or tuple(vectors.shape[1:]) != shape or len(vectors) == 0:
-        raise PayloadError(
-            f"{key} have shape {tuple(vectors.shape)}, expected [K, {shape[0]}, "
-            f"{shape[1]}] ({hint})"
-        )
+    C.check_rows(vectors, key, shape, hint, rows="K")
     C.check_int_ids(ids, IDS, num_classes, max_per_class, per_class_key)
     if len(ids) != len(vectors):
         raise PayloadError(f"{len(ids)} class ids for {len(vectors)} {key}")
-    C.check_float(vectors, key)
     return vectors, ids

@@ -3,8 +3,8 @@
 The config models are the source of every run-config key, its default, its range
 and its help text (``Field(default, ..., description=...)``): ``RunConfig`` in
 ``common/config.py`` for the shared keys, ``methods/<name>/config_<name>.py`` for a
-method's own. Each method's folder declares its card (``CARD`` in
-``methods/<name>/__init__.py``: paper, family, upload, privacy class). From these
+method's own. Each method's folder holds its card (``methods/<name>/card.toml``:
+paper, family, upload, privacy class). From these
 and the registry (``methods.METHODS``) this module writes:
 
 1. ``[tool.flwr.app.config]`` of ``pyproject.toml``: the shared keys, then one
@@ -42,7 +42,7 @@ from pydantic.fields import FieldInfo
 
 from common.config import RunConfig
 
-from .card import MethodCard
+from .card import CARD_FILE, MethodCard, load_card
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = "[tool.flwr.app.config]"
@@ -100,9 +100,8 @@ def method_readme(method: type) -> str:
 
 
 def method_card(method: type) -> MethodCard | None:
-    """``CARD`` of the method's folder ``__init__.py``; ``None`` if it has none."""
-    card = getattr(method_package(method), "CARD", None)
-    return card if isinstance(card, MethodCard) else None
+    """The card of the method's folder (``card.toml``); ``None`` if it has none."""
+    return load_card(method_folder(method))
 
 
 def _source(model: type[BaseModel]) -> str:
@@ -438,8 +437,7 @@ def render_method_table(root: Path = ROOT) -> list[str]:
         if card is None:
             out.append(
                 f"| [`{name}`]({link}) | ? | ? | {upload} | {client} | ? | ? | ? | "
-                f"no card: declare `CARD = MethodCard(...)` in "
-                f"`{_rel(method_folder(method))}/__init__.py` |"
+                f"no card: write `{_rel(method_folder(method))}/{CARD_FILE}` |"
             )
             continue
         code = _link(card.code, f"https://github.com/{card.code}") if card.code else ""
@@ -523,7 +521,7 @@ def warnings(root: Path = ROOT) -> list[str]:
     for name, method in _registry().items():
         folder = _rel(method_folder(method))
         if method_card(method) is None:
-            out.append(f"{name}: no CARD = MethodCard(...) in {folder}/__init__.py")
+            out.append(f"{name}: no {folder}/{CARD_FILE}")
         if not (method_folder(method) / "README.md").is_file():
             out.append(f"{name}: no {folder}/README.md")
     return out

@@ -54,14 +54,7 @@ def layout(p: BiLevel) -> dict[str, torch.Tensor]:
 
 
 def _float(t: torch.Tensor, name: str, shape: tuple[int, ...], hint: str) -> None:
-    if t.dtype not in (torch.float16, torch.float32):
-        raise PayloadError(f"{name} has dtype {t.dtype}, expected float16")
-    if t.ndim != 1 + len(shape) or tuple(t.shape[1:]) != shape or len(t) == 0:
-        raise PayloadError(
-            f"{name} has shape {tuple(t.shape)}, expected [n >= 1, "
-            f"{', '.join(map(str, shape))}] ({hint})"
-        )
-    C.check_float(t, name)
+    C.check_rows(t, name, shape, hint, rows="n")
     if (t.float().abs() > MAX_ABS).any():
         raise PayloadError(f"{name} must be within +-{MAX_ABS:g}")
 

@@ -77,14 +77,7 @@ def unpack(
             f"counts must be 1-d int64, got {counts.dtype} {tuple(counts.shape)}"
         )
     for name, t in (("means", means), ("variances", var)):
-        if t.dtype not in (torch.float16, torch.float32):
-            raise PayloadError(f"{name} has dtype {t.dtype}, expected float16")
-        if tuple(t.shape[1:]) != tuple(shape) or t.ndim != 4:
-            raise PayloadError(
-                f"{name} has shape {tuple(t.shape)}, expected [M, {', '.join(map(str, shape))}] "
-                "(the latent shape of the server's generator: same generator on both sides?)"
-            )
-        C.check_float(t, name)
+        C.check_rows(t, name, tuple(shape), C.LATENT_HINT, rows="M", min_rows=0)
     if not (len(ids) == len(counts) == len(means) == len(var)) or len(ids) == 0:
         raise PayloadError(
             f"{len(ids)} class ids, {len(counts)} counts, {len(means)} means, "

@@ -50,13 +50,7 @@ def unpack(
     upload limit)."""
     emb = C.require(tensors, "embeddings", "instances payload")
     ids = C.require(tensors, "class_ids", "instances payload")
-    if emb.dtype not in (torch.float16, torch.float32):
-        raise PayloadError(f"embeddings have dtype {emb.dtype}, expected float16")
-    if emb.ndim != 3 or tuple(emb.shape[1:]) != (tokens, dim):
-        raise PayloadError(
-            f"embedding shape {tuple(emb.shape)} != [N, {tokens}, {dim}] "
-            "(wrong text encoder or embedding kind?)"
-        )
+    C.check_rows(emb, "embeddings", (tokens, dim), C.EMBEDDING_HINT, min_rows=0)
     if ids.dtype != torch.int64 or ids.ndim != 1:
         raise PayloadError(
             f"class_ids must be 1-d int64, got {ids.dtype} {tuple(ids.shape)}"
@@ -73,5 +67,4 @@ def unpack(
                 f"{most} instances of one class, more than "
                 f"fgl-instances-per-class={per_class}"
             )
-    C.check_float(emb, "embeddings")
     return InstanceEmbeddings(ids, emb)

@@ -54,13 +54,7 @@ def unpack(
     mean = C.require(tensors, f"{prefix}mean", "embeddings payload")
     ids = C.require(tensors, f"{prefix}class_ids", "embeddings payload")
     counts = C.require(tensors, f"{prefix}counts", "embeddings payload")
-    if mean.dtype not in (torch.float16, torch.float32):
-        raise PayloadError(f"mean has dtype {mean.dtype}, expected float16")
-    if mean.ndim != 3 or tuple(mean.shape[1:]) != (tokens, dim):
-        raise PayloadError(
-            f"embedding shape {tuple(mean.shape)} != [K, {tokens}, {dim}] "
-            "(wrong text encoder or embedding kind?)"
-        )
+    C.check_rows(mean, "mean", (tokens, dim), C.EMBEDDING_HINT, rows="K", min_rows=0)
     C.check_int_ids(ids, "class_ids", num_classes, per_class, "prototypes-per-class")
     if counts.dtype != torch.int64 or counts.ndim != 1:
         raise PayloadError(
@@ -72,5 +66,4 @@ def unpack(
         )
     if (counts <= 0).any() or (counts > MAX_COUNT).any():
         raise PayloadError(f"counts must be in [1, {MAX_COUNT}]")
-    C.check_float(mean, "mean")
     return ClassEmbeddings(ids, mean, counts)

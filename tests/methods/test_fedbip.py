@@ -196,7 +196,10 @@ def test_payload_round_trip_is_fp16_and_accepted():
         (lambda t: t.update(latent_class_ids=torch.tensor([3, 7])), "for 4 latents"),
         (lambda t: t.update(class_ids=torch.tensor([3])), "1 class ids for 2"),
         (lambda t: t.update(latents=t["latents"].to(torch.int32)), "dtype"),
-        (lambda t: t.update(latents=t["latents"][:0]), "n >= 1"),
+        (
+            lambda t: t.update(latents=t["latents"][:0]),
+            "latents has 0 rows, expected >= 1",
+        ),
     ],
 )
 def test_malformed_payload_is_rejected_with_a_reason(mutate, reason):

@@ -127,7 +127,7 @@ def _bad(kind: str) -> dict[str, torch.Tensor]:
         ("repeat", "repeats an id"),
         ("ids-dtype", "expected int64"),
         ("count", "3 class ids for 2 descriptions"),
-        ("empty", "expected [K, 1, 16]"),
+        ("empty", "has 0 rows, expected >= 1"),
         ("extra", "unexpected payload keys ['junk']"),
         ("missing", "lacks 'class_ids'"),
     ],

@@ -42,7 +42,10 @@ def test_payload_round_trip_is_fp16_and_accepted():
     "mutate,reason",
     [
         (lambda t: t.pop("class_ids"), "lacks 'class_ids'"),
-        (lambda t: t.update(embeddings=t["embeddings"][:, :, :4]), "embedding shape"),
+        (
+            lambda t: t.update(embeddings=t["embeddings"][:, :, :4]),
+            "embeddings has shape",
+        ),
         (lambda t: t.update(class_ids=torch.tensor([2, 2, 11])), "outside [0, 10)"),
         (lambda t: t.update(class_ids=torch.tensor([2, 5])), "3 embeddings for 2"),
         (lambda t: t.update(class_ids=t["class_ids"].int()), "int64"),

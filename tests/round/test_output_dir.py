@@ -210,6 +210,8 @@ def test_this_repository_bundles_equal_to_its_checkout(tmp_path):
     app = install(ROOT, tmp_path / "flwr-home")
     assert is_installed_bundle(app)
     assert (app / "server_app" / "outputs.py").is_file()  # fab-include has it
+    # the server reads a method's card (results.json's privacy class)
+    assert (app / "methods" / "oscar" / "card.toml").is_file()
     assert bundle_differences(ROOT, app) == []
     assert len(build_fab_from_disk(ROOT)) < 10 * 1024 * 1024
 

@@ -143,7 +143,7 @@ def _client_crash(reply: Message, msg: Message) -> Message:
 @pytest.mark.parametrize(
     "hook,reason",
     [
-        (_tamper_embeddings(_wrong_dim), "embedding shape"),
+        (_tamper_embeddings(_wrong_dim), "mean has shape"),
         (_tamper_embeddings(_nan), "NaN"),
         (_tamper_embeddings(_unknown_class), "outside [0, 10)"),
         (_tamper_embeddings(_wrong_dtype), "dtype"),

@@ -61,6 +61,8 @@ def test_oscar_and_lora_through_flower_simulation(tiny_stack, tmp_path):
         assert run.ok, f"{name}: {run.error}"
         res = run.results
         assert res["method"] == name
+        # read from the method's card.toml inside the app bundle
+        assert res["privacy_class"] == {"lora": "weights", "oscar": "features"}[name]
         assert res["num_clients"] == 3 and len(res["clients"]) == 3
         assert sorted(c["partition_id"] for c in res["clients"]) == [0, 1, 2]
         for c in res["clients"]:

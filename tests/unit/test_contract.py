@@ -52,7 +52,7 @@ def test_valid_embeddings_pass_and_bytes_are_counted():
 @pytest.mark.parametrize(
     "mean,ids,counts,needle",
     [
-        (torch.randn(2, 1, 7), [0, 1], [1, 1], "embedding shape"),
+        (torch.randn(2, 1, 7), [0, 1], [1, 1], "mean has shape"),
         (torch.full((2, 1, 8), float("nan")), [0, 1], [1, 1], "NaN"),
         (torch.tensor([[[float("inf")] * 8]] * 2), [0, 1], [1, 1], "NaN or Inf"),
         (torch.randn(2, 1, 8), [0, 12], [1, 1], "outside"),
@@ -145,3 +145,20 @@ def test_check_int_ids_is_linear_on_400k_ids():
     ids[5] = 100_000
     with pytest.raises(PayloadError, match=r"\[100000\] outside"):
         C.check_int_ids(ids, "class_ids", 100_000, 4, "k")
+
+
+@pytest.mark.parametrize(
+    ("t", "error"),
+    [
+        (torch.zeros(2, 1, 4, dtype=torch.int64), "x has dtype torch.int64"),
+        (torch.zeros(2, 4), "x has shape (2, 4), expected [K, 1, 4] (hint)"),
+        (torch.zeros(2, 1, 5), "x has shape (2, 1, 5), expected [K, 1, 4] (hint)"),
+        (torch.zeros(0, 1, 4), "x has 0 rows, expected >= 1"),
+        (torch.full((2, 1, 4), float("inf")), "contains NaN or Inf"),
+    ],
+)
+def test_check_rows_names_what_is_wrong(t, error):
+    with pytest.raises(PayloadError) as e:
+        C.check_rows(t, "x", (1, 4), "hint", rows="K")
+    assert error in str(e.value)
+    C.check_rows(torch.zeros(3, 1, 4, dtype=torch.float16), "x", (1, 4), "hint")

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from common.config import KeysModel
 from methods import METHODS, build_config, config_keys, docs
+from methods.card import load_card
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -176,20 +177,24 @@ def test_only_the_config_block_of_pyproject_is_rewritten():
     assert new == text.replace("\n[tool.ruff]\n", "\n# ruff's settings\n[tool.ruff]\n")
 
 
+_CARD = (
+    'paper = "P"\npaper_url = ""\nfamily = "feature-based"\nuploads = "u"\n'
+    'privacy = "features"\nsummary = "s"\n'
+)
+
 NEW_METHOD = {
     "__init__.py": """
-from methods.card import MethodCard
-
 from .server_newm import NewM
 
-CARD = MethodCard(
-    paper="Doe et al., NewM, 2099",
-    paper_url="https://example.org/newm",
-    family="feature-based",
-    uploads="one vector per class",
-    privacy="features",
-    summary="samples from the vectors",
-)
+__all__ = ["NewM"]
+""",
+    "card.toml": """
+paper = "Doe et al., NewM, 2099"
+paper_url = "https://example.org/newm"
+family = "feature-based"
+uploads = "one vector per class"
+privacy = "features"
+summary = "samples from the vectors"
 """,
     "config_newm.py": """
 from pydantic import Field
@@ -322,3 +327,26 @@ def test_readme_method_table_has_measured_costs_for_every_method():
         if ln.startswith("| [`") and "not benched" in ln
     ]
     assert not missing, f"methods with no measured cost in README: {missing}"
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('paper = "P"\nfamily = "feature-based"', "missing"),
+        ("paper = ", "not TOML"),
+        (_CARD + 'colour = "red"', "unknown key(s) ['colour']"),
+        (_CARD.replace('"features"', '"secret"'), "privacy='secret'"),
+        (_CARD.replace('"feature-based"', "3"), "family = 3 must be a string"),
+    ],
+)
+def test_a_bad_card_is_refused_naming_the_file_and_the_key(tmp_path, text, error):
+    (tmp_path / "card.toml").write_text(text)
+    with pytest.raises(ValueError) as e:
+        load_card(tmp_path)
+    assert error in str(e.value) and "card.toml" in str(e.value)
+
+
+def test_every_registered_method_has_a_card_that_loads():
+    for cls in METHODS.values():
+        card = load_card(docs.method_folder(cls))
+        assert card is not None and card.paper and card.summary, cls.name
