@@ -456,16 +456,16 @@ def all_keys(method_configs: Mapping[str, type[BaseModel] | None]) -> list[str]:
 
 
 def _describe(e: ValidationError, known: list[str]) -> list[str]:
-    lines = []
+    lines, unknown = [], False
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<config>"
         if err["type"] == "extra_forbidden":
-            lines.append(
-                f"unknown key {key!r} (value {err['input']!r}); known keys: "
-                + ", ".join(known)
-            )
+            unknown = True
+            lines.append(f"unknown key {key!r} (value {err['input']!r})")
         else:
             lines.append(f"{key} = {err['input']!r}: {err['msg']}")
+    if unknown:  # the known keys once, after every unknown one
+        lines.append("known keys: " + ", ".join(known))
     return lines
 
 

@@ -16,12 +16,32 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import AfterValidator, Field
 from torch import nn
 
 ARCHS = ("cnn", "resnet18")
+
+
+def arch_list(value: str) -> list[str]:
+    """The architectures of a comma list (a method's ``*-client-classifiers``
+    key), blanks dropped; ``ValueError`` naming any that is not in ``ARCHS``."""
+    archs = [a.strip() for a in value.split(",") if a.strip()]
+    bad = [a for a in archs if a not in ARCHS]
+    if bad:
+        raise ValueError(f"{bad} not in {', '.join(ARCHS)}")
+    return archs
+
+
+# A run-config value: the clients' classifiers by partition id modulo the list
+# (empty: every client uses ``classifier``), checked once when the config is built.
+ArchList = Annotated[
+    str,
+    AfterValidator(lambda v: (arch_list(v), v)[1]),
+    Field(json_schema_extra={"allowed": f"comma list of {', '.join(ARCHS)}"}),
+]
 
 # Global models a method adds (``register_classifier``): arch -> builder
 # ``(in_channels, num_classes) -> nn.Module``; e.g. ``zero-shot``

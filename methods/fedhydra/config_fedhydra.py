@@ -9,10 +9,10 @@ keys (``dense-g-steps``, ``dense-synthesis-batch-size``, ``dense-lr-g``,
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from common.config import KeysModel
-from common.models import ARCHS
+from common.models import ArchList, arch_list
 
 
 class FedHydraConfig(KeysModel):
@@ -35,27 +35,14 @@ class FedHydraConfig(KeysModel):
         "never trained on a class has 0 for it); a class with no strong model gives "
         "its weak ones 1, a class no client trained on gives every model 1",
     )
-    fedhydra_client_classifiers: str = Field(
+    fedhydra_client_classifiers: ArchList = Field(
         "",
         description="the clients' classifiers by partition id modulo the list "
         "(empty: `classifier`); a SuperNode's node-config `classifier` overrides it; "
         "the global model is `classifier`",
-        json_schema_extra={"allowed": f"comma list of {', '.join(ARCHS)}"},
     )
-
-    @field_validator("fedhydra_client_classifiers")
-    @classmethod
-    def _archs(cls, v: str) -> str:
-        bad = [a for a in v.split(",") if a.strip() and a.strip() not in ARCHS]
-        if bad:
-            raise ValueError(
-                f"fedhydra-client-classifiers={v!r}: {bad} not in {', '.join(ARCHS)}"
-            )
-        return v
 
     def client_classifiers(self) -> list[str]:
         """The architectures of ``fedhydra-client-classifiers``, blanks dropped
         (empty: every client uses ``classifier``)."""
-        return [
-            a.strip() for a in self.fedhydra_client_classifiers.split(",") if a.strip()
-        ]
+        return arch_list(self.fedhydra_client_classifiers)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from common.config import KeysModel
-from common.models import ARCHS
+from common.models import ArchList, arch_list
 
 
 class FedLmgConfig(KeysModel):
@@ -59,26 +59,13 @@ class FedLmgConfig(KeysModel):
         description="share of the sampling steps that are classifier-guided (code: "
         "all)",
     )
-    fedlmg_client_classifiers: str = Field(
+    fedlmg_client_classifiers: ArchList = Field(
         "",
         description="the clients' classifiers by partition id modulo the list "
         "(empty: `classifier`); a SuperNode's node-config `classifier` overrides it",
-        json_schema_extra={"allowed": f"comma list of {', '.join(ARCHS)}"},
     )
-
-    @field_validator("fedlmg_client_classifiers")
-    @classmethod
-    def _archs(cls, v: str) -> str:
-        bad = [a for a in v.split(",") if a.strip() and a.strip() not in ARCHS]
-        if bad:
-            raise ValueError(
-                f"fedlmg-client-classifiers={v!r}: {bad} not in {', '.join(ARCHS)}"
-            )
-        return v
 
     def client_classifiers(self) -> list[str]:
         """The architectures of ``fedlmg-client-classifiers``, blanks dropped
         (empty: every client uses ``classifier``)."""
-        return [
-            a.strip() for a in self.fedlmg_client_classifiers.split(",") if a.strip()
-        ]
+        return arch_list(self.fedlmg_client_classifiers)

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from methods import ConfigError, RunConfig, build_config
+from methods import METHODS, ConfigError, RunConfig, build_config
 from methods.lora.config_lora import LoraConfig
 
 
@@ -10,6 +10,28 @@ def test_unknown_key_is_named():
         build_config({"methd": "oscar"})
     assert "unknown key 'methd'" in str(e.value)
     assert "method" in str(e.value)  # the known keys are listed
+
+
+def test_two_unknown_keys_are_each_named_and_the_known_keys_listed_once():
+    with pytest.raises(ConfigError) as e:
+        build_config({"methd": "oscar", "sed": 3})
+    text = str(e.value)
+    assert "unknown key 'methd' (value 'oscar')" in text
+    assert "unknown key 'sed' (value 3)" in text
+    assert text.count("known keys: ") == 1
+
+
+@pytest.mark.parametrize("method", ["fedlmg", "fedhydra"])
+def test_client_classifiers_are_checked_once_for_every_method_that_has_them(method):
+    key = f"{method}-client-classifiers"
+    with pytest.raises(ConfigError) as e:
+        build_config({"method": method, key: "cnn,vgg"})
+    assert f"{key} = 'cnn,vgg'" in str(e.value) and "['vgg'] not in" in str(e.value)
+    cfg = build_config({"method": method, key: " cnn, ,resnet18"})
+    assert cfg.options(METHODS[method].config).client_classifiers() == [
+        "cnn",
+        "resnet18",
+    ]
 
 
 @pytest.mark.parametrize(
