@@ -31,6 +31,33 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} CPU cores, {platform.system()}"
 
 
+def code_version(root: Path | None = None) -> str:
+    """The checkout's commit (short), ``+dirty`` with uncommitted changes;
+    ``unknown`` outside git: which code produced a record."""
+    import subprocess
+
+    root = root or Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def say(msg: str, tag: str = "bench") -> None:
     """Print one progress line, ``[tag] msg``, at once (not buffered)."""
     print(f"[{tag}] {msg}", flush=True)

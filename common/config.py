@@ -33,6 +33,7 @@ Partition = Literal["iid", "dirichlet", "pathological", "domain"]
 Embedding = Literal["pooled", "sequence"]
 Scheduler = Literal["ddim", "ddpm", "dpm", "euler", "default"]
 Classifier = Literal["cnn", "resnet18"]
+Init = Literal["random", "public"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 RobustRule = Literal["mean", "median", "trimmed-mean", "krum"]
@@ -205,6 +206,13 @@ class RunConfig(KeysModel):
     # Classifier training (server, and clients for fedavg/local)
     classifier: Classifier = Field(
         "cnn", description="global classifier (ResNet-18 written here, no torchvision)"
+    )
+    init: Init = Field(
+        "random",
+        description="where every trained classifier starts: `random` (the run "
+        "seed's init) or `public` (public-only's classifier, trained once on the "
+        "server's public data: the same start for every method; "
+        "methods/initial.py)",
     )
     train_epochs: int = Field(
         15, ge=1, description="server training epochs on the synthetic set"

@@ -149,6 +149,8 @@ class ServerContext:
     cfg: RunConfig
     run_dir: Path
     info: DatasetInfo | None = None  # from the dataset registry, or the clients' vote
+    # What the shared steps compute once per run (``initial.public_state``).
+    memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def num_classes(self) -> int:

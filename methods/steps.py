@@ -527,10 +527,16 @@ def train_global(
     labels: torch.Tensor,
     out: ServerOutput,
     soft_targets: torch.Tensor | None = None,
+    from_init: bool = True,
 ) -> None:
     """Train the global classifier on the synthetic set (server device) into
-    ``out``; ``soft_targets``: teacher probabilities distilled beside the labels."""
+    ``out``; ``soft_targets``: teacher probabilities distilled beside the labels.
+    It starts from the run's ``init`` (``methods/initial.py``; ``from_init=False``:
+    from the seeded random init whatever ``init`` says)."""
+    from .initial import public_state
+
     cfg = ctx.cfg
+    init = public_state(ctx) if from_init and cfg.init == "public" else None
     t0 = time.perf_counter()
     model = fit_classifier(
         cfg,
@@ -544,6 +550,7 @@ def train_global(
         progress=True,
         desc="train global classifier",
         soft_targets=soft_targets,
+        init_state=init,
     )
     out.model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     out.arch = cfg.classifier

@@ -45,6 +45,7 @@ from common.datasets import (
 from common.robust import global_model_problem
 from methods import get_method
 from methods.base import OneShotMethod, ServerContext, ServerOutput
+from methods.initial import check_init
 
 from . import artifacts, persist, results
 from .collect import POLL_S, Clock, Collected, RealClock, run_window, take_late
@@ -206,6 +207,7 @@ def run_one_shot(
 
     # 0. Fail fast on a config the method cannot run (before any client works)
     check_privacy(method, cfg)
+    check_init(ctx)
     method.check(ctx)
     registry = load_registry(cfg)
 
@@ -280,6 +282,8 @@ def run_one_shot(
     # the global model in the formats users' tools load (rewritten on a resume)
     artifacts.save_global_model(run_dir, out, ctx, method.name)
     timings.update(out.timings)
+    if "init-s" in ctx.memo:  # the public init, trained in this process
+        timings["init"] = round(ctx.memo["init-s"], 3)
     take_late(grid, journal, window["outstanding"], clock.time())
 
     # 4. Evaluate the global model on the global test set (every participating

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.flower_runs import FlowerRun, LocalSimulation
-from bench.report import machine, nbytes, say
+from bench.report import code_version, machine, nbytes, say
 from bench.run_config import build_cfg, parse_seeds, parse_sets
 from deploy.procs import log_tail
 
@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the successful runs of <out>/accuracy.json (same world, quick, "
         "clients, overrides and stack) and run only the missing (method, seed) "
         "pairs: resumes a stopped bench, or extends it with more --seeds",
+    )
+    p.add_argument(
+        "--rerun",
+        nargs="+",
+        default=[],
+        metavar="METHOD",
+        help="with --resume: run these methods again instead of keeping their runs",
     )
     p.add_argument(
         "--experiment",
@@ -250,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         try:
             prev = load_previous(out)
-            kept = [] if prev is None else kept_runs(prev, report, methods, seeds)
+            rerun = tuple(parse_methods(args.rerun)) if args.rerun else ()
+            kept = (
+                [] if prev is None else kept_runs(prev, report, methods, seeds, rerun)
+            )
         except ValueError as e:
             print(f"error: {e}")
             return 2
@@ -263,8 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             say(f"resume: keeping {len(kept)} finished runs of {out / 'accuracy.json'}")
     skip = frozenset(done_pairs(report["runs"]))
 
+    commit = code_version()
+
     def add(rec: dict[str, Any]) -> None:  # the report is rewritten after every run
-        report["runs"].append(rec)
+        report["runs"].append(rec | {"commit": commit})
         report["summary"] = aggregate(report["runs"], methods)
         report["wall_time_s"]["total"] = round(
             earlier_s + time.perf_counter() - t_start, 1

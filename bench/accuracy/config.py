@@ -21,6 +21,8 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "fedlmg-hetero": {"method": "fedlmg", "fedlmg-client-classifiers": "cnn,resnet18"},
     "dense": {"method": "dense"},
     "feddiff": {"method": "feddiff"},
+    # every client starts from public-only's classifier (``init``, issue 23)
+    "feddiff-public-init": {"method": "feddiff", "init": "public"},
     "fedhydra": {"method": "fedhydra"},
     "guha": {"method": "guha"},
     "dosfl": {"method": "dosfl"},
@@ -47,6 +49,7 @@ DEFAULT_METHODS = (
     "fedavg",
     "dense",
     "feddiff",
+    "feddiff-public-init",
     "fedhydra",
     "guha",
     "dosfl",
@@ -61,9 +64,8 @@ DEFAULT_METHODS = (
 # Rows read from a method's results.json (computed in the same run, same seed):
 # FedDiff's references (the pool's best model alone; the clients' average with the
 # generated subset taken from the pool's best).
-# FedDiff's clients start from the pool's best model, so its fair averaging
-# baseline is the average of the same uploads (`feddiff:fedavg`), not `fedavg`'s
-# run (random initial model).
+# Its fair averaging baseline is the average of the same uploads
+# (`feddiff:fedavg`): the same clients' weights, without the weights diffusion.
 REFERENCES = {
     "feddiff:fedavg": ("feddiff", "fedavg"),
     "feddiff:pool-best": ("feddiff", "pool-best"),
@@ -83,6 +85,7 @@ PAIRS = (
     ("feddiff", "feddiff:fedavg"),
     ("feddiff", "feddiff:pool-best"),
     ("feddiff", "feddiff:average-with-pool-subset"),
+    ("feddiff-public-init", "feddiff"),
     # the orderings of the newer methods' papers against their own baselines
     ("fedhydra", "dense"),
     ("guha", "fedavg"),

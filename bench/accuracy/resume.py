@@ -40,6 +40,7 @@ def kept_runs(
     current: dict[str, Any],
     methods: list[str],
     seeds: list[int],
+    rerun: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
     """The earlier successful runs this bench would repeat, to keep.
 
@@ -51,6 +52,9 @@ def kept_runs(
         This bench's report header (same keys).
     methods, seeds
         What this bench runs; earlier runs outside them are dropped.
+    rerun
+        Methods whose earlier runs are dropped too (run again: their code or
+        meaning changed since).
 
     Raises
     ------
@@ -71,7 +75,7 @@ def kept_runs(
         if not rec.get("ok"):
             continue
         pair = (str(rec["method"]), int(rec["seed"]))
-        if pair in wanted:
+        if pair in wanted and pair[0] not in rerun:
             kept[pair] = rec  # a later record of the same pair wins
     return list(kept.values())
 

@@ -21,30 +21,12 @@ from flwr.common.logger import log
 from common import contract as C
 from common.contract import Reply
 from common.maths import cap_shares
-from common.models import build_classifier
 from common.robust import robust_state_dicts
 
 from ..base import OneShotMethod, ServerContext, ServerOutput
+from ..initial import initial_state
 from . import client_fedavg
 from . import payload_fedavg as P
-
-
-def initial_state(ctx: ServerContext) -> dict[str, torch.Tensor]:
-    """The run's classifier as the run seed initialises it (every client's start).
-
-    Parameters
-    ----------
-    ctx : ServerContext
-        With the federation's classes known (``ctx.info``).
-
-    Returns
-    -------
-    dict of str to Tensor
-        The state dict, detached copies.
-    """
-    torch.manual_seed(ctx.cfg.seed)
-    model = build_classifier(ctx.cfg.classifier, ctx.channels, ctx.num_classes)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def capped_shares(replies: list[Reply], ctx: ServerContext) -> list[float]:
@@ -93,7 +75,7 @@ class FedAvg(OneShotMethod, payload=P, client=client_fedavg):
 
     def reference_state(self, ctx: ServerContext) -> dict[str, torch.Tensor]:
         """The weights that go down and that uploads must match: the run's
-        initial classifier."""
+        initial classifier (``init``: ``methods/initial.py``)."""
         return initial_state(ctx)
 
     def collect_content(self, ctx: ServerContext) -> RecordDict:

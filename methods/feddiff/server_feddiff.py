@@ -8,9 +8,10 @@ every 10 steps, sorted by accuracy), an autoencoder over the flattened subset wi
 input and latent noise augmentation (Eq. 5-6) and a latent DDPM with a 1-D CNN
 epsilon predictor (Eq. 7).
 
-In the round: every client fine-tunes the pool's best classifier on its data and
-uploads it (one-shot FedAvg's client, payload and collection: ``FedDiff``
-subclasses ``FedAvg``). The server encodes each client's subset to
+In the round: every client fine-tunes the run's initial classifier (``init``:
+the seeded random one, or the public init every method gets; ``methods/initial.py``)
+on its data and uploads it (one-shot FedAvg's client, payload and collection:
+``FedDiff`` subclasses ``FedAvg``). The server encodes each client's subset to
 ``(mu_i, sigma_i)``, superposes them (Eq. 8), fine-tunes a copy of the encoder
 on ``reconstruction(dec(z_i), x_i) + alpha KL(N(mu_s, sigma_s^2) || N(0, 1)) +
 beta InfoNCE(mu_i, pool latent of similar accuracy)`` with ``z_i = mu_s +
@@ -228,10 +229,6 @@ class FedDiff(FedAvg):
                 f"{','.join(mc['params'])!r} or rebuild the model with `python -m bench "
                 "pretrain --stage feddiff --feddiff-params ...`"
             )
-
-    def reference_state(self, ctx: ServerContext) -> dict[str, torch.Tensor]:
-        """The pool's best classifier goes down: every client fine-tunes it."""
-        return self.model.pool_best
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """Average the uploads; consolidate the clients' generated subset in the

@@ -10,6 +10,7 @@ import pytest
 
 from bench.accuracy import cli
 from bench.accuracy.resume import kept_runs
+from bench.report import code_version
 
 HEADER = {
     "quick": True,
@@ -36,6 +37,10 @@ def test_kept_runs_keeps_the_successful_wanted_pairs_and_the_latest_of_each() ->
     }
     kept = kept_runs(prev, dict(HEADER), ["oscar"], [0, 1])
     assert kept == [_rec("oscar", 0, acc=0.2)]
+    # --rerun: a method whose meaning changed is run again, the others kept
+    assert kept_runs(prev, dict(HEADER), ["oscar", "dense"], [0], ("oscar",)) == [
+        _rec("dense", 0)
+    ]
 
 
 @pytest.mark.parametrize("key", sorted(HEADER))
@@ -64,6 +69,11 @@ def test_resume_runs_only_the_missing_seeds(
     assert sorted(r["seed"] for r in report["runs"]) == [0, 1, 2]
     assert report["resumed"]["kept_runs"] == 1
     assert sorted(report["summary"]["centralized"]["seeds"]) == [0, 1, 2]
+    assert {r["commit"] for r in report["runs"]} == {code_version()}
+    assert (
+        cli.main([*base, "--seeds", "0-2", "--resume", "--rerun", "centralized"]) == 0
+    )
+    assert calls == [0, 1, 2, 0, 1, 2]
     # Another setup in the same folder is refused (exit 2), nothing is run.
     assert cli.main([*base, "--seeds", "0-3", "--resume", "--clients", "5"]) == 2
-    assert calls == [0, 1, 2]
+    assert calls == [0, 1, 2, 0, 1, 2]

@@ -15,7 +15,7 @@ from methods import build_config
 from methods.base import ServerContext
 from methods.dense import Dense
 from methods.dense import server_dense as D
-from methods.fedavg.server_fedavg import initial_state
+from methods.initial import initial_state
 
 # ---------------------------------------------------------------- maths
 
