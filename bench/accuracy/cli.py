@@ -39,6 +39,7 @@ from .oracle import run_centralized
 from .records import aggregate, paired_differences, record_from_results
 from .report import write_report
 from .resume import done_pairs, kept_runs, load_previous
+from .sweep import run_sweep
 from .tables import (
     format_domain_table,
     format_fid_table,
@@ -101,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the successful runs of <out>/accuracy.json (same world, quick, "
         "clients, overrides and stack) and run only the missing (method, seed) "
         "pairs: resumes a stopped bench, or extends it with more --seeds",
+    )
+    p.add_argument(
+        "--sweep",
+        default=None,
+        metavar="KEY=V1,V2,...",
+        help="the bench once per value, one table and plot in <out>/sweep-KEY.*: "
+        "KEY is clients or a run-config key (dirichlet-alpha, images-per-class, "
+        "...); e.g. --sweep clients=4,10,50",
     )
     p.add_argument(
         "--rerun",
@@ -213,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     # 0. Check the arguments and the config once, as the app will
     try:
         args, file_config = parse_options(argv)
+        if args.sweep:  # one whole bench per value, then the sweep's report
+            out_root = Path(args.out).expanduser().resolve()
+            return run_sweep(list(argv or []), args.sweep, out_root, main)
         seeds = parse_seeds(args.seeds)
         methods = parse_methods(args.methods)
         if args.clients < 1:

@@ -121,9 +121,12 @@ QUICK: dict[str, Any] = QUICK_WORLD | {"images-per-class": 30}
 # client i holds domain i mod 4, two of the styles the embedded stack was
 # pretrained on and two it never saw (``common.mnist_domains.UNSEEN_STYLES``);
 # the report gives the seen and the unseen domains apart.
+# ``feature-skew``: the same four domains, every client with every class (IID
+# labels): only the styles differ between clients.
 WORLDS: dict[str, dict[str, Any]] = {
     "default": {},
     "held-out": {"domains": "inverted,thick,outline,striped"},
+    "feature-skew": {"domains": "inverted,thick,outline,striped", "partition": "iid"},
 }
 
 QUICK_FID_PER_CLASS = 16
