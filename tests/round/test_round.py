@@ -493,3 +493,14 @@ def test_lora_evaluation_survives_an_undefined_fid_proxy(
     assert [c["status"] for c in res["clients"]] == ["ok", "ok"]
     assert all("fid-proxy" not in c["evaluation"] for c in res["clients"])
     assert res["mean_fid_proxy"] is None
+
+
+@pytest.mark.parametrize("method", ["fedavg", "oscar"])
+def test_init_public_round_trains_the_public_init_once_and_reports_it(
+    method, tiny_stack, fast_config
+):
+    fast_config.update({"method": method, "init": "public"})
+    _, res = _run(fast_config, run_id=f"init-{method}")
+    assert res["config"]["init"] == "public"
+    assert res["timings_s"]["init"] > 0  # trained in the server, once
+    assert res["global_accuracy"] is not None
