@@ -328,12 +328,13 @@ def run_dense(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     teacher: Teacher | None = None,
+    name: str = "DENSE",
 ) -> dict[str, Any]:
     """Both phases for ``s.epochs`` epochs; the student is trained in place.
 
     ``teacher`` is ``f_E``, the ensemble's logits of a batch (default: DENSE's
     mean of the ``teachers``' logits); the BN-statistic term is over the
-    ``teachers`` either way. Returns the pool (uint8), its labels, the seconds of
+    ``teachers`` either way. ``name`` heads the per-epoch log line. Returns the pool (uint8), its labels, the seconds of
     each phase and DENSE's numbers for results.json.
     """
     # 1. Check inputs
@@ -374,7 +375,8 @@ def run_dense(
         seconds["train"] += time.perf_counter() - t0
         log(
             INFO,
-            "DENSE epoch %d/%d: L_G %.3f (bn %.3f, oh %.3f, adv %.3f), KD %.4f, agreement %.3f",
+            "%s epoch %d/%d: L_G %.3f (bn %.3f, oh %.3f, adv %.3f), KD %.4f, agreement %.3f",
+            name,
             epoch + 1,
             s.epochs,
             terms["loss"],
@@ -486,6 +488,7 @@ class Dense(FedAvg):
             device=ctx.device,
             dtype=ctx.dtype,
             teacher=teacher,
+            name=self.name,
         )
         # 3. The global model, a few images per class for the grid, the numbers
         out = ServerOutput(
