@@ -1,5 +1,5 @@
 """``python -m bench <command>``: pretrain | accuracy | lora | synth | ablation | fleet |
-simulation."""
+poison | simulation | readme."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ COMMANDS = {
     "fleet": "bench.fleet.cli",
     "poison": "bench.poison",
     "simulation": "bench.simulation",
+    "readme": "bench.accuracy.headline",
 }
 
 
