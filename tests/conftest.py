@@ -42,6 +42,29 @@ FAST_METHOD_KEYS = {
 }
 
 
+def tiny_dense_settings(**changes):
+    """DENSE's two phases at the smallest sizes (``run_dense`` tests), with
+    ``changes`` on top."""
+    from methods.dense.server_dense import DenseSettings
+
+    base = dict(
+        epochs=1,
+        g_steps=1,
+        batch=2,
+        lr_g=1e-3,
+        nz=4,
+        ngf=2,
+        bn=1,
+        oh=1,
+        adv=1,
+        temperature=1,
+        lr=0.01,
+        kd_batch=2,
+        seed=0,
+    )
+    return DenseSettings(**(base | changes))
+
+
 def default_run_config() -> dict:
     with open(ROOT / "pyproject.toml", "rb") as f:
         return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])

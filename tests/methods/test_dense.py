@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_dense_settings
 from torch import nn
 
 from common.contract import PayloadError, Reply
@@ -217,20 +218,6 @@ def test_validate_rejects_bad_models_with_a_reason(tmp_path, mutate, reason):
 
 
 def test_run_dense_checks_its_inputs():
-    s = D.DenseSettings(
-        epochs=1,
-        g_steps=1,
-        batch=2,
-        lr_g=1e-3,
-        nz=4,
-        ngf=2,
-        bn=1,
-        oh=1,
-        adv=1,
-        temperature=1,
-        lr=0.01,
-        kd_batch=2,
-        seed=0,
-    )
+    s = tiny_dense_settings()
     with pytest.raises(ValueError, match="no client models"):
         D.run_dense([], nn.Linear(1, 1), 10, 1, 16, s)

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_dense_settings
 from fakegrid import FakeGrid
 from torch import nn
 
@@ -245,21 +246,7 @@ def test_dense_keeps_its_mean_of_logits_teacher(tmp_path):
         )
         for _ in range(2)
     ]
-    s = D.DenseSettings(
-        epochs=1,
-        g_steps=2,
-        batch=4,
-        lr_g=1e-3,
-        nz=4,
-        ngf=2,
-        bn=1,
-        oh=1,
-        adv=1,
-        temperature=2,
-        lr=0.01,
-        kd_batch=2,
-        seed=0,
-    )
+    s = tiny_dense_settings(g_steps=2, batch=4, temperature=2)
 
     def student() -> nn.Module:
         torch.manual_seed(1)
