@@ -141,6 +141,56 @@ def headline(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def plot_headline(report: dict[str, Any], path: Path) -> Path:
+    """Bars of every method's accuracy on the seen and the unseen domains with
+    their 95% t intervals; the floors as dashed lines (the global test set's
+    accuracy where no domain is unseen)."""
+    from bench.report import pyplot, save_figure
+
+    runs, methods = report["runs"], list(report["methods"])
+    doms = sorted(
+        {
+            d
+            for r in runs
+            if r.get("ok")
+            for d in r.get("global_accuracy_per_domain") or {}
+        }
+    )
+    split = split_domains(doms) if doms else None
+    parts = (
+        [("seen domains", split[0]), ("unseen domains", split[1])]
+        if split and split[0] and split[1]
+        else [("global test set", None)]
+    )
+    plt = pyplot()
+    fig, axes = plt.subplots(
+        1, len(parts), figsize=(7 * len(parts), 4.5), squeeze=False, sharey=True
+    )
+    for ax, (title, part) in zip(axes[0], parts, strict=True):
+        means, errs = [], []
+        for m in methods:
+            t = paired_t(list(seed_accuracies(runs, m, part).values()) or [0.0])
+            mean = float(t["mean"] or 0.0)
+            lo = mean if t["low"] is None else float(t["low"])
+            means.append(100 * mean)
+            errs.append(100 * (mean - lo))
+        colors = ["0.6" if m in FLOORS or m == ORACLE else "C0" for m in methods]
+        ax.bar(range(len(methods)), means, yerr=errs, capsize=3, color=colors)
+        for f, style in zip(FLOORS, ("--", ":"), strict=False):
+            if f in methods:
+                ax.axhline(means[methods.index(f)], ls=style, c="k", lw=1, label=f)
+        ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.set_ylabel("accuracy (%), mean and 95% interval over seeds")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"world {report.get('world', 'default')}: {len(report['seeds'])} seeds, "
+        f"{report['num_clients']} clients"
+    )
+    return save_figure(fig, path)
+
+
 def splice(text: str, block: list[str]) -> str:
     """``text`` with the generated results block replaced by ``block``."""
     if BEGIN not in text or END not in text:
@@ -174,5 +224,6 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
             return 1
         return 0
     readme.write_text(new)
-    print(f"wrote {readme}")
+    png = plot_headline(report, Path(args.report).with_name("headline.png"))
+    print(f"wrote {readme}, {png}")
     return 0
