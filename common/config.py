@@ -207,7 +207,7 @@ class RunConfig(KeysModel):
     classifier: Classifier = Field(
         "cnn", description="global classifier (ResNet-18 written here, no torchvision)"
     )
-    init: Init = Field(
+    classifier_init: Init = Field(
         "random",
         description="where every trained classifier starts: `random` (the run "
         "seed's init) or `public` (public-only's classifier, trained once on the "

@@ -1,14 +1,14 @@
-"""Where every classifier a run trains starts (``init``), and the server's
+"""Where every classifier a run trains starts (``classifier-init``), and the server's
 labelled public set.
 
-``init = random``: the run's ``classifier`` as the run ``seed`` initialises it.
-``init = public``: the classifier ``public-only`` trains on the server's public
+``classifier-init = random``: the run's ``classifier`` as the run ``seed`` initialises it.
+``classifier-init = public``: the classifier ``public-only`` trains on the server's public
 data (the same images, draw, seed and settings; its set size as for
 ``min-clients`` clients), computed once per run. Every method that trains a
 classifier starts from it: the server's global training of the synthesizing
 methods (``steps.train_global``) and the weights the weight-uploading methods
 send down (FedAvg, DENSE, FedHydra, Guha, DOSFL and FedDiff clients fine-tune
-it). So a comparison under one ``init`` gives every method the same start.
+it). So a comparison under one ``classifier-init`` gives every method the same start.
 
 Left out, by their papers' design: FedLMG's and ``local``'s clients train their
 own architectures from a seeded init, and a FedHydra client whose architecture
@@ -94,10 +94,10 @@ def seeded_draw(
 
 
 def check_init(ctx: ServerContext) -> None:
-    """``ConfigError`` before any client works where ``init = public`` has no
+    """``ConfigError`` before any client works where ``classifier-init = public`` has no
     labelled public images to train on."""
-    if ctx.cfg.init == "public":
-        labelled_public_set(ctx, 1, "init='public'")
+    if ctx.cfg.classifier_init == "public":
+        labelled_public_set(ctx, 1, "classifier-init='public'")
 
 
 def random_state(ctx: ServerContext) -> dict[str, torch.Tensor]:
@@ -114,7 +114,7 @@ def public_state(ctx: ServerContext) -> dict[str, torch.Tensor]:
         from .steps import fit_classifier
 
         t0 = time.perf_counter()
-        who = "init='public'"
+        who = "classifier-init='public'"
         n = public_set_size(ctx, ctx.cfg.min_clients)
         images, labels = seeded_draw(
             *labelled_public_set(ctx, ALL, who), n, ctx.cfg.seed
@@ -139,7 +139,7 @@ def public_state(ctx: ServerContext) -> dict[str, torch.Tensor]:
 
 
 def initial_state(ctx: ServerContext) -> dict[str, torch.Tensor]:
-    """The weights every classifier of the run starts from (``init``).
+    """The weights every classifier of the run starts from (``classifier-init``).
 
     Parameters
     ----------
@@ -151,4 +151,6 @@ def initial_state(ctx: ServerContext) -> dict[str, torch.Tensor]:
     dict of str to Tensor
         The state dict (detached copies; under ``public`` one per run).
     """
-    return public_state(ctx) if ctx.cfg.init == "public" else random_state(ctx)
+    return (
+        public_state(ctx) if ctx.cfg.classifier_init == "public" else random_state(ctx)
+    )

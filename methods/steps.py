@@ -531,12 +531,12 @@ def train_global(
 ) -> None:
     """Train the global classifier on the synthetic set (server device) into
     ``out``; ``soft_targets``: teacher probabilities distilled beside the labels.
-    It starts from the run's ``init`` (``methods/initial.py``; ``from_init=False``:
-    from the seeded random init whatever ``init`` says)."""
+    It starts from the run's ``classifier-init`` (``methods/initial.py``; ``from_init=False``:
+    from the seeded random init whatever ``classifier-init`` says)."""
     from .initial import public_state
 
     cfg = ctx.cfg
-    init = public_state(ctx) if from_init and cfg.init == "public" else None
+    init = public_state(ctx) if from_init and cfg.classifier_init == "public" else None
     t0 = time.perf_counter()
     model = fit_classifier(
         cfg,

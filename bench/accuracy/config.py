@@ -21,8 +21,8 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "fedlmg-hetero": {"method": "fedlmg", "fedlmg-client-classifiers": "cnn,resnet18"},
     "dense": {"method": "dense"},
     "feddiff": {"method": "feddiff"},
-    # every client starts from public-only's classifier (``init``, issue 23)
-    "feddiff-public-init": {"method": "feddiff", "init": "public"},
+    # every client starts from public-only's classifier (``classifier-init``, issue 23)
+    "feddiff-public-init": {"method": "feddiff", "classifier-init": "public"},
     "fedhydra": {"method": "fedhydra"},
     "guha": {"method": "guha"},
     "dosfl": {"method": "dosfl"},

@@ -75,7 +75,7 @@ class FedAvg(OneShotMethod, payload=P, client=client_fedavg):
 
     def reference_state(self, ctx: ServerContext) -> dict[str, torch.Tensor]:
         """The weights that go down and that uploads must match: the run's
-        initial classifier (``init``: ``methods/initial.py``)."""
+        initial classifier (``classifier-init``: ``methods/initial.py``)."""
         return initial_state(ctx)
 
     def collect_content(self, ctx: ServerContext) -> RecordDict:

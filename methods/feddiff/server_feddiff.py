@@ -8,7 +8,7 @@ every 10 steps, sorted by accuracy), an autoencoder over the flattened subset wi
 input and latent noise augmentation (Eq. 5-6) and a latent DDPM with a 1-D CNN
 epsilon predictor (Eq. 7).
 
-In the round: every client fine-tunes the run's initial classifier (``init``:
+In the round: every client fine-tunes the run's initial classifier (``classifier-init``:
 the seeded random one, or the public init every method gets; ``methods/initial.py``)
 on its data and uploads it (one-shot FedAvg's client, payload and collection:
 ``FedDiff`` subclasses ``FedAvg``). The server encodes each client's subset to

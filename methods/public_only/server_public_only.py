@@ -16,7 +16,7 @@ pretrained on) with the settings every method's global classifier gets
 
 A method that does not beat this row on the global test set learned nothing
 from its clients that the server's public data did not already hold. Under
-``init = public`` every method starts from this classifier (trained for
+``classifier-init = public`` every method starts from this classifier (trained for
 ``min-clients`` clients: ``methods/initial.py``).
 """
 

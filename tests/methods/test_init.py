@@ -1,4 +1,4 @@
-"""``init``: every classifier a run trains starts from the same weights.
+"""``classifier-init``: every classifier a run trains starts from the same weights.
 
 ``random``: the run seed's init; ``public``: public-only's classifier, trained
 once per run on the server's public data (``methods/initial.py``).
@@ -30,7 +30,9 @@ def _equal(a: dict, b: dict) -> bool:
 def test_the_public_init_is_public_only_for_min_clients_clients(
     tiny_stack, fast_config, tmp_path
 ):
-    ctx = _ctx(fast_config, tmp_path, init="public", **{"min-clients": 2})
+    ctx = _ctx(
+        fast_config, tmp_path, **{"classifier-init": "public"}, **{"min-clients": 2}
+    )
     init = public_state(ctx)
     # public-only's global model with 2 clients: same images, draw, seed, epochs
     floor = PublicOnly().server_work([None, None], ctx)  # type: ignore[list-item]
@@ -48,7 +50,7 @@ def test_the_public_init_is_trained_once_per_run(
     monkeypatch.setattr(
         steps, "fit_classifier", lambda *a, **k: calls.append(1) or fit(*a, **k)
     )
-    ctx = _ctx(fast_config, tmp_path, init="public")
+    ctx = _ctx(fast_config, tmp_path, **{"classifier-init": "public"})
     public_state(ctx)
     FedAvg().reference_state(ctx)
     initial_state(ctx)
@@ -59,7 +61,7 @@ def test_the_public_init_is_trained_once_per_run(
 def test_weights_sent_down_and_the_global_training_start_from_init(
     init, tiny_stack, fast_config, tmp_path, monkeypatch
 ):
-    ctx = _ctx(fast_config, tmp_path, init=init)
+    ctx = _ctx(fast_config, tmp_path, **{"classifier-init": init})
     want = public_state(ctx) if init == "public" else random_state(ctx)
     assert _equal(FedAvg().reference_state(ctx), want)
 
@@ -88,12 +90,19 @@ def test_init_public_without_public_images_is_refused_before_any_client(
     for c in ("cat", "dog"):
         (tmp_path / "data" / c).mkdir(parents=True)
         Image.new("L", (16, 16)).save(tmp_path / "data" / c / "0.png")
-    ctx = _ctx(fast_config, tmp_path, init="public", dataset=str(tmp_path / "data"))
-    with pytest.raises(ConfigError, match="init='public' trains on public images"):
+    ctx = _ctx(
+        fast_config,
+        tmp_path,
+        **{"classifier-init": "public"},
+        dataset=str(tmp_path / "data"),
+    )
+    with pytest.raises(
+        ConfigError, match="classifier-init='public' trains on public images"
+    ):
         check_init(ctx)
     check_init(_ctx(fast_config, tmp_path, dataset=str(tmp_path / "data")))
 
 
 def test_init_is_checked_once_with_the_config():
-    with pytest.raises(ConfigError, match="init = 'pretrained'"):
-        build_config({"init": "pretrained"})
+    with pytest.raises(ConfigError, match="classifier-init = 'pretrained'"):
+        build_config({"classifier-init": "pretrained"})

@@ -499,8 +499,8 @@ def test_lora_evaluation_survives_an_undefined_fid_proxy(
 def test_init_public_round_trains_the_public_init_once_and_reports_it(
     method, tiny_stack, fast_config
 ):
-    fast_config.update({"method": method, "init": "public"})
+    fast_config.update({"method": method, "classifier-init": "public"})
     _, res = _run(fast_config, run_id=f"init-{method}")
-    assert res["config"]["init"] == "public"
+    assert res["config"]["classifier-init"] == "public"
     assert res["timings_s"]["init"] > 0  # trained in the server, once
     assert res["global_accuracy"] is not None
