@@ -23,6 +23,7 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "feddiff": {"method": "feddiff"},
     # every client starts from public-only's classifier (``classifier-init``, issue 23)
     "feddiff-public-init": {"method": "feddiff", "classifier-init": "public"},
+    "fedavg-public-init": {"method": "fedavg", "classifier-init": "public"},
     "fedhydra": {"method": "fedhydra"},
     "guha": {"method": "guha"},
     "dosfl": {"method": "dosfl"},
@@ -50,6 +51,7 @@ DEFAULT_METHODS = (
     "dense",
     "feddiff",
     "feddiff-public-init",
+    "fedavg-public-init",
     "fedhydra",
     "guha",
     "dosfl",
@@ -86,6 +88,7 @@ PAIRS = (
     ("feddiff", "feddiff:pool-best"),
     ("feddiff", "feddiff:average-with-pool-subset"),
     ("feddiff-public-init", "feddiff"),
+    ("fedavg-public-init", "fedavg"),
     # the orderings of the newer methods' papers against their own baselines
     ("fedhydra", "dense"),
     ("guha", "fedavg"),
