@@ -452,7 +452,12 @@ def test_an_experiment_file_sets_options_under_the_command_line(tmp_path):
     assert base["train-epochs"] == 9 and base["min-clients"] == 5
     # no file: the parser's own defaults
     args, rc = parse_options([])
-    assert (args.seeds, args.clients, args.quick, rc) == ("0,1,2", 4, False, {})
+    assert (args.seeds, args.clients, args.quick, rc) == (None, 4, False, {})
+    assert args.world == "held-out"  # the headline world, unless told otherwise
+    from bench.accuracy.cli import default_seeds
+
+    assert RC.parse_seeds(default_seeds(True)) == [0, 1, 2, 3, 4]
+    assert RC.parse_seeds(default_seeds(False)) == list(range(10))
 
 
 @pytest.mark.parametrize(
