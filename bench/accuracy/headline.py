@@ -133,8 +133,9 @@ def headline(report: dict[str, Any]) -> list[str]:
         "",
         md_table(head, rows),
         "",
-        "The papers' claimed orderings (global test set, paired per seed, Holm over "
-        "the claims):",
+        "The orderings the papers claim, and what the public start adds "
+        "(`*-public-init` against the same method from a random start); global test "
+        "set, paired per seed, Holm over these pairs:",
         "",
         format_paired_table(paired_differences(runs)),
     ]
