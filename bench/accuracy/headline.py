@@ -96,8 +96,14 @@ def headline(report: dict[str, Any]) -> list[str]:
     head += ["unseen domains %"] if unseen else []
     head += [f"vs {f} on the {where} (pp)" for f in FLOORS]
     head += ["verdict", "upload B/client"]
+
+    def key(m: str) -> tuple[int, float]:  # floors, then by accuracy, the oracle last
+        accs = list(seed_accuracies(runs, m, unseen or seen or None).values())
+        rank = 0 if m in FLOORS else 2 if m == ORACLE else 1
+        return rank, -(sum(accs) / len(accs) if accs else 0.0)
+
     rows = []
-    for m in methods:
+    for m in sorted(methods, key=key):
         row = [f"**{m}**" if m in FLOORS else m]
         row.append(_iv(list(seed_accuracies(runs, m, seen or None).values())))
         if unseen:

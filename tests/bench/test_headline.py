@@ -61,6 +61,11 @@ def test_the_headline_row_by_hand():
         "1,000",
     ]
     assert "| **public-only** | 90.0 | 22.0 [-3.4, 47.4] |  |  | floor |" in text
+    # the floors first, then by accuracy on the unseen domains
+    names = [
+        ln.split("|")[1].strip() for ln in text.splitlines() if ln.startswith("| ")
+    ]
+    assert names[1:4] == ["**zero-shot**", "**public-only**", "m"]
 
 
 def test_splice_replaces_only_the_block():
