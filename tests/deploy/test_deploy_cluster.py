@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -252,7 +253,13 @@ def test_terminate_stops_the_group_and_a_child_in_its_own_session(tmp_path):
 def test_find_and_stop_processes():
     mark = "61.2345"  # an argument no other process has
     proc = subprocess.Popen(["sleep", mark])
-    found = P.find_processes(lambda cmd: cmd == ["sleep", mark])
+    # under load the new process can be missing from one scan of /proc: look
+    # again for up to 5 s (seen once in a fresh-clone CI)
+    deadline = time.monotonic() + 5
+    while not (found := P.find_processes(lambda cmd: cmd == ["sleep", mark])):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert [p.pid for p in found] == [proc.pid]
     P.stop_processes(found, timeout_s=5)
     assert proc.wait(timeout=5) is not None and not P.find_processes(
