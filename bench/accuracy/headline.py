@@ -25,7 +25,7 @@ from bench.report import md_table, nbytes
 from ..stats import paired_t
 from .config import FLOORS, ORACLE, floor_pairs
 from .records import paired_differences, seed_accuracies
-from .report import split_domains
+from .report import seen_unseen
 from .tables import format_paired_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,17 +71,8 @@ def _verdict(gains: dict[str, dict[str, Any] | None]) -> str:
 
 def headline(report: dict[str, Any]) -> list[str]:
     """Markdown lines of the headline block for ``report`` (an accuracy.json)."""
-    runs, methods = report["runs"], [m for m in report["methods"]]
-    doms = sorted(
-        {
-            d
-            for r in runs
-            if r.get("ok")
-            for d in r.get("global_accuracy_per_domain") or {}
-        }
-    )
-    split = split_domains(doms) if doms else None
-    seen, unseen = split if split and split[0] and split[1] else (doms, [])
+    runs, methods = report["runs"], list(report["methods"])
+    seen, unseen = seen_unseen(runs)
     part = unseen or None  # what the floors are compared on
     paired = {
         (p["a"], p["b"]): p
@@ -155,18 +146,10 @@ def plot_headline(report: dict[str, Any], path: Path) -> Path:
     from bench.report import pyplot, save_figure
 
     runs, methods = report["runs"], list(report["methods"])
-    doms = sorted(
-        {
-            d
-            for r in runs
-            if r.get("ok")
-            for d in r.get("global_accuracy_per_domain") or {}
-        }
-    )
-    split = split_domains(doms) if doms else None
+    seen, unseen = seen_unseen(runs)
     parts = (
-        [("seen domains", split[0]), ("unseen domains", split[1])]
-        if split and split[0] and split[1]
+        [("seen domains", seen), ("unseen domains", unseen)]
+        if unseen
         else [("global test set", None)]
     )
     plt = pyplot()

@@ -160,6 +160,22 @@ def split_domains(domains: list[str]) -> tuple[list[str], list[str]] | None:
     return seen, [d for d in domains if d not in seen]
 
 
+def seen_unseen(runs: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """``(seen, unseen)`` domains of the successful runs' global test sets;
+    ``(all, [])`` where no domain is unseen (or they are not the mnist-domains
+    world's)."""
+    doms = sorted(
+        {
+            d
+            for r in runs
+            if r.get("ok")
+            for d in r.get("global_accuracy_per_domain") or {}
+        }
+    )
+    split = split_domains(doms) if doms else None
+    return (split[0], split[1]) if split and split[0] and split[1] else (doms, [])
+
+
 def domain_split_section(report: dict[str, Any]) -> list[str]:
     """Markdown lines: accuracy on the seen and the unseen domains apart, and
     every method against the floors on the unseen domains alone (paired over

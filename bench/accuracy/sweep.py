@@ -20,7 +20,7 @@ from bench.report import md_table, pyplot, save_figure, write_json
 
 from ..stats import paired_t
 from .records import seed_accuracies
-from .report import split_domains
+from .report import seen_unseen
 
 CLIENTS = "clients"  # the one sweep key that is an option, not a run-config key
 
@@ -84,11 +84,7 @@ def sweep_rows(
     rows: dict[str, dict[str, dict[str, Any]]] = {}
     for value, rep in reports.items():
         runs = rep.get("runs", [])
-        domains = sorted(
-            {d for r in runs for d in r.get("global_accuracy_per_domain") or {}}
-        )
-        split = split_domains(domains) if domains else None
-        unseen = split[1] if split and split[1] else None
+        unseen = seen_unseen(runs)[1] or None
         for m in rep.get("methods", []):
             cell = {"global": _interval(seed_accuracies(runs, m))}
             if unseen:
