@@ -14,7 +14,7 @@ Input convention of every classifier here (the clients' data pipeline,
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -163,6 +163,16 @@ def build_classifier(
         f"classifier={arch!r} is not one of {', '.join((*ARCHS, *EXTRA_ARCHS))} "
         "(a method's own architecture is known once `methods` is imported)"
     )
+
+
+def classifier_from_state(
+    arch: str, state: Mapping[str, torch.Tensor], in_channels: int, num_classes: int
+) -> nn.Module:
+    """A classifier of architecture ``arch`` (``build_classifier``) holding the
+    weights ``state``, loaded strictly (a missing or extra key raises)."""
+    model = build_classifier(arch, in_channels, num_classes)
+    model.load_state_dict(state)
+    return model
 
 
 def input_spec(in_channels: int) -> dict[str, Any]:

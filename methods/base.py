@@ -107,11 +107,10 @@ def classifier_accuracy(
     state: dict[str, torch.Tensor], arch: str, num_classes: int, data: ClientData
 ) -> float:
     """Accuracy of a classifier state dict on the client's held-out split."""
-    from common.models import build_classifier
+    from common.models import classifier_from_state
     from common.train import accuracy
 
-    model = build_classifier(arch, data.channels, num_classes)
-    model.load_state_dict(state)
+    model = classifier_from_state(arch, state, data.channels, num_classes)
     return accuracy(model, data.test_images, data.test_labels)
 
 

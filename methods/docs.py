@@ -1,9 +1,9 @@
 """``python -m methods docs``: pyproject's config table and README's tables, generated.
 
 The config models are the source of every run-config key, its default, its range
-and its help text (``Field(default, ..., description=...)``): ``RunConfig`` in
-``common/config.py`` for the shared keys, ``methods/<name>/config_<name>.py`` for a
-method's own. Each method's folder holds its card (``methods/<name>/card.toml``:
+and its help text (``key: T = Field(default, ...)`` with the help as the docstring
+under it): ``RunConfig`` in ``common/config.py`` for the shared keys,
+``methods/<name>/config_<name>.py`` for a method's own. Each method's folder holds its card (``methods/<name>/card.toml``:
 paper, family, upload, privacy class). From these
 and the registry (``methods.METHODS``) this module writes:
 
@@ -513,8 +513,8 @@ def warnings(root: Path = ROOT) -> list[str]:
     ]
     for g in groups:
         out += [
-            f"{g.source}: key {k.name!r} has no description (Field(..., "
-            "description=...))"
+            f"{g.source}: key {k.name!r} has no description (a docstring under "
+            "its field)"
             for k in g.keys
             if not k.description.strip()
         ]

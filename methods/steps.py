@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from logging import INFO
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypedDict, TypeVar, Unpack
 
 import torch
 from flwr.common.logger import log
@@ -555,3 +555,31 @@ def train_global(
     out.model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     out.arch = cfg.classifier
     out.timings["train"] = time.perf_counter() - t0
+
+
+class SynthesisArgs(TypedDict, total=False):
+    """``synthesize_set``'s optional arguments, passed on by ``synthesize_and_train``."""
+
+    desc: str
+    guidance_scale: float | None
+    extra_conds: list[tuple[torch.Tensor, float]] | None
+    latent_guidance: LatentGuidance | None
+    source: str | None
+    start: Start | None
+
+
+def synthesize_and_train(
+    ctx: ServerContext,
+    conds: torch.Tensor,
+    labels: torch.Tensor,
+    owners: torch.Tensor,
+    out: ServerOutput,
+    **synthesis: Unpack[SynthesisArgs],
+) -> torch.Tensor:
+    """A synthesizing method's last step: one image per row (``synthesize_set``,
+    the same arguments), the global classifier trained on them (``train_global``)
+    and the set's size as ``num_synthetic`` in results.json; returns the images."""
+    images = synthesize_set(ctx, conds, labels, owners, out, **synthesis)
+    train_global(ctx, images, labels, out)
+    out.extra["num_synthetic"] = len(labels)
+    return images

@@ -160,13 +160,14 @@ def _write_classifier(
     method_name: str,
     global_accuracy: float | None,
 ) -> None:
-    from common.models import build_classifier, save_classifier
+    from common.models import classifier_from_state, save_classifier
 
     assert out.model_state is not None
     # built and loaded as the round evaluates it (round.evaluate_global): a state
     # that does not fit raises here, not in a user's hands
-    model = build_classifier(out.arch, ctx.channels, ctx.num_classes)
-    model.load_state_dict(out.model_state)
+    model = classifier_from_state(
+        out.arch, out.model_state, ctx.channels, ctx.num_classes
+    )
     save_classifier(
         model,
         path,

@@ -173,11 +173,12 @@ def evaluate_global(
     if test is None:
         about["reason"] = NO_GLOBAL_TEST
         return res
-    from common.models import build_classifier
+    from common.models import classifier_from_state
     from common.train import predict
 
-    model = build_classifier(out.arch, ctx.channels, ctx.num_classes)
-    model.load_state_dict(out.model_state)
+    model = classifier_from_state(
+        out.arch, out.model_state, ctx.channels, ctx.num_classes
+    )
     acc, per_domain = test.score(predict(model, test.images, device=ctx.device))
     about["evaluated_by"] = "server: the global model"
     return res | {

@@ -9,17 +9,11 @@ import torch
 
 from common.contract import Reply
 
+from .. import steps
 from ..base import ServerContext, ServerOutput
-from ..steps import (
-    CondUnits,
-    SynthesisMethod,
-    budget_rows,
-    synthesize_set,
-    train_global,
-)
 
 
-class ClassNames(SynthesisMethod):
+class ClassNames(steps.SynthesisMethod):
     """Class names only: the server prompts the generator with each class's
     prompt and trains the global classifier on the images; clients upload nothing
     but their envelope."""
@@ -38,15 +32,15 @@ class ClassNames(SynthesisMethod):
         prompts = [ctx.info.class_prompt(c) for c in range(ctx.num_classes)]
         emb = ctx.text_encoder.encode(prompts, ctx.cfg.embedding)
         k = ctx.num_classes
-        units = CondUnits(
+        units = steps.CondUnits(
             emb,
             torch.arange(k),
             torch.full((k,), -1),
             torch.ones(k, dtype=torch.float64),
             torch.full((k,), n),
         )
-        cond, y, owners, _ = budget_rows(ctx, units, out).expand()
-        images = synthesize_set(ctx, cond, y, owners, out, source="class-names:prompt")
-        train_global(ctx, images, y, out)
-        out.extra["num_synthetic"] = len(y)
+        cond, y, owners, _ = steps.budget_rows(ctx, units, out).expand()
+        steps.synthesize_and_train(
+            ctx, cond, y, owners, out, source="class-names:prompt"
+        )
         return out

@@ -65,7 +65,7 @@ from torch import nn
 # DENSE's BN term is the batch one, the code's DeepInversionHook (shared with FedLMG)
 from common.bn_statistics import BNStatistics, bn_statistic_loss  # noqa: F401
 from common.contract import PayloadError, Reply
-from common.models import build_classifier
+from common.models import classifier_from_state
 from common.synthesis import from_uint8, to_uint8
 from common.train import augment
 
@@ -442,8 +442,9 @@ class Dense(FedAvg):
         initial weights: the run's ``classifier``)."""
         models = []
         for r in replies:
-            model = build_classifier(ctx.cfg.classifier, ctx.channels, ctx.num_classes)
-            model.load_state_dict(r.tensors)
+            model = classifier_from_state(
+                ctx.cfg.classifier, r.tensors, ctx.channels, ctx.num_classes
+            )
             models.append(model)
         return models
 
@@ -463,8 +464,9 @@ class Dense(FedAvg):
         # 1. The client models: the ensemble the student learns from
         teachers = self.client_models(replies, ctx)
         teacher, numbers = self.ensemble(teachers, replies, ctx)
-        student = build_classifier(cfg.classifier, ctx.channels, ctx.num_classes)
-        student.load_state_dict(self.reference_state(ctx))
+        student = classifier_from_state(
+            cfg.classifier, self.reference_state(ctx), ctx.channels, ctx.num_classes
+        )
         log(
             INFO,
             "%s: %d client models, %d epochs of %d generator steps on "

@@ -37,16 +37,8 @@ from common.synthesis import image_generators
 from common.synthesis_settings import SynthesisSettings
 from common.synthesis_start import Start, alpha_bar, start_timestep
 
+from .. import steps
 from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
-from ..steps import (
-    CondUnits,
-    budget_rows,
-    check_embedding_kind,
-    check_reply_embedding,
-    classes_uploaded,
-    synthesize_set,
-    train_global,
-)
 from . import client_fedbip
 from . import payload_fedbip as P
 from .concepts_fedbip import concept_prompt, encode_with_concepts, token_width
@@ -74,7 +66,7 @@ def server_timestep(ctx: ServerContext) -> int:
 def unpack(reply: Reply, ctx: ServerContext) -> P.BiLevel:
     """A reply's upload, checked against the run's classes, the generator's
     sample shape, the text tower's token width and the noise timestep."""
-    check_reply_embedding(reply, ctx)
+    steps.check_reply_embedding(reply, ctx)
     P.timestep(reply.meta, server_timestep(ctx))
     return P.unpack(
         reply.tensors,
@@ -85,7 +77,9 @@ def unpack(reply: Reply, ctx: ServerContext) -> P.BiLevel:
     )
 
 
-def cell_units(uploads: list[P.BiLevel], replies: list[Reply], n: int) -> CondUnits:
+def cell_units(
+    uploads: list[P.BiLevel], replies: list[Reply], n: int
+) -> steps.CondUnits:
     """One unit per uploaded (client, class) cell, ``n`` rows each; its
     condition is the cell's index (``[U, 1, 1]``: the latents and tokens are
     looked up from it) and its weight the client's examples times the cell's
@@ -100,7 +94,7 @@ def cell_units(uploads: list[P.BiLevel], replies: list[Reply], n: int) -> CondUn
             owners.append(r.partition_id)
             weights.append(r.num_examples * share)
     u = len(labels)
-    return CondUnits(
+    return steps.CondUnits(
         torch.arange(u, dtype=torch.float32).reshape(u, 1, 1),
         torch.tensor(labels, dtype=torch.int64),
         torch.tensor(owners, dtype=torch.int64),
@@ -134,7 +128,7 @@ class FedBiP(OneShotMethod):
     def check(self, ctx: ServerContext) -> None:
         """Refuse, before any client works, a generator not conditioned on the
         run's ``embedding`` kind or a text tower without token embeddings."""
-        check_embedding_kind(ctx)
+        steps.check_embedding_kind(ctx)
         token_width(ctx.text_encoder)
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
@@ -154,7 +148,7 @@ class FedBiP(OneShotMethod):
         abar = alpha_bar(ctx.sampling_generator.scheduler, t)
 
         # 1. Units: one per (client, class) cell, bounded by synth-budget
-        units = budget_rows(
+        units = steps.budget_rows(
             ctx,
             cell_units(uploads, replies, cfg.images_per_class),
             out,
@@ -203,14 +197,11 @@ class FedBiP(OneShotMethod):
             ctx.device,
             ctx.dtype,
         )
+        # 4. Sample from the noised latents and train the global classifier on them
         start = Start(z_t, opts.fedbip_strength, noised=True)
-        images = synthesize_set(
-            ctx, cond, labels, owners, out, "FedBiP", source=SOURCE, start=start
+        steps.synthesize_and_train(
+            ctx, cond, labels, owners, out, desc="FedBiP", source=SOURCE, start=start
         )
-
-        # 4. The global classifier on the synthetic set
-        train_global(ctx, images, labels, out)
-        out.extra["num_synthetic"] = m
         mixed = int((torch.cat(alpha) < 1).sum()) if m else 0
         out.extra["fedbip"] = {
             "timestep": t,
@@ -251,7 +242,7 @@ class FedBiP(OneShotMethod):
 
     def summary(self, replies: list[Reply]) -> dict[str, Any]:
         """Upload bytes per uploaded (client, class)."""
-        return classes_uploaded(replies)
+        return steps.classes_uploaded(replies)
 
 
 def _mean_metric(replies: list[Reply], key: str) -> float | None:

@@ -44,17 +44,8 @@ import torch
 
 from common.contract import Reply
 
+from .. import steps
 from ..base import ServerContext, ServerOutput
-from ..steps import (
-    CondUnits,
-    SynthesisMethod,
-    budget_rows,
-    class_units,
-    classes_uploaded,
-    synthesize_set,
-    train_global,
-    unpack_conditions,
-)
 from . import client_feddeo
 from . import payload_feddeo as P
 from .config_feddeo import FedDeoConfig
@@ -77,7 +68,7 @@ def _mean_metric(replies: list[Reply], key: str) -> float | None:
     return round(sum(vals) / len(vals), 6) if vals else None
 
 
-class FedDeo(SynthesisMethod, payload=P, client=client_feddeo):
+class FedDeo(steps.SynthesisMethod, payload=P, client=client_feddeo):
     """FedDEO: clients upload one learned description per class; the server
     samples with description and class-prompt guidance and trains the global
     classifier."""
@@ -89,7 +80,7 @@ class FedDeo(SynthesisMethod, payload=P, client=client_feddeo):
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
         """Reject a reply of another embedding kind, or descriptions not of the
         conditioning shape or with repeated or out-of-range class ids."""
-        unpack_conditions(reply, ctx, P.unpack)
+        steps.unpack_conditions(reply, ctx, P.unpack)
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """Sample ``images-per-class`` images per (client, class) from its
@@ -109,20 +100,23 @@ class FedDeo(SynthesisMethod, payload=P, client=client_feddeo):
         #    (within synth-budget: over it, k-means centres of a class's descriptions)
         descs, inits, parts = [], [], []
         for r in replies:
-            p = unpack_conditions(r, ctx, P.unpack)
+            p = steps.unpack_conditions(r, ctx, P.unpack)
             descs.append(p.descriptions.float())
             inits.append(class_emb[p.class_ids])
             parts.append(
-                class_units(
+                steps.class_units(
                     p.descriptions, p.class_ids, r.partition_id, n, r.num_examples
                 )
             )
-        cond, labels, owners, _ = budget_rows(ctx, CondUnits.cat(parts), out).expand()
+        cond, labels, owners, _ = steps.budget_rows(
+            ctx, steps.CondUnits.cat(parts), out
+        ).expand()
         class_cond = class_emb[labels]
 
-        # 3. Sample: eps = eps_u + s2 (eps_desc - eps_u) + s1 (eps_class - eps_u)
+        # 3. Sample, eps = eps_u + s2 (eps_desc - eps_u) + s1 (eps_class - eps_u),
+        #    and train the global classifier on the union
         extra = [(class_cond, opts.feddeo_class_guidance)]
-        images = synthesize_set(
+        steps.synthesize_and_train(
             ctx,
             cond,
             labels,
@@ -132,10 +126,6 @@ class FedDeo(SynthesisMethod, payload=P, client=client_feddeo):
             extra_conds=extra if opts.feddeo_class_guidance > 0 else None,
             source="feddeo:description",
         )
-
-        # 4. The global classifier on the union
-        train_global(ctx, images, labels, out)
-        out.extra["num_synthetic"] = len(labels)
         drift = description_drift(torch.cat(descs), torch.cat(inits))
         out.extra["feddeo"] = {
             "descriptions": sum(len(d) for d in descs),
@@ -147,4 +137,4 @@ class FedDeo(SynthesisMethod, payload=P, client=client_feddeo):
 
     def summary(self, replies: list[Reply]) -> dict[str, Any]:
         """Upload bytes per (client, class): one class's description."""
-        return classes_uploaded(replies)
+        return steps.classes_uploaded(replies)

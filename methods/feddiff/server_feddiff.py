@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from common import contract as C
 from common.config import ConfigError
 from common.contract import Reply
-from common.models import build_classifier
+from common.models import build_classifier, classifier_from_state
 from common.synthesis import from_uint8
 from common.weights import resolve_model
 
@@ -92,8 +92,9 @@ def global_references(
         return none, "the dataset has no global test set"
     out: dict[str, float | None] = {}
     for name, state in states.items():
-        net = build_classifier(ctx.cfg.classifier, ctx.channels, ctx.num_classes)
-        net.load_state_dict(state)
+        net = classifier_from_state(
+            ctx.cfg.classifier, state, ctx.channels, ctx.num_classes
+        )
         out[name] = test.score(predict(net, test.images, device=ctx.device))[0]
     return out, None
 

@@ -42,16 +42,8 @@ from common.contract import Reply
 from common.datasets import public_pairs
 from common.maths import apply_linear_map, fit_linear_map
 
+from .. import steps
 from ..base import ServerContext, ServerOutput
-from ..steps import (
-    CondUnits,
-    SynthesisMethod,
-    budget_rows,
-    class_units,
-    classes_uploaded,
-    synthesize_set,
-    train_global,
-)
 from . import client_feddisc
 from . import payload_feddisc as P
 from .config_feddisc import FedDiscConfig
@@ -76,7 +68,7 @@ def modality_gap(
     return gap
 
 
-class FedDisc(SynthesisMethod, payload=P, client=client_feddisc):
+class FedDisc(steps.SynthesisMethod, payload=P, client=client_feddisc):
     """FedDISC: clients upload k-means centres of their CLIP image embeddings
     per class; the server maps them into the generator's conditioning, samples
     with each centre and its client's domain feature as guidance terms and trains
@@ -160,7 +152,7 @@ class FedDisc(SynthesisMethod, payload=P, client=client_feddisc):
                 )
             # images-per-class images over the m centres of a class, round-robin
             parts.append(
-                class_units(
+                steps.class_units(
                     centres,
                     p.class_ids,
                     r.partition_id,
@@ -169,9 +161,9 @@ class FedDisc(SynthesisMethod, payload=P, client=client_feddisc):
                     extras=(domain,),
                 )
             )
-        units = budget_rows(ctx, CondUnits.cat(parts), out)
+        units = steps.budget_rows(ctx, steps.CondUnits.cat(parts), out)
         cond, y, o, (domain,) = units.expand()
-        images = synthesize_set(
+        steps.synthesize_and_train(
             ctx,
             cond,
             y,
@@ -181,8 +173,6 @@ class FedDisc(SynthesisMethod, payload=P, client=client_feddisc):
             extra_conds=[(domain, opts.feddisc_guidance)],
             source="feddisc:prototype",
         )
-        train_global(ctx, images, y, out)
-        out.extra["num_synthetic"] = len(y)
         out.extra["feddisc"] = {
             "centres": sum(len(r.tensors["class_ids"]) for r in replies),
             "modality_gap": {k: round(v, 4) for k, v in self.gap.items()},
@@ -192,4 +182,4 @@ class FedDisc(SynthesisMethod, payload=P, client=client_feddisc):
 
     def summary(self, replies: list[Reply]) -> dict[str, Any]:
         """Upload bytes per (client, class): the centres of one class."""
-        return classes_uploaded(replies)
+        return steps.classes_uploaded(replies)

@@ -19,28 +19,18 @@ class FedHydraConfig(KeysModel):
     """FedHydra's own keys (``fedhydra-*``): where a model's stratum for a class
     starts, what the lower stratum counts, and the clients' architectures."""
 
-    fedhydra_strong_accuracy: float = Field(
-        0.8,
-        ge=0,
-        le=1,
-        description="a client model is in the strong stratum of a class it trained "
-        "on when its smoothed accuracy on that class of its client's held-out split, "
-        "(correct + 1) / (held-out + 2), reaches this; below it, the weak stratum",
-    )
-    fedhydra_weak_weight: float = Field(
-        0.5,
-        ge=0,
-        le=1,
-        description="weight of the weak stratum against the strong one's 1 (a model "
-        "never trained on a class has 0 for it); a class with no strong model gives "
-        "its weak ones 1, a class no client trained on gives every model 1",
-    )
-    fedhydra_client_classifiers: ArchList = Field(
-        "",
-        description="the clients' classifiers by partition id modulo the list "
-        "(empty: `classifier`); a SuperNode's node-config `classifier` overrides it; "
-        "the global model is `classifier`",
-    )
+    fedhydra_strong_accuracy: float = Field(0.8, ge=0, le=1)
+    """a client model is in the strong stratum of a class it trained on when its
+    smoothed accuracy on that class of its client's held-out split, (correct + 1) /
+    (held-out + 2), reaches this; below it, the weak stratum"""
+    fedhydra_weak_weight: float = Field(0.5, ge=0, le=1)
+    """weight of the weak stratum against the strong one's 1 (a model never trained on a
+    class has 0 for it); a class with no strong model gives its weak ones 1, a class
+    no client trained on gives every model 1"""
+    fedhydra_client_classifiers: ArchList = Field("")
+    """the clients' classifiers by partition id modulo the list (empty: `classifier`); a
+    SuperNode's node-config `classifier` overrides it; the global model is
+    `classifier`"""
 
     def client_classifiers(self) -> list[str]:
         """The architectures of ``fedhydra-client-classifiers``, blanks dropped

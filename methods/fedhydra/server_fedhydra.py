@@ -40,7 +40,7 @@ from flwr.common.logger import log
 from torch import nn
 
 from common.contract import Reply
-from common.models import build_classifier
+from common.models import classifier_from_state
 
 from ..base import ServerContext
 from ..dense.server_dense import Dense, Teacher, _check_running_var
@@ -191,8 +191,9 @@ class FedHydra(Dense):
         models = []
         for r in replies:
             cm = self.unpack(r, ctx)
-            model = build_classifier(cm.arch, ctx.channels, ctx.num_classes)
-            model.load_state_dict(cm.state)
+            model = classifier_from_state(
+                cm.arch, cm.state, ctx.channels, ctx.num_classes
+            )
             models.append(model)
         return models
 

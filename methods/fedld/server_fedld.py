@@ -36,16 +36,8 @@ from common.contract import Reply
 from common.synthesis import image_generators
 from common.synthesis_start import Start
 
+from .. import steps
 from ..base import ServerContext, ServerOutput
-from ..steps import (
-    CondUnits,
-    SynthesisMethod,
-    budget_rows,
-    class_units,
-    classes_uploaded,
-    synthesize_set,
-    train_global,
-)
 from . import client_fedld
 from . import payload_fedld as P
 from .config_fedld import FedLDConfig
@@ -70,7 +62,7 @@ def unpack(reply: Reply, ctx: ServerContext) -> P.ClassMixtures:
 
 def mixture_units(
     replies: list[Reply], ctx: ServerContext, prompts: torch.Tensor
-) -> CondUnits:
+) -> steps.CondUnits:
     """One unit per uploaded component: its class prompt as the condition, its
     mean and variance (flattened) as extras; ``images-per-class`` rows per
     (client, class), over the components by their counts."""
@@ -78,7 +70,7 @@ def mixture_units(
     for r in replies:
         m = unpack(r, ctx)
         parts.append(
-            class_units(
+            steps.class_units(
                 prompts[m.class_ids],
                 m.class_ids,
                 r.partition_id,
@@ -88,10 +80,10 @@ def mixture_units(
                 extras=(m.means.flatten(1), m.variances.flatten(1)),
             )
         )
-    return CondUnits.cat(parts)
+    return steps.CondUnits.cat(parts)
 
 
-class FedLD(SynthesisMethod, payload=P, client=client_fedld):
+class FedLD(steps.SynthesisMethod, payload=P, client=client_fedld):
     """FedLD: clients upload per-class Gaussian mixtures of their generator-
     space latents; the server draws from them and denoises class-prompted."""
 
@@ -114,7 +106,7 @@ class FedLD(SynthesisMethod, payload=P, client=client_fedld):
             [ctx.info.class_prompt(c) for c in range(ctx.num_classes)],
             ctx.cfg.embedding,
         )
-        units = budget_rows(
+        units = steps.budget_rows(
             ctx, mixture_units(replies, ctx, prompts), out, represent="clients"
         )
         conds, labels, owners, (means, variances) = units.expand()
@@ -133,7 +125,8 @@ class FedLD(SynthesisMethod, payload=P, client=client_fedld):
             else torch.empty(0, *shape)
         )
         z0 = draw(means, variances, noise.flatten(1)).reshape(-1, *shape)
-        # 3. Denoise from the draws (SDEdit at fedld-strength), class-prompted
+        # 3. Denoise from the draws (SDEdit at fedld-strength), class-prompted, and
+        #    train the global classifier on the synthetic set
         log(
             INFO,
             "FedLD: %d images from %d mixture components, strength %.2f, on %s (%s)",
@@ -144,12 +137,9 @@ class FedLD(SynthesisMethod, payload=P, client=client_fedld):
             ctx.dtype,
         )
         start = Start(z0, strength)
-        images = synthesize_set(
-            ctx, conds, labels, owners, out, "FedLD", source=SOURCE, start=start
+        steps.synthesize_and_train(
+            ctx, conds, labels, owners, out, desc="FedLD", source=SOURCE, start=start
         )
-        # 4. The global classifier on the synthetic set
-        train_global(ctx, images, labels, out)
-        out.extra["num_synthetic"] = len(labels)
         out.extra["fedld"] = {
             "strength": strength,
             "components": int(len(units.labels)),
@@ -158,4 +148,4 @@ class FedLD(SynthesisMethod, payload=P, client=client_fedld):
 
     def summary(self, replies: list[Reply]) -> dict[str, Any]:
         """Upload bytes per uploaded (client, class) and per component."""
-        return classes_uploaded(replies, item="component")
+        return steps.classes_uploaded(replies, item="component")

@@ -60,17 +60,11 @@ from common.bn_statistics import BNStatistics
 from common.bn_statistics import bn_statistic_loss as _bn_statistic_loss
 from common.config import ConfigError
 from common.contract import Reply
-from common.models import build_classifier
+from common.models import classifier_from_state
 from common.synthesis import LatentGuidance, from_uint8
 
+from .. import steps
 from ..base import ServerContext, ServerOutput
-from ..steps import (
-    CondUnits,
-    SynthesisMethod,
-    budget_rows,
-    synthesize_set,
-    train_global,
-)
 from . import client_fedlmg
 from . import payload_fedlmg as P
 from .config_fedlmg import FedLmgConfig
@@ -112,7 +106,7 @@ def guidance_loss(
 # ---------------------------------------------------------------- method
 
 
-class FedLmg(SynthesisMethod, payload=P, client=client_fedlmg):
+class FedLmg(steps.SynthesisMethod, payload=P, client=client_fedlmg):
     """FedLMG: clients upload classifiers of their own architectures; each
     synthetic image is guided by the model of the client it stands for, and the
     global classifier learns the guided images."""
@@ -149,8 +143,12 @@ class FedLmg(SynthesisMethod, payload=P, client=client_fedlmg):
         models: dict[int, nn.Module] = {}
         for r in replies:
             cm = self._unpack(r, ctx)
-            m = build_classifier(cm.arch, ctx.channels, ctx.num_classes)
-            m.load_state_dict({k: v.float() for k, v in cm.state.items()})
+            m = classifier_from_state(
+                cm.arch,
+                {k: v.float() for k, v in cm.state.items()},
+                ctx.channels,
+                ctx.num_classes,
+            )
             models[r.partition_id] = m.to(ctx.device).eval().requires_grad_(False)
         return models
 
@@ -179,14 +177,14 @@ class FedLmg(SynthesisMethod, payload=P, client=client_fedlmg):
             owners += [r.partition_id] * len(classes)
             weights += [float(r.num_examples)] * len(classes)
         cells = torch.tensor(labels, dtype=torch.int64)
-        units = CondUnits(
+        units = steps.CondUnits(
             prompts[cells],
             cells,
             torch.tensor(owners, dtype=torch.int64),
             torch.tensor(weights, dtype=torch.float64),
             torch.full_like(cells, n),
         )
-        cond, y, o, _ = budget_rows(ctx, units, out, represent="clients").expand()
+        cond, y, o, _ = steps.budget_rows(ctx, units, out, represent="clients").expand()
         # 2. The guidance loss: each image's own client model
         guiding = {pid: GuidingModel(m) for pid, m in models.items()}
         y_dev = y.to(ctx.device)
@@ -216,7 +214,7 @@ class FedLmg(SynthesisMethod, payload=P, client=client_fedlmg):
             until=opts.fedlmg_guided_fraction,
             normalize=opts.fedlmg_guidance_norm == "rms",
         )
-        images = synthesize_set(
+        images = steps.synthesize_set(
             ctx,
             cond,
             y,
@@ -228,7 +226,7 @@ class FedLmg(SynthesisMethod, payload=P, client=client_fedlmg):
         )
         # 3. Soft labels for md / sd, then the global model
         soft, agree = self._teacher(models, images, y, o, opts.fedlmg_aggregation, ctx)
-        train_global(ctx, images, y, out, soft_targets=soft)
+        steps.train_global(ctx, images, y, out, soft_targets=soft)
         out.extra["num_synthetic"] = len(y)
         out.extra["fedlmg"] = {
             "aggregation": opts.fedlmg_aggregation,

@@ -28,17 +28,8 @@ import torch
 
 from common.contract import Reply
 
+from .. import steps
 from ..base import ServerContext, ServerOutput
-from ..steps import (
-    CondUnits,
-    SynthesisMethod,
-    budget_rows,
-    check_reply_embedding,
-    classes_uploaded,
-    embedding_shape,
-    synthesize_set,
-    train_global,
-)
 from . import client_fgl_instance
 from . import payload_fgl_instance as P
 from .config_fgl_instance import FglInstanceConfig
@@ -49,7 +40,7 @@ SOURCE = "fgl-instance:caption-embedding"
 def unpack(reply: Reply, ctx: ServerContext) -> P.InstanceEmbeddings:
     """A reply's instance embeddings, checked against the generator's embedding
     shape, the classes and ``fgl-instances-per-class``."""
-    tokens, dim = embedding_shape(ctx)
+    tokens, dim = steps.embedding_shape(ctx)
     return P.unpack(
         reply.tensors,
         num_classes=ctx.num_classes,
@@ -59,12 +50,14 @@ def unpack(reply: Reply, ctx: ServerContext) -> P.InstanceEmbeddings:
     )
 
 
-def instance_units(e: P.InstanceEmbeddings, owner: int, weight: float) -> CondUnits:
+def instance_units(
+    e: P.InstanceEmbeddings, owner: int, weight: float
+) -> steps.CondUnits:
     """One unit per uploaded instance, one image each; an instance weighs
     ``weight`` (the client's num-examples) over its class's uploaded instances."""
     ids = e.class_ids
     per_class = torch.bincount(ids).double()
-    return CondUnits(
+    return steps.CondUnits(
         e.embeddings.float(),
         ids.clone(),
         torch.full_like(ids, owner),
@@ -73,7 +66,7 @@ def instance_units(e: P.InstanceEmbeddings, owner: int, weight: float) -> CondUn
     )
 
 
-class FglInstance(SynthesisMethod, payload=P, client=client_fgl_instance):
+class FglInstance(steps.SynthesisMethod, payload=P, client=client_fgl_instance):
     """FGL with instance-level prompts: one encoded caption per client image;
     the server synthesizes one image per caption."""
 
@@ -83,7 +76,7 @@ class FglInstance(SynthesisMethod, payload=P, client=client_fgl_instance):
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
         """Reject a reply whose embeddings do not match the generator's
         conditioning shape or the classes."""
-        check_reply_embedding(reply, ctx)
+        steps.check_reply_embedding(reply, ctx)
         unpack(reply, ctx)
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
@@ -92,20 +85,18 @@ class FglInstance(SynthesisMethod, payload=P, client=client_fgl_instance):
         out = ServerOutput()
         # 1. One image per uploaded caption, bounded by synth-budget (centres of
         #    the class's captions, so identical captions merge first)
-        units = CondUnits.cat(
+        units = steps.CondUnits.cat(
             [
                 instance_units(unpack(r, ctx), r.partition_id, float(r.num_examples))
                 for r in replies
             ]
         )
-        conds, labels, owners, _ = budget_rows(ctx, units, out).expand()
+        conds, labels, owners, _ = steps.budget_rows(ctx, units, out).expand()
         # 2. Synthesize, 3. train the global classifier
-        images = synthesize_set(ctx, conds, labels, owners, out, source=SOURCE)
-        train_global(ctx, images, labels, out)
-        out.extra["num_synthetic"] = len(labels)
+        steps.synthesize_and_train(ctx, conds, labels, owners, out, source=SOURCE)
         out.extra["fgl_instance"] = {"instances_uploaded": int(len(units.labels))}
         return out
 
     def summary(self, replies: list[Reply]) -> dict[str, Any]:
         """Upload bytes per uploaded (client, class) and per uploaded instance."""
-        return classes_uploaded(replies, item="instance")
+        return steps.classes_uploaded(replies, item="instance")

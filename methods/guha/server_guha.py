@@ -39,7 +39,7 @@ from torch import nn
 from common.config import ConfigError
 from common.contract import Reply
 from common.datasets import public_pairs
-from common.models import build_classifier
+from common.models import build_classifier, classifier_from_state
 from common.train import accuracy
 
 from ..base import ServerContext, ServerOutput
@@ -177,8 +177,9 @@ class Guha(FedAvg):
         models, client_cv = [], []
         for r in replies:
             state, acc = P.unpack(r, ref)
-            m = build_classifier(cfg.classifier, ctx.channels, ctx.num_classes)
-            m.load_state_dict(state)
+            m = classifier_from_state(
+                cfg.classifier, state, ctx.channels, ctx.num_classes
+            )
             models.append(m.eval())
             client_cv.append(acc)
         server_cv = (

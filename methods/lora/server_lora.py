@@ -31,25 +31,15 @@ from common.lora_merge import merge_adapters
 from common.synthesis import sample
 from common.synthesis_settings import SynthesisSettings
 
+from .. import steps
 from ..base import ServerContext, ServerOutput
 from ..fedavg.server_fedavg import capped_shares
-from ..steps import (
-    CondUnits,
-    SynthesisMethod,
-    budget_rows,
-    class_units,
-    classes_uploaded,
-    embedding_shape,
-    per_class_rows,
-    synthesize_set,
-    train_global,
-)
 from . import client_lora
 from . import payload_lora as P
 from .config_lora import LoraConfig
 
 
-class Lora(SynthesisMethod, payload=P, client=client_lora):
+class Lora(steps.SynthesisMethod, payload=P, client=client_lora):
     """One-shot federated LoRA: clients upload a LoRA adapter of the generator's
     UNet with their per-class caption embeddings; the server merges the adapters,
     pushes the merged one back and trains the global classifier on its samples."""
@@ -76,7 +66,7 @@ class Lora(SynthesisMethod, payload=P, client=client_lora):
         """``(adapter, caption embeddings)`` of a reply, checked against the
         reference adapter (set by ``check``) and the conditioning shape;
         ``PayloadError`` names what is wrong."""
-        tokens, dim = embedding_shape(ctx)
+        tokens, dim = steps.embedding_shape(ctx)
         return P.unpack(
             reply.tensors,
             self.reference,
@@ -176,7 +166,7 @@ class Lora(SynthesisMethod, payload=P, client=client_lora):
                 gen.unet, adapter, lcfg.lora_rank, lcfg.lora_alpha, lcfg.target_list
             )
             emb = self.unpack(r, ctx)[1]
-            cond, _, _ = per_class_rows(
+            cond, _, _ = steps.per_class_rows(
                 emb.means, emb.class_ids, r.partition_id, lcfg.lora_samples_per_class
             )
             # the client's conditional model itself: guided samples would be
@@ -228,7 +218,7 @@ class Lora(SynthesisMethod, payload=P, client=client_lora):
         for r in replies:
             emb = self.unpack(r, ctx)[1]
             parts.append(
-                class_units(
+                steps.class_units(
                     emb.means,
                     emb.class_ids,
                     r.partition_id,
@@ -236,13 +226,15 @@ class Lora(SynthesisMethod, payload=P, client=client_lora):
                     r.num_examples,
                 )
             )
-        conds, labels, owners, _ = budget_rows(ctx, CondUnits.cat(parts), out).expand()
-        images = synthesize_set(
+        conds, labels, owners, _ = steps.budget_rows(
+            ctx, steps.CondUnits.cat(parts), out
+        ).expand()
+        images = steps.synthesize_set(
             ctx, conds, labels, owners, out, source="lora:merged-adapter"
         )
         ctx.generator.unet.unload_lora()
         # 3. Train the global classifier on the synthetic set
-        train_global(ctx, images, labels, out)
+        steps.train_global(ctx, images, labels, out)
         out.push_arrays[P.RECORD] = P.layout(merged, None)
         out.push_config = {"lora-rank": rank, "lora-alpha": alpha}
         out.extra["num_synthetic"] = len(labels)
@@ -251,4 +243,4 @@ class Lora(SynthesisMethod, payload=P, client=client_lora):
     def summary(self, replies: list[Reply]) -> dict[str, Any]:
         """Upload bytes per (client, class): the whole upload, adapter included,
         over the classes of its caption embeddings."""
-        return classes_uploaded(replies, key=P.EMB + "class_ids")
+        return steps.classes_uploaded(replies, key=P.EMB + "class_ids")

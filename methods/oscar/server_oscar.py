@@ -16,23 +16,14 @@ from typing import Any
 
 from common.contract import Reply
 
+from .. import steps
 from ..base import ServerContext, ServerOutput
-from ..steps import (
-    CondUnits,
-    SynthesisMethod,
-    budget_rows,
-    class_units,
-    classes_uploaded,
-    synthesize_set,
-    train_global,
-    unpack_conditions,
-)
 from . import client_oscar
 from . import payload_oscar as P
 from .config_oscar import OscarConfig
 
 
-class Oscar(SynthesisMethod, payload=P, client=client_oscar):
+class Oscar(steps.SynthesisMethod, payload=P, client=client_oscar):
     """OSCAR: clients upload per-class caption embeddings; the server samples
     images from them with classifier-free guidance and trains the global
     classifier."""
@@ -46,7 +37,7 @@ class Oscar(SynthesisMethod, payload=P, client=client_oscar):
         conditioning shape, more than ``prototypes-per-class`` of one class, or counts
         out of range."""
         k = ctx.cfg.options(OscarConfig).prototypes_per_class
-        unpack_conditions(reply, ctx, P.unpack, per_class=k)
+        steps.unpack_conditions(reply, ctx, P.unpack, per_class=k)
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """Sample ``images-per-class`` images per (client, class), spread over its
@@ -57,9 +48,9 @@ class Oscar(SynthesisMethod, payload=P, client=client_oscar):
         # images-per-class per (client, class), over its vectors by their counts
         parts = []
         for r in replies:
-            e = unpack_conditions(r, ctx, P.unpack, per_class=k)
+            e = steps.unpack_conditions(r, ctx, P.unpack, per_class=k)
             parts.append(
-                class_units(
+                steps.class_units(
                     e.means,
                     e.class_ids,
                     r.partition_id,
@@ -68,15 +59,13 @@ class Oscar(SynthesisMethod, payload=P, client=client_oscar):
                     counts=e.counts,
                 )
             )
-        units = CondUnits.cat(parts)
-        conds, labels, owners, _ = budget_rows(ctx, units, out).expand()
-        images = synthesize_set(
+        units = steps.CondUnits.cat(parts)
+        conds, labels, owners, _ = steps.budget_rows(ctx, units, out).expand()
+        steps.synthesize_and_train(
             ctx, conds, labels, owners, out, source="oscar:caption-embedding"
         )
-        train_global(ctx, images, labels, out)
-        out.extra["num_synthetic"] = len(labels)
         return out
 
     def summary(self, replies: list[Reply]) -> dict[str, Any]:
         """Upload bytes per (client, class): one class's conditioning vectors."""
-        return classes_uploaded(replies)
+        return steps.classes_uploaded(replies)

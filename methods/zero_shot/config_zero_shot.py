@@ -14,11 +14,8 @@ Prompts = Literal["class-name", "caption-mean", "caption-nearest"]
 class ZeroShotConfig(KeysModel):
     """zero-shot's keys: which prompts stand for the classes."""
 
-    zero_shot_prompts: Prompts = Field(
-        "class-name",
-        description="the prompts: `class-name` one per class, the dataset's class "
-        "prompt (class-names' prompt); `caption-mean` one per class, the mean of "
-        "its phrase-bank captions (CLIP's prompt ensembling); `caption-nearest` "
-        "every phrase-bank caption, a class scoring by its nearest (retrieval "
-        "captioning's class)",
-    )
+    zero_shot_prompts: Prompts = Field("class-name")
+    """the prompts: `class-name` one per class, the dataset's class prompt (class-names'
+    prompt); `caption-mean` one per class, the mean of its phrase-bank captions
+    (CLIP's prompt ensembling); `caption-nearest` every phrase-bank caption, a class
+    scoring by its nearest (retrieval captioning's class)"""

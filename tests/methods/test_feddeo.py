@@ -12,9 +12,9 @@ from common.contract import PayloadError, Reply
 from common.datasets import ClientData, dataset_info
 from common.generator import load_generator
 from common.text_encoder import load_text_encoder
-from methods import build_config
+from methods import build_config, steps
 from methods.base import ClientJob, ServerContext
-from methods.feddeo import FedDeo, client_feddeo, server_feddeo
+from methods.feddeo import FedDeo, client_feddeo
 from methods.feddeo import payload_feddeo as P
 
 
@@ -173,13 +173,13 @@ def test_server_samples_with_description_and_class_guidance(
     for r in replies:
         method.validate(r, ctx)
     seen = {}
-    real = server_feddeo.synthesize_set
+    real = steps.synthesize_set
 
     def spy(ctx, cond, labels, owners, out, **kw):  # type: ignore[no-untyped-def]
         seen.update(cond=cond, labels=labels, owners=owners, **kw)
         return real(ctx, cond, labels, owners, out, **kw)
 
-    monkeypatch.setattr(server_feddeo, "synthesize_set", spy)
+    monkeypatch.setattr(steps, "synthesize_set", spy)
     out = method.server_work(replies, ctx)
     n = ctx.cfg.images_per_class
     assert out.extra["num_synthetic"] == 5 * n and out.model_state is not None

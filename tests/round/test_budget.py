@@ -5,8 +5,6 @@ class kept; within it (or 0: unlimited) the rows are the method's own."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
@@ -18,7 +16,7 @@ from common.maths import (
     kmeans,
     reduce_conditions,
 )
-from methods import build_config, get_method
+from methods import build_config, get_method, steps
 from methods.base import ServerContext, ServerOutput
 from methods.steps import CondUnits, budget_rows
 
@@ -299,9 +297,9 @@ def _server_rows(
         size = ctx.cfg.image_size
         return torch.zeros(len(labels), ctx.channels, size, size, dtype=torch.uint8)
 
-    module = sys.modules[type(method).__module__]
-    monkeypatch.setattr(module, "synthesize_set", synthesize_set)
-    monkeypatch.setattr(module, "train_global", lambda *a, **k: None)
+    # every synthesizing method samples and trains through methods.steps
+    monkeypatch.setattr(steps, "synthesize_set", synthesize_set)
+    monkeypatch.setattr(steps, "train_global", lambda *a, **k: None)
     return seen, method.server_work(replies, ctx)
 
 

@@ -203,7 +203,9 @@ from common.config import KeysModel
 
 
 class NewMConfig(KeysModel):
-    newm_strength: float = Field(2.0, gt=0, description="how hard it pushes")
+    newm_strength: float = Field(2.0, gt=0)
+    '''how hard
+    it pushes'''
 """,
     "server_newm.py": """
 from methods.base import OneShotMethod
@@ -240,6 +242,22 @@ def test_a_new_method_folder_and_registry_line_are_picked_up(tmp_path, monkeypat
     assert "| `newm-strength` | `2.0` | > 0 | how hard it pushes |" in readme
     assert "newm" in next(ln for ln in readme.splitlines() if "| `method` |" in ln)
     assert not [w for w in docs.warnings(root) if "newm" in w]
+
+
+class _Documented(KeysModel):
+    plain: int = Field(1)
+    """the help text,
+    over two lines"""
+    explicit: int = Field(2, description="an explicit description")
+    """a docstring that the explicit description wins over"""
+
+
+def test_a_keys_docstring_is_its_one_line_description():
+    """The docstring under a field is its help text (pydantic's attribute
+    docstrings), joined into one line for the tables; ``description=`` still wins."""
+    fields = _Documented.model_fields
+    assert fields["plain"].description == "the help text, over two lines"
+    assert fields["explicit"].description == "an explicit description"
 
 
 def test_method_table_quotes_the_measured_costs_of_the_bench_results(tmp_path):
