@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds",
         default=None,
         help="comma-separated seeds or ranges, e.g. 0-9 (default: 0-4 with --quick, "
-        "0-9 without, the full run); each "
+        "0-9 without; README's headline is --quick --seeds 0-9); each "
         "run's `seed` (synthesis, training) and, unless `--set partition-seed=N` "
         "holds the clients' data fixed, its partition",
     )
@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_seeds(quick: bool) -> str:
-    """Five seeds for ``--quick``, ten for the full run (the headline's)."""
+    """Five seeds for ``--quick``, ten without (the larger settings). README's
+    headline is the quick settings at ten seeds: ``--quick --seeds 0-9``."""
     return "0-4" if quick else "0-9"
 
 
