@@ -52,7 +52,7 @@ class KeysModel(BaseModel):
 
     A key's help text is the docstring written under its field (pydantic's
     ``use_attribute_docstrings``), joined into one line: it is the key's
-    ``description`` in the generated tables and in error messages.
+    ``description``, the help column of the generated tables (``methods/docs.py``).
     """
 
     model_config = ConfigDict(
