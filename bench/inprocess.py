@@ -106,10 +106,12 @@ def load_synthetic(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     import datasets
     import numpy as np
 
+    from common.datasets.partitions import column
+
     ds = datasets.load_from_disk(str(path))
     x = torch.from_numpy(np.stack([np.asarray(im) for im in ds["image"]]))
     x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
-    return x.contiguous(), torch.as_tensor(ds["client"])
+    return x.contiguous(), torch.as_tensor(column(ds, "client"))
 
 
 def run_variant(fed: Federation, over: dict[str, Any], label: str) -> dict[str, Any]:

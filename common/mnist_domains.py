@@ -17,6 +17,7 @@ and ``mnist``; the embedded foundation stack is pretrained on its public split.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 from dataclasses import dataclass
@@ -146,14 +147,19 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+@functools.lru_cache(maxsize=2)
 def load_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(images uint8 [N,28,28], labels int64 [N])`` for ``train`` or ``test``."""
+    """Return ``(images uint8 [N,28,28], labels int64 [N])`` for ``train`` or ``test``.
+
+    Read once per process (every client a simulation worker runs, and the
+    server's global test set, share it); both arrays are read-only."""
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
         raise ValueError(f"split={split!r} is not one of 'train', 'test'")
     root = mnist_dir()
     images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
     labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+    labels.flags.writeable = False  # images: np.frombuffer, read-only already
     return images, labels
 
 

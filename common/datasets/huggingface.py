@@ -10,7 +10,13 @@ import numpy as np
 import torch
 
 from .base import ClientData, DataArgs, DatasetInfo, GlobalTestSet, pil_to_tensor
-from .partitions import balanced_ids, cap_examples, client_split, partition_indices
+from .partitions import (
+    balanced_ids,
+    cap_examples,
+    client_split,
+    column,
+    partition_indices,
+)
 
 
 def _is_hf_folder(path: Path) -> bool:
@@ -105,7 +111,7 @@ class HuggingFaceSource:
         mode = ds[0][image].mode if len(ds) else "L"
         domains: tuple[str, ...] = ()
         if "domain" in ds.column_names:
-            domains = tuple(dict.fromkeys(ds["domain"]))
+            domains = tuple(dict.fromkeys(column(ds, "domain").tolist()))
         names = tuple(ds.features[label].names)
         return DatasetInfo(args.dataset, names, 1 if mode in ("L", "1") else 3, domains)
 
@@ -116,8 +122,8 @@ class HuggingFaceSource:
         ds = self._open(args.dataset)
         info = self.info(args)
         image, label = self._columns(args.dataset, ds)
-        labels = np.asarray(ds[label], dtype=np.int64)
-        doms = np.asarray(ds["domain"]) if info.domains else None
+        labels = column(ds, label).astype(np.int64)
+        doms = column(ds, "domain") if info.domains else None
         idx = partition_indices(labels, doms, args, partition_id, num_partitions)
         idx = cap_examples(idx, args, partition_id)
         rows = ds.select(idx.tolist())[image]
@@ -156,9 +162,9 @@ class HuggingFaceSource:
                 f"dataset={args.dataset!r}: the test split's classes {names[:5]} "
                 f"differ from the train split's {info.class_names[:5]}"
             )
-        labels = np.asarray(ds[label], dtype=np.int64)
+        labels = column(ds, label).astype(np.int64)
         doms = (
-            np.asarray(ds["domain"])
+            column(ds, "domain")
             if "domain" in ds.column_names
             else np.full(len(labels), "plain")
         )

@@ -4,8 +4,12 @@ balanced draws of a test split."""
 
 from __future__ import annotations
 
+import hashlib
 import sys
+import threading
 import types
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,6 +45,17 @@ def partitioners() -> types.ModuleType:
     return fresh
 
 
+PARTITIONS = ("iid", "dirichlet", "pathological", "domain")
+
+# The partitionings this process computed last, by what they depend on. A
+# simulation worker or an in-process run loads many clients of one federation
+# (and each client twice: collect, then evaluate); flwr-datasets computes every
+# partition of a partitioning at once, so the others are then free.
+_CACHE: OrderedDict[tuple, Callable[[int], np.ndarray]] = OrderedDict()
+_CACHE_SIZE = 4
+_LOCK = threading.Lock()
+
+
 def partition_indices(
     labels: np.ndarray,
     domains: np.ndarray | None,
@@ -49,6 +64,10 @@ def partition_indices(
     num_partitions: int,
 ) -> np.ndarray:
     """Indices of one partition, computed with flwr-datasets partitioners.
+
+    The partitioning is computed once per process for the same pool, settings
+    and number of partitions (the last few are kept), so loading the next
+    client of the same federation costs a lookup.
 
     Parameters
     ----------
@@ -63,57 +82,109 @@ def partition_indices(
     partition_id, num_partitions : int
         Which partition of how many.
     """
-    partition, alpha, seed = args.partition, args.alpha, args.seed
-    classes_per_client = args.classes_per_client
+    if args.partition not in PARTITIONS:
+        raise ValueError(
+            f"partition={args.partition!r} is not one of {', '.join(PARTITIONS)}"
+        )
+    if args.partition == "domain" and domains is None:
+        raise ValueError(
+            "partition='domain' needs a dataset with domains (mnist-domains, or an "
+            "image folder laid out as <domain>/<class>/<image>)"
+        )
+    key = (
+        _digest(labels),
+        None if domains is None else _digest(domains),
+        args.partition,
+        args.alpha,
+        args.classes_per_client,
+        args.seed,
+        num_partitions,
+    )
+    with _LOCK:
+        split = _CACHE.pop(key, None)
+        if split is None:
+            split = _partitioning(labels, domains, args, num_partitions)
+        _CACHE[key] = split
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+        return split(partition_id).copy()
+
+
+def _digest(a: np.ndarray) -> str:
+    """What an array holds (dtype, shape and values), in 32 hex digits."""
+    a = np.ascontiguousarray(a.astype(str) if a.dtype == object else a)
+    h = hashlib.blake2b(f"{a.dtype.str}{a.shape}".encode(), digest_size=16)
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _partitioning(
+    labels: np.ndarray,
+    domains: np.ndarray | None,
+    args: DataArgs,
+    num_partitions: int,
+) -> Callable[[int], np.ndarray]:
+    """``partition_id -> indices`` of one partitioning of the pool."""
     from datasets import Dataset
 
     fp = partitioners()
-    IidPartitioner, PathologicalPartitioner = (
-        fp.IidPartitioner,
-        fp.PathologicalPartitioner,
-    )
-
-    ds = Dataset.from_dict({"label": labels.tolist(), "idx": list(range(len(labels)))})
-    if partition == "domain":
-        if domains is None:
-            raise ValueError(
-                "partition='domain' needs a dataset with domains (mnist-domains, or an "
-                "image folder laid out as <domain>/<class>/<image>)"
-            )
+    # Arrow format: with datasets 4, ``ds["label"]`` of an unformatted dataset is
+    # a lazy Column that ``np.asarray`` (as the partitioners call it) reads one
+    # row at a time, about 1 s for 40,000 labels; an Arrow column is read at once.
+    ds = Dataset.from_dict(
+        {"label": labels.tolist(), "idx": list(range(len(labels)))}
+    ).with_format("arrow")
+    if args.partition == "domain":
+        assert domains is not None
         names = list(dict.fromkeys(domains.tolist()))  # first-seen order
-        mine = names[partition_id % len(names)]
-        sharing = [p for p in range(num_partitions) if names[p % len(names)] == mine]
-        sub = ds.select(np.flatnonzero(domains == mine).tolist())
-        part = IidPartitioner(num_partitions=len(sharing))
-        part.dataset = sub
-        return np.asarray(part.load_partition(sharing.index(partition_id))["idx"])
-    if partition == "iid":
-        part = IidPartitioner(num_partitions=num_partitions)
-    elif partition == "dirichlet":
-        return _dirichlet_indices(ds, num_partitions, alpha, seed, partition_id)
-    elif partition == "pathological":
-        part = PathologicalPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            num_classes_per_partition=classes_per_client,
-            class_assignment_mode="first-deterministic",
-            seed=seed,
-        )
+        per_domain: dict[str, Any] = {}
+
+        def by_domain(partition_id: int) -> np.ndarray:
+            mine = names[partition_id % len(names)]
+            sharing = [
+                p for p in range(num_partitions) if names[p % len(names)] == mine
+            ]
+            if mine not in per_domain:
+                part = fp.IidPartitioner(num_partitions=len(sharing))
+                part.dataset = ds.select(np.flatnonzero(domains == mine).tolist())
+                per_domain[mine] = part
+            return _ids(per_domain[mine].load_partition(sharing.index(partition_id)))
+
+        return by_domain
+    if args.partition == "dirichlet":
+        part = _dirichlet(ds, num_partitions, args.alpha, args.seed)
     else:
-        raise ValueError(
-            f"partition={partition!r} is not one of iid, dirichlet, pathological, domain"
-        )
-    part.dataset = ds
-    return np.asarray(part.load_partition(partition_id)["idx"])
+        if args.partition == "iid":
+            part = fp.IidPartitioner(num_partitions=num_partitions)
+        else:
+            part = fp.PathologicalPartitioner(
+                num_partitions=num_partitions,
+                partition_by="label",
+                num_classes_per_partition=args.classes_per_client,
+                class_assignment_mode="first-deterministic",
+                seed=args.seed,
+            )
+        part.dataset = ds
+    return lambda partition_id: _ids(part.load_partition(partition_id))
 
 
-def _dirichlet_indices(
-    ds: Any, num_partitions: int, alpha: float, seed: int, partition_id: int
-) -> np.ndarray:
-    """flwr-datasets' Dirichlet partition with at least 10 examples a partition;
-    where 10 cannot be drawn (1,000 partitions of 30,000 images: the partitioner
-    gives up after 10 attempts), at least 5, then 2 (a train and a test image).
-    The same seed gives the same partitions at every size that worked before."""
+def _ids(part: Any) -> np.ndarray:
+    """The ``idx`` column of a partition (an Arrow-formatted dataset)."""
+    return np.asarray(part["idx"], dtype=np.int64)
+
+
+def column(ds: Any, name: str) -> np.ndarray:
+    """Column ``name`` of a Hugging Face dataset as one array, read at once
+    (``np.asarray(ds[name])`` reads datasets 4's lazy Column row by row)."""
+    return np.asarray(ds.with_format("arrow")[name])
+
+
+def _dirichlet(ds: Any, num_partitions: int, alpha: float, seed: int) -> Any:
+    """flwr-datasets' Dirichlet partitioner with at least 10 examples a
+    partition; where 10 cannot be drawn (1,000 partitions of 30,000 images: the
+    partitioner gives up after 10 attempts), at least 5, then 2 (a train and a
+    test image). The same seed gives the same partitions at every size that
+    worked before. Returned with its partitions computed."""
     import warnings
 
     DirichletPartitioner = partitioners().DirichletPartitioner
@@ -131,7 +202,8 @@ def _dirichlet_indices(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # one per retry
-                return np.asarray(part.load_partition(partition_id)["idx"])
+                part.load_partition(0)  # computes every partition, or raises
+            return part
         except ValueError:
             if min_size == 2:
                 raise ValueError(
