@@ -190,6 +190,54 @@ def test_dirichlet_partitions_a_thousand_clients():
     assert len(np.unique(np.concatenate(small))) == len(labels)
 
 
+@pytest.mark.parametrize("partition", ["iid", "dirichlet", "pathological", "domain"])
+def test_a_kept_partitioning_gives_what_a_fresh_one_gives(partition):
+    """The process keeps a partitioning by its pool and settings: any order of
+    clients gets what each would get alone; another seed, alpha, pool or number
+    of partitions is not served from the kept one."""
+    import numpy as np
+
+    from common.datasets import DataArgs
+    from common.datasets import partitions as P
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 10, 3000)
+    domains = np.array(["a", "b", "c"])[rng.integers(0, 3, 3000)]
+    args = DataArgs("x", partition=partition, alpha=0.3, seed=5)
+
+    def fresh(a, pid, n=6, lab=labels):
+        P._CACHE.clear()
+        return P.partition_indices(lab, domains, a, pid, n)
+
+    alone = [fresh(args, p) for p in range(6)]
+    P._CACHE.clear()
+    kept = {
+        p: P.partition_indices(labels, domains, args, p, 6) for p in (5, 0, 3, 1, 4, 2)
+    }
+    assert len(P._CACHE) == 1
+    for p in range(6):
+        assert np.array_equal(kept[p], alone[p])
+    # the caller may edit what it got: the kept partitioning is unchanged
+    kept[0][:] = -1
+    assert np.array_equal(P.partition_indices(labels, domains, args, 0, 6), alone[0])
+    # object arrays (a Hugging Face column) and fixed-width strings: one key
+    P.partition_indices(labels, domains.astype(object), args, 0, 6)
+    assert len(P._CACHE) == 1
+    rolled = np.roll(labels, 1)
+    variants = {  # name: (labels, args, num_partitions)
+        "seed": (labels, DataArgs("x", partition=partition, alpha=0.3, seed=6), 6),
+        "alpha": (labels, DataArgs("x", partition=partition, alpha=3.0, seed=5), 6),
+        "pool": (rolled, args, 6),
+        "size": (labels, args, 5),
+    }
+    want = {k: fresh(a, 0, n, lab) for k, (lab, a, n) in variants.items()}
+    P._CACHE.clear()
+    P.partition_indices(labels, domains, args, 0, 6)
+    for k, (lab, a, n) in variants.items():
+        assert np.array_equal(P.partition_indices(lab, domains, a, 0, n), want[k]), k
+    assert len(P._CACHE) == P._CACHE_SIZE  # the oldest of five is dropped
+
+
 def test_a_client_partitions_without_flwr_datasets_plotting_package():
     """A ClientApp process loads its partition without seaborn / matplotlib
     (flwr-datasets' package init imports them); the real plotting module is
