@@ -18,6 +18,8 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 # torch threads only make every test slower.
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 torch.set_num_threads(1 if WORKER else 2)
+if WORKER:  # ... and so do the processes the tests start (flwr runs, ServerApps)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -72,9 +74,21 @@ def default_run_config() -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_stack_dir(tmp_path_factory) -> Path:
+    """The tiny random stack, built once per test session: under pytest-xdist
+    the first worker to need it builds it (about 8 s) in the directory the
+    workers share, the others wait for it and read it."""
+    from filelock import FileLock
     from tiny_stack import make_tiny_stack
 
-    return make_tiny_stack(tmp_path_factory.mktemp("tiny_stack"))
+    if not WORKER:
+        return make_tiny_stack(tmp_path_factory.mktemp("tiny_stack"))
+    shared = tmp_path_factory.getbasetemp().parent  # the same for every worker
+    root, done = shared / "tiny_stack", shared / "tiny_stack.done"
+    with FileLock(str(shared / "tiny_stack.lock")):
+        if not done.is_file():
+            make_tiny_stack(root)
+            done.touch()
+    return root
 
 
 @pytest.fixture
