@@ -286,6 +286,11 @@ def test_start_stop_stops_also_on_errors():
 # ---------------------------------------------------------------- slow: real processes
 
 
+# The tests on the module's cluster run on one xdist worker (``--dist
+# loadgroup``), so the cluster is started once, not once per worker.
+ON_THE_CLUSTER = pytest.mark.xdist_group("deploy-cluster")
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """SuperLink (TLS, --enable-supernode-auth) + 3 registered SuperNodes."""
@@ -297,6 +302,7 @@ def cluster(tmp_path_factory):
     assert not cl._procs
 
 
+@ON_THE_CLUSTER
 @NEEDS_FLOWER
 @pytest.mark.slow
 @pytest.mark.timeout(240)
@@ -314,6 +320,7 @@ def test_registered_nodes_online_and_unregistered_node_refused(cluster):
     assert cluster.node_statuses().count("online") == 3  # the others are unaffected
 
 
+@ON_THE_CLUSTER
 @NEEDS_FLOWER
 @pytest.mark.slow
 @pytest.mark.timeout(400)
