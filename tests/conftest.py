@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -98,9 +101,9 @@ def tiny_stack(tiny_stack_dir, monkeypatch) -> Path:
     return tiny_stack_dir
 
 
-@pytest.fixture
-def fast_config(tmp_path) -> dict:
-    """The default run config, shrunk so a whole round takes seconds."""
+def fast_run_config(out: Path) -> dict:
+    """The default run config, shrunk so a whole round takes seconds; results
+    under ``out``."""
     rc = default_run_config()
     rc.update(
         {
@@ -109,7 +112,7 @@ def fast_config(tmp_path) -> dict:
             "num-inference-steps": 2,
             "train-epochs": 1,
             "local-epochs": 1,
-            "output-dir": str(tmp_path / "out"),
+            "output-dir": str(out),
             "min-clients": 2,
             "lora-steps": 2,
             "lora-samples-per-class": 2,
@@ -117,6 +120,75 @@ def fast_config(tmp_path) -> dict:
         | FAST_METHOD_KEYS
     )
     return rc
+
+
+@pytest.fixture
+def fast_config(tmp_path) -> dict:
+    """The default run config, shrunk so a whole round takes seconds."""
+    return fast_run_config(tmp_path / "out")
+
+
+@dataclass(frozen=True)
+class FastRound:
+    """One uninterrupted in-process round of ``fast_run_config`` on 3 nodes."""
+
+    config: dict
+    returned: dict  # what ``run_one_shot`` returned
+    run_dir: Path
+    sent: list  # (node id, message type) of every message, in order
+    nodes: list  # the grid's node ids
+
+    @property
+    def on_disk(self) -> dict:
+        """``results.json`` as the round wrote it."""
+        return json.loads((self.run_dir / "results.json").read_text())
+
+
+class FastRounds:
+    """``fast_rounds(method)``: the fast round of ``method``, run once per test
+    process and shared by the tests that only read it (the tests of one method
+    run on one xdist worker: ``xdist_group(f"method-{method}")``). Each call
+    returns a deep copy; the run directory is read-only by convention."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.done: dict[str, FastRound] = {}
+
+    def __call__(self, method: str) -> FastRound:
+        if method not in self.done:
+            from fakegrid import FakeGrid
+
+            from client_app.app import app
+            from methods import build_config
+            from server_app.round import run_one_shot
+
+            rc = fast_run_config(self.out) | {
+                "method": method,
+                "run-name": f"run-{method}",
+            }
+            grid = FakeGrid(app, 3, rc)
+            returned = run_one_shot(grid, build_config(rc), "run")
+            run_dir = self.out / f"run-{method}"
+            self.done[method] = FastRound(
+                rc, returned, run_dir, list(grid.sent), list(grid.nodes)
+            )
+        return copy.deepcopy(self.done[method])
+
+
+@pytest.fixture(scope="session")
+def _fast_rounds(tmp_path_factory) -> FastRounds:
+    return FastRounds(tmp_path_factory.mktemp("fast-rounds"))
+
+
+@pytest.fixture
+def fast_rounds(_fast_rounds, tiny_stack) -> FastRounds:
+    """The shared fast round of each method (see ``FastRounds``)."""
+    return _fast_rounds
+
+
+def method_group(method: str) -> pytest.MarkDecorator:
+    """The xdist group of ``method``'s tests that share its fast round."""
+    return pytest.mark.xdist_group(f"method-{method}")
 
 
 def pytest_xdist_auto_num_workers(config) -> int:

@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from conftest import method_group
 from fakegrid import FakeGrid
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
@@ -86,11 +87,9 @@ def genuine(tiny_stack_dir, tmp_path_factory):
     os.environ.pop("ONESHOT_EMBEDDED_DIR", None)
 
 
-# Each method's tests on one xdist worker (``--dist loadgroup``): its genuine
-# reply is made once, not once per worker.
-NAMES = [
-    pytest.param(n, marks=pytest.mark.xdist_group(f"fuzz-{n}")) for n in sorted(METHODS)
-]
+# Each method's tests on one xdist worker (``--dist loadgroup``), with the
+# method's other tests: its genuine reply is made once, not once per worker.
+NAMES = [pytest.param(n, marks=method_group(n)) for n in sorted(METHODS)]
 
 
 def _clone(content: RecordDict) -> dict:

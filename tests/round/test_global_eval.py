@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import method_group
 from fakegrid import FakeGrid
 
 from client_app.app import app as client_app
@@ -175,12 +176,13 @@ def grid_dir(rc, run_id):
     return Path(rc["output-dir"]) / run_id
 
 
-@pytest.mark.parametrize("method", ["oscar", "local"])
-def test_round_reports_global_accuracy_per_participating_domain(
-    method, tiny_stack, fast_config
-):
-    fast_config["method"] = method
-    res = _run(fast_config, run_id=f"global-{method}")
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=method_group(m)) for m in ("oscar", "local")]
+)
+def test_round_reports_global_accuracy_per_participating_domain(method, fast_rounds):
+    fast = fast_rounds(method)
+    res = fast.returned
+    assert fast.on_disk["global_accuracy"] == res["global_accuracy"]
     assert 0.0 <= res["global_accuracy"] <= 1.0
     # 3 clients: partitions 0..2 hold the first three default domains
     domains = ["inverted", "thick", "thin"]

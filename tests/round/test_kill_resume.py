@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import method_group
 from fakegrid import FakeGrid
 
 from client_app.app import app
@@ -100,6 +101,7 @@ def _comparable(res: dict) -> dict:
     res = json.loads(json.dumps(res))
     res.pop("timings_s")
     res["config"].pop("run-name")
+    res["config"].pop("output-dir")  # the reference is the shared fast round
     res.pop("download_bytes_per_client", None)  # the resumed run sends no collect
     res.pop("download_bytes", None)
     res.pop("device", None)
@@ -130,9 +132,11 @@ def _check_resumed(method: str, reference: dict, resumed: dict, sent: list) -> N
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=method_group(m)) for m in sorted(METHODS)]
+)
 def test_interrupted_round_resumes_to_the_same_results(
-    method, tiny_stack, fast_config, monkeypatch
+    method, fast_rounds, fast_config, monkeypatch
 ):
     """One run directory, interrupted twice: right after the server work, then
     (resumed: the work redone from the journal, no client asked for its upload)
@@ -140,7 +144,7 @@ def test_interrupted_round_resumes_to_the_same_results(
     uninterrupted round ends."""
     fast_config["method"] = method
     out = Path(fast_config["output-dir"])
-    reference, _ = _run(fast_config | {"run-name": "reference"})
+    reference = fast_rounds(method).on_disk  # the uninterrupted round
     cls = METHODS[method]
     rc = fast_config | {"run-name": "interrupted"}
 
@@ -168,11 +172,14 @@ def test_interrupted_round_resumes_to_the_same_results(
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("method", ["fedavg", "lora", "oscar"])
-def test_killed_process_resumes_to_the_same_results(method, tiny_stack, fast_config):
+@pytest.mark.parametrize(
+    "method",
+    [pytest.param(m, marks=method_group(m)) for m in ("fedavg", "lora", "oscar")],
+)
+def test_killed_process_resumes_to_the_same_results(method, fast_rounds, fast_config):
     fast_config["method"] = method
     out = Path(fast_config["output-dir"])
-    reference, _ = _run(fast_config | {"run-name": "reference"})
+    reference = fast_rounds(method).on_disk  # the uninterrupted round
 
     # Killed after the work; killed again, resumed, after the checkpoint; resumed
     # here to the end (one run directory, as in the in-process test)

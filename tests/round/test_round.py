@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from conftest import method_group
 from fakegrid import FakeGrid
 from flwr.app import Error, Message
 
@@ -26,14 +27,13 @@ def _run(rc, nodes=3, tamper=None, run_id="t"):
     return grid, run_one_shot(grid, build_config(rc), run_id)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_completes_and_writes_results(
-    method, tiny_stack, fast_config, tmp_path
-):
-    fast_config["method"] = method
-    grid, res = _run(fast_config, run_id=f"run-{method}")
-    run_dir = tmp_path / "out" / f"run-{method}"
-    on_disk = json.loads((run_dir / "results.json").read_text())
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=method_group(m)) for m in sorted(METHODS)]
+)
+def test_every_method_completes_and_writes_results(method, fast_rounds):
+    fast = fast_rounds(method)
+    run_dir, on_disk = fast.run_dir, fast.on_disk
+    assert on_disk == json.loads(json.dumps(fast.returned))  # what it returned
     assert on_disk["method"] == method
     for key in (
         "dataset",
@@ -70,7 +70,7 @@ def test_every_method_completes_and_writes_results(
     assert (run_dir / "accuracy_per_client.png").is_file()
     # exactly one collect message per node: one round, no second one
     collect = METHODS[method].collect_type
-    assert [n for n, t in grid.sent if t == collect] == grid.nodes
+    assert [n for n, t in fast.sent if t == collect] == fast.nodes
     # what a method synthesizes shows in the sample grid
     assert (run_dir / "synthetic_samples.png").is_file() == ("num_synthetic" in on_disk)
     # the uploads the method declares are what was persisted
@@ -82,20 +82,21 @@ def test_every_method_completes_and_writes_results(
     uploads = [e for e in journal if e["event"] == "upload"]
     assert len(uploads) == 3
     assert all(bool(e["file"]) == bool(METHODS[method].payload_key) for e in uploads)
-    assert on_disk["fleet"]["asked"] == on_disk["fleet"]["valid"] == grid.nodes
+    assert on_disk["fleet"]["asked"] == on_disk["fleet"]["valid"] == fast.nodes
 
 
-def test_oscar_uploads_at_most_2kb_per_class(tiny_stack, fast_config):
-    fast_config["method"] = "oscar"
-    _, res = _run(fast_config)
+@method_group("oscar")
+def test_oscar_uploads_at_most_2kb_per_class(fast_rounds):
+    res = fast_rounds("oscar").returned
     assert 0 < res["upload_bytes_per_class"] <= 2048
     assert all(c["upload_bytes"] > 0 for c in res["clients"])
 
 
-def test_lora_reports_its_merge_and_fid_proxy(tiny_stack, fast_config):
-    fast_config["method"] = "lora"
-    _, res = _run(fast_config)
-    assert res["lora"]["merged_rank"] == fast_config["lora-merge-rank"]
+@method_group("lora")
+def test_lora_reports_its_merge_and_fid_proxy(fast_rounds):
+    fast = fast_rounds("lora")
+    res = fast.returned
+    assert res["lora"]["merged_rank"] == fast.config["lora-merge-rank"]
     assert all(c["evaluation"]["fid-proxy"] >= 0 for c in res["clients"])
     assert res["mean_fid_proxy"] is not None
 
