@@ -227,6 +227,10 @@ def test_pretrain_quick_end_to_end(tmp_path):
             "--quick",
             "--out",
             str(out),
+            # one torch thread: under pytest-xdist the workers fill the cores,
+            # and a second thread only spins against them
+            "--threads",
+            "1",
         ],
         cwd=ROOT,
         env=env,
