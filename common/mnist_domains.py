@@ -147,12 +147,18 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-@functools.lru_cache(maxsize=2)
 def load_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(images uint8 [N,28,28], labels int64 [N])`` for ``train`` or ``test``.
 
-    Read once per process (every client a simulation worker runs, and the
-    server's global test set, share it); both arrays are read-only."""
+    The files are read once per process (every client a simulation worker
+    runs, and the server's global test set, share them); each call returns
+    its own copies."""
+    images, labels = _read_mnist(split)
+    return images.copy(), labels.copy()
+
+
+@functools.lru_cache(maxsize=2)
+def _read_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
         raise ValueError(f"split={split!r} is not one of 'train', 'test'")

@@ -189,8 +189,9 @@ def _ids(part: Any) -> np.ndarray:
 
 def column(ds: Any, name: str) -> np.ndarray:
     """Column ``name`` of a Hugging Face dataset as one array, read at once
-    (``np.asarray(ds[name])`` reads datasets 4's lazy Column row by row)."""
-    return np.asarray(ds.with_format("arrow")[name])
+    (``np.asarray(ds[name])`` reads datasets 4's lazy Column row by row); a
+    writable copy, not a view of Arrow's read-only buffer."""
+    return np.array(ds.with_format("arrow")[name])
 
 
 def _dirichlet(ds: Any, num_partitions: int, alpha: float, seed: int) -> Any:
