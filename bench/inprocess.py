@@ -106,7 +106,7 @@ def load_synthetic(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     import datasets
     import numpy as np
 
-    from common.datasets.partitions import column
+    from common.datasets.huggingface import column
 
     ds = datasets.load_from_disk(str(path))
     x = torch.from_numpy(np.stack([np.asarray(im) for im in ds["image"]]))

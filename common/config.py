@@ -24,12 +24,12 @@ from pydantic import (
 )
 
 from .datasets import DataArgs
+from .datasets.base import Partition
 from .mnist_domains import ALL_STYLES, UNSEEN_TRANSFORMS, domain_parts
 
 T = TypeVar("T", bound=BaseModel)
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
-Partition = Literal["iid", "dirichlet", "pathological", "domain"]
 Embedding = Literal["pooled", "sequence"]
 Scheduler = Literal["ddim", "ddpm", "dpm", "euler", "default"]
 Classifier = Literal["cnn", "resnet18"]

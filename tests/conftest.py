@@ -191,6 +191,11 @@ def method_group(method: str) -> pytest.MarkDecorator:
     return pytest.mark.xdist_group(f"method-{method}")
 
 
+def by_method(methods) -> list:
+    """``parametrize`` values of ``methods``, each in its method's group."""
+    return [pytest.param(m, marks=method_group(m)) for m in methods]
+
+
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto``: one worker per core plus one.
 

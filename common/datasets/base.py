@@ -5,12 +5,15 @@ a client's data (``ClientData``), the run-config keys that shape a partition
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 
 from .. import mnist_domains
+
+# How a pool is split among clients (run-config key ``partition``).
+Partition = Literal["iid", "dirichlet", "pathological", "domain"]
 
 # Images per class and domain of the global test set. 10 classes x 100 x 5 domains
 # = 5,000 images of 16x16 for mnist-domains: one image is 0.1 points of a domain's

@@ -10,13 +10,14 @@ import numpy as np
 import torch
 
 from .base import ClientData, DataArgs, DatasetInfo, GlobalTestSet, pil_to_tensor
-from .partitions import (
-    balanced_ids,
-    cap_examples,
-    client_split,
-    column,
-    partition_indices,
-)
+from .partitions import balanced_ids, cap_examples, client_split, partition_indices
+
+
+def column(ds: Any, name: str) -> np.ndarray:
+    """Column ``name`` of a Hugging Face dataset as one array, read at once
+    (``np.asarray(ds[name])`` reads datasets 4's lazy Column row by row); a
+    writable copy, not a view of Arrow's read-only buffer."""
+    return np.array(ds.with_format("arrow")[name])
 
 
 def _is_hf_folder(path: Path) -> bool:

@@ -10,12 +10,12 @@ import threading
 import types
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 
-from .base import ClientData, DataArgs, DatasetInfo
+from .base import ClientData, DataArgs, DatasetInfo, Partition
 
 
 def partitioners() -> types.ModuleType:
@@ -45,7 +45,7 @@ def partitioners() -> types.ModuleType:
     return fresh
 
 
-PARTITIONS = ("iid", "dirichlet", "pathological", "domain")
+PARTITIONS: tuple[str, ...] = get_args(Partition)
 
 # The partitionings this process computed last, by what they depend on. A
 # simulation worker or an in-process run loads many clients of one federation
@@ -185,13 +185,6 @@ def _memo(load: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
 def _ids(part: Any) -> np.ndarray:
     """The ``idx`` column of a partition (an Arrow-formatted dataset)."""
     return np.asarray(part["idx"], dtype=np.int64)
-
-
-def column(ds: Any, name: str) -> np.ndarray:
-    """Column ``name`` of a Hugging Face dataset as one array, read at once
-    (``np.asarray(ds[name])`` reads datasets 4's lazy Column row by row); a
-    writable copy, not a view of Arrow's read-only buffer."""
-    return np.array(ds.with_format("arrow")[name])
 
 
 def _dirichlet(ds: Any, num_partitions: int, alpha: float, seed: int) -> Any:

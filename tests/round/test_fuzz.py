@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from conftest import method_group
+from conftest import by_method
 from fakegrid import FakeGrid
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
@@ -89,7 +89,7 @@ def genuine(tiny_stack_dir, tmp_path_factory):
 
 # Each method's tests on one xdist worker (``--dist loadgroup``), with the
 # method's other tests: its genuine reply is made once, not once per worker.
-NAMES = [pytest.param(n, marks=method_group(n)) for n in sorted(METHODS)]
+NAMES = by_method(sorted(METHODS))
 
 
 def _clone(content: RecordDict) -> dict:

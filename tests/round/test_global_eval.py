@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import method_group
+from conftest import by_method
 from fakegrid import FakeGrid
 
 from client_app.app import app as client_app
@@ -176,9 +176,7 @@ def grid_dir(rc, run_id):
     return Path(rc["output-dir"]) / run_id
 
 
-@pytest.mark.parametrize(
-    "method", [pytest.param(m, marks=method_group(m)) for m in ("oscar", "local")]
-)
+@pytest.mark.parametrize("method", by_method(("oscar", "local")))
 def test_round_reports_global_accuracy_per_participating_domain(method, fast_rounds):
     fast = fast_rounds(method)
     res = fast.returned

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import method_group
+from conftest import by_method
 from fakegrid import FakeGrid
 
 from client_app.app import app
@@ -132,9 +132,7 @@ def _check_resumed(method: str, reference: dict, resumed: dict, sent: list) -> N
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize(
-    "method", [pytest.param(m, marks=method_group(m)) for m in sorted(METHODS)]
-)
+@pytest.mark.parametrize("method", by_method(sorted(METHODS)))
 def test_interrupted_round_resumes_to_the_same_results(
     method, fast_rounds, fast_config, monkeypatch
 ):
@@ -174,7 +172,7 @@ def test_interrupted_round_resumes_to_the_same_results(
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(
     "method",
-    [pytest.param(m, marks=method_group(m)) for m in ("fedavg", "lora", "oscar")],
+    by_method(("fedavg", "lora", "oscar")),
 )
 def test_killed_process_resumes_to_the_same_results(method, fast_rounds, fast_config):
     fast_config["method"] = method

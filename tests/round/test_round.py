@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import method_group
+from conftest import by_method, method_group
 from fakegrid import FakeGrid
 from flwr.app import Error, Message
 
@@ -27,9 +27,7 @@ def _run(rc, nodes=3, tamper=None, run_id="t"):
     return grid, run_one_shot(grid, build_config(rc), run_id)
 
 
-@pytest.mark.parametrize(
-    "method", [pytest.param(m, marks=method_group(m)) for m in sorted(METHODS)]
-)
+@pytest.mark.parametrize("method", by_method(sorted(METHODS)))
 def test_every_method_completes_and_writes_results(method, fast_rounds):
     fast = fast_rounds(method)
     run_dir, on_disk = fast.run_dir, fast.on_disk
