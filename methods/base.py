@@ -283,12 +283,22 @@ class OneShotMethod:
         content[C.KEY_CONFIG] = C.config_record({"method": self.name})
         return content
 
+    def unpack(self, reply: Reply, ctx: ServerContext) -> Any:
+        """One reply's upload, read and checked against this run (its payload
+        module's ``unpack`` at the run's shapes and limits); raises
+        ``PayloadError`` naming what is wrong. ``validate`` and ``server_work``
+        both read uploads through it, so what was accepted is what is used.
+        Default: nothing to read (``None``)."""
+        return None
+
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
         """Raise ``PayloadError`` to reject one client's reply (with the reason).
 
         Called on every reply at collection and again on every persisted upload
-        when a run resumes; ``ctx.info`` is known by then.
+        when a run resumes; ``ctx.info`` is known by then. Default: ``unpack``
+        (a method that checks more overrides this and calls ``super()``).
         """
+        self.unpack(reply, ctx)
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """The server's work on the accepted replies: the global classifier (or

@@ -8,6 +8,8 @@ FedDISC's centres).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from common import contract as C
@@ -16,54 +18,68 @@ from common.contract import PayloadError
 IDS = "class_ids"
 
 
-def layout(
-    key: str, vectors: torch.Tensor, class_ids: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """The two tensors as they travel: ``vectors`` in float16, ids in int64."""
-    return {key: vectors.detach().to(torch.float16), IDS: class_ids.to(torch.int64)}
+@dataclass
+class ClassVectors:
+    """Vectors ``[K, L, D]`` and the class of each ``[K]`` (FedDEO's
+    descriptions, FedDISC's centres)."""
+
+    vectors: torch.Tensor  # [K, L, D]
+    class_ids: torch.Tensor  # [K]
 
 
-def unpack(
-    tensors: dict[str, torch.Tensor],
-    key: str,
-    *,
-    shape: tuple[int, int],
-    num_classes: int,
-    hint: str,
-    max_per_class: int = 1,
-    per_class_key: str = "",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read and check the layout; ``PayloadError`` names what is wrong.
+@dataclass(frozen=True)
+class Layout:
+    """One payload in this layout: the vectors' tensor name (``descriptions``,
+    ``centres``), what a wrong shape suggests (for the error), and the config key
+    that bounds the vectors per class (named in the error; ``""``: at most one,
+    distinct ids)."""
 
-    Parameters
-    ----------
-    tensors : dict of str to Tensor
-        The payload: exactly ``key`` and ``class_ids``.
-    key : str
-        The vectors' name (``descriptions``, ``centres``).
-    shape : tuple of int
-        ``(L, D)`` every vector must have.
-    num_classes : int
-        Class ids must be in ``[0, num_classes)``.
-    hint : str
-        What a wrong shape suggests (e.g. another image encoder), for the error.
-    max_per_class, per_class_key : int, str
-        At most this many vectors per class (1: distinct ids), and the config
-        key that sets it (named in the error).
+    key: str
+    hint: str
+    per_class_key: str = ""
 
-    Returns
-    -------
-    tuple of Tensor
-        ``(vectors [K, L, D], class_ids [K])`` as received.
-    """
-    vectors = C.require(tensors, key, f"{key} payload")
-    ids = C.require(tensors, IDS, f"{key} payload")
-    if set(tensors) != {key, IDS}:
-        raise PayloadError(
-            f"unexpected payload keys {sorted(set(tensors) - {key, IDS})}"
-        )
-    C.check_rows(vectors, key, shape, hint, rows="K")
-    C.check_int_ids(ids, IDS, num_classes, max_per_class, per_class_key)
-    if len(ids) != len(vectors):
-        raise PayloadError(f"{len(ids)} class ids for {len(vectors)} {key}")
-    return vectors, ids
+    def pack(self, v: ClassVectors) -> dict[str, torch.Tensor]:
+        """The two tensors as they travel: the vectors in float16, ids in int64."""
+        return {
+            self.key: v.vectors.detach().to(torch.float16),
+            IDS: v.class_ids.to(torch.int64),
+        }
+
+    def unpack(
+        self,
+        tensors: dict[str, torch.Tensor],
+        *,
+        shape: tuple[int, int],
+        num_classes: int,
+        max_per_class: int = 1,
+    ) -> ClassVectors:
+        """Read and check the layout; ``PayloadError`` names what is wrong.
+
+        Parameters
+        ----------
+        tensors : dict of str to Tensor
+            The payload: exactly ``key`` and ``class_ids``.
+        shape : tuple of int
+            ``(L, D)`` every vector must have.
+        num_classes : int
+            Class ids must be in ``[0, num_classes)``.
+        max_per_class : int
+            At most this many vectors per class (1: distinct ids).
+
+        Returns
+        -------
+        ClassVectors
+            The vectors ``[K, L, D]`` and class ids ``[K]`` as received.
+        """
+        key = self.key
+        vectors = C.require(tensors, key, f"{key} payload")
+        ids = C.require(tensors, IDS, f"{key} payload")
+        if set(tensors) != {key, IDS}:
+            raise PayloadError(
+                f"unexpected payload keys {sorted(set(tensors) - {key, IDS})}"
+            )
+        C.check_rows(vectors, key, shape, self.hint, rows="K")
+        C.check_int_ids(ids, IDS, num_classes, max_per_class, self.per_class_key)
+        if len(ids) != len(vectors):
+            raise PayloadError(f"{len(ids)} class ids for {len(vectors)} {key}")
+        return ClassVectors(vectors, ids)

@@ -83,11 +83,11 @@ class Dosfl(FedAvg):
             (ctx.channels, size, size),
         )
 
-    def validate(self, reply: Reply, ctx: ServerContext) -> None:
-        """Reject an upload off the layout of ``payload_dosfl``: wrong shapes or
-        dtypes, non-finite or huge pixels, ids out of range, soft labels that
-        are no distributions, step sizes outside ``(0, MAX_LR]``."""
-        P.unpack(reply.tensors, self.shape(ctx))
+    def unpack(self, reply: Reply, ctx: ServerContext) -> P.Upload:
+        """A reply's distilled set, checked against the layout of
+        ``payload_dosfl``: shapes and dtypes, finite pixels of sane size, ids in
+        range, soft labels that are distributions, step sizes in ``(0, MAX_LR]``."""
+        return P.unpack(reply.tensors, self.shape(ctx))
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """Train the global classifier from the shared initial weights on the
@@ -98,7 +98,7 @@ class Dosfl(FedAvg):
         # 1. The uploads, in replay order, and the shared initial weights
         replies = order(replies)
         shape = self.shape(ctx)
-        uploads = [P.unpack(r.tensors, shape) for r in replies]
+        uploads = [self.unpack(r, ctx) for r in replies]
         init = self.reference_state(ctx)
         model = replay_model(
             build_classifier(cfg.classifier, ctx.channels, ctx.num_classes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from logging import INFO
+from typing import Any
 
 import torch
 from flwr.app import RecordDict
@@ -87,10 +88,11 @@ class FedAvg(OneShotMethod, payload=P, client=client_fedavg):
             content[P.RECORD] = C.to_array_record(self.reference_state(ctx))
         return content
 
-    def validate(self, reply: Reply, ctx: ServerContext) -> None:
-        """Reject an upload without the reference weights' keys, shapes and
-        floating/integer kinds (``reference_state``), or with non-finite values."""
-        P.unpack(reply.tensors, self.reference_state(ctx))
+    def unpack(self, reply: Reply, ctx: ServerContext) -> Any:
+        """A reply's state dict, checked: the reference weights' keys, shapes and
+        floating/integer kinds (``reference_state``), finite values. (``Any``: a
+        method built on FedAvg's collection returns its own upload type.)"""
+        return P.unpack(reply.tensors, self.reference_state(ctx))
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """Average the uploads with capped example-count shares (under

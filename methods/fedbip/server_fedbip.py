@@ -63,20 +63,6 @@ def server_timestep(ctx: ServerContext) -> int:
     )
 
 
-def unpack(reply: Reply, ctx: ServerContext) -> P.BiLevel:
-    """A reply's upload, checked against the run's classes, the generator's
-    sample shape, the text tower's token width and the noise timestep."""
-    steps.check_reply_embedding(reply, ctx)
-    P.timestep(reply.meta, server_timestep(ctx))
-    return P.unpack(
-        reply.tensors,
-        num_classes=ctx.num_classes,
-        latent_shape=tuple(ctx.generator.sample_shape),  # type: ignore[arg-type]
-        width=token_width(ctx.text_encoder),
-        per_class=ctx.cfg.options(FedBiPConfig).fedbip_instances_per_class,
-    )
-
-
 def cell_units(
     uploads: list[P.BiLevel], replies: list[Reply], n: int
 ) -> steps.CondUnits:
@@ -131,10 +117,19 @@ class FedBiP(OneShotMethod):
         steps.check_embedding_kind(ctx)
         token_width(ctx.text_encoder)
 
-    def validate(self, reply: Reply, ctx: ServerContext) -> None:
-        """Reject a reply of another embedding kind or noise timestep, or whose
-        tensors do not unpack against the run's shapes and classes."""
-        unpack(reply, ctx)
+    def unpack(self, reply: Reply, ctx: ServerContext) -> P.BiLevel:
+        """A reply's upload, checked: the run's embedding kind and noise
+        timestep, the classes, the generator's sample shape, the text tower's
+        token width and ``fedbip-instances-per-class``."""
+        steps.check_reply_embedding(reply, ctx)
+        P.timestep(reply.meta, server_timestep(ctx))
+        return P.unpack(
+            reply.tensors,
+            num_classes=ctx.num_classes,
+            latent_shape=tuple(ctx.generator.sample_shape),  # type: ignore[arg-type]
+            width=token_width(ctx.text_encoder),
+            per_class=ctx.cfg.options(FedBiPConfig).fedbip_instances_per_class,
+        )
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """Denoise every client's instance latents (mixed where a cell needs
@@ -143,7 +138,7 @@ class FedBiP(OneShotMethod):
         out = ServerOutput()
         assert ctx.info is not None  # the round learned the classes before this
         cfg, opts = ctx.cfg, ctx.cfg.options(FedBiPConfig)
-        uploads = [unpack(r, ctx) for r in replies]
+        uploads = [self.unpack(r, ctx) for r in replies]
         t = server_timestep(ctx)
         abar = alpha_bar(ctx.sampling_generator.scheduler, t)
 

@@ -8,27 +8,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .. import class_vectors
+from ..class_vectors import ClassVectors, Layout
 
 RECORD = "descriptions"
 COLLECT_TYPE = "train.describe"  # the collect message's type
+LAYOUT = Layout(
+    "descriptions",
+    hint="the generator's conditioning shape; another generator or embedding kind?",
+)
 
-
-@dataclass
-class Descriptions:
-    """A client's learned descriptions ``[K, L, D]`` and their class ids ``[K]``."""
-
-    descriptions: torch.Tensor  # [K, L, D]
-    class_ids: torch.Tensor  # [K]
-
-
-def layout(d: Descriptions) -> dict[str, torch.Tensor]:
-    """The payload a client sends (``class_vectors`` layout)."""
-    return class_vectors.layout("descriptions", d.descriptions, d.class_ids)
+# A client's learned descriptions [K, L, D] and their class ids [K]
+Descriptions = ClassVectors
+layout = LAYOUT.pack  # the payload a client sends
 
 
 def unpack(
@@ -36,11 +29,4 @@ def unpack(
 ) -> Descriptions:
     """Read and check the layout, at most one description per class (distinct
     ids, hence K <= num-classes); ``PayloadError`` names what is wrong."""
-    desc, ids = class_vectors.unpack(
-        tensors,
-        "descriptions",
-        shape=(tokens, dim),
-        num_classes=num_classes,
-        hint="the generator's conditioning shape; another generator or embedding kind?",
-    )
-    return Descriptions(desc, ids)
+    return LAYOUT.unpack(tensors, shape=(tokens, dim), num_classes=num_classes)

@@ -77,10 +77,10 @@ class FedDeo(steps.SynthesisMethod, payload=P, client=client_feddeo):
     name = "feddeo"
     config = FedDeoConfig
 
-    def validate(self, reply: Reply, ctx: ServerContext) -> None:
-        """Reject a reply of another embedding kind, or descriptions not of the
-        conditioning shape or with repeated or out-of-range class ids."""
-        steps.unpack_conditions(reply, ctx, P.unpack)
+    def unpack(self, reply: Reply, ctx: ServerContext) -> P.Descriptions:
+        """A reply's descriptions, checked: the run's embedding kind, the
+        conditioning shape, distinct class ids in range."""
+        return steps.unpack_conditions(reply, ctx, P.unpack)
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """Sample ``images-per-class`` images per (client, class) from its
@@ -100,12 +100,12 @@ class FedDeo(steps.SynthesisMethod, payload=P, client=client_feddeo):
         #    (within synth-budget: over it, k-means centres of a class's descriptions)
         descs, inits, parts = [], [], []
         for r in replies:
-            p = steps.unpack_conditions(r, ctx, P.unpack)
-            descs.append(p.descriptions.float())
+            p = self.unpack(r, ctx)
+            descs.append(p.vectors.float())
             inits.append(class_emb[p.class_ids])
             parts.append(
                 steps.class_units(
-                    p.descriptions, p.class_ids, r.partition_id, n, r.num_examples
+                    p.vectors, p.class_ids, r.partition_id, n, r.num_examples
                 )
             )
         cond, labels, owners, _ = steps.budget_rows(

@@ -8,28 +8,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .. import class_vectors
+from ..class_vectors import ClassVectors, Layout
 
 RECORD = "prototypes"
 COLLECT_TYPE = "train.prototypes"  # the collect message's type
+LAYOUT = Layout("centres", "another image encoder?", per_class_key="feddisc-clusters")
 
-
-@dataclass
-class Prototypes:
-    """A client's k-means centres of its CLIP image embeddings ``[K, 1, D]``
-    and their class ids ``[K]``."""
-
-    centres: torch.Tensor  # [K, 1, D]
-    class_ids: torch.Tensor  # [K]
-
-
-def layout(p: Prototypes) -> dict[str, torch.Tensor]:
-    """The payload a client sends (``class_vectors`` layout)."""
-    return class_vectors.layout("centres", p.centres, p.class_ids)
+# A client's k-means centres of its CLIP image embeddings [K, 1, D] and their
+# class ids [K]
+Prototypes = ClassVectors
+layout = LAYOUT.pack  # the payload a client sends
 
 
 def unpack(
@@ -37,13 +27,6 @@ def unpack(
 ) -> Prototypes:
     """Read and check the layout, at most ``max_per_class`` centres per class;
     ``PayloadError`` names what is wrong."""
-    centres, ids = class_vectors.unpack(
-        tensors,
-        "centres",
-        shape=(1, dim),
-        num_classes=num_classes,
-        hint="another image encoder?",
-        max_per_class=max_per_class,
-        per_class_key="feddisc-clusters",
+    return LAYOUT.unpack(
+        tensors, shape=(1, dim), num_classes=num_classes, max_per_class=max_per_class
     )
-    return Prototypes(centres, ids)

@@ -116,10 +116,10 @@ class FedDisc(steps.SynthesisMethod, payload=P, client=client_feddisc):
         y = apply_linear_map(img.float(), self.map, normalize=self.normalize)
         return y.view(len(img), *self.cond_shape)
 
-    def validate(self, reply: Reply, ctx: ServerContext) -> None:
-        """Reject centres not of the image encoder's dimension (set by ``check``)
-        or more than ``feddisc-clusters`` of one class."""
-        P.unpack(
+    def unpack(self, reply: Reply, ctx: ServerContext) -> P.Prototypes:
+        """A reply's centres, checked: of the image encoder's dimension (set by
+        ``check``), at most ``feddisc-clusters`` of one class."""
+        return P.unpack(
             reply.tensors,
             num_classes=ctx.num_classes,
             dim=self.image_dim,
@@ -135,20 +135,15 @@ class FedDisc(steps.SynthesisMethod, payload=P, client=client_feddisc):
         opts = ctx.cfg.options(FedDiscConfig)
         parts = []
         for r in replies:
-            p = P.unpack(
-                r.tensors,
-                num_classes=ctx.num_classes,
-                dim=self.image_dim,
-                max_per_class=opts.feddisc_clusters,
-            )
-            centres = self._to_text(p.centres[:, 0, :])
+            p = self.unpack(r, ctx)
+            centres = self._to_text(p.vectors[:, 0, :])
             # each centre's domain feature: the mean of the client's centres of
             # its class, carried over the same map
             domain = torch.empty_like(centres)
             for c in p.class_ids.unique().tolist():
                 mine = p.class_ids == c
                 domain[mine] = self._to_text(
-                    p.centres[mine, 0, :].float().mean(0, keepdim=True)
+                    p.vectors[mine, 0, :].float().mean(0, keepdim=True)
                 )
             # images-per-class images over the m centres of a class, round-robin
             parts.append(

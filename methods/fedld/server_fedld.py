@@ -49,32 +49,22 @@ SOURCE = "fedld:mixture-draw"
 DRAW_STREAM = 1 << 40
 
 
-def unpack(reply: Reply, ctx: ServerContext) -> P.ClassMixtures:
-    """A reply's mixtures, checked against the run's classes, the generator's
-    sample shape and ``fedld-components``."""
-    return P.unpack(
-        reply.tensors,
-        num_classes=ctx.num_classes,
-        shape=tuple(ctx.generator.sample_shape),  # type: ignore[arg-type]
-        per_class=ctx.cfg.options(FedLDConfig).fedld_components,
-    )
-
-
 def mixture_units(
-    replies: list[Reply], ctx: ServerContext, prompts: torch.Tensor
+    uploads: list[tuple[Reply, P.ClassMixtures]],
+    prompts: torch.Tensor,
+    images_per_class: int,
 ) -> steps.CondUnits:
     """One unit per uploaded component: its class prompt as the condition, its
-    mean and variance (flattened) as extras; ``images-per-class`` rows per
+    mean and variance (flattened) as extras; ``images_per_class`` rows per
     (client, class), over the components by their counts."""
     parts = []
-    for r in replies:
-        m = unpack(r, ctx)
+    for r, m in uploads:
         parts.append(
             steps.class_units(
                 prompts[m.class_ids],
                 m.class_ids,
                 r.partition_id,
-                ctx.cfg.images_per_class,
+                images_per_class,
                 r.num_examples,
                 counts=m.counts,
                 extras=(m.means.flatten(1), m.variances.flatten(1)),
@@ -90,10 +80,15 @@ class FedLD(steps.SynthesisMethod, payload=P, client=client_fedld):
     name = "fedld"
     config = FedLDConfig
 
-    def validate(self, reply: Reply, ctx: ServerContext) -> None:
-        """Reject a reply whose mixtures do not unpack against the run's
-        shapes and classes."""
-        unpack(reply, ctx)
+    def unpack(self, reply: Reply, ctx: ServerContext) -> P.ClassMixtures:
+        """A reply's mixtures, checked against the run's classes, the
+        generator's sample shape and ``fedld-components``."""
+        return P.unpack(
+            reply.tensors,
+            num_classes=ctx.num_classes,
+            shape=tuple(ctx.generator.sample_shape),  # type: ignore[arg-type]
+            per_class=ctx.cfg.options(FedLDConfig).fedld_components,
+        )
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """Draw initial latents from every client's class mixtures, denoise
@@ -106,9 +101,9 @@ class FedLD(steps.SynthesisMethod, payload=P, client=client_fedld):
             [ctx.info.class_prompt(c) for c in range(ctx.num_classes)],
             ctx.cfg.embedding,
         )
-        units = steps.budget_rows(
-            ctx, mixture_units(replies, ctx, prompts), out, represent="clients"
-        )
+        uploads = [(r, self.unpack(r, ctx)) for r in replies]
+        units = mixture_units(uploads, prompts, ctx.cfg.images_per_class)
+        units = steps.budget_rows(ctx, units, out, represent="clients")
         conds, labels, owners, (means, variances) = units.expand()
         # 2. Initial latents: z0 = mu_k + sqrt(var_k) * n, n from its own stream
         shape = tuple(ctx.generator.sample_shape)

@@ -126,7 +126,9 @@ class FedLmg(steps.SynthesisMethod, payload=P, client=client_fedlmg):
                 "scheduler='dpm', 'ddim' or 'ddpm'"
             )
 
-    def _unpack(self, reply: Reply, ctx: ServerContext) -> P.ClientModel:
+    def unpack(self, reply: Reply, ctx: ServerContext) -> P.ClientModel:
+        """A reply's classifier, checked: a known meta ``arch``, a state dict and
+        class counts that fit it and the classes."""
         return P.unpack(
             reply.tensors,
             reply.meta.get("arch"),
@@ -134,15 +136,10 @@ class FedLmg(steps.SynthesisMethod, payload=P, client=client_fedlmg):
             num_classes=ctx.num_classes,
         )
 
-    def validate(self, reply: Reply, ctx: ServerContext) -> None:
-        """Reject a reply whose meta ``arch`` is unknown, or whose state dict or
-        class counts do not fit that architecture and the classes."""
-        self._unpack(reply, ctx)
-
     def _models(self, replies: list[Reply], ctx: ServerContext) -> dict[int, nn.Module]:
         models: dict[int, nn.Module] = {}
         for r in replies:
-            cm = self._unpack(r, ctx)
+            cm = self.unpack(r, ctx)
             m = classifier_from_state(
                 cm.arch,
                 {k: v.float() for k, v in cm.state.items()},
@@ -172,7 +169,7 @@ class FedLmg(steps.SynthesisMethod, payload=P, client=client_fedlmg):
         )
         labels, owners, weights = [], [], []
         for r in replies:
-            classes = self._unpack(r, ctx).classes
+            classes = self.unpack(r, ctx).classes
             labels += classes
             owners += [r.partition_id] * len(classes)
             weights += [float(r.num_examples)] * len(classes)

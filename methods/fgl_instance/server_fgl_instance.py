@@ -37,19 +37,6 @@ from .config_fgl_instance import FglInstanceConfig
 SOURCE = "fgl-instance:caption-embedding"
 
 
-def unpack(reply: Reply, ctx: ServerContext) -> P.InstanceEmbeddings:
-    """A reply's instance embeddings, checked against the generator's embedding
-    shape, the classes and ``fgl-instances-per-class``."""
-    tokens, dim = steps.embedding_shape(ctx)
-    return P.unpack(
-        reply.tensors,
-        num_classes=ctx.num_classes,
-        tokens=tokens,
-        dim=dim,
-        per_class=ctx.cfg.options(FglInstanceConfig).fgl_instances_per_class,
-    )
-
-
 def instance_units(
     e: P.InstanceEmbeddings, owner: int, weight: float
 ) -> steps.CondUnits:
@@ -73,11 +60,12 @@ class FglInstance(steps.SynthesisMethod, payload=P, client=client_fgl_instance):
     name = "fgl-instance"
     config = FglInstanceConfig
 
-    def validate(self, reply: Reply, ctx: ServerContext) -> None:
-        """Reject a reply whose embeddings do not match the generator's
-        conditioning shape or the classes."""
-        steps.check_reply_embedding(reply, ctx)
-        unpack(reply, ctx)
+    def unpack(self, reply: Reply, ctx: ServerContext) -> P.InstanceEmbeddings:
+        """A reply's instance embeddings, checked: the run's embedding kind, the
+        generator's conditioning shape, the classes and
+        ``fgl-instances-per-class``."""
+        k = ctx.cfg.options(FglInstanceConfig).fgl_instances_per_class
+        return steps.unpack_conditions(reply, ctx, P.unpack, per_class=k)
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """Synthesize one image per uploaded caption (within ``synth-
@@ -87,7 +75,9 @@ class FglInstance(steps.SynthesisMethod, payload=P, client=client_fgl_instance):
         #    the class's captions, so identical captions merge first)
         units = steps.CondUnits.cat(
             [
-                instance_units(unpack(r, ctx), r.partition_id, float(r.num_examples))
+                instance_units(
+                    self.unpack(r, ctx), r.partition_id, float(r.num_examples)
+                )
                 for r in replies
             ]
         )

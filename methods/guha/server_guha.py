@@ -160,10 +160,12 @@ class Guha(FedAvg):
                 "guha-selection='client-cv'"
             )
 
-    def validate(self, reply: Reply, ctx: ServerContext) -> None:
-        """Reject a reply whose classifier does not match the shared
-        architecture (FedAvg's checks)."""
-        P.unpack(reply, self.reference_state(ctx))
+    def unpack(
+        self, reply: Reply, ctx: ServerContext
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """A reply's classifier, checked against the shared architecture
+        (FedAvg's checks), and its validation accuracy."""
+        return P.unpack(reply, self.reference_state(ctx))
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """Select the ensemble (``guha-selection``) and distil its averaged
@@ -173,10 +175,9 @@ class Guha(FedAvg):
         t0 = time.perf_counter()
         data = getattr(self, "_data", None) or server_data(ctx)
         # 1. The client models and their validation accuracies
-        ref = self.reference_state(ctx)
         models, client_cv = [], []
         for r in replies:
-            state, acc = P.unpack(r, ref)
+            state, acc = self.unpack(r, ctx)
             m = classifier_from_state(
                 cfg.classifier, state, ctx.channels, ctx.num_classes
             )

@@ -63,9 +63,15 @@ class Lora(steps.SynthesisMethod, payload=P, client=client_lora):
         unet.unload_lora()
 
     def unpack(self, reply: Reply, ctx: ServerContext) -> tuple[dict, Any]:
-        """``(adapter, caption embeddings)`` of a reply, checked against the
+        """``(adapter, caption embeddings)`` of a reply, checked: an adapter for
+        the server's base generator (meta ``base-model``), that fits the
         reference adapter (set by ``check``) and the conditioning shape;
         ``PayloadError`` names what is wrong."""
+        if reply.meta.get("base-model") != self.fingerprint:
+            raise PayloadError(
+                f"adapter is for base model {reply.meta.get('base-model')!r}, "
+                f"the server's generator is {self.fingerprint!r}"
+            )
         tokens, dim = steps.embedding_shape(ctx)
         return P.unpack(
             reply.tensors,
@@ -76,13 +82,7 @@ class Lora(steps.SynthesisMethod, payload=P, client=client_lora):
         )
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
-        """Reject an adapter for another base generator (meta ``base-model``), or
-        one whose keys, shapes or caption embeddings do not fit."""
-        if reply.meta.get("base-model") != self.fingerprint:
-            raise PayloadError(
-                f"adapter is for base model {reply.meta.get('base-model')!r}, "
-                f"the server's generator is {self.fingerprint!r}"
-            )
+        """Reject what ``unpack`` rejects, naming the run's ``lora-rank``."""
         try:
             self.unpack(reply, ctx)
         except PayloadError as e:

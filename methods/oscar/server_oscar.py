@@ -32,23 +32,21 @@ class Oscar(steps.SynthesisMethod, payload=P, client=client_oscar):
     name = "oscar"
     config = OscarConfig
 
-    def validate(self, reply: Reply, ctx: ServerContext) -> None:
-        """Reject a reply of another embedding kind, or vectors not of the
-        conditioning shape, more than ``prototypes-per-class`` of one class, or counts
-        out of range."""
+    def unpack(self, reply: Reply, ctx: ServerContext) -> P.ClassEmbeddings:
+        """A reply's vectors, checked: the run's embedding kind, the conditioning
+        shape, at most ``prototypes-per-class`` of one class, counts in range."""
         k = ctx.cfg.options(OscarConfig).prototypes_per_class
-        steps.unpack_conditions(reply, ctx, P.unpack, per_class=k)
+        return steps.unpack_conditions(reply, ctx, P.unpack, per_class=k)
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """Sample ``images-per-class`` images per (client, class), spread over its
         vectors by their counts (within ``synth-budget``), and train the global
         classifier on them."""
         out = ServerOutput()
-        k = ctx.cfg.options(OscarConfig).prototypes_per_class
         # images-per-class per (client, class), over its vectors by their counts
         parts = []
         for r in replies:
-            e = steps.unpack_conditions(r, ctx, P.unpack, per_class=k)
+            e = self.unpack(r, ctx)
             parts.append(
                 steps.class_units(
                     e.means,
