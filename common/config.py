@@ -157,7 +157,8 @@ class RunConfig(KeysModel):
     synth_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field("auto")
     """images per denoising batch; `auto`: planned from the free GPU memory (a probed
     memory model, 15% kept free; the decoder runs in chunks of its own size;
-    out-of-memory halves and retries the same images), 256 on a CPU"""
+    out-of-memory halves and retries the same images), 64 on a CPU (the fastest
+    batch side by side, `python -m bench synth --parts cpu-batch`)"""
     guidance_cutoff: float = Field(0.5, gt=0, le=1)
     """fraction of the steps that use classifier-free guidance; after it only the
     conditional pass runs (diffusers' CFG cut-off)"""

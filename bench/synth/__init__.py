@@ -1,6 +1,6 @@
 """``python -m bench synth``: the synthesis engine against diffusers, side by side.
 
-Three parts (``--parts``):
+Parts (``--parts``; the default runs the first three):
 
 * ``pipeline``: img/s of the engine (``common.synthesis.sample``) and of diffusers'
   ``StableDiffusionPipeline`` on the same modules, prompt embeddings, DDIM steps,
@@ -20,6 +20,9 @@ Three parts (``--parts``):
   held-out images, and the accuracy of the global classifier, over seeds with
   paired differences.
 
-Modules: ``pipeline``, ``workers`` and ``quality`` (the three parts),
+* ``cpu-batch``: the engine's img/s on the CPU at several denoising batch sizes
+  (``--batches``), alternated in one run: the figure behind ``CPU_AUTO_BATCH``.
+
+Modules: ``pipeline``, ``workers``, ``quality`` and ``cpu_batch`` (the parts),
 ``report`` (synth.md, synth.json), ``cli`` (the command).
 """

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .cpu_batch import compare_cpu_batches
 from .pipeline import H100_FLOOR_IMG_S, compare_pipeline, say
 from .quality import QUALITY_SETTINGS, quality_seed, summarize_quality
 from .report import write_report
@@ -28,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--workers", default="1,2")
+    p.add_argument(
+        "--batches",
+        default="256,128,64,32",
+        help="cpu-batch: the batch sizes, the first the reference of the ratio",
+    )
+    p.add_argument("--images", type=int, default=384, help="cpu-batch: images a run")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--settings", default=",".join(QUALITY_SETTINGS))
     p.add_argument("--clients", type=int, default=4)
@@ -47,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    bad = sorted(set(parts) - {"pipeline", "workers", "quality"})
+    known = ("pipeline", "workers", "quality", "cpu-batch")
+    bad = sorted(set(parts) - set(known))
     settings = {
         s: QUALITY_SETTINGS[s]
         for s in args.settings.split(",")
@@ -55,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if bad or not settings:
         raise SystemExit(
-            f"--parts must be among pipeline, workers, quality (got {bad}); "
+            f"--parts must be among {', '.join(known)} (got {bad}); "
             f"--settings among {', '.join(QUALITY_SETTINGS)}"
         )
     device = torch.device(args.device)
@@ -71,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = (
         json.loads(previous.read_text()) if previous.is_file() else {}
     )
-    report |= {"machine": machine, "args": vars(args), "notes": []}
+    # notes per part: a part run now replaces its own, the others' stay
+    notes = report.get("notes") or {}
+    if isinstance(notes, list):  # a report from before notes were kept per part
+        notes = {"earlier": [n for n in notes if not n.startswith("wall time")]}
+    notes = {k: v for k, v in notes.items() if k not in parts}
+    report |= {"machine": machine, "args": vars(args), "notes": notes}
     t_all = time.perf_counter()
     if "pipeline" in parts:
         runs = (
@@ -102,15 +115,24 @@ def main(argv: list[str] | None = None) -> int:
             )
             write_report(out, report)
         if device.type == "cuda":
-            report["notes"].append(
+            notes["pipeline"] = [
                 f"H100 compute floor at this setting: {H100_FLOOR_IMG_S} img/s"
-            )
+            ]
         else:
-            report["notes"].append("peak memory is measured on CUDA only")
+            notes["pipeline"] = ["peak memory is measured on CUDA only"]
     if "workers" in parts:
         ws = [int(w) for w in args.workers.split(",")]
         say(f"workers: {ws}")
         report["workers"] = compare_workers(ws, n=64, steps=20)
+        write_report(out, report)
+    if "cpu-batch" in parts:
+        sizes = [int(b) for b in args.batches.split(",")]
+        say(f"cpu-batch: {sizes}, {args.images} images, {args.reps} reps")
+        report["cpu_batch"] = compare_cpu_batches(sizes, args.images, args.reps)
+        notes["cpu-batch"] = [
+            "cpu-batch: the fastest size is machine-dependent (caches, threads); "
+            "every size gives the same images (max abs diff)"
+        ]
         write_report(out, report)
     if "quality" in parts:
         from bench.accuracy.config import QUICK
@@ -128,20 +150,23 @@ def main(argv: list[str] | None = None) -> int:
             report["quality_runs"] = rows
             report["quality"] = summarize_quality(rows)
             write_report(out, report)
-        report["notes"].append(
+        notes["quality"] = [
             "quality: the same client uploads per seed for every setting; global acc: the "
             "global classifier on the global test set (MNIST test digits in every "
             "client's domain); client acc: on every client's held-out split (mean); "
             "FID-proxy: judge features of each client's synthetic images against its "
             "held-out images (mean over clients); within seed noise: |paired Δacc| and "
             "ΔFID-proxy no larger than the default's std over seeds"
-        )
+        ]
     report["wall_s"] = time.perf_counter() - t_all
-    report["notes"].append(f"wall time {report['wall_s']:.0f} s on {machine}")
+    notes["run"] = [
+        f"last run: parts {', '.join(parts)}, wall time {report['wall_s']:.0f} s "
+        f"on {machine}"
+    ]
     write_report(out, report)
     print(
         json.dumps(
-            {k: report[k] for k in ("pipeline", "workers", "quality") if k in report},
+            {k: report[k] for k in (*known, "cpu_batch") if k in report},
             indent=1,
             default=str,
         )[:4000]

@@ -74,6 +74,32 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
             )
         )
         lines.append("")
+    if report.get("cpu_batch"):
+        first = report["cpu_batch"][0]
+        lines += [
+            "## CPU denoising batch (embedded generator, default sampler settings)",
+            "",
+            f"{first['n']} images a run, {first['threads']} torch threads, batch "
+            "sizes alternated; ratio: img/s over the first size's (medians). "
+            "`CPU_AUTO_BATCH` in `common/synthesis.py` is the auto batch on a CPU.",
+            "",
+        ]
+        lines.append(
+            md_table(
+                ["batch", "median s", "img/s", "ratio", "max abs diff"],
+                [
+                    [
+                        str(r["batch"]),
+                        num(r["median_s"]),
+                        num(r["img_s"], "{:.1f}"),
+                        num(r["ratio"], "{:.2f}x"),
+                        num(r["max_abs_diff"], "{:.1e}"),
+                    ]
+                    for r in report["cpu_batch"]
+                ],
+            )
+        )
+        lines.append("")
     if report.get("quality"):
         lines += ["## Quality-matched speed (embedded stack, paired seeds)", ""]
         lines.append(
@@ -109,5 +135,8 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
             )
         )
         lines.append("")
-    lines += [f"- {n}" for n in report.get("notes", [])]
+    notes = report.get("notes") or {}
+    if isinstance(notes, list):
+        notes = {"": notes}
+    lines += [f"- {n}" for part in notes.values() for n in part]
     (out / "synth.md").write_text("\n".join(lines) + "\n")

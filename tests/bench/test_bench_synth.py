@@ -121,3 +121,40 @@ def test_variants_replay_the_recorded_uploads_through_the_real_round(
         assert row["fid_proxy"] >= 0.0
     assert rows[0]["images"] == rows[1]["images"]
     assert [r["variant"] for r in rows] == ["default", "one-step"]
+
+
+def test_cpu_batch_part_times_every_size_on_the_same_images(tmp_path):
+    """bench synth --parts cpu-batch: one row per size, the first the reference,
+    the same images at every size; the report names them and the notes of the
+    parts not run stay."""
+    from bench.synth.cli import main
+    from bench.synth.cpu_batch import compare_cpu_batches
+
+    rows = compare_cpu_batches([8, 3], n=8, reps=1)
+    assert [r["batch"] for r in rows] == [8, 3] and rows[0]["ratio"] == 1.0
+    assert all(r["max_abs_diff"] < 1e-4 and r["img_s"] > 0 for r in rows)
+    # through the command, onto a report that has another part's numbers and note
+    write_report(
+        tmp_path,
+        {"machine": "m", "notes": {"quality": ["kept note"]}, "workers": []},
+    )
+    assert (
+        main(
+            [
+                "--parts",
+                "cpu-batch",
+                "--batches",
+                "4,2",
+                "--images",
+                "4",
+                "--reps",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    md = (tmp_path / "synth.md").read_text()
+    assert "CPU denoising batch" in md and "kept note" in md
+    assert "| 2 |" in md and "last run: parts cpu-batch" in md
