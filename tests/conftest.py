@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,12 @@ WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 torch.set_num_threads(1 if WORKER else 2)
 if WORKER:  # ... and so do the processes the tests start (flwr runs, ServerApps)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Partitions kept on disk (common.datasets.partitions) go to a folder of this
+# machine's temp dir, not the user's cache; the processes tests start inherit it
+os.environ.setdefault(
+    "ONESHOT_PARTITION_CACHE",
+    str(Path(tempfile.gettempdir()) / f"oneshot-fl-test-partitions-{os.getuid()}"),
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))

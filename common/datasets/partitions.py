@@ -5,11 +5,13 @@ balanced draws of a test split."""
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import threading
 import types
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, get_args
 
 import numpy as np
@@ -103,11 +105,89 @@ def partition_indices(
     with _LOCK:
         split = _CACHE.pop(key, None)
         if split is None:
+            kept = _read_kept(key, partition_id, len(labels))
+            if kept is not None:  # another process of this device computed it
+                return kept
             split = _partitioning(labels, domains, args, num_partitions)
         _CACHE[key] = split
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
-        return split(partition_id).copy()
+        idx = split(partition_id)
+        _keep(key, partition_id, idx)
+        return idx.copy()
+
+
+# A partition's indices are also kept on disk, by what they depend on (the
+# in-memory key, the partitioners' versions and this layout's version): Flower
+# starts a fresh ClientApp process for every message, and a device answers
+# several per round (the class query, the upload, the evaluation). The first
+# computes its partition; the others read it back with numpy, without importing
+# datasets and flwr-datasets (about 1 s of a 2-core CPU each) or partitioning
+# again. ONESHOT_PARTITION_CACHE names the folder ("off": none); default
+# $XDG_CACHE_HOME/oneshot-fl/partitions (~/.cache/...). A file that cannot be
+# read, or holds no plausible partition, is removed and recomputed; one that
+# cannot be written is skipped.
+_KEPT_LAYOUT = 1
+
+
+def _kept_dir() -> Path | None:
+    where = os.environ.get("ONESHOT_PARTITION_CACHE", "")
+    if where.lower() == "off":
+        return None
+    if where:
+        return Path(where)
+    home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(home) / "oneshot-fl" / "partitions"
+
+
+def _kept_path(key: tuple, partition_id: int) -> Path | None:
+    root = _kept_dir()
+    if root is None:
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        libs = (version("flwr-datasets"), version("datasets"))
+    except PackageNotFoundError:
+        libs = ("?", "?")
+    h = hashlib.blake2b(repr((_KEPT_LAYOUT, libs, key)).encode(), digest_size=16)
+    return root / h.hexdigest() / f"{partition_id}.npy"
+
+
+def _read_kept(key: tuple, partition_id: int, pool: int) -> np.ndarray | None:
+    """The kept indices of a partition, if a readable, plausible file holds
+    them (int64, 1-D, distinct, within the pool of ``pool`` examples)."""
+    path = _kept_path(key, partition_id)
+    if path is None or not path.is_file():
+        return None
+    try:
+        idx = np.load(path, allow_pickle=False)
+        ok = (
+            idx.dtype == np.int64
+            and idx.ndim == 1
+            and (len(idx) == 0 or (idx.min() >= 0 and idx.max() < pool))
+            and len(np.unique(idx)) == len(idx)
+        )
+    except (OSError, ValueError):
+        ok = False
+    if not ok:  # recomputed, and written again by _keep
+        path.unlink(missing_ok=True)
+        return None
+    return idx
+
+
+def _keep(key: tuple, partition_id: int, idx: np.ndarray) -> None:
+    """Write the indices for the next process (atomically; best effort)."""
+    path = _kept_path(key, partition_id)
+    if path is None or path.is_file():
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.npy")
+        np.save(tmp, np.ascontiguousarray(idx, dtype=np.int64), allow_pickle=False)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def _digest(a: np.ndarray) -> str:

@@ -191,7 +191,7 @@ def test_dirichlet_partitions_a_thousand_clients():
 
 
 @pytest.mark.parametrize("partition", ["iid", "dirichlet", "pathological", "domain"])
-def test_a_kept_partitioning_gives_what_a_fresh_one_gives(partition):
+def test_a_kept_partitioning_gives_what_a_fresh_one_gives(partition, monkeypatch):
     """The process keeps a partitioning by its pool and settings: any order of
     clients gets what each would get alone; another seed, alpha, pool or number
     of partitions is not served from the kept one."""
@@ -200,6 +200,7 @@ def test_a_kept_partitioning_gives_what_a_fresh_one_gives(partition):
     from common.datasets import DataArgs
     from common.datasets import partitions as P
 
+    monkeypatch.setenv("ONESHOT_PARTITION_CACHE", "off")  # this process's cache
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 10, 3000)
     domains = np.array(["a", "b", "c"])[rng.integers(0, 3, 3000)]
@@ -260,3 +261,57 @@ def test_a_client_partitions_without_flwr_datasets_plotting_package():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[:2] == ["[]", "True"], out.stdout
+
+
+_PARTITION_IN_A_FRESH_PROCESS = """
+import sys, numpy as np
+from common.datasets import DataArgs
+from common.datasets.partitions import partition_indices
+rng = np.random.default_rng(1)
+labels = rng.integers(0, 10, 3000)
+domains = np.array(["a", "b", "c"])[rng.integers(0, 3, 3000)]
+args = DataArgs("x", partition=sys.argv[1], alpha=0.3, seed=5)
+idx = partition_indices(labels, domains, args, int(sys.argv[2]), 6)
+np.save(sys.argv[3], idx)
+print("imported datasets" if "datasets" in sys.modules else "no datasets")
+"""
+
+
+@pytest.mark.parametrize("partition", ["dirichlet", "domain"])
+def test_a_partition_kept_on_disk_is_read_back_without_datasets(partition, tmp_path):
+    """Flower starts a fresh ClientApp process per message: the first computes a
+    partition with flwr-datasets and keeps it on disk; the next gets the same
+    indices from the file without importing datasets. A damaged file is not
+    trusted, and "off" keeps nothing."""
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"ONESHOT_PARTITION_CACHE": str(tmp_path / "kept")}
+
+    def run(pid: int, name: str, **over: str) -> tuple[np.ndarray, str]:
+        out = subprocess.run(
+            [sys.executable, "-c", _PARTITION_IN_A_FRESH_PROCESS, partition,
+             str(pid), str(tmp_path / name)],
+            env=env | over, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return np.load(tmp_path / f"{name}.npy"), out.stdout.strip()
+
+    first, said = run(2, "first")
+    assert said == "imported datasets" and len(first) > 0
+    [kept] = (tmp_path / "kept").glob("*/2.npy")
+    again, said = run(2, "again")
+    assert said == "no datasets" and np.array_equal(again, first)
+    other, said = run(3, "other")  # another partition: computed, not the kept one
+    assert said == "imported datasets" and not set(other) & set(first)
+    # a damaged file is recomputed (and the right indices come back)
+    np.save(kept, np.array([3000, 1, 1], dtype=np.int64))
+    fixed, said = run(2, "fixed")
+    assert said == "imported datasets" and np.array_equal(fixed, first)
+    assert np.array_equal(np.load(kept), first)  # ... and kept again
+    kept.write_bytes(b"not an npy file")
+    fixed, said = run(2, "fixed")
+    assert said == "imported datasets" and np.array_equal(fixed, first)
+    # off: nothing read or written
+    _, said = run(4, "off", ONESHOT_PARTITION_CACHE="off")
+    assert said == "imported datasets" and not list((tmp_path / "kept").glob("*/4.npy"))
