@@ -166,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     write_report(out, report)
     print(
         json.dumps(
-            {k: report[k] for k in (*known, "cpu_batch") if k in report},
+            {
+                k: report[k]
+                for k in ("pipeline", "workers", "cpu_batch", "quality")
+                if k in report
+            },
             indent=1,
             default=str,
         )[:4000]

@@ -44,15 +44,15 @@ def compare_cpu_batches(sizes: list[int], n: int, reps: int) -> list[dict[str, A
             if ref is None:
                 ref = x
             diff[b] = max(diff[b], float((x - ref).abs().max()))
-    first = statistics.median(times[sizes[0]])
+    med = {b: statistics.median(t) for b, t in times.items()}
     return [
         {
             "batch": b,
             "n": n,
             "threads": torch.get_num_threads(),
-            "median_s": statistics.median(times[b]),
-            "img_s": n / statistics.median(times[b]),
-            "ratio": first / statistics.median(times[b]),
+            "median_s": med[b],
+            "img_s": n / med[b],
+            "ratio": med[sizes[0]] / med[b],
             "max_abs_diff": diff[b],
         }
         for b in sizes

@@ -4,6 +4,7 @@ balanced draws of a test split."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
@@ -128,6 +129,7 @@ def partition_indices(
 # read, or holds no plausible partition, is removed and recomputed; one that
 # cannot be written is skipped.
 _KEPT_LAYOUT = 1
+_KEPT_HERE: set[tuple] = set()  # (key, partition id) this process has kept
 
 
 def _kept_dir() -> Path | None:
@@ -140,16 +142,22 @@ def _kept_dir() -> Path | None:
     return Path(home) / "oneshot-fl" / "partitions"
 
 
+@functools.cache
+def _partitioner_versions() -> tuple[str, str]:
+    """flwr-datasets' and datasets' versions (read once: package metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flwr-datasets"), version("datasets")
+    except PackageNotFoundError:
+        return "?", "?"
+
+
 def _kept_path(key: tuple, partition_id: int) -> Path | None:
     root = _kept_dir()
     if root is None:
         return None
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        libs = (version("flwr-datasets"), version("datasets"))
-    except PackageNotFoundError:
-        libs = ("?", "?")
+    libs = _partitioner_versions()
     h = hashlib.blake2b(repr((_KEPT_LAYOUT, libs, key)).encode(), digest_size=16)
     return root / h.hexdigest() / f"{partition_id}.npy"
 
@@ -177,9 +185,16 @@ def _read_kept(key: tuple, partition_id: int, pool: int) -> np.ndarray | None:
 
 
 def _keep(key: tuple, partition_id: int, idx: np.ndarray) -> None:
-    """Write the indices for the next process (atomically; best effort)."""
+    """Write the indices for the next process (atomically; best effort), once
+    per process and partition: a kept partitioning serves its clients from
+    memory without touching the disk again."""
+    if (key, partition_id) in _KEPT_HERE:
+        return
     path = _kept_path(key, partition_id)
-    if path is None or path.is_file():
+    if path is None:
+        return
+    _KEPT_HERE.add((key, partition_id))
+    if path.is_file():
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
