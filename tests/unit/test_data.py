@@ -263,6 +263,74 @@ def test_a_client_partitions_without_flwr_datasets_plotting_package():
     assert out.stdout.split("\n")[:2] == ["[]", "True"], out.stdout
 
 
+def _partition_pool() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 10, 3000)
+    domains = np.array(["a", "b", "c"])[rng.integers(0, 3, 3000)]
+    return labels, domains
+
+
+@pytest.mark.parametrize("partition", ["dirichlet", "domain"])
+def test_a_partition_kept_on_disk_is_read_back_by_the_next_process(
+    partition, tmp_path, monkeypatch
+):
+    """Flower starts a fresh ClientApp process per message: the first computes a
+    partition and keeps it on disk; the next gets the same indices from the file
+    without partitioning. A damaged file is not trusted, and "off" keeps
+    nothing. (A new process is stood in for by emptying this process's caches;
+    the test below checks one real fresh process.)"""
+    from common.datasets import DataArgs
+    from common.datasets import partitions as P
+
+    monkeypatch.setenv("ONESHOT_PARTITION_CACHE", str(tmp_path / "kept"))
+    computed: list[int] = []
+    real = P._partitioning
+
+    def counted(*a, **k):
+        computed.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(P, "_partitioning", counted)
+    labels, domains = _partition_pool()
+    args = DataArgs("x", partition=partition, alpha=0.3, seed=5)
+
+    def next_process(pid: int) -> tuple[np.ndarray, int]:
+        monkeypatch.setattr(P, "_CACHE", type(P._CACHE)())
+        monkeypatch.setattr(P, "_KEPT_HERE", set())
+        before = len(computed)
+        idx = P.partition_indices(labels, domains, args, pid, 6)
+        return idx, len(computed) - before
+
+    first, n = next_process(2)
+    assert n == 1 and len(first) > 0
+    [kept] = (tmp_path / "kept").glob("*/2.npy")
+    assert np.array_equal(np.load(kept), first)
+    again, n = next_process(2)
+    assert n == 0 and np.array_equal(again, first)
+    other, n = next_process(3)  # another partition: computed, not the kept one
+    assert n == 1 and len(other) > 0 and not set(other) & set(first)
+    # a damaged file is recomputed (and the right indices come back) ...
+    np.save(kept, np.array([3000, 1, 1], dtype=np.int64))
+    fixed, n = next_process(2)
+    assert n == 1 and np.array_equal(fixed, first)
+    assert np.array_equal(np.load(kept), first)  # ... and kept again
+    kept.write_bytes(b"not an npy file")
+    fixed, n = next_process(2)
+    assert n == 1 and np.array_equal(fixed, first)
+    assert np.array_equal(np.load(kept), first)
+    # another pool, other settings: another file
+    shifted = DataArgs("x", partition=partition, alpha=0.3, seed=6)
+    P._CACHE.clear()
+    P.partition_indices(labels, domains, shifted, 2, 6)
+    assert len(list((tmp_path / "kept").glob("*/2.npy"))) == 2
+    # off: nothing read or written
+    monkeypatch.setenv("ONESHOT_PARTITION_CACHE", "off")
+    again, n = next_process(2)
+    assert n == 1 and np.array_equal(again, first)
+    _, n = next_process(4)
+    assert n == 1 and not list((tmp_path / "kept").glob("*/4.npy"))
+
+
 _PARTITION_IN_A_FRESH_PROCESS = """
 import sys, numpy as np
 from common.datasets import DataArgs
@@ -270,48 +338,39 @@ from common.datasets.partitions import partition_indices
 rng = np.random.default_rng(1)
 labels = rng.integers(0, 10, 3000)
 domains = np.array(["a", "b", "c"])[rng.integers(0, 3, 3000)]
-args = DataArgs("x", partition=sys.argv[1], alpha=0.3, seed=5)
-idx = partition_indices(labels, domains, args, int(sys.argv[2]), 6)
-np.save(sys.argv[3], idx)
+for i, partition in enumerate(("dirichlet", "domain")):
+    args = DataArgs("x", partition=partition, alpha=0.3, seed=5)
+    np.save(f"{sys.argv[1]}/{partition}.npy", partition_indices(labels, domains, args, 2, 6))
 print("imported datasets" if "datasets" in sys.modules else "no datasets")
 """
 
 
-@pytest.mark.parametrize("partition", ["dirichlet", "domain"])
-def test_a_partition_kept_on_disk_is_read_back_without_datasets(partition, tmp_path):
-    """Flower starts a fresh ClientApp process per message: the first computes a
-    partition with flwr-datasets and keeps it on disk; the next gets the same
-    indices from the file without importing datasets. A damaged file is not
-    trusted, and "off" keeps nothing."""
+def test_a_fresh_process_reads_a_kept_partition_without_importing_datasets(
+    tmp_path, monkeypatch
+):
+    """What the disk copy is for: a new ClientApp process of the same device
+    gets its partition with numpy alone (datasets and flwr-datasets cost ~1 s of
+    a 2-core CPU per message). The pool and settings match the script's."""
     import os
     import subprocess
     import sys
 
-    env = os.environ | {"ONESHOT_PARTITION_CACHE": str(tmp_path / "kept")}
+    from common.datasets import DataArgs
+    from common.datasets import partitions as P
 
-    def run(pid: int, name: str, **over: str) -> tuple[np.ndarray, str]:
-        out = subprocess.run(
-            [sys.executable, "-c", _PARTITION_IN_A_FRESH_PROCESS, partition,
-             str(pid), str(tmp_path / name)],
-            env=env | over, capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        return np.load(tmp_path / f"{name}.npy"), out.stdout.strip()
-
-    first, said = run(2, "first")
-    assert said == "imported datasets" and len(first) > 0
-    [kept] = (tmp_path / "kept").glob("*/2.npy")
-    again, said = run(2, "again")
-    assert said == "no datasets" and np.array_equal(again, first)
-    other, said = run(3, "other")  # another partition: computed, not the kept one
-    assert said == "imported datasets" and not set(other) & set(first)
-    # a damaged file is recomputed (and the right indices come back)
-    np.save(kept, np.array([3000, 1, 1], dtype=np.int64))
-    fixed, said = run(2, "fixed")
-    assert said == "imported datasets" and np.array_equal(fixed, first)
-    assert np.array_equal(np.load(kept), first)  # ... and kept again
-    kept.write_bytes(b"not an npy file")
-    fixed, said = run(2, "fixed")
-    assert said == "imported datasets" and np.array_equal(fixed, first)
-    # off: nothing read or written
-    _, said = run(4, "off", ONESHOT_PARTITION_CACHE="off")
-    assert said == "imported datasets" and not list((tmp_path / "kept").glob("*/4.npy"))
+    monkeypatch.setenv("ONESHOT_PARTITION_CACHE", str(tmp_path / "kept"))
+    monkeypatch.setattr(P, "_KEPT_HERE", set())
+    P._CACHE.clear()
+    labels, domains = _partition_pool()
+    here = {
+        p: P.partition_indices(labels, domains, DataArgs("x", partition=p, alpha=0.3, seed=5), 2, 6)
+        for p in ("dirichlet", "domain")
+    }  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", _PARTITION_IN_A_FRESH_PROCESS, str(tmp_path)],
+        env=os.environ | {"ONESHOT_PARTITION_CACHE": str(tmp_path / "kept")},
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip() == "no datasets"
+    for p, idx in here.items():
+        assert np.array_equal(np.load(tmp_path / f"{p}.npy"), idx), p
