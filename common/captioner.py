@@ -11,8 +11,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .text_encoder import TextEncoder
-from .weights import load_pretrained, resolve_model
+from .text_encoder import load_text_encoder
+from .weights import frozen, load_pretrained, resolve_model, shared
 
 
 def prepare_pixels(
@@ -123,37 +123,48 @@ def load_captioner(
     bank_labels: torch.Tensor,
     device: torch.device | str = "cpu",
 ) -> RetrievalCaptioner | GenerativeCaptioner:
-    """CLIP checkpoints caption by retrieval over ``bank_texts``; BLIP-like ones generate."""
-    from transformers import AutoConfig, AutoProcessor, AutoTokenizer, CLIPModel
+    """CLIP checkpoints caption by retrieval over ``bank_texts``; BLIP-like ones
+    generate. The network is loaded once per process and shared (a CLIP with the
+    text encoder of the same name: ``load_text_encoder``)."""
+    from transformers import AutoConfig
 
     path = resolve_model(name, "captioner", "clip")
     cfg = load_pretrained(AutoConfig, path, "captioner")
     if cfg.model_type == "clip":
-        model = load_pretrained(CLIPModel, path, "captioner").to(device).eval()
-        tokenizer = load_pretrained(AutoTokenizer, path, "captioner")
-        enc = TextEncoder(
-            model=model, tokenizer=tokenizer, name=name, device=torch.device(device)
-        )
+        enc = load_text_encoder(name, device, role="captioner")
         bank = enc.encode(bank_texts, "pooled")[:, 0, :]
-        proc_file = Path(path) / "preprocessor_config.json"
-        proc = json.loads(proc_file.read_text()) if proc_file.is_file() else None
-        if proc is None and not Path(path).exists():
-            proc = {
-                "image_mean": [0.4815, 0.4578, 0.4082],
-                "image_std": [0.2686, 0.2613, 0.2758],
-            }
         return RetrievalCaptioner(
-            model, list(bank_texts), bank_labels.clone(), bank, proc
+            enc.model, list(bank_texts), bank_labels.clone(), bank, _pixel_stats(path)
         )
-    from transformers import AutoModelForImageTextToText
-
-    model = (
-        load_pretrained(AutoModelForImageTextToText, path, "captioner")
-        .to(device)
-        .eval()
+    model, processor = shared(
+        "captioner",
+        path,
+        (str(torch.device(device)),),
+        lambda: _load_blip(path, device),
     )
-    processor = load_pretrained(AutoProcessor, path, "captioner")
     return GenerativeCaptioner(model, processor)
+
+
+def _load_blip(path: str, device: torch.device | str) -> tuple[Any, Any]:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = load_pretrained(AutoModelForImageTextToText, path, "captioner")
+    processor = load_pretrained(AutoProcessor, path, "captioner")
+    return frozen(model.to(device)), processor
+
+
+def _pixel_stats(path: str) -> dict | None:
+    """A CLIP folder's image normalisation (``preprocessor_config.json``); a hub
+    CLIP's is OpenAI's; ``None`` (images as [-1, 1]) for a folder without one."""
+    proc_file = Path(path) / "preprocessor_config.json"
+    if proc_file.is_file():
+        return json.loads(proc_file.read_text())
+    if not Path(path).exists():
+        return {
+            "image_mean": [0.4815, 0.4578, 0.4082],
+            "image_std": [0.2686, 0.2613, 0.2758],
+        }
+    return None
 
 
 @dataclass
@@ -180,16 +191,14 @@ class ImageEncoder:
 
 
 def load_image_encoder(name: str, device: torch.device | str = "cpu") -> ImageEncoder:
-    """The image tower of a CLIP checkpoint (``embedded``: the stack's dual encoder)."""
-    from transformers import CLIPModel
-
+    """The image tower of a CLIP checkpoint (``embedded``: the stack's dual
+    encoder), the same shared model as its text encoder's."""
     path = resolve_model(name, "image-encoder", "clip")
-    model = load_pretrained(CLIPModel, path, "image-encoder").to(device).eval()
-    proc_file = Path(path) / "preprocessor_config.json"
-    proc = json.loads(proc_file.read_text()) if proc_file.is_file() else None
-    if proc is None and not Path(path).exists():  # a hub CLIP: OpenAI's statistics
-        proc = {
-            "image_mean": [0.4815, 0.4578, 0.4082],
-            "image_std": [0.2686, 0.2613, 0.2758],
-        }
-    return ImageEncoder(model, proc)
+    model = load_text_encoder(name, device, role="image-encoder").model
+    if not hasattr(model, "get_image_features"):
+        raise ValueError(
+            f"image-encoder={name!r}: {path} holds a text tower only "
+            f"({type(model).__name__}); an image encoder needs a CLIP with both "
+            "towers (embedded, a CLIPModel folder or hub id)"
+        )
+    return ImageEncoder(model, _pixel_stats(path))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .weights import EMBEDDED, load_pretrained, resolve_model
+from .weights import EMBEDDED, frozen, load_pretrained, resolve_model, shared
 
 EMBEDDINGS = ("pooled", "sequence")
 
@@ -85,8 +85,26 @@ def load_text_encoder(
     name: str = EMBEDDED,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    role: str = "text-encoder",
 ) -> TextEncoder:
-    """Load a CLIP text encoder: a CLIPModel folder, or an SD ``text_encoder`` subfolder."""
+    """Load a CLIP text encoder: a CLIPModel folder, or an SD ``text_encoder``
+    subfolder; loaded once per process and shared (``weights.shared``: frozen,
+    read-only). ``role`` names the config key in a loading error."""
+    path = resolve_model(name, role, "clip")
+    model, tokenizer = shared(
+        "clip-text",
+        path,
+        (str(torch.device(device)), dtype),
+        lambda: _load_clip_text(path, device, dtype, role),
+    )
+    return TextEncoder(
+        model=model, tokenizer=tokenizer, name=name, device=torch.device(device)
+    )
+
+
+def _load_clip_text(
+    path: str, device: torch.device | str, dtype: torch.dtype, role: str
+) -> tuple[Any, Any]:
     from transformers import (
         AutoConfig,
         AutoTokenizer,
@@ -94,25 +112,19 @@ def load_text_encoder(
         CLIPTextModelWithProjection,
     )
 
-    path = resolve_model(name, "text-encoder", "clip")
     sub: dict[str, str] = {}
     try:
         cfg = AutoConfig.from_pretrained(path)
     except (OSError, ValueError):
         sub = {"subfolder": "text_encoder"}  # a diffusers pipeline folder / hub id
-        cfg = load_pretrained(AutoConfig, path, "text-encoder", **sub)
+        cfg = load_pretrained(AutoConfig, path, role, **sub)
     if cfg.model_type == "clip":
-        model = load_pretrained(CLIPModel, path, "text-encoder", **sub)
+        model = load_pretrained(CLIPModel, path, role, **sub)
     else:
-        model = load_pretrained(
-            CLIPTextModelWithProjection, path, "text-encoder", **sub
-        )
+        model = load_pretrained(CLIPTextModelWithProjection, path, role, **sub)
     tok_sub = {"subfolder": "tokenizer"} if sub else {}
-    tokenizer = load_pretrained(AutoTokenizer, path, "text-encoder", **tok_sub)
-    model = model.to(device=device, dtype=dtype).eval()
-    return TextEncoder(
-        model=model, tokenizer=tokenizer, name=name, device=torch.device(device)
-    )
+    tokenizer = load_pretrained(AutoTokenizer, path, role, **tok_sub)
+    return frozen(model.to(device=device, dtype=dtype)), tokenizer
 
 
 # ------------------------------------------------- building (pretraining, tests)

@@ -16,8 +16,13 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 EMBEDDED = "embedded"
 EMBEDDED_ENV = "ONESHOT_EMBEDDED_DIR"
@@ -109,3 +114,65 @@ def load_pretrained(cls: Any, name: str, role: str, **kwargs: Any) -> Any:
             f"(`huggingface-cli download {name}`) and set {role} to its local folder, "
             f"or use {role}='embedded'."
         ) from e
+
+
+# Read-only models a process loads once and shares: a Flower simulation worker
+# (a Ray actor) answers many clients, an in-process round runs every client in
+# one process, and an OSCAR client wants the same CLIP as its captioner and its
+# text encoder. Keyed by what was asked (role kind, name, device, dtype) and what
+# the folder holds, so a checkpoint rewritten in place loads again. The few last
+# used are kept. ONESHOT_SHARE_MODELS=0 loads afresh every time.
+SHARED_SIZE = 4
+_SHARED: OrderedDict[tuple, Any] = OrderedDict()
+_SHARED_LOCK = threading.Lock()
+
+
+def folder_stamp(name: str) -> tuple | None:
+    """What a local checkpoint folder holds: every file's relative path, size and
+    modification time, two levels deep (a pipeline's subfolders); ``None`` for
+    a name that is not a local folder (a hub id: the hub cache's revision)."""
+    root = Path(name)
+    if not root.is_dir():
+        return None
+    stamp = []
+    for base, dirs, files in os.walk(root):
+        depth = len(Path(base).relative_to(root).parts)
+        if depth >= 2:
+            dirs.clear()
+        dirs.sort()
+        for f in sorted(files):
+            try:
+                st = os.stat(os.path.join(base, f))
+            except OSError:
+                continue
+            stamp.append((os.path.join(base, f), st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
+
+
+def shared(kind: str, name: str, key: tuple, load: Callable[[], T]) -> T:
+    """``load()`` once per process for the same ``kind``, ``name``, ``key``
+    (device, dtype, ...) and folder contents; later calls get the same object.
+
+    What is shared is read-only by contract: the loaders freeze their models
+    (``eval()``, no gradients); a caller that wants to train or move one works
+    on a ``copy.deepcopy``. A load that raises is not kept."""
+    if os.environ.get("ONESHOT_SHARE_MODELS", "1") == "0":
+        return load()
+    full = (kind, name, key, folder_stamp(name))
+    with _SHARED_LOCK:
+        if full in _SHARED:
+            _SHARED.move_to_end(full)
+            return _SHARED[full]
+    obj = load()
+    with _SHARED_LOCK:
+        _SHARED[full] = obj
+        while len(_SHARED) > SHARED_SIZE:
+            _SHARED.popitem(last=False)
+    return obj
+
+
+def frozen(model: Any) -> Any:
+    """``model`` in eval mode with no parameter requiring gradients (shared)."""
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -119,3 +119,49 @@ def test_embedded_dir_env_override(tiny_stack, monkeypatch):
     from common.weights import embedded_dir
 
     assert embedded_dir() == tiny_stack
+
+
+def test_a_process_loads_a_read_only_model_once(tiny_stack_dir, tmp_path, monkeypatch):
+    """Text encoder, retrieval captioner and image encoder of one CLIP folder
+    share one frozen model per process (a simulation worker answers many
+    clients); another device, a folder rewritten in place, or
+    ONESHOT_SHARE_MODELS=0 gives a fresh load."""
+    import shutil
+
+    from common import weights
+    from common.captioner import load_image_encoder
+
+    monkeypatch.setattr(weights, "_SHARED", type(weights._SHARED)())
+    path = str(shutil.copytree(tiny_stack_dir / "clip", tmp_path / "clip"))
+    texts, labels, _ = phrase_bank()
+    enc = load_text_encoder(path)
+    assert load_text_encoder(path).model is enc.model
+    cap = load_captioner(path, texts, torch.as_tensor(labels))
+    assert cap.model is enc.model and load_image_encoder(path).model is enc.model
+    assert not enc.model.training
+    assert not any(p.requires_grad for p in enc.model.parameters())
+    assert load_text_encoder(path, dtype=torch.float64).model is not enc.model
+    # the cache holds a few: the least recently used goes
+    monkeypatch.setattr(weights, "SHARED_SIZE", 2)
+    load_text_encoder(path, dtype=torch.float16)
+    assert load_text_encoder(path).model is not enc.model
+    enc = load_text_encoder(path)
+    # a checkpoint saved again in place is read again (its files' times changed)
+    enc.model.save_pretrained(path)
+    again = load_text_encoder(path)
+    assert again.model is not enc.model
+    assert torch.equal(
+        again.encode(["a thin digit one"]), enc.encode(["a thin digit one"])
+    )
+    monkeypatch.setenv("ONESHOT_SHARE_MODELS", "0")
+    assert load_text_encoder(path).model is not load_text_encoder(path).model
+
+
+def test_an_image_encoder_needs_both_towers(tmp_path):
+    """A Stable Diffusion text tower (no image tower) is refused as an image
+    encoder, with the key, the folder and the fix."""
+    from common.captioner import load_image_encoder
+
+    sd = make_tiny_sd(tmp_path / "sd")
+    with pytest.raises(ValueError, match=r"image-encoder=.*text tower only.*CLIP"):
+        load_image_encoder(str(sd))
