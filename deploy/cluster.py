@@ -20,10 +20,12 @@ From Python (tests)::
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -465,22 +467,49 @@ class Cluster(StartStop):
         )
 
     def _wait_nodes_online(self, timeout_s: float, expected: int | None = None) -> None:
+        """Until the SuperLink lists ``expected`` nodes online (``flwr supernode
+        ls``). Each ``flwr`` call is a Python process (about a CPU-second), so
+        the SuperLink is asked once every started node has logged its activation
+        (``SuperNode ID: ...``; again at most every ``NODES_ASK_AGAIN_S``), and
+        otherwise every ``NODES_ASK_EVERY_S`` (a SuperNode of another Flower
+        version may log something else)."""
         expected = self.nodes if expected is None else expected
         online = 0
+        asked = -math.inf
 
         def ready() -> bool:
-            nonlocal online
-            for p in self._procs:
-                if p.name.startswith("supernode-"):
-                    check_running(p.name, p.popen, self.logs_dir / f"{p.name}.log")
+            nonlocal online, asked
+            nodes = [p for p in self._procs if p.name.startswith("supernode-")]
+            for p in nodes:
+                check_running(p.name, p.popen, self.logs_dir / f"{p.name}.log")
+            activated = all(
+                ACTIVATED in _read(self.logs_dir / f"{p.name}.log") for p in nodes
+            )
+            since = time.monotonic() - asked
+            if since < (NODES_ASK_AGAIN_S if activated else NODES_ASK_EVERY_S):
+                return False
+            asked = time.monotonic()
             online = self.node_statuses().count("online")
             return online >= expected
 
-        if not wait_until(ready, timeout_s, 2.0):
+        if not wait_until(ready, timeout_s, 0.5):
             raise TimeoutError(
                 f"{online}/{expected} SuperNodes online after {timeout_s:.0f} s; "
                 f"see {self.logs_dir}/supernode-*.log"
             )
+
+
+# What a SuperNode logs once the SuperLink activated it (flwr 1.41)
+ACTIVATED = "SuperNode ID:"
+NODES_ASK_EVERY_S = 10.0
+NODES_ASK_AGAIN_S = 2.0
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 @contextmanager
