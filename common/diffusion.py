@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .optim import AdamW
+
 
 def diffusion_loss(
     unet: Any,
@@ -54,7 +56,7 @@ def diffusion_loss(
 
 
 def descend(
-    opt: torch.optim.Optimizer,
+    opt: torch.optim.Optimizer | AdamW,
     loss: torch.Tensor,
     *,
     step: int,
@@ -70,6 +72,6 @@ def descend(
             f"{what} diverged at step {step} (loss {float(loss.detach().mean())}); "
             f"lower {lr_key} (now {lr})"
         )
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad()
     loss.backward()
     opt.step()

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .diffusion import descend, diffusion_loss
+from .optim import AdamW
 
 # A diffusers model with PeftAdapterMixin (UNet2DConditionModel). Typed Any: mypy
 # does not see diffusers' ModelMixin as an nn.Module (as in common/generator.py).
@@ -317,7 +318,7 @@ def train_lora(
     params = trainable_lora_parameters(unet, noise_scheduler)
     device = params[0].device
     dtype = next(unet.parameters()).dtype
-    opt = torch.optim.AdamW(params, lr=lr)
+    opt = AdamW(params, lr=lr)  # torch.optim.AdamW's update (common/optim.py)
     g = torch.Generator().manual_seed(seed)
     n = len(images)
     bs = min(batch_size, n)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .optim import AdamW, OneCycle
 from .synthesis import from_uint8
 
 
@@ -63,11 +64,11 @@ def train_classifier(
             )
         soft_targets = soft_targets.float().to(device)
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    # torch.optim.AdamW + OneCycleLR, without their import of torch._dynamo in
+    # every training ClientApp process (common/optim.py)
     steps_per_epoch = max(1, (len(images) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch), pct_start=0.15
-    )
+    schedule = OneCycle(lr, max(1, epochs * steps_per_epoch), pct_start=0.15)
+    opt = AdamW(model.parameters(), lr=lr, weight_decay=1e-4, schedule=schedule)
     history: list[float] = []
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
     for _ in bar:
@@ -87,10 +88,9 @@ def train_classifier(
                 loss = F.cross_entropy(logits, y)
                 if soft_targets is not None:
                     loss = loss + soft_cross_entropy(logits, soft_targets[idx])
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             opt.step()
-            sched.step()
             total += loss.item() * len(idx)
             n += len(idx)
         history.append(total / n)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.models import build_classifier
+from common.optim import AdamW
 
 from ..base import ClientJob, ClientResult
 from ..fedavg import payload_fedavg
@@ -148,8 +149,9 @@ def distil(
 
     raw = torch.full((e * s,), raw_lr(opts.dosfl_step_lr)).requires_grad_()
     learned = [x, raw] + ([logits] if opts.dosfl_soft_labels else [])
-    # dataset distillation's optimiser: Adam with beta1 = 0.5
-    opt = torch.optim.Adam(learned, lr=opts.dosfl_distill_lr, betas=(0.5, 0.999))
+    # dataset distillation's optimiser: Adam with beta1 = 0.5 (torch.optim.Adam's
+    # update: AdamW without decay, common/optim.py)
+    opt = AdamW(learned, lr=opts.dosfl_distill_lr, betas=(0.5, 0.999), weight_decay=0.0)
 
     # 3. Outer loop: unroll from theta_0, loss on a real batch, update the set
     first = last = float("nan")
@@ -160,7 +162,7 @@ def distil(
         loss = distillation_loss(
             model, params, buffers, steps, images[idx].float(), labels[idx]
         )
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
         opt.step()
         last = float(loss.detach())

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from common.diffusion import descend, diffusion_loss
+from common.optim import AdamW
 from common.synthesis_settings import SynthesisSettings
 from common.synthesis_start import alpha_bar, start_timestep
 
@@ -120,7 +121,7 @@ def fit_concepts(
             return float(loss_on(ev, ev_t, ev_noise))
 
     before = eval_loss()
-    opt = torch.optim.Adam([d, c], lr=lr)
+    opt = AdamW([d, c], lr=lr, weight_decay=0.0)  # torch.optim.Adam's update
 
     # 4. Training loop: random batches of the client's images
     for step in range(steps):
