@@ -8,7 +8,9 @@ trains pays every import again. ``torch.optim.Optimizer`` imports
 ``_use_grad_for_differentiable``. That import took 1.0 CPU-second and 70 MB
 of resident memory in a fresh process on this project's 2-core CI machine
 (torch 2.13), and is paid again by every message that trains, for no use:
-nothing here is compiled.
+nothing here is compiled. (diffusers imports ``torch._dynamo`` itself, so a
+client that loads the UNet, as LoRA's and FedBiP's do, pays it anyway; they use
+this optimizer too, so that every client trains with one.)
 
 So the update itself is torch's: ``AdamW.step`` calls ``torch.optim.adam.adam``,
 the functional form that ``torch.optim.AdamW.step`` calls, with the same state
