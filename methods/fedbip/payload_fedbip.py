@@ -25,6 +25,7 @@ from common import contract as C
 from common.contract import PayloadError
 
 RECORD = "fedbip"  # the ArrayRecord that carries the payload
+COLLECT_TYPE = "train.bilevel"  # the collect message's type
 KEYS = ("latents", "latent_class_ids", "domain", "class_tokens", "class_ids")
 MAX_ABS = 1e4  # fp16 holds 6.5e4; noised latents of any sane VAE are far inside
 TIMESTEP = "fedbip-timestep"  # meta key

@@ -38,7 +38,7 @@ from common.synthesis_settings import SynthesisSettings
 from common.synthesis_start import Start, alpha_bar, start_timestep
 
 from .. import steps
-from ..base import ClientJob, ClientResult, OneShotMethod, ServerContext, ServerOutput
+from ..base import OneShotMethod, ServerContext, ServerOutput
 from . import client_fedbip
 from . import payload_fedbip as P
 from .concepts_fedbip import concept_prompt, encode_with_concepts, token_width
@@ -96,20 +96,14 @@ def _streams(seed: int, start: int, n: int, shape: tuple[int, ...]) -> torch.Ten
     return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
 
-class FedBiP(OneShotMethod):
+class FedBiP(OneShotMethod, payload=P, client=client_fedbip):
     """FedBiP: clients upload noised instance latents and fitted domain and
-    class tokens; the server denoises the latents conditioned on the tokens and
-    trains the global classifier."""
+    class tokens (bi-level personalization, ``client_fedbip``); the server
+    denoises the latents conditioned on the tokens and trains the global
+    classifier."""
 
     name = "fedbip"
     config = FedBiPConfig
-    collect_type = "train.bilevel"
-    payload_key = P.RECORD
-
-    @staticmethod
-    def client_collect(job: ClientJob) -> ClientResult:
-        """The client's work: bi-level personalization (``client_fedbip.collect``)."""
-        return client_fedbip.collect(job)
 
     def check(self, ctx: ServerContext) -> None:
         """Refuse, before any client works, a generator not conditioned on the
