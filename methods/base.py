@@ -231,6 +231,7 @@ class OneShotMethod:
     config: ClassVar[type[BaseModel] | None] = None  # its own keys (config_<name>.py)
     collect_type: ClassVar[str] = QUERY_INFO
     payload_key: ClassVar[str | None] = None
+    payload_module: ClassVar[ModuleType | None] = None  # its payload_<name>.py
     evaluate_type: ClassVar[str | None] = EVALUATE  # None: nothing is pushed back
     # True where the client applies differential privacy to everything it uploads
     # when dp-epsilon > 0 (README, "Differential privacy"); the round refuses
@@ -248,11 +249,13 @@ class OneShotMethod:
 
         ``payload``: its ``COLLECT_TYPE`` (the collect message's type) and
         ``RECORD`` (the ArrayRecord it lays out) become ``collect_type`` and
-        ``payload_key``; ``client``: its ``collect`` (and ``evaluate``, where it
-        has one) become ``client_collect`` (and ``client_evaluate``).
+        ``payload_key``, the module itself ``payload_module``; ``client``: its
+        ``collect`` (and ``evaluate``, where it has one) become
+        ``client_collect`` (and ``client_evaluate``).
         """
         super().__init_subclass__(**kwargs)
         if payload is not None:
+            cls.payload_module = payload
             cls.collect_type = payload.COLLECT_TYPE
             cls.payload_key = payload.RECORD
         if client is not None:

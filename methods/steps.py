@@ -64,11 +64,26 @@ class SynthesisMethod(OneShotMethod):
     """A method whose server samples the text-conditioned generator: its
     ``check`` refuses, before any client works, a generator not conditioned on
     the run's ``embedding`` kind (a subclass that checks more calls
-    ``super().check(ctx)`` first)."""
+    ``super().check(ctx)`` first). Its upload is conditioning vectors, read by
+    default by its payload module's ``unpack`` at this server's conditioning
+    shape (``unpack_conditions``) with the run's ``conditions_limits``."""
 
     def check(self, ctx: ServerContext) -> None:
         """Refuse a generator not conditioned on the run's ``embedding`` kind."""
         check_embedding_kind(ctx)
+
+    def unpack(self, reply: Reply, ctx: ServerContext) -> Any:
+        """A reply's conditioning vectors, checked: the run's embedding kind, the
+        generator's conditioning shape, the classes and ``conditions_limits``."""
+        if self.payload_module is None:
+            return super().unpack(reply, ctx)
+        limits = self.conditions_limits(ctx)
+        return unpack_conditions(reply, ctx, self.payload_module.unpack, **limits)
+
+    def conditions_limits(self, ctx: ServerContext) -> dict[str, Any]:
+        """Keyword bounds for the payload module's ``unpack`` from the run config
+        (e.g. ``per_class``: vectors of one class); none by default."""
+        return {}
 
 
 def embedding_shape(ctx: ServerContext) -> tuple[int, int]:

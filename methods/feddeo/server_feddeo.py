@@ -77,11 +77,6 @@ class FedDeo(steps.SynthesisMethod, payload=P, client=client_feddeo):
     name = "feddeo"
     config = FedDeoConfig
 
-    def unpack(self, reply: Reply, ctx: ServerContext) -> P.Descriptions:
-        """A reply's descriptions, checked: the run's embedding kind, the
-        conditioning shape, distinct class ids in range."""
-        return steps.unpack_conditions(reply, ctx, P.unpack)
-
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """Sample ``images-per-class`` images per (client, class) from its
         description, the class prompt as a second guidance term (within

@@ -60,12 +60,10 @@ class FglInstance(steps.SynthesisMethod, payload=P, client=client_fgl_instance):
     name = "fgl-instance"
     config = FglInstanceConfig
 
-    def unpack(self, reply: Reply, ctx: ServerContext) -> P.InstanceEmbeddings:
-        """A reply's instance embeddings, checked: the run's embedding kind, the
-        generator's conditioning shape, the classes and
-        ``fgl-instances-per-class``."""
+    def conditions_limits(self, ctx: ServerContext) -> dict[str, Any]:
+        """At most ``fgl-instances-per-class`` instances of one class."""
         k = ctx.cfg.options(FglInstanceConfig).fgl_instances_per_class
-        return steps.unpack_conditions(reply, ctx, P.unpack, per_class=k)
+        return {"per_class": k}
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """Synthesize one image per uploaded caption (within ``synth-

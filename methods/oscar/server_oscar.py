@@ -32,11 +32,9 @@ class Oscar(steps.SynthesisMethod, payload=P, client=client_oscar):
     name = "oscar"
     config = OscarConfig
 
-    def unpack(self, reply: Reply, ctx: ServerContext) -> P.ClassEmbeddings:
-        """A reply's vectors, checked: the run's embedding kind, the conditioning
-        shape, at most ``prototypes-per-class`` of one class, counts in range."""
-        k = ctx.cfg.options(OscarConfig).prototypes_per_class
-        return steps.unpack_conditions(reply, ctx, P.unpack, per_class=k)
+    def conditions_limits(self, ctx: ServerContext) -> dict[str, Any]:
+        """At most ``prototypes-per-class`` vectors of one class."""
+        return {"per_class": ctx.cfg.options(OscarConfig).prototypes_per_class}
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """Sample ``images-per-class`` images per (client, class), spread over its

@@ -59,3 +59,48 @@ def test_validate_defaults_to_unpack():
     with pytest.raises(PayloadError, match="num_examples < 1"):
         Counting().validate(r, None)  # type: ignore[arg-type]
     assert OneShotMethod().unpack(r, None) is None  # type: ignore[arg-type]
+
+
+def test_a_synthesis_method_reads_conditions_through_its_payload_module():
+    """A ``SynthesisMethod`` declared with ``payload=`` reads its upload with the
+    module's ``unpack`` at the server's conditioning shape and its
+    ``conditions_limits``; another embedding kind is refused first."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from methods.steps import SynthesisMethod
+
+    calls: list[dict] = []
+
+    def unpack(tensors, **kw):
+        calls.append(kw)
+        return tensors
+
+    payload = SimpleNamespace(COLLECT_TYPE="train.x", RECORD="x", unpack=unpack)
+
+    class Plain(SynthesisMethod, payload=payload):  # type: ignore[arg-type]
+        pass
+
+    class Bounded(SynthesisMethod, payload=payload):  # type: ignore[arg-type]
+        def conditions_limits(self, ctx):
+            return {"per_class": ctx.cfg.k}
+
+    ctx = SimpleNamespace(
+        cfg=SimpleNamespace(embedding="pooled", k=3),
+        uncond=torch.zeros(1, 1, 8),
+        generator=SimpleNamespace(cond_dim=8),
+        num_classes=5,
+    )
+    r = _reply()
+    r.meta = {"embedding": "pooled"}
+    assert Plain.payload_module is payload and Plain.payload_key == "x"
+    assert Plain().unpack(r, ctx) is r.tensors  # type: ignore[arg-type]
+    Bounded().unpack(r, ctx)  # type: ignore[arg-type]
+    assert calls == [
+        {"num_classes": 5, "tokens": 1, "dim": 8},
+        {"num_classes": 5, "tokens": 1, "dim": 8, "per_class": 3},
+    ]
+    r.meta = {"embedding": "sequence"}
+    with pytest.raises(PayloadError, match="embedding kind 'sequence'"):
+        Bounded().unpack(r, ctx)  # type: ignore[arg-type]
