@@ -128,9 +128,9 @@ _SHARED_LOCK = threading.Lock()
 
 
 def folder_stamp(name: str) -> tuple | None:
-    """What a local checkpoint folder holds: every file's relative path, size and
+    """What a local checkpoint folder holds: every file's path, size and
     modification time, two levels deep (a pipeline's subfolders); ``None`` for
-    a name that is not a local folder (a hub id: the hub cache's revision)."""
+    a name that is not a local folder (a hub id, read from the hub cache)."""
     root = Path(name)
     if not root.is_dir():
         return None
