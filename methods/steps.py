@@ -64,17 +64,16 @@ class SynthesisMethod(OneShotMethod):
     """A method whose server samples the text-conditioned generator: its
     ``check`` refuses, before any client works, a generator not conditioned on
     the run's ``embedding`` kind (a subclass that checks more calls
-    ``super().check(ctx)`` first). Its upload is conditioning vectors, read by
-    default by its payload module's ``unpack`` at this server's conditioning
-    shape (``unpack_conditions``) with the run's ``conditions_limits``."""
+    ``super().check(ctx)`` first); its upload is conditioning vectors."""
 
     def check(self, ctx: ServerContext) -> None:
         """Refuse a generator not conditioned on the run's ``embedding`` kind."""
         check_embedding_kind(ctx)
 
     def unpack(self, reply: Reply, ctx: ServerContext) -> Any:
-        """A reply's conditioning vectors, checked: the run's embedding kind, the
-        generator's conditioning shape, the classes and ``conditions_limits``."""
+        """A reply's conditioning vectors, read by the payload module's
+        ``unpack`` (``unpack_conditions``) and checked: the run's embedding kind,
+        the generator's conditioning shape, the classes, ``conditions_limits``."""
         if self.payload_module is None:
             return super().unpack(reply, ctx)
         limits = self.conditions_limits(ctx)
