@@ -96,7 +96,9 @@ def test_two_runs_with_the_same_config_and_partition_upload_different_values(
     method, tiny_stack, fast_config
 ):
     """Everything a client draws from the run seed is the same in both runs; the
-    uploads differ, so the noise is not a function of what the server knows."""
+    uploads differ, so the noise is not a function of what the server knows.
+    (How many vectors go up can differ too: DP-Lloyd, OSCAR's default with 3
+    prototypes per class, drops a cluster whose noisy count is under its floor.)"""
     cfg = build_config(fast_config | {"method": method, "dp-epsilon": 1.0})
     job = ClientJob(cfg, 1, 2, _data())
     a = METHODS[method].client_collect(job)
@@ -104,8 +106,8 @@ def test_two_runs_with_the_same_config_and_partition_upload_different_values(
     floats = [k for k, v in a.payload.items() if v.is_floating_point()]
     assert floats
     for k in floats:
-        assert a.payload[k].shape == b.payload[k].shape, k
-        assert not torch.equal(a.payload[k], b.payload[k]), k
+        x, y = a.payload[k], b.payload[k]
+        assert x.shape != y.shape or not torch.equal(x, y), k
     assert a.metrics["dp-epsilon"] == pytest.approx(1.0)
     assert a.metrics["dp-delta"] == 1e-5
 
