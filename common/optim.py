@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from torch.optim.adam import adam
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,6 @@ class AdamW:
                     torch.zeros_like(p, memory_format=torch.preserve_format),
                     torch.zeros_like(p, memory_format=torch.preserve_format),
                 )
-        from torch.optim.adam import adam
-
         adam(
             params,
             [p.grad for p in params],  # type: ignore[misc]
