@@ -47,6 +47,10 @@ INSTALLED_APP = re.compile(r"(?P<prefix>.+)\.(?P<hash>[0-9a-f]{8})")
 # The command Flower's SuperExec starts for each simulated run
 # (flwr.supercore.constant.TASK_TYPE_TO_COMMAND); a deployment's is flwr-serverapp.
 SIMULATION_COMMAND = "flwr-simulation"
+# Written into the installed bundle by Flower itself, not sent by `flwr run`: the
+# lock file of its runtime dependency installation (`uv sync` in the app's folder,
+# flwr.supercore.superexec.dependency_installer), unless the checkout bundles one.
+RUNTIME_FILES = frozenset({"uv.lock"})
 ABSOLUTE_EXAMPLE = "--run-config 'output-dir=\"/absolute/path/outputs\"'"
 MAX_LISTED = 5
 
@@ -105,7 +109,9 @@ def bundle_differences(checkout: Path, app: Path) -> list[str]:
     """Files in which the bundle ``flwr run <checkout>`` would send differs from
     the installed bundle ``app`` (``pyproject.toml`` compared as TOML).
 
-    Flower's own build decides which files a bundle holds. Raises ``ValueError``
+    Flower's own build decides which files a bundle holds; a file Flower writes
+    into the installed bundle itself (``RUNTIME_FILES``) is no difference unless
+    the checkout's bundle holds it too. Raises ``ValueError``
     (the reason) when ``checkout`` is not a Flower app.
     """
     from flwr.cli.build import build_fab_from_disk
@@ -121,6 +127,8 @@ def bundle_differences(checkout: Path, app: Path) -> list[str]:
         for p in app.rglob("*")
         if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
     }
+    for name in RUNTIME_FILES - theirs.keys():
+        ours.pop(name, None)
     differ = []
     for name in sorted(theirs.keys() | ours.keys()):
         built, installed = theirs.get(name), ours.get(name)

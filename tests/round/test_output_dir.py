@@ -197,7 +197,14 @@ def test_bundle_differences_compare_what_flower_bundles(a, tmp_path):
     (a / "outputs" / "run" / "results.bin").write_bytes(b"x")
     (a / "server_app" / "test_app.py").write_text("")
     (a / "pyproject.toml").write_text("# a comment\n" + TOY_PYPROJECT)
+    # the lock file Flower's runtime dependency installation (uv sync) writes
+    # into the installed bundle
+    (app / "uv.lock").write_text("version = 1\n")
     assert bundle_differences(a, app) == []
+    # another file only in the installed bundle: a difference
+    (app / "server_app" / "extra.py").write_text("")
+    assert bundle_differences(a, app) == ["server_app/extra.py"]
+    (app / "server_app" / "extra.py").unlink()
     # a changed default in pyproject.toml, a deleted module: differences
     (a / "pyproject.toml").write_text(TOY_PYPROJECT.replace('"outputs"', '"out"'))
     (a / "client_app" / "app.py").unlink()
