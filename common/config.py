@@ -264,9 +264,9 @@ class RunConfig(KeysModel):
     simulation)"""
     # Privacy guard on the clients' uploads (off when dp-epsilon = 0; common/dp.py)
     dp_epsilon: float = Field(0.0, ge=0)
-    """privacy guard of oscar, feddisc, feddeo and lora: each client's whole upload is
-    (epsilon, delta)-DP, analytic Gaussian mechanism (README: Differential privacy;
-    0: off)"""
+    """privacy guard: each client's whole upload is (epsilon, delta)-DP, analytic
+    Gaussian mechanism, for the methods that have one; refused for a method that
+    uploads without one (README: Differential privacy lists both; 0: off)"""
     dp_delta: float = Field(1e-5, gt=0, lt=1)
     """delta of the privacy guard's guarantee"""
     dp_clip: float = Field(1.0, gt=0)

@@ -227,7 +227,7 @@ class ServerContext:
 class OneShotMethod:
     """Defaults shared by all methods; a method overrides what differs."""
 
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # its folder's name, "_" as "-" (set from the module)
     config: ClassVar[type[BaseModel] | None] = None  # its own keys (config_<name>.py)
     collect_type: ClassVar[str] = QUERY_INFO
     payload_key: ClassVar[str | None] = None
@@ -235,25 +235,35 @@ class OneShotMethod:
     evaluate_type: ClassVar[str | None] = EVALUATE  # None: nothing is pushed back
     # True where the client applies differential privacy to everything it uploads
     # when dp-epsilon > 0 (README, "Differential privacy"); the round refuses
-    # dp-epsilon > 0 for a method that uploads without it.
+    # dp-epsilon > 0 for a method that uploads without it. Its client module
+    # says so (``PRIVATE_UPLOADS = True`` beside the mechanism).
     private_uploads: ClassVar[bool] = False
 
     def __init_subclass__(
         cls,
         payload: ModuleType | None = None,
         client: ModuleType | None = None,
+        config: type[BaseModel] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Take the wire and the client half from the folder's modules:
-        ``class Oscar(OneShotMethod, payload=payload_oscar, client=client_oscar)``.
+        """Take the method from its folder: ``class Oscar(OneShotMethod,
+        payload=payload_oscar, client=client_oscar, config=OscarConfig)`` in
+        ``methods/oscar/server_oscar.py``.
 
-        ``payload``: its ``COLLECT_TYPE`` (the collect message's type) and
-        ``RECORD`` (the ArrayRecord it lays out) become ``collect_type`` and
-        ``payload_key``, the module itself ``payload_module``; ``client``: its
-        ``collect`` (and ``evaluate``, where it has one) become
-        ``client_collect`` (and ``client_evaluate``).
+        The name is the folder's (``fgl_instance``: ``"fgl-instance"``) for a
+        class in ``<folder>/server_<folder>.py`` that sets none. ``payload``: its
+        ``COLLECT_TYPE`` (the collect message's type) and ``RECORD`` (the
+        ArrayRecord it lays out) become ``collect_type`` and ``payload_key``, the
+        module itself ``payload_module``; ``client``: its ``collect`` (and
+        ``evaluate``, where it has one) become ``client_collect`` (and
+        ``client_evaluate``), its ``PRIVATE_UPLOADS`` ``private_uploads``;
+        ``config``: the model of the method's own keys.
         """
         super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            parts = cls.__module__.split(".")
+            if len(parts) > 1 and parts[-1] == f"server_{parts[-2]}":
+                cls.name = parts[-2].replace("_", "-")
         if payload is not None:
             cls.payload_module = payload
             cls.collect_type = payload.COLLECT_TYPE
@@ -262,6 +272,9 @@ class OneShotMethod:
             cls.client_collect = staticmethod(client.collect)  # type: ignore[method-assign]
             if hasattr(client, "evaluate"):
                 cls.client_evaluate = staticmethod(client.evaluate)  # type: ignore[method-assign]
+            cls.private_uploads = bool(getattr(client, "PRIVATE_UPLOADS", False))
+        if config is not None:
+            cls.config = config
 
     # ---- client half (Flower-free)
     @staticmethod

@@ -13,9 +13,11 @@ and the registry (``methods.METHODS``) this module writes:
    passes the values with their TOML types, so floats stay floats. A key in the
    table that no model declares is dropped, with a warning: ``build_config``
    would refuse it in every run (Flower itself needs no key there);
-2. README.md's config-key table and method table, between the marker comments
-   ``<!-- generated:config-keys -->`` … ``<!-- /generated:config-keys -->`` and
-   ``<!-- generated:methods -->`` … ``<!-- /generated:methods -->``.
+2. README.md's config-key table, method table and privacy-guard table, between
+   the marker comments ``<!-- generated:config-keys -->`` …
+   ``<!-- /generated:config-keys -->``, ``<!-- generated:methods -->`` …
+   ``<!-- /generated:methods -->`` and ``<!-- generated:dp-guard -->`` …
+   ``<!-- /generated:dp-guard -->``.
 
 ``python -m methods docs --check`` writes nothing, names what drifted and exits 1.
 A method added to the registry is picked up with no edit here.
@@ -43,11 +45,19 @@ from pydantic.fields import FieldInfo
 from common.config import RunConfig
 
 from .card import CARD_FILE, MethodCard, load_card
+from .costs import (
+    ACCURACY_RESULTS,
+    LORA_METHOD,
+    LORA_RESULTS,
+    cost_cells,
+    measured_costs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = "[tool.flwr.app.config]"
 CONFIG_KEYS = "config-keys"
 METHOD_TABLE = "methods"
+DP_TABLE = "dp-guard"
 REGENERATE = "python -m methods docs"
 
 
@@ -333,93 +343,6 @@ def _link(text: str, url: str) -> str:
     return f"[{_cell(text)}]({url})" if url else _cell(text)
 
 
-# ---------------------------------------------------------------- measured costs
-
-# The committed bench results the method table quotes its measured costs from.
-# accuracy.json: one record per (method, seed) under "runs", with the client's
-# upload and its seconds per training image; lora.json: the LoRA bench's records
-# (one client fine-tune each, the same upload for every merge variant).
-ACCURACY_RESULTS = "bench-results/accuracy.json"
-LORA_RESULTS = "bench-results/lora.json"
-LORA_METHOD = "lora"
-
-
-@dataclass(frozen=True)
-class Cost:
-    """A method's measured client cost over the bench's runs: the mean upload
-    per client and the median client seconds per training image (or per
-    fine-tune); the median, because a run that shared the CPU is slow, not
-    cheap or dear."""
-
-    upload_bytes: float
-    client_s: float | None
-    per: str  # "image" or "fine-tune"
-    runs: int
-
-
-def _finite(xs: list[Any]) -> list[float]:
-    return [float(x) for x in xs if x is not None and math.isfinite(float(x))]
-
-
-def _mean(xs: list[Any]) -> float | None:
-    v = _finite(xs)
-    return sum(v) / len(v) if v else None
-
-
-def _median(xs: list[Any]) -> float | None:
-    v = sorted(_finite(xs))
-    if not v:
-        return None
-    m = len(v) // 2
-    return v[m] if len(v) % 2 else (v[m - 1] + v[m]) / 2
-
-
-def measured_costs(root: Path = ROOT) -> dict[str, Cost]:
-    """Per method, its mean upload and median client time over the committed
-    bench results under ``root`` (a method with no run there is absent)."""
-    out: dict[str, Cost] = {}
-    acc = root / ACCURACY_RESULTS
-    if acc.is_file():
-        by_method: dict[str, list[dict[str, Any]]] = {}
-        for r in json.loads(acc.read_text()).get("runs", []):
-            if r.get("ok", True) and r.get("upload_bytes_per_client") is not None:
-                by_method.setdefault(r["method"], []).append(r)
-        for name, runs in by_method.items():
-            up = _mean([r["upload_bytes_per_client"] for r in runs])
-            if up is not None:
-                s = _median([r.get("client_s_per_image") for r in runs])
-                out[name] = Cost(up, s, "image", len(runs))
-    lora = root / LORA_RESULTS
-    if lora.is_file():
-        recs = json.loads(lora.read_text()).get("records", [])
-        per_seed = {r["seed"]: r for r in recs if r.get("upload_bytes_per_client")}
-        up = _mean([r["upload_bytes_per_client"] for r in per_seed.values()])
-        if up is not None:
-            s = _median([r.get("client_train_s") for r in per_seed.values()])
-            out[LORA_METHOD] = Cost(up, s, "fine-tune", len(per_seed))
-    return out
-
-
-def human_bytes(n: float) -> str:
-    """``1234`` -> ``"1.2 KB"`` (powers of 1000, as upload budgets are quoted)."""
-    for unit, size in (("MB", 1e6), ("KB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
-def _cost_cells(cost: Cost | None) -> tuple[str, str]:
-    if cost is None:
-        return "not benched", "not benched"
-    if cost.client_s is None:
-        client = "none (no client training)"
-    elif cost.per == "image":
-        client = f"{cost.client_s * 1e3:.1f} ms per image"
-    else:
-        client = f"{cost.client_s:.0f} s per {cost.per}"
-    return human_bytes(cost.upload_bytes), client
-
-
 def render_method_table(root: Path = ROOT) -> list[str]:
     """README's method table: one row per registered method from its card and
     its measured costs (``measured_costs``); a method without a card gets a row
@@ -433,7 +356,7 @@ def render_method_table(root: Path = ROOT) -> list[str]:
     for name, method in _registry().items():
         link = method_readme(method)
         card = method_card(method)
-        upload, client = _cost_cells(costs.get(name))
+        upload, client = cost_cells(costs.get(name))
         if card is None:
             out.append(
                 f"| [`{name}`]({link}) | ? | ? | {upload} | {client} | ? | ? | ? | "
@@ -460,6 +383,27 @@ def render_method_table(root: Path = ROOT) -> list[str]:
     return out
 
 
+def render_dp_table() -> list[str]:
+    """README's table of what ``dp-epsilon > 0`` does to each registered method:
+    from each method's ``private_uploads`` (its client module's
+    ``PRIVATE_UPLOADS``) and whether it uploads anything (``payload_key``)."""
+    rows: dict[str, list[str]] = {
+        "guarded: the whole upload is (epsilon, delta)-DP": [],
+        "refused before any client works: no guard for its upload yet": [],
+        'runs as it is: nothing goes up but the envelope (`"dp": null`)': [],
+    }
+    guarded, refused, envelope = rows.values()
+    for name, method in _registry().items():
+        if method.payload_key is None:
+            envelope.append(name)
+        else:
+            (guarded if method.private_uploads else refused).append(name)
+    out = ["| with `dp-epsilon > 0` | methods |", "|---|---|"]
+    for what, names in rows.items():
+        out.append(f"| {what} | {', '.join(f'`{n}`' for n in names) or 'none'} |")
+    return out
+
+
 def _markers(name: str) -> tuple[str, str]:
     return f"<!-- generated:{name} -->", f"<!-- /generated:{name} -->"
 
@@ -481,10 +425,11 @@ def splice_block(text: str, name: str, body: list[str]) -> str:
 
 
 def render_readme(text: str, root: Path = ROOT) -> str:
-    """``text`` (README.md) with its config-key and method tables regenerated
+    """``text`` (README.md) with its config-key, privacy-guard and method tables regenerated
     between their markers (measured costs from the bench results under
     ``root``)."""
     text = splice_block(text, CONFIG_KEYS, render_config_table(key_groups()))
+    text = splice_block(text, DP_TABLE, render_dp_table())
     return splice_block(text, METHOD_TABLE, render_method_table(root))
 
 

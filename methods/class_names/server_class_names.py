@@ -18,8 +18,6 @@ class ClassNames(steps.SynthesisMethod):
     prompt and trains the global classifier on the images; clients upload nothing
     but their envelope."""
 
-    name = "class-names"
-
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """Synthesize ``images-per-class`` images per class per reply from the class
         prompts (within ``synth-budget``) and train the global classifier on them."""

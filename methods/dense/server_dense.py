@@ -54,12 +54,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from logging import INFO
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from flwr.common.logger import log
-from pydantic import BaseModel
 from torch import nn
 
 # DENSE's BN term is the batch one, the code's DeepInversionHook (shared with FedLMG)
@@ -420,14 +419,10 @@ def _check_running_var(tensors: dict[str, torch.Tensor]) -> None:
             raise PayloadError(f"model tensor {k!r} has negative variances")
 
 
-class Dense(FedAvg):
+class Dense(FedAvg, config=DenseConfig):
     """One-shot FedAvg's client work, message, payload and collection (the
     initial weights go down, a client's trained classifier comes up); DENSE's
     server work instead of the average."""
-
-    name = "dense"
-    # the base class's type: a method built on DENSE (FedHydra) has its own keys
-    config: ClassVar[type[BaseModel] | None] = DenseConfig
 
     def validate(self, reply: Reply, ctx: ServerContext) -> None:
         """FedAvg's check against the initial weights, and refuse negative BN

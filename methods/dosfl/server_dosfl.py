@@ -63,12 +63,10 @@ def order(replies: list[Reply]) -> list[Reply]:
     return sorted(replies, key=lambda r: (r.partition_id, r.node_id))
 
 
-class Dosfl(FedAvg):
+class Dosfl(FedAvg, config=DosflConfig):
     """One-shot FedAvg's collection (message, initial weights down) with a
     distilled set as the upload, and the global classifier trained on the sets."""
 
-    name = "dosfl"
-    config = DosflConfig
     payload_key = P.RECORD
     client_collect = staticmethod(client_dosfl.collect)
 

@@ -72,8 +72,6 @@ class FedAvg(OneShotMethod, payload=P, client=client_fedavg):
     """One-shot FedAvg: clients train the run's initial classifier once; the
     server averages their weights with capped example-count shares."""
 
-    name = "fedavg"
-
     def reference_state(self, ctx: ServerContext) -> dict[str, torch.Tensor]:
         """The weights that go down and that uploads must match: the run's
         initial classifier (``classifier-init``: ``methods/initial.py``)."""

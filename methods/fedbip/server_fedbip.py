@@ -96,14 +96,11 @@ def _streams(seed: int, start: int, n: int, shape: tuple[int, ...]) -> torch.Ten
     return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
 
-class FedBiP(OneShotMethod, payload=P, client=client_fedbip):
+class FedBiP(OneShotMethod, payload=P, client=client_fedbip, config=FedBiPConfig):
     """FedBiP: clients upload noised instance latents and fitted domain and
     class tokens (bi-level personalization, ``client_fedbip``); the server
     denoises the latents conditioned on the tokens and trains the global
     classifier."""
-
-    name = "fedbip"
-    config = FedBiPConfig
 
     def check(self, ctx: ServerContext) -> None:
         """Refuse, before any client works, a generator not conditioned on the

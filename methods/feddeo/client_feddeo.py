@@ -27,6 +27,9 @@ from ..base import ClientJob, ClientResult
 from . import payload_feddeo as P
 from .config_feddeo import FedDeoConfig
 
+# dp-epsilon > 0 makes all it uploads (epsilon, delta)-DP (OneShotMethod.private_uploads)
+PRIVATE_UPLOADS = True
+
 EVAL_IMAGES = 64  # images per class the loss before / after is measured on
 
 

@@ -68,14 +68,12 @@ def _mean_metric(replies: list[Reply], key: str) -> float | None:
     return round(sum(vals) / len(vals), 6) if vals else None
 
 
-class FedDeo(steps.SynthesisMethod, payload=P, client=client_feddeo):
+class FedDeo(
+    steps.SynthesisMethod, payload=P, client=client_feddeo, config=FedDeoConfig
+):
     """FedDEO: clients upload one learned description per class; the server
     samples with description and class-prompt guidance and trains the global
     classifier."""
-
-    private_uploads = True
-    name = "feddeo"
-    config = FedDeoConfig
 
     def server_work(self, replies: list[Reply], ctx: ServerContext) -> ServerOutput:
         """Sample ``images-per-class`` images per (client, class) from its

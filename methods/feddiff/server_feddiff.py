@@ -165,13 +165,10 @@ def consolidate(
     return decoded, info
 
 
-class FedDiff(FedAvg):
+class FedDiff(FedAvg, config=FedDiffConfig):
     """One-shot FedAvg's client work, payload and collection, from the pool's
     best classifier instead of a seeded one; FedDiff's consolidation instead of
     the average (which it keeps for the parameters outside the subset)."""
-
-    name = "feddiff"
-    config = FedDiffConfig
 
     def check(self, ctx: ServerContext) -> None:
         """Load the pool/AE/DDPM folder; the classifier, classes and subset must be

@@ -18,6 +18,9 @@ from ..base import ClientJob, ClientResult
 from . import payload_feddisc as P
 from .config_feddisc import FedDiscConfig
 
+# dp-epsilon > 0 makes all it uploads (epsilon, delta)-DP (OneShotMethod.private_uploads)
+PRIVATE_UPLOADS = True
+
 
 def prototypes(
     embeddings: torch.Tensor, labels: torch.Tensor, k: int, seed: int

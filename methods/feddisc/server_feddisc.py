@@ -68,15 +68,13 @@ def modality_gap(
     return gap
 
 
-class FedDisc(steps.SynthesisMethod, payload=P, client=client_feddisc):
+class FedDisc(
+    steps.SynthesisMethod, payload=P, client=client_feddisc, config=FedDiscConfig
+):
     """FedDISC: clients upload k-means centres of their CLIP image embeddings
     per class; the server maps them into the generator's conditioning, samples
     with each centre and its client's domain feature as guidance terms and trains
     the global classifier."""
-
-    private_uploads = True
-    name = "feddisc"
-    config = FedDiscConfig
 
     def check(self, ctx: ServerContext) -> None:
         """Fit the image -> text-embedding map on public pairs (before any client works)."""

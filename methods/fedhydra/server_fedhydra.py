@@ -155,13 +155,11 @@ def strata_report(
 # ---------------------------------------------------------------- the method
 
 
-class FedHydra(Dense):
+class FedHydra(Dense, config=FedHydraConfig):
     """DENSE's collection (initial weights down), generator and distillation;
     the clients' own architectures and per-class records up, and the stratified
     ensemble as the teacher."""
 
-    name = "fedhydra"
-    config = FedHydraConfig
     client_collect = staticmethod(client_fedhydra.collect)
 
     def unpack(self, reply: Reply, ctx: ServerContext) -> P.ClientModel:

@@ -73,12 +73,9 @@ def mixture_units(
     return steps.CondUnits.cat(parts)
 
 
-class FedLD(steps.SynthesisMethod, payload=P, client=client_fedld):
+class FedLD(steps.SynthesisMethod, payload=P, client=client_fedld, config=FedLDConfig):
     """FedLD: clients upload per-class Gaussian mixtures of their generator-
     space latents; the server draws from them and denoises class-prompted."""
-
-    name = "fedld"
-    config = FedLDConfig
 
     def unpack(self, reply: Reply, ctx: ServerContext) -> P.ClassMixtures:
         """A reply's mixtures, checked against the run's classes, the

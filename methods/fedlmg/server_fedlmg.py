@@ -106,13 +106,12 @@ def guidance_loss(
 # ---------------------------------------------------------------- method
 
 
-class FedLmg(steps.SynthesisMethod, payload=P, client=client_fedlmg):
+class FedLmg(
+    steps.SynthesisMethod, payload=P, client=client_fedlmg, config=FedLmgConfig
+):
     """FedLMG: clients upload classifiers of their own architectures; each
     synthetic image is guided by the model of the client it stands for, and the
     global classifier learns the guided images."""
-
-    name = "fedlmg"
-    config = FedLmgConfig
 
     def check(self, ctx: ServerContext) -> None:
         """Refuse a generator not conditioned on the run's ``embedding`` kind, or a

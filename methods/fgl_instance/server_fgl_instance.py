@@ -53,12 +53,14 @@ def instance_units(
     )
 
 
-class FglInstance(steps.SynthesisMethod, payload=P, client=client_fgl_instance):
+class FglInstance(
+    steps.SynthesisMethod,
+    payload=P,
+    client=client_fgl_instance,
+    config=FglInstanceConfig,
+):
     """FGL with instance-level prompts: one encoded caption per client image;
     the server synthesizes one image per caption."""
-
-    name = "fgl-instance"
-    config = FglInstanceConfig
 
     def conditions_limits(self, ctx: ServerContext) -> dict[str, Any]:
         """At most ``fgl-instances-per-class`` instances of one class."""

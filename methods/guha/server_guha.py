@@ -138,13 +138,11 @@ def server_data(ctx: ServerContext) -> ServerData:
     return ServerData(images[:n_val], labels, images[n_val:])
 
 
-class Guha(FedAvg):
+class Guha(FedAvg, config=GuhaConfig):
     """One-shot FedAvg's collection (message, initial weights down, upload
     checks) with the clients' validation accuracy, and ensemble distillation as
     the server work."""
 
-    name = "guha"
-    config = GuhaConfig
     client_collect = staticmethod(client_guha.collect)
 
     def check(self, ctx: ServerContext) -> None:

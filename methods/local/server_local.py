@@ -16,7 +16,6 @@ class Local(OneShotMethod):
     """No federation: each client trains and evaluates its own classifier; the
     server checks the reported accuracies and pushes nothing back."""
 
-    name = "local"
     collect_type = "train.local"
     evaluate_type = None  # clients already evaluated their own models
 

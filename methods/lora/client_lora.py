@@ -28,6 +28,9 @@ from ..oscar.client_oscar import EmbedResult, embed_classes, encode_captions
 from . import payload_lora as P
 from .config_lora import LoraConfig
 
+# dp-epsilon > 0 makes all it uploads (epsilon, delta)-DP (OneShotMethod.private_uploads)
+PRIVATE_UPLOADS = True
+
 
 @dataclass
 class LoraResult:

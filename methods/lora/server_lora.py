@@ -39,14 +39,11 @@ from . import payload_lora as P
 from .config_lora import LoraConfig
 
 
-class Lora(steps.SynthesisMethod, payload=P, client=client_lora):
+class Lora(steps.SynthesisMethod, payload=P, client=client_lora, config=LoraConfig):
     """One-shot federated LoRA: clients upload a LoRA adapter of the generator's
     UNet with their per-class caption embeddings; the server merges the adapters,
     pushes the merged one back and trains the global classifier on its samples."""
 
-    private_uploads = True
-    name = "lora"
-    config = LoraConfig
     evaluate_type = "evaluate.lora"
 
     def check(self, ctx: ServerContext) -> None:

@@ -22,6 +22,9 @@ from ..base import ClientJob, ClientResult
 from . import payload_oscar as P
 from .config_oscar import OscarConfig
 
+# dp-epsilon > 0 makes all it uploads (epsilon, delta)-DP (OneShotMethod.private_uploads)
+PRIVATE_UPLOADS = True
+
 
 @dataclass
 class EmbedResult:

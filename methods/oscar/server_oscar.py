@@ -23,14 +23,10 @@ from . import payload_oscar as P
 from .config_oscar import OscarConfig
 
 
-class Oscar(steps.SynthesisMethod, payload=P, client=client_oscar):
+class Oscar(steps.SynthesisMethod, payload=P, client=client_oscar, config=OscarConfig):
     """OSCAR: clients upload per-class caption embeddings; the server samples
     images from them with classifier-free guidance and trains the global
     classifier."""
-
-    private_uploads = True
-    name = "oscar"
-    config = OscarConfig
 
     def conditions_limits(self, ctx: ServerContext) -> dict[str, Any]:
         """At most ``prototypes-per-class`` vectors of one class."""

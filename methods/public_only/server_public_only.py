@@ -39,11 +39,8 @@ def train_size(ctx: ServerContext, clients: int) -> int:
     return public_set_size(ctx, clients, fixed)
 
 
-class PublicOnly(OneShotMethod):
+class PublicOnly(OneShotMethod, config=PublicOnlyConfig):
     """No client work; the global classifier trained on labelled public images."""
-
-    name = "public-only"
-    config = PublicOnlyConfig
 
     def check(self, ctx: ServerContext) -> None:
         """Load the labelled public images (all: it draws from them as the

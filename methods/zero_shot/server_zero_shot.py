@@ -37,12 +37,9 @@ from .config_zero_shot import ZeroShotConfig
 from .model_zero_shot import ARCH, ZeroShotClassifier, prompt_embeddings
 
 
-class ZeroShot(OneShotMethod):
+class ZeroShot(OneShotMethod, config=ZeroShotConfig):
     """No client work, no training; the global model is the CLIP zero-shot
     classifier over the class prompts (``ZeroShotClassifier``)."""
-
-    name = "zero-shot"
-    config = ZeroShotConfig
 
     def check(self, ctx: ServerContext) -> None:
         """The ``text-encoder`` checkpoint must be a CLIP with an image tower."""

@@ -18,7 +18,7 @@ import tomllib
 from pydantic import Field
 
 from common.config import KeysModel
-from methods import METHODS, build_config, config_keys, docs
+from methods import METHODS, build_config, config_keys, costs, docs
 from methods.card import load_card
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,8 +144,8 @@ def _repo_copy(tmp_path: Path) -> Path:
     for name in (
         "pyproject.toml",
         "README.md",
-        docs.ACCURACY_RESULTS,
-        docs.LORA_RESULTS,
+        costs.ACCURACY_RESULTS,
+        costs.LORA_RESULTS,
     ):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, root / name)
@@ -213,9 +213,8 @@ from methods.base import OneShotMethod
 from .config_newm import NewMConfig
 
 
-class NewM(OneShotMethod):
-    name = "newm"
-    config = NewMConfig
+class NewM(OneShotMethod, config=NewMConfig):
+    '''named by its folder'''
 """,
     "README.md": "# NewM\n",
 }
@@ -241,6 +240,11 @@ def test_a_new_method_folder_and_registry_line_are_picked_up(tmp_path, monkeypat
     assert "extra_methods/newm/README.md) | feature-based |" in readme
     assert "| `newm-strength` | `2.0` | > 0 | how hard it pushes |" in readme
     assert "newm" in next(ln for ln in readme.splitlines() if "| `method` |" in ln)
+    # it uploads nothing: the privacy-guard table runs it as it is
+    envelope = next(
+        ln for ln in readme.splitlines() if ln.startswith("| runs as it is")
+    )
+    assert envelope.endswith("`zero-shot`, `newm` |")
     assert not [w for w in docs.warnings(root) if "newm" in w]
 
 
@@ -307,17 +311,17 @@ def test_method_table_quotes_the_measured_costs_of_the_bench_results(tmp_path):
             "client_s_per_image": None,
         },
     ]
-    (tmp_path / docs.ACCURACY_RESULTS).write_text(json.dumps({"runs": runs}))
+    (tmp_path / costs.ACCURACY_RESULTS).write_text(json.dumps({"runs": runs}))
     records = [
         {"variant": v, "seed": seed, "upload_bytes_per_client": up, "client_train_s": s}
         for seed, up, s in ((0, 100000.0, 30.0), (1, 300000.0, 50.0))
         for v in ("none", "fedavg", "ties")
     ]
-    (tmp_path / docs.LORA_RESULTS).write_text(json.dumps({"records": records}))
-    costs = docs.measured_costs(tmp_path)
-    assert costs["oscar"] == docs.Cost(5000.0, pytest.approx(0.002), "image", 3)
-    assert costs["class-names"].client_s is None
-    assert costs["lora"] == docs.Cost(200000.0, 40.0, "fine-tune", 2)
+    (tmp_path / costs.LORA_RESULTS).write_text(json.dumps({"records": records}))
+    measured = costs.measured_costs(tmp_path)
+    assert measured["oscar"] == costs.Cost(5000.0, pytest.approx(0.002), "image", 3)
+    assert measured["class-names"].client_s is None
+    assert measured["lora"] == costs.Cost(200000.0, 40.0, "fine-tune", 2)
     rows = {
         r.split("|")[1].strip(): [c.strip() for c in r.split("|")[4:6]]
         for r in docs.render_method_table(tmp_path)

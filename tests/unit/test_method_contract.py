@@ -104,3 +104,56 @@ def test_a_synthesis_method_reads_conditions_through_its_payload_module():
     r.meta = {"embedding": "sequence"}
     with pytest.raises(PayloadError, match="embedding kind 'sequence'"):
         Bounded().unpack(r, ctx)  # type: ignore[arg-type]
+
+
+def test_a_method_is_declared_by_its_folder():
+    """Name from the folder (``server_<folder>`` module, ``_`` as ``-``), config
+    and privacy guard from the class keywords; a class elsewhere, or one that
+    sets its name, keeps what it says."""
+    import types
+
+    from pydantic import BaseModel
+
+    class MineConfig(BaseModel):
+        pass
+
+    guarded = types.SimpleNamespace(collect=lambda job: None, PRIVATE_UPLOADS=True)
+    plain = types.SimpleNamespace(collect=lambda job: None)
+    made = {}
+    for module in ("extra.my_method.server_my_method", "tests.unit.helpers"):
+        ns = {"__module__": module}
+        made[module] = types.new_class(
+            "Mine",
+            (OneShotMethod,),
+            {"client": guarded, "config": MineConfig},
+            lambda d, ns=ns: d.update(ns),
+        )
+    mine = made["extra.my_method.server_my_method"]
+    assert mine.name == "my-method" and mine.config is MineConfig
+    assert mine.private_uploads and made["tests.unit.helpers"].name == ""
+    # a subclass with another client module is guarded only if that one says so
+    sub = types.new_class(
+        "Sub",
+        (mine,),
+        {"client": plain},
+        lambda d: d.update(__module__=mine.__module__),
+    )
+    assert not sub.private_uploads and sub.config is MineConfig
+    named = types.new_class(
+        "Named",
+        (OneShotMethod,),
+        {},
+        lambda d: d.update(name="x", __module__="a.b.server_b"),
+    )
+    assert named.name == "x"
+
+
+def test_every_registered_method_is_named_by_its_folder():
+    from methods import FOLDERS
+
+    assert list(METHODS) == [f.replace("_", "-") for f in FOLDERS]
+    for name, cls in METHODS.items():
+        assert cls.name == name == cls.__module__.split(".")[-2].replace("_", "-")
+    # the four whose client has a DP mechanism (tests/methods/test_dp_methods.py)
+    guarded = {n for n, cls in METHODS.items() if cls.private_uploads}
+    assert guarded == {"oscar", "lora", "feddisc", "feddeo"}
