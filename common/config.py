@@ -212,7 +212,8 @@ class RunConfig(KeysModel):
     this reason)"""
     collect_quiet_s: float = Field(10.0, ge=0)
     """close the window once every asked node has answered and no new node connected for
-    this long (0: off; set 0 for a fleet that trickles in)"""
+    this long (0: off; set 0 for a fleet that trickles in; in Flower's simulation,
+    whose nodes are all there from the start, at most 1 s)"""
     evaluate_timeout_s: float = Field(600.0, gt=0)
     """how long the push-back waits for the contributors' evaluations (the global
     accuracy never waits for them)"""

@@ -9,7 +9,9 @@ nodes, pushes the collect message to each new node when it appears
 written to the run's journal (``persist.Journal``) before the next is pulled.
 The window closes at its end, early once ``target-clients`` valid uploads are in,
 or (``collect-quiet-s``) once every asked node has answered and no new node has
-connected for that long. ``min-clients`` decides only whether the round goes on.
+connected for that long (in Flower's simulation, whose nodes are all there from
+the start, for at most a second: ``quiet_for``). ``min-clients`` decides only
+whether the round goes on.
 
 Killed at any moment and run again with the same ``run-name``, the window goes on
 from its journal: uploads are kept, nodes heard from are not asked again, nodes
@@ -42,6 +44,11 @@ LOST_CONTACT = (
 )
 MAX_ASKS = 3  # a node that lost contact this often is not asked again
 POLL_S = 1.0  # between two looks at the SuperLink
+# Flower's simulation registers all its SuperNodes as the run starts
+# (flwr.simulation.run_simulation: vce.start_vce beside the ServerApp's thread) and
+# none joins later: waiting collect-quiet-s for a new one is idle time. Its quiet
+# is at most this: one poll, for the nodes registered while the window opened.
+SIMULATION_QUIET_S = POLL_S
 PROGRESS_S = 10.0  # between two progress lines
 
 
@@ -114,6 +121,17 @@ class WindowState:
             f"{self.valid} valid, {self.rejected} rejected, "
             f"{len(self.outstanding)} outstanding"
         )
+
+
+def quiet_for(grid: Grid, quiet_s: float) -> float:
+    """``collect-quiet-s`` on this grid: at most ``SIMULATION_QUIET_S`` in
+    Flower's simulation (its in-memory grid: a fixed fleet); as set elsewhere,
+    and 0 (off) everywhere."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    if quiet_s > 0 and isinstance(grid, InMemoryGrid):
+        return min(quiet_s, SIMULATION_QUIET_S)
+    return quiet_s
 
 
 def run_window(

@@ -48,7 +48,15 @@ from methods.base import OneShotMethod, ServerContext, ServerOutput
 from methods.initial import check_init
 
 from . import artifacts, persist, results
-from .collect import POLL_S, Clock, Collected, RealClock, run_window, take_late
+from .collect import (
+    POLL_S,
+    Clock,
+    Collected,
+    RealClock,
+    quiet_for,
+    run_window,
+    take_late,
+)
 from .identity import node_fingerprints
 from .outputs import resolve_output_dir
 from .screening import (  # noqa: F401  (re-exported: the round's step 2)
@@ -234,7 +242,7 @@ def run_one_shot(
             max_upload_bytes=ctx.max_upload_bytes,
             window_s=cfg.collect_window_s,
             target_clients=cfg.target_clients,
-            quiet_s=cfg.collect_quiet_s,
+            quiet_s=quiet_for(grid, cfg.collect_quiet_s),
             precheck=precheck(method, ctx, registry),
             clock=clock,
         )

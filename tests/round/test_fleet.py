@@ -332,3 +332,17 @@ def test_a_second_serverapp_on_one_run_name_is_refused(tmp_path):
         holder.kill()
         holder.wait()
     Journal(tmp_path, "oscar").open(1e9)  # the lock died with its holder
+
+
+def test_a_simulation_waits_no_quiet_time_for_nodes_that_cannot_come():
+    """Flower's simulation (its in-memory grid) has every node from the start:
+    its quiet is one poll at most; any other grid keeps collect-quiet-s, and 0
+    stays off everywhere."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    from server_app.collect import SIMULATION_QUIET_S, quiet_for
+
+    simulation = InMemoryGrid.__new__(InMemoryGrid)  # its type is what counts
+    assert quiet_for(simulation, 10.0) == SIMULATION_QUIET_S == 1.0
+    assert quiet_for(simulation, 0.5) == 0.5 and quiet_for(simulation, 0.0) == 0.0
+    assert quiet_for(InProcessGrid.__new__(InProcessGrid), 10.0) == 10.0

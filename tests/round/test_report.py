@@ -48,7 +48,8 @@ def _chromium() -> str:
         pytest.fail(
             "chromium is not installed: tests/round/test_report.py opens report.html in a "
             "real headless browser. Install it (Debian/Ubuntu, as root): "
-            "apt-get update && apt-get install -y chromium   (.ci/run does this)",
+            "apt-get update && apt-get install -y --no-install-recommends chromium   "
+            "(.ci/run does this)",
             pytrace=False,
         )
     return exe

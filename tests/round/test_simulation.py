@@ -8,6 +8,7 @@ not accuracy (``python -m bench accuracy`` measures that).
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -79,6 +80,17 @@ def test_oscar_and_lora_through_flower_simulation(tiny_stack, tmp_path):
             "total",
         }
         assert (run.run_dir / "accuracy_per_client.png").is_file()
+        # Flower's simulation has all its nodes from the start: the window closes
+        # once all three answered, without waiting collect-quiet-s (10 s) for more
+        fleet = res["fleet"]
+        assert fleet["closed_reason"] == "quiet" and len(fleet["valid"]) == 3
+        events = [
+            json.loads(line)
+            for line in (run.run_dir / "uploads" / "journal.jsonl").open()
+        ]
+        last = max(e["at"] for e in events if e["event"] == "upload")
+        closed = next(e["at"] for e in events if e["event"] == "closed")
+        assert closed - last < res["config"]["collect-quiet-s"] / 2, fleet
 
     oscar = runs["oscar"].results
     # pooled fp16 vectors of the tiny encoder: far below the 2 KB/class budget
