@@ -20,7 +20,6 @@ From Python (tests)::
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import subprocess
@@ -471,11 +470,12 @@ class Cluster(StartStop):
         ls``). Each ``flwr`` call is a Python process (about a CPU-second), so
         the SuperLink is asked once every started node has logged its activation
         (``SuperNode ID: ...``; again at most every ``NODES_ASK_AGAIN_S``), and
-        otherwise every ``NODES_ASK_EVERY_S`` (a SuperNode of another Flower
-        version may log something else)."""
+        otherwise every ``NODES_ASK_EVERY_S``, the first time that long after the
+        start (a SuperNode of another Flower version may log something else)."""
         expected = self.nodes if expected is None else expected
         online = 0
-        asked = -math.inf
+        start = time.monotonic()
+        asked: float | None = None  # when the SuperLink was last asked
 
         def ready() -> bool:
             nonlocal online, asked
@@ -485,10 +485,14 @@ class Cluster(StartStop):
             activated = all(
                 ACTIVATED in _read(self.logs_dir / f"{p.name}.log") for p in nodes
             )
-            since = time.monotonic() - asked
-            if since < (NODES_ASK_AGAIN_S if activated else NODES_ASK_EVERY_S):
+            now = time.monotonic()
+            if activated:  # at once, then again at most every NODES_ASK_AGAIN_S
+                due = asked is None or now - asked >= NODES_ASK_AGAIN_S
+            else:
+                due = now - (start if asked is None else asked) >= NODES_ASK_EVERY_S
+            if not due:
                 return False
-            asked = time.monotonic()
+            asked = now
             online = self.node_statuses().count("online")
             return online >= expected
 
