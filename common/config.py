@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from .datasets import DataArgs
-from .datasets.base import Partition
+from .datasets.base import GLOBAL_TEST_PER_CLASS, Partition
 from .mnist_domains import ALL_STYLES, UNSEEN_TRANSFORMS, domain_parts
 
 T = TypeVar("T", bound=BaseModel)
@@ -201,6 +201,10 @@ class RunConfig(KeysModel):
     partition_seed: int = Field(-1, ge=-1)
     """seed of the partition alone (which examples each client holds, its held-out
     split): hold the clients' data fixed while `seed` varies; -1: `seed`"""
+    global_test_per_class: int = Field(GLOBAL_TEST_PER_CLASS, ge=1, le=10_000)
+    """images per class and domain of the global test set (the dataset's test split
+    in every participating client's domain; results.json's `global_accuracy`),
+    drawn from `seed`"""
     # The round
     min_clients: int = Field(2, ge=1)
     """replies needed to go on"""

@@ -36,7 +36,6 @@ from common.contract import PayloadError
 from common.datasets import (
     GLOBAL_METRIC,
     GLOBAL_SIZE_METRIC,
-    GLOBAL_TEST_PER_CLASS,
     NO_GLOBAL_TEST,
     dataset_info,
     global_test_set,
@@ -144,7 +143,7 @@ def evaluate_global(
         "global_test_size": 0,
         "global_test": {
             "domains": list(domains),
-            "per_class": GLOBAL_TEST_PER_CLASS,
+            "per_class": ctx.cfg.global_test_per_class,
             "evaluated_by": None,
             "reason": None,
         },
@@ -173,7 +172,9 @@ def evaluate_global(
         about["reason"] = "no accepted client reported a domain of the dataset"
         return res
     try:
-        test = global_test_set(ctx.cfg.data_args(), domains, GLOBAL_TEST_PER_CLASS)
+        test = global_test_set(
+            ctx.cfg.data_args(), domains, ctx.cfg.global_test_per_class
+        )
     except (ValueError, OSError) as e:  # evaluation must not lose the server work
         about["reason"] = f"global test set: {e.__class__.__name__}: {C.safe_text(e)}"
         log(WARNING, "No global accuracy: %s", about["reason"])

@@ -123,6 +123,9 @@ def fast_run_config(out: Path) -> dict:
             "min-clients": 2,
             "lora-steps": 2,
             "lora-samples-per-class": 2,
+            # the global test set at 20 images per class and domain, not 100:
+            # every round of the suite evaluates on it (0.5 CPU-s a round)
+            "global-test-per-class": 20,
         }
         | FAST_METHOD_KEYS
     )

@@ -18,7 +18,6 @@ def run_centralized(cfg: Any, num_clients: int) -> tuple[dict[str, Any], float]:
 
     from client_app.app import client_data
     from common.datasets import (
-        GLOBAL_TEST_PER_CLASS,
         dataset_info,
         global_test_set,
         participating_domains,
@@ -57,7 +56,7 @@ def run_centralized(cfg: Any, num_clients: int) -> tuple[dict[str, Any], float]:
         dataset_info(cfg.data_args()), [p.domain for p in parts]
     )
     test = (
-        global_test_set(cfg.data_args(), domains, GLOBAL_TEST_PER_CLASS)
+        global_test_set(cfg.data_args(), domains, cfg.global_test_per_class)
         if domains
         else None
     )

@@ -15,10 +15,11 @@ from .. import mnist_domains
 # How a pool is split among clients (run-config key ``partition``).
 Partition = Literal["iid", "dirichlet", "pathological", "domain"]
 
-# Images per class and domain of the global test set. 10 classes x 100 x 5 domains
-# = 5,000 images of 16x16 for mnist-domains: one image is 0.1 points of a domain's
-# accuracy; built and evaluated (small CNN) in about 0.6 s on a 2-core CPU. A
-# constant, not a config key: every method and the centralized oracle see one set.
+# Images per class and domain of the global test set by default (run-config key
+# ``global-test-per-class``). 10 classes x 100 x 5 domains = 5,000 images of 16x16
+# for mnist-domains: one image is 0.1 points of a domain's accuracy; built and
+# evaluated (small CNN) in about 0.6 s on a 2-core CPU. Every method of a run, its
+# clients and the centralized oracle read the run's value: one set per run.
 GLOBAL_TEST_PER_CLASS = 100
 
 # Metric names of a client that measures its own model on the global test set

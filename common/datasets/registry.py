@@ -10,7 +10,6 @@ from typing import Any
 import torch
 
 from .base import (
-    GLOBAL_TEST_PER_CLASS,
     ClientData,
     DataArgs,
     DatasetInfo,
@@ -68,7 +67,7 @@ def federation_domains(args: DataArgs, num_partitions: int) -> tuple[str, ...]:
 
 
 def global_test_set(
-    args: DataArgs, domains: Sequence[str], per_class: int = GLOBAL_TEST_PER_CLASS
+    args: DataArgs, domains: Sequence[str], per_class: int
 ) -> GlobalTestSet | None:
     """The dataset's test split in every domain of ``domains``, ``per_class``
     images per class and domain, drawn from ``args.seed``; ``None`` where the

@@ -74,7 +74,6 @@ def global_references(
     """Accuracy of each state on the round's global test set (as ``evaluate_global``
     builds it: the test split in every participating domain, balanced)."""
     from common.datasets import (
-        GLOBAL_TEST_PER_CLASS,
         global_test_set,
         participating_domains,
     )
@@ -85,7 +84,9 @@ def global_references(
     if not domains:
         return none, "no accepted client reported a domain of the dataset"
     try:
-        test = global_test_set(ctx.cfg.data_args(), domains, GLOBAL_TEST_PER_CLASS)
+        test = global_test_set(
+            ctx.cfg.data_args(), domains, ctx.cfg.global_test_per_class
+        )
     except (ValueError, OSError) as e:
         return none, f"global test set: {e.__class__.__name__}: {C.safe_text(e)}"
     if test is None:

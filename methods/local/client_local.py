@@ -36,7 +36,11 @@ def global_metrics(job: ClientJob, model: nn.Module) -> dict[str, float]:
     the dataset tells a client); none where the dataset has no test split."""
     args = job.cfg.data_args()
     domains = federation_domains(args, job.num_partitions)
-    test = global_test_set(args, domains) if domains else None
+    test = (
+        global_test_set(args, domains, job.cfg.global_test_per_class)
+        if domains
+        else None
+    )
     if test is None:
         return {}
     return test.metrics(predict(model, test.images))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.datasets import GLOBAL_TEST_PER_CLASS, dataset_info, global_test_set
+from common.datasets import dataset_info, global_test_set
 from common.models import (
     SmallCNN,
     build_classifier,
@@ -85,7 +85,8 @@ def test_a_classifier_round_global_model_scores_the_reported_accuracy(
     # 2. The documented loader gives the reported accuracy on the same test set
     model = load_classifier(path)
     domains = tuple(res["global_test"]["domains"])
-    test = global_test_set(build_config(rc).data_args(), domains, GLOBAL_TEST_PER_CLASS)
+    cfg = build_config(rc)
+    test = global_test_set(cfg.data_args(), domains, cfg.global_test_per_class)
     assert test is not None and len(test) == res["global_test_size"]
     acc, per_domain = test.score(predict(model, test.images))
     assert abs(acc - res["global_accuracy"]) <= 1e-6

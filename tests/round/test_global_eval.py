@@ -187,7 +187,9 @@ def test_round_reports_global_accuracy_per_participating_domain(method, fast_rou
     assert res["global_test"]["domains"] == domains
     assert list(res["global_accuracy_per_domain"]) == domains
     assert all(0.0 <= a <= 1.0 for a in res["global_accuracy_per_domain"].values())
-    assert res["global_test_size"] == 3 * 10 * D.GLOBAL_TEST_PER_CLASS
+    per_class = res["config"]["global-test-per-class"]
+    assert res["global_test"]["per_class"] == per_class
+    assert res["global_test_size"] == 3 * 10 * per_class
     assert res["global_test"]["reason"] is None
     assert "global_evaluate" in res["timings_s"]
     per_domain = np.mean(list(res["global_accuracy_per_domain"].values()))
