@@ -327,7 +327,9 @@ def test_registered_nodes_online_and_unregistered_node_refused(cluster):
 def test_app_runs_end_to_end_on_the_deployment(cluster, tmp_path):
     out = tmp_path / "out"
     run = cluster.run_app(
-        f'method="local" max-examples-per-client=200 output-dir="{out}"', timeout=300
+        f'method="local" max-examples-per-client=200 global-test-per-class=20 '
+        f'output-dir="{out}"',
+        timeout=300,
     )
     assert run.ok, (
         f"status {run.status}, flwr exit {run.returncode}:\n{run.stdout[-3000:]}"

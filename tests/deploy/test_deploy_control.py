@@ -162,6 +162,7 @@ def test_a_device_can_neither_register_a_key_nor_start_a_run(tmp_path):
         # 4. The same devices still complete a round through the front
         run = cl.run_app(
             f'method="local" max-examples-per-client=120 local-epochs=1 '
+            f"global-test-per-class=20 "
             f'collect-quiet-s=0.0 target-clients=2 output-dir="{out}"',
             timeout=300,
         )

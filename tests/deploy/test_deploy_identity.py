@@ -51,7 +51,7 @@ def test_a_node_claiming_another_devices_identity_is_rejected(tmp_path):
         cl.start_node(2, node_config="partition-id=0 num-partitions=3")
         run = cl.run_app(
             'method="local" max-examples-per-client=120 local-epochs=1 '
-            "collect-quiet-s=5.0 min-clients=2 "
+            "global-test-per-class=20 collect-quiet-s=5.0 min-clients=2 "
             f'output-dir="{out}"',
             timeout=300,
         )

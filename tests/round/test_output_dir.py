@@ -270,7 +270,7 @@ PORT, CONTROL_PORT = 39591, 39593  # apart from the other tests' SuperLinks
 TINY = (
     'method="fedavg" max-examples-per-client=60 images-per-class=2 '
     "num-inference-steps=2 train-epochs=1 local-epochs=1 min-clients=2 "
-    "target-clients=2 seed=0"
+    "target-clients=2 seed=0 global-test-per-class=20"
 )
 APP_FILES = ("server_app", "client_app", "methods", "common")
 

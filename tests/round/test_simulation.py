@@ -23,6 +23,7 @@ SMALL = {
     "train-epochs": 1,
     "min-clients": 3,
     "seed": 0,
+    "global-test-per-class": 20,
 }
 
 
