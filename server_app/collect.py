@@ -20,6 +20,7 @@ asked but not heard from are asked again, and the window keeps its start time.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -127,9 +128,10 @@ def quiet_for(grid: Grid, quiet_s: float) -> float:
     """``collect-quiet-s`` on this grid: at most ``SIMULATION_QUIET_S`` in
     Flower's simulation (its in-memory grid: a fixed fleet); as set elsewhere,
     and 0 (off) everywhere."""
-    from flwr.superlink.grid import InMemoryGrid
-
-    if quiet_s > 0 and isinstance(grid, InMemoryGrid):
+    # A grid of that class has its module loaded already; anywhere else importing
+    # it would cost half a second of Flower's SuperLink code for nothing.
+    module = sys.modules.get("flwr.superlink.grid.inmemory_grid")
+    if quiet_s > 0 and module is not None and isinstance(grid, module.InMemoryGrid):
         return min(quiet_s, SIMULATION_QUIET_S)
     return quiet_s
 
